@@ -46,6 +46,22 @@ def _abbreviation(name: str) -> str:
     return ABBREVIATIONS.get(name, name.replace("_", ""))
 
 
+def _finite_or_none(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _finite(name: str, value: Any) -> float:
+    # NaN would slip through min/max clamping and give a trial id like "lrnan".
+    number = _finite_or_none(value)
+    if number is None:
+        raise SpaceError(f"search_space.{name}: {value!r} is not a finite number")
+    return number
+
+
 def _round_significant(value: float, digits: int) -> float:
     return float(f"{value:.{digits}g}")
 
@@ -94,7 +110,8 @@ class IntParam:
         return self.snap(raw)
 
     def snap(self, value: Any) -> int:
-        index = round((float(value) - self.low) / self.step)
+        value = _finite(self.name, value)
+        index = round((value - self.low) / self.step)
         index = min(max(index, 0), (self.high - self.low) // self.step)
         return int(self.low + index * self.step)
 
@@ -132,7 +149,9 @@ class ChoiceParam:
                 return i
         if all(isinstance(v, (int, float)) for v in self.values):
             numeric = np.asarray(self.values, dtype=float)
-            return int(np.argmin(np.abs(numeric - float(value))))
+            target = _finite_or_none(value)
+            if target is not None:
+                return int(np.argmin(np.abs(numeric - target)))
         raise SpaceError(f"search_space.{self.name}: {value!r} is not one of {list(self.values)}")
 
     def to_unit(self, value: Any) -> float:
@@ -194,7 +213,7 @@ class FloatParam:
         return self.snap(raw)
 
     def snap(self, value: Any) -> float:
-        value = min(max(float(value), self.low), self.high)
+        value = min(max(_finite(self.name, value), self.low), self.high)
         snapped = _round_significant(value, self.digits)
         # Rounding may step just outside the range; the bounds themselves are valid values.
         return min(max(snapped, self.low), self.high)
@@ -354,7 +373,8 @@ class SearchSpace:
         return tuple(snapped[p.name] for p in self.tunable)
 
     def to_unit(self, point: Mapping[str, Any]) -> np.ndarray:
-        return np.array([p.to_unit(p.snap(point[p.name])) for p in self.tunable], dtype=float)
+        snapped = self.snap(point)
+        return np.array([p.to_unit(snapped[p.name]) for p in self.tunable], dtype=float)
 
     def to_unit_rows(self, rows) -> np.ndarray:
         """Unit-cube rows, shape (n, dim), of a DataFrame or a list of points."""

@@ -1,0 +1,343 @@
+"""Benchmark problems: cheap stand-ins for training, evaluated on the real LoRA search space.
+
+The analytic problems (ZDT1, ZDT2, DTLZ2) have known Pareto fronts, so a proposer's front can
+be scored against the truth. They read a point through ``space.to_unit``, so they see exactly
+what a model sees: the rank on its step, alpha from its set, the learning rate on a log scale.
+``lora_surrogate`` instead reads the hyperparameters themselves and returns the named metrics
+a real trial reports, with LoRA-like trade-offs; it has no analytic front.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from loratune.space import SearchSpace
+
+__all__ = [
+    "Problem",
+    "LoraSurrogate",
+    "SimulatedOutOfMemory",
+    "PROBLEMS",
+    "get_problem",
+    "evaluate",
+    "reference_point",
+    "true_front",
+]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An analytic minimization problem on the unit cube with a known Pareto front."""
+
+    name: str
+    n_objectives: tuple[int, ...]  # the objective counts it is defined for
+    description: str
+    function: Callable[[np.ndarray, int], np.ndarray]  # f(u, m) -> m values
+    front: Callable[[int, int], np.ndarray]  # (m, n_points) -> points on the true front
+    reference: Callable[[int], np.ndarray]  # m -> reference point
+    min_dim: Callable[[int], int]  # m -> fewest unit coordinates it needs
+
+    def check(self, n_objectives: int, dim: int | None = None) -> None:
+        if n_objectives not in self.n_objectives:
+            raise ValueError(
+                f"objectives: {self.name} is defined for {list(self.n_objectives)} objectives, "
+                f"{n_objectives} configured"
+            )
+        if dim is not None and dim < self.min_dim(n_objectives):
+            raise ValueError(
+                f"benchmark.problem: {self.name} with {n_objectives} objectives needs at least "
+                f"{self.min_dim(n_objectives)} tunable parameters, the search space has {dim}"
+            )
+
+    def evaluate(self, u, n_objectives: int) -> np.ndarray:
+        """The m objective values (to minimize) at unit coordinates ``u``."""
+        u = np.asarray(u, dtype=float).ravel()
+        self.check(n_objectives, u.shape[0])
+        return self.function(u, n_objectives)
+
+    def true_front(self, n_points: int, n_objectives: int) -> np.ndarray:
+        self.check(n_objectives)
+        return self.front(n_objectives, n_points)
+
+    def reference_point(self, n_objectives: int) -> np.ndarray:
+        self.check(n_objectives)
+        return self.reference(n_objectives)
+
+
+# ---- ZDT1, ZDT2 (Zitzler, Deb & Thiele 2000) and DTLZ2 (Deb et al. 2002) ----------------
+
+
+def _zdt_g(u: np.ndarray) -> float:
+    return 1.0 + 9.0 * float(np.mean(u[1:]))
+
+
+def _zdt1(u: np.ndarray, m: int) -> np.ndarray:
+    g = _zdt_g(u)
+    return np.array([u[0], g * (1.0 - math.sqrt(u[0] / g))])
+
+
+def _zdt2(u: np.ndarray, m: int) -> np.ndarray:
+    g = _zdt_g(u)
+    return np.array([u[0], g * (1.0 - (u[0] / g) ** 2)])
+
+
+def _dtlz2(u: np.ndarray, m: int) -> np.ndarray:
+    g = float(np.sum((u[m - 1 :] - 0.5) ** 2))
+    angles = u[: m - 1] * (math.pi / 2)
+    f = np.full(m, 1.0 + g)
+    for k in range(m):
+        # f_k = (1+g) * cos(a_1)...cos(a_{m-1-k}) * sin(a_{m-k}), the last factor absent for k = 0.
+        f[k] *= np.prod(np.cos(angles[: m - 1 - k]))
+        if k > 0:
+            f[k] *= math.sin(angles[m - 1 - k])
+    return f
+
+
+def _zdt1_front(m: int, n_points: int) -> np.ndarray:
+    f1 = np.linspace(0.0, 1.0, n_points)
+    return np.column_stack([f1, 1.0 - np.sqrt(f1)])
+
+
+def _zdt2_front(m: int, n_points: int) -> np.ndarray:
+    f1 = np.linspace(0.0, 1.0, n_points)
+    return np.column_stack([f1, 1.0 - f1**2])
+
+
+def _dtlz2_front(m: int, n_points: int) -> np.ndarray:
+    """The unit sphere in the positive orthant: a quarter circle for two objectives; for
+    three, the smallest simplex lattice (Das & Dennis) with at least ``n_points`` points,
+    projected onto the sphere."""
+    if m == 2:
+        angle = np.linspace(0.0, math.pi / 2, n_points)
+        return np.column_stack([np.cos(angle), np.sin(angle)])
+    divisions = 1
+    while math.comb(divisions + m - 1, m - 1) < n_points:
+        divisions += 1
+    # Stars and bars: m - 1 bars among divisions + m - 1 slots split the divisions m ways.
+    weights = [
+        np.diff([-1, *bars, divisions + m - 1]) - 1 for bars in combinations(range(divisions + m - 1), m - 1)
+    ]
+    W = np.array(weights, dtype=float)
+    return W / np.linalg.norm(W, axis=1, keepdims=True)
+
+
+# ---- the LoRA surrogate ---------------------------------------------------------------
+
+# Llama 3 8B, LoRA on every linear layer: per unit of rank, 32 layers x the (in + out) widths of
+# q, k, v, o (4096 -> 4096, 1024, 1024, 4096) and gate, up, down (4096 <-> 14336).
+_LORA_PARAMS_PER_RANK = 32 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 3 * (4096 + 14336))
+_GIB = 2.0**30
+
+
+@dataclass(frozen=True)
+class LoraSurrogate:
+    """A noisy model of a QLoRA run of Llama 3 8B (one H200, 1.5 M training tokens).
+
+    With rank ``r`` (default 16), alpha ``a`` (16), learning rate ``lr`` (2e-4) and dropout
+    ``p`` (0.05), and ``d = log10(lr * a / r) - log10(4e-4)`` the distance of the effective
+    LoRA step from its best value (the update is scaled by a / r):
+
+    - ``final_train_loss = 1.05 + 0.10 (16 / r)^0.35 + L(d) + 0.25 p`` where
+      ``L(d) = 0.9 (1 - exp(-(d / 1.2)^2))`` for ``d < 0`` (too small a step: under-trained,
+      at worst near the base model's 2.0) and ``min(0.6 (d / 0.8)^2, 3)`` for ``d >= 0``
+      (too large: unstable), so the loss is U-shaped in the log effective learning rate
+      and a larger rank lowers it slightly;
+    - ``train_loss`` (the mean over the run) ``= final + 0.25 max(2.0 - final, 0)``;
+    - ``eval_loss = final + (0.04 + 0.005 log2(r / 4) + 0.03 max(d, 0)) (1 - min(p, 0.5))``:
+      larger ranks and steps overfit more, dropout less;
+    - ``trainable_params = 2,621,440 r``; ``peak_memory_gib = 24.1 + 16 bytes x
+      trainable_params`` (fp32 adapter weights, gradients and two Adam moments);
+    - ``tokens_per_second = 6300 (1 - 0.03 (r - 4) / 252) (0.98 if p > 0 else 1)`` (rank 4 to
+      256 costs 3% of throughput, as measured on the H200), floored at half;
+      ``train_time = 1.5e6 / tokens_per_second + 60`` seconds (loading and saving).
+
+    With ``noise`` > 0 the losses and the throughput are multiplied by independent
+    ``exp(noise z)`` and the memory by ``exp(noise z / 4)``, ``z ~ N(0, 1)`` drawn from a
+    generator seeded by (seed, trial id), so the same trial always gives the same numbers;
+    the time follows the noisy throughput and the parameter count is exact.
+    """
+
+    name: str = "lora_surrogate"
+    description: str = "a noisy LoRA-like model of loss, time and memory (no analytic front)"
+    metric_names: tuple[str, ...] = (
+        "train_loss",
+        "final_train_loss",
+        "eval_loss",
+        "train_time",
+        "peak_memory_gib",
+        "trainable_params",
+        "tokens_per_second",
+    )
+    n_objectives: str = "any"
+
+    def metrics(
+        self, point: Mapping[str, Any], rng: np.random.Generator | None, noise: float
+    ) -> dict[str, float]:
+        rank = float(point.get("lora_rank", 16))
+        alpha = float(point.get("lora_alpha", 16))
+        lr = float(point.get("learning_rate", 2e-4))
+        dropout = float(point.get("lora_dropout", 0.05))
+        for name, value in (("lora_rank", rank), ("lora_alpha", alpha), ("learning_rate", lr)):
+            if not value > 0:
+                raise ValueError(f"benchmark.problem: lora_surrogate needs {name} > 0, got {value}")
+        d = math.log10(lr * alpha / rank) - math.log10(4e-4)
+        if d < 0:
+            misfit = 0.9 * (1.0 - math.exp(-((d / 1.2) ** 2)))
+        else:
+            misfit = min(0.6 * (d / 0.8) ** 2, 3.0)
+        final = 1.05 + 0.10 * (16.0 / rank) ** 0.35 + misfit + 0.25 * dropout
+        gap = (0.04 + 0.005 * math.log2(rank / 4.0) + 0.03 * max(d, 0.0)) * (1.0 - min(dropout, 0.5))
+        train = final + 0.25 * max(2.0 - final, 0.0)
+        params = _LORA_PARAMS_PER_RANK * rank
+        memory = 24.1 + 16.0 * params / _GIB
+        throughput = 6300.0 * max(1.0 - 0.03 * (rank - 4.0) / 252.0, 0.5) * (0.98 if dropout > 0 else 1.0)
+
+        eval_loss = final + gap
+        if noise > 0 and rng is not None:
+            z = rng.standard_normal(5)
+            final *= math.exp(noise * z[0])
+            train *= math.exp(noise * z[1])
+            eval_loss *= math.exp(noise * z[2])
+            throughput *= math.exp(noise * z[3])
+            memory *= math.exp(noise * z[4] / 4.0)
+        return {
+            "train_loss": train,
+            "final_train_loss": final,
+            "eval_loss": eval_loss,
+            "train_time": 1.5e6 / throughput + 60.0,
+            "peak_memory_gib": memory,
+            "trainable_params": float(params),
+            "tokens_per_second": throughput,
+        }
+
+
+class SimulatedOutOfMemory(RuntimeError):
+    """The surrogate's stand-in for a CUDA out-of-memory crash."""
+
+
+def _constant(value: float) -> Callable[[int], np.ndarray]:
+    return lambda m: np.full(m, value)
+
+
+PROBLEMS: dict[str, Problem | LoraSurrogate] = {
+    "zdt1": Problem(
+        "zdt1",
+        (2,),
+        "ZDT1: convex front f2 = 1 - sqrt(f1); f1 is the first unit coordinate",
+        _zdt1,
+        _zdt1_front,
+        _constant(11.0),
+        lambda m: 2,
+    ),
+    "zdt2": Problem(
+        "zdt2",
+        (2,),
+        "ZDT2: concave front f2 = 1 - f1^2; f1 is the first unit coordinate",
+        _zdt2,
+        _zdt2_front,
+        _constant(11.0),
+        lambda m: 2,
+    ),
+    "dtlz2": Problem(
+        "dtlz2",
+        (2, 3),
+        "DTLZ2: the front is the unit sphere in the positive orthant",
+        _dtlz2,
+        _dtlz2_front,
+        _constant(1.1),
+        lambda m: m,
+    ),
+    "lora_surrogate": LoraSurrogate(),
+}
+
+
+def get_problem(problem: str | Problem | LoraSurrogate) -> Problem | LoraSurrogate:
+    if isinstance(problem, (Problem, LoraSurrogate)):
+        return problem
+    if problem not in PROBLEMS:
+        raise ValueError(f"benchmark.problem: unknown {problem!r}; choose one of {list(PROBLEMS)}")
+    return PROBLEMS[problem]
+
+
+def _trial_rng(problem: str, seed: int, trial_id: str) -> np.random.Generator:
+    """A generator fixed by (problem, seed, trial): re-running a trial repeats its noise."""
+    digest = hashlib.sha256(f"{problem}|{seed}|{trial_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def evaluate(
+    problem: str | Problem | LoraSurrogate,
+    space: SearchSpace,
+    point: Mapping[str, Any],
+    objectives: Mapping[str, str],
+    seed: int = 0,
+    noise: float = 0.0,
+    memory_limit_gib: float | None = None,
+) -> dict[str, float]:
+    """A trial's metrics under a benchmark problem.
+
+    Analytic problems: the i-th configured objective gets f_i, negated when its sense is
+    "max" (so that maximizing it minimizes f_i); ``noise`` > 0 adds Gaussian noise of that
+    standard deviation (the fronts span [0, 1] in every objective), seeded by (seed, trial).
+    ``lora_surrogate``: all its named metrics, which must include the configured objectives;
+    with ``memory_limit_gib``, a trial whose modelled peak memory exceeds it raises
+    ``SimulatedOutOfMemory``, as a real run would crash (the caller records a failed trial).
+    """
+    spec = get_problem(problem)
+    if not noise >= 0:
+        raise ValueError(f"benchmark.noise: must be >= 0, got {noise!r}")
+    if memory_limit_gib is not None and not (isinstance(spec, LoraSurrogate) and memory_limit_gib > 0):
+        raise ValueError(
+            f"benchmark.memory_limit_gib: must be > 0 and applies to lora_surrogate only, "
+            f"got {memory_limit_gib!r} for {spec.name}"
+        )
+    for name, sense in objectives.items():
+        if sense not in ("min", "max"):
+            raise ValueError(f"objectives.{name}: sense must be 'min' or 'max', got {sense!r}")
+    point = space.snap(point)
+    rng = _trial_rng(spec.name, seed, space.trial_id(point)) if noise > 0 else None
+
+    if isinstance(spec, LoraSurrogate):
+        unknown = [name for name in objectives if name not in spec.metric_names]
+        if unknown:
+            raise ValueError(
+                f"objectives: {unknown} not reported by {spec.name}; it reports {list(spec.metric_names)}"
+            )
+        metrics = spec.metrics(point, rng, noise)
+        if memory_limit_gib is not None and metrics["peak_memory_gib"] > memory_limit_gib:
+            raise SimulatedOutOfMemory(
+                f"{space.trial_id(point)}: modelled peak memory {metrics['peak_memory_gib']:.1f} GiB "
+                f"exceeds benchmark.memory_limit_gib = {memory_limit_gib} GiB"
+            )
+        return metrics
+
+    f = spec.evaluate(space.to_unit(point), len(objectives))
+    if rng is not None:
+        f = f + noise * rng.standard_normal(len(f))
+    return {
+        name: float(-value if sense == "max" else value)
+        for (name, sense), value in zip(objectives.items(), f)
+    }
+
+
+def reference_point(problem: str | Problem | LoraSurrogate, n_objectives: int) -> np.ndarray:
+    """The reference point for hypervolumes of ``problem`` in its minimization space."""
+    return _analytic(problem).reference_point(n_objectives)
+
+
+def true_front(problem: str | Problem | LoraSurrogate, n_objectives: int, n_points: int = 200) -> np.ndarray:
+    """Points of the true Pareto front, shape (k, n_objectives), in minimization space."""
+    return _analytic(problem).true_front(n_points, n_objectives)
+
+
+def _analytic(problem) -> Problem:
+    spec = get_problem(problem)
+    if not isinstance(spec, Problem):
+        raise ValueError(f"benchmark.problem: {spec.name} has no analytic Pareto front or reference point")
+    return spec

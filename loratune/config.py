@@ -1,0 +1,185 @@
+"""Study configuration: JSON-Schema validation with defaults, then checks the schema cannot express.
+
+Every error is a ``ConfigError`` whose one-line message starts with the offending field, e.g.
+``search_space.lora_rank.step: 5 does not divide high - low (252)``, so a bad config fails
+before any job starts and says what to fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Mapping
+
+import jsonschema
+import yaml
+
+from loratune.space import SearchSpace, SpaceError
+
+__all__ = ["ConfigError", "Study", "load_schema", "validate_config", "ARM_NAME_PATTERN"]
+
+ARM_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9-]*"
+RESERVED_ARM_NAMES = {"pilot", "trials", "data", "plots", "gptune_db"}
+
+
+class ConfigError(ValueError):
+    """The study configuration is invalid; the message names the field."""
+
+
+def load_schema() -> dict:
+    text = resources.files("loratune").joinpath("schemas/config.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _fill_defaults(instance: Any, schema: Mapping[str, Any]) -> None:
+    """Fill ``default`` values of object properties in place, recursively."""
+    if not isinstance(instance, dict) or schema.get("type") not in ("object", None):
+        return
+    for name, sub in schema.get("properties", {}).items():
+        if name not in instance and "default" in sub:
+            instance[name] = copy.deepcopy(sub["default"])
+        if name in instance:
+            _fill_defaults(instance[name], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for name, value in instance.items():
+            if name not in schema.get("properties", {}):
+                _fill_defaults(value, extra)
+
+
+def _field(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    proposer: str
+    rounds: int
+    batch_size: int
+    options: dict
+
+
+@dataclass(frozen=True)
+class Study:
+    """The validated study: what the workflow and scripts need, derived once from the config."""
+
+    config: dict
+    space: SearchSpace
+    objectives: dict
+    arms: tuple[Arm, ...]
+
+    @property
+    def name(self) -> str:
+        return self.config["study"]
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.config["seeds"])
+
+    def arm(self, name: str) -> Arm:
+        for arm in self.arms:
+            if arm.name == name:
+                return arm
+        raise KeyError(name)
+
+
+def _check_objectives(config: dict, space: SearchSpace) -> None:
+    objectives = config["objectives"]
+    if config["backend"] == "benchmark":
+        from loratune.benchmarks import PROBLEMS
+
+        problem = config["benchmark"]["problem"]
+        if problem not in PROBLEMS:
+            raise ConfigError(f"benchmark.problem: unknown {problem!r}; choose one of {sorted(PROBLEMS)}")
+        metric_names = getattr(PROBLEMS[problem], "metric_names", None)
+        if config["benchmark"]["memory_limit_gib"] is not None and not metric_names:
+            raise ConfigError(f"benchmark.memory_limit_gib: only lora_surrogate models memory, not {problem!r}")
+        if not metric_names:
+            try:
+                PROBLEMS[problem].check(len(objectives), space.dim)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+        else:
+            for name in objectives:
+                if name not in metric_names:
+                    raise ConfigError(
+                        f"objectives.{name}: not recorded by benchmark {problem!r}; "
+                        f"choose from {sorted(metric_names)}"
+                    )
+        return
+    from loratune.training import TRIAL_METRICS
+
+    for name in objectives:
+        if name not in TRIAL_METRICS:
+            raise ConfigError(
+                f"objectives.{name}: not a recorded trial metric; choose from {sorted(TRIAL_METRICS)}"
+            )
+
+
+def _check_arms(config: dict) -> tuple[Arm, ...]:
+    from loratune.proposers import AVAILABLE_PROPOSERS
+
+    arms = []
+    for name, spec in config["arms"].items():
+        if not re.fullmatch(ARM_NAME_PATTERN, name):
+            raise ConfigError(f"arms.{name}: arm names hold letters, digits and -, starting with a letter")
+        if name in RESERVED_ARM_NAMES:
+            raise ConfigError(f"arms.{name}: {name!r} is reserved; choose another arm name")
+        if spec["proposer"] not in AVAILABLE_PROPOSERS:
+            raise ConfigError(
+                f"arms.{name}.proposer: unknown {spec['proposer']!r}; "
+                f"choose one of {sorted(AVAILABLE_PROPOSERS)}"
+            )
+        arms.append(Arm(name, spec["proposer"], spec["rounds"], spec["batch_size"], dict(spec["options"])))
+    return tuple(arms)
+
+
+def _check_training(config: dict) -> None:
+    if config["backend"] != "qlora":
+        return
+    from loratune.training import DatasetSpec, ModelSpec, TrainingSettings
+
+    for key, cls in (("model", ModelSpec), ("dataset", DatasetSpec), ("training", TrainingSettings)):
+        try:
+            cls(**config[key])
+        except TypeError as error:
+            unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+            field = f"{key}.{unknown.group(1)}" if unknown else key
+            raise ConfigError(f"{field}: unknown setting") from None
+        except ValueError as error:
+            message = str(error)
+            raise ConfigError(message if message.startswith(f"{key}.") else f"{key}: {message}") from None
+
+
+def validate_config(config: dict) -> Study:
+    """Validate ``config`` in place (defaults are filled in) and return the derived ``Study``."""
+    schema = load_schema()
+    _fill_defaults(config, schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        error = errors[0]
+        raise ConfigError(f"{_field(error.absolute_path)}: {error.message}")
+    try:
+        space = SearchSpace.from_config(config["search_space"])
+    except SpaceError as error:
+        raise ConfigError(str(error)) from None
+    overlap = set(config["objectives"]) & set(space.names)
+    if overlap:
+        raise ConfigError(f"objectives: {sorted(overlap)} are search-space parameters, not metrics")
+    _check_objectives(config, space)
+    arms = _check_arms(config)
+    _check_training(config)
+    return Study(config=config, space=space, objectives=dict(config["objectives"]), arms=arms)
+
+
+def load_config(path) -> Study:
+    """Read and validate a config file (for use outside Snakemake)."""
+    with open(path) as handle:
+        config = yaml.safe_load(handle) or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return validate_config(config)

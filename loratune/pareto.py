@@ -1,0 +1,202 @@
+"""Pareto dominance and hypervolume: the numbers every plot and comparison is built on.
+
+Everything here works in *minimization space*: objectives to maximize are negated first
+(``to_minimization``). Hypervolumes that compare arms are taken in a normalized space where
+the worst and best values seen over the whole study map to 1 and 0, with the reference point
+at ``REFERENCE`` (1.1) in every objective, so that a point on the worst edge still counts.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "REFERENCE",
+    "SENSES",
+    "to_minimization",
+    "non_dominated",
+    "pareto_front",
+    "hypervolume",
+    "normalization_bounds",
+    "normalize",
+    "hypervolume_curves",
+]
+
+SENSES = ("min", "max")
+REFERENCE = 1.1
+PILOT_ARM = "pilot"
+
+
+def to_minimization(Y, senses: Sequence[str]) -> np.ndarray:
+    """``Y`` (n, m) as floats with every "max" column negated."""
+    Y = np.array(Y, dtype=float, ndmin=2)
+    senses = list(senses)
+    if Y.shape[1] != len(senses):
+        raise ValueError(f"objectives: {len(senses)} senses for {Y.shape[1]} objective columns")
+    for sense in senses:
+        if sense not in SENSES:
+            raise ValueError(f"objectives: sense must be one of {list(SENSES)}, got {sense!r}")
+    sign = np.array([-1.0 if s == "max" else 1.0 for s in senses])
+    return Y * sign
+
+
+def non_dominated(Y_min) -> np.ndarray:
+    """True for rows that no other row dominates (no worse everywhere, better somewhere).
+
+    Equal rows do not dominate each other, so every copy of a front point is kept. Rows with
+    a non-finite value are never on the front and dominate nothing.
+    """
+    Y = np.array(Y_min, dtype=float, ndmin=2)
+    finite = np.isfinite(Y).all(axis=1)
+    F = Y[finite]
+    dominated = np.zeros(len(F), dtype=bool)
+    # Compare blocks of rows against all rows at once; blocks bound the memory to ~n * 256 * m.
+    for start in range(0, len(F), 256):
+        block = F[start : start + 256, None, :]
+        no_worse = (F[None, :, :] <= block).all(axis=2)
+        better = (F[None, :, :] < block).any(axis=2)
+        dominated[start : start + 256] = (no_worse & better).any(axis=1)
+    mask = np.zeros(len(Y), dtype=bool)
+    mask[np.flatnonzero(finite)] = ~dominated
+    return mask
+
+
+def _ok_mask(df: pd.DataFrame, objectives: Mapping[str, str]) -> np.ndarray:
+    """Rows with status ``ok`` (when there is a status) and finite objective values."""
+    missing = [name for name in objectives if name not in df.columns]
+    if missing:
+        raise ValueError(f"objectives: {missing} not among the table's columns {list(df.columns)}")
+    keep = np.isfinite(_objective_values(df, objectives)).all(axis=1)
+    if "status" in df.columns:
+        keep &= (df["status"] == "ok").to_numpy()
+    return keep
+
+
+def _objective_values(df: pd.DataFrame, objectives: Mapping[str, str]) -> np.ndarray:
+    """The objective columns as floats (unparseable values become NaN), not yet signed."""
+    return df[list(objectives)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+
+
+def pareto_front(df: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFrame:
+    """The non-dominated ok rows of ``df``, sorted by the first objective."""
+    ok = df[_ok_mask(df, objectives)]
+    Y = to_minimization(_objective_values(ok, objectives), list(objectives.values()))
+    front = ok[non_dominated(Y)] if len(ok) else ok
+    return front.sort_values(next(iter(objectives)), kind="stable")
+
+
+def hypervolume(Y_min, ref) -> float:
+    """The volume dominated by the points of ``Y_min`` and bounded by ``ref``; exact.
+
+    A point contributes only if it is strictly better than ``ref`` in every objective.
+    Two objectives: one sweep. More: slices along the last objective, each slice the
+    hypervolume of the points below it in one dimension fewer (fine for a few hundred points).
+    """
+    ref = np.array(ref, dtype=float).ravel()
+    Y = np.array(Y_min, dtype=float, ndmin=2)
+    if Y.size == 0:
+        return 0.0
+    if Y.shape[1] != ref.shape[0]:
+        raise ValueError(
+            f"hypervolume: reference point has {ref.shape[0]} values for {Y.shape[1]} objectives"
+        )
+    Y = Y[np.isfinite(Y).all(axis=1) & (Y < ref).all(axis=1)]
+    if len(Y) == 0:
+        return 0.0
+    return float(_hypervolume(Y, ref))
+
+
+def _hypervolume(Y: np.ndarray, ref: np.ndarray) -> float:
+    """``Y`` holds only points strictly inside the box of ``ref``."""
+    m = Y.shape[1]
+    if m == 1:
+        return ref[0] - Y[:, 0].min()
+    if m == 2:
+        order = np.lexsort((Y[:, 1], Y[:, 0]))
+        x, y = Y[order, 0], Y[order, 1]
+        # Between consecutive x the dominated height is set by the lowest y seen so far.
+        widths = np.diff(np.append(x, ref[0]))
+        return float(np.sum(widths * (ref[1] - np.minimum.accumulate(y))))
+    Y = Y[non_dominated(Y)]
+    Y = Y[np.argsort(Y[:, -1], kind="stable")]
+    depths = np.diff(np.append(Y[:, -1], ref[-1]))
+    total = 0.0
+    for i in np.flatnonzero(depths > 0):
+        total += depths[i] * _hypervolume(Y[: i + 1, :-1], ref[:-1])
+    return total
+
+
+def normalization_bounds(df: pd.DataFrame, objectives: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per objective, the best and the worst value of the ok rows, in minimization space."""
+    ok = df[_ok_mask(df, objectives)]
+    if len(ok) == 0:
+        raise ValueError("normalization_bounds: no ok trial with finite objective values")
+    Y = to_minimization(_objective_values(ok, objectives), list(objectives.values()))
+    return Y.min(axis=0), Y.max(axis=0)
+
+
+def normalize(Y_min, lower, upper) -> np.ndarray:
+    """Map ``lower`` to 0 and ``upper`` to 1; an objective that never varied keeps scale 1."""
+    lower = np.asarray(lower, dtype=float)
+    span = np.asarray(upper, dtype=float) - lower
+    span = np.where(span > 0, span, 1.0)
+    return (np.array(Y_min, dtype=float, ndmin=2) - lower) / span
+
+
+def hypervolume_curves(
+    trials: pd.DataFrame,
+    objectives: Mapping[str, str],
+    bounds: tuple[Sequence[float], Sequence[float]] | None = None,
+    ref: Sequence[float] | None = None,
+) -> pd.DataFrame:
+    """Hypervolume after each trial, per seed and arm: columns arm, seed, n_trials, hypervolume.
+
+    An arm's curve runs through its seed's pilot trials (arm ``pilot``, in table order) and
+    then the arm's own trials in round order; the pilot also gets a curve of its own. Failed
+    trials count as trials but add nothing. Values are normalized by ``bounds``, (lower, upper)
+    in minimization space as ``normalization_bounds`` gives them (default: over the ok rows of
+    the whole table, so that arms and seeds share one scale), and measured against ``ref`` in
+    that normalized space (default ``REFERENCE`` in every objective).
+    """
+    required = ["seed", "arm", "round", "trial_id"]
+    missing = [c for c in required if c not in trials.columns]
+    if missing:
+        raise ValueError(f"hypervolume_curves: the trials table lacks column(s) {missing}")
+    # Positions, not the caller's index labels, tie each row to its ok flag and values.
+    trials = trials.reset_index(drop=True)
+    ok_all = _ok_mask(trials, objectives)
+    Y_all = to_minimization(_objective_values(trials, objectives), list(objectives.values()))
+    if ref is None:
+        ref = np.full(len(objectives), REFERENCE)
+    if bounds is None and ok_all.any():
+        bounds = normalization_bounds(trials, objectives)
+    if bounds is not None:
+        Y_all = normalize(Y_all, *bounds)
+
+    rows = []
+    for seed, per_seed in trials.groupby("seed", sort=True):
+        pilot = per_seed[per_seed["arm"] == PILOT_ARM]
+        arms = [PILOT_ARM] + [a for a in pd.unique(per_seed["arm"]) if a != PILOT_ARM]
+        for arm in arms:
+            own = per_seed[per_seed["arm"] == arm].sort_values("round", kind="stable")
+            sequence = pilot if arm == PILOT_ARM else pd.concat([pilot, own])
+            positions = sequence.index.to_numpy()
+            volumes = _running_hypervolume(Y_all[positions], ok_all[positions], ref)
+            for n_trials, volume in enumerate(volumes, start=1):
+                rows.append({"arm": arm, "seed": seed, "n_trials": n_trials, "hypervolume": volume})
+    return pd.DataFrame(rows, columns=["arm", "seed", "n_trials", "hypervolume"])
+
+
+def _running_hypervolume(Y: np.ndarray, ok: np.ndarray, ref) -> list[float]:
+    """The hypervolume of the ok rows among the first k, for every k."""
+    ref = np.asarray(ref, dtype=float)
+    volumes, current = [], 0.0
+    for k in range(len(Y)):
+        # Only an ok point inside the reference box can change the volume.
+        if ok[k] and (Y[k] < ref).all():
+            current = hypervolume(Y[: k + 1][ok[: k + 1]], ref)
+        volumes.append(current)
+    return volumes

@@ -1,0 +1,241 @@
+"""The proposer interface, the handling of history shared by every proposer, and the registry.
+
+A proposer looks at the history of an arm (every trial so far, with its objective values or
+its failure) and names the next ``n`` points to train. It never evaluates anything itself.
+``propose`` is a pure function of (space, objectives, history, seed, n): every random draw
+comes from a generator seeded by those, never from global state, so a rerun of a workflow
+step proposes exactly the same trials.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from loratune.designs import spread_subset
+from loratune.pareto import SENSES, to_minimization
+from loratune.space import SearchSpace
+
+__all__ = [
+    "AVAILABLE_PROPOSERS",
+    "History",
+    "Proposer",
+    "make_proposer",
+    "split_history",
+    "validate_objectives",
+]
+
+log = logging.getLogger(__name__)
+
+Point = dict[str, Any]
+
+# name -> "module:class"; the module is imported only when that proposer is made, because
+# GPTune, GPy, pygmo, optuna and botorch take seconds to import.
+_REGISTRY: dict[str, str] = {
+    "random": "loratune.proposers.random:RandomProposer",
+    "grid": "loratune.proposers.grid:GridProposer",
+    "gptune": "loratune.proposers.gptune:GPTuneProposer",
+}
+AVAILABLE_PROPOSERS: tuple[str, ...] = tuple(_REGISTRY)
+
+# Random top-up draws this many candidates per missing point before it lists a finite space.
+_DRAWS_PER_POINT = 50
+# A finite space up to this size is listed when random draws stop finding new points.
+_LISTABLE = 1_000_000
+
+
+def validate_objectives(objectives: Any) -> dict[str, str]:
+    """A non-empty mapping of objective name to "min" or "max", as a plain dict."""
+    if not isinstance(objectives, Mapping) or not objectives:
+        raise ValueError(
+            f"objectives: must be a non-empty mapping of name to 'min'/'max', got {objectives!r}"
+        )
+    for name, sense in objectives.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"objectives: names must be non-empty strings, got {name!r}")
+        if sense not in SENSES:
+            raise ValueError(f"objectives.{name}: must be one of {list(SENSES)}, got {sense!r}")
+    return dict(objectives)
+
+
+@dataclass(frozen=True)
+class History:
+    """A history split the way every proposer needs it."""
+
+    ok_points: list[Point]  # rows with status ok and finite objectives, in history order
+    X_unit: np.ndarray  # (n_ok, dim): their unit-cube coordinates
+    Y_min: np.ndarray  # (n_ok, n_objectives): their objectives, "max" columns negated
+    evaluated: list[Point]  # every row, failed ones included: never to be proposed again
+
+
+def split_history(
+    space: SearchSpace, objectives: Mapping[str, str], history: pd.DataFrame | None
+) -> History:
+    """Snap every row of ``history``; keep the ok rows for fitting and all rows as taken.
+
+    A row is failed when its ``status`` (if there is that column) is not "ok" or when an
+    objective is missing or not finite. A column that a non-empty history lacks is an error:
+    a misspelt objective would otherwise turn every trial into a silent failure.
+    """
+    names = list(objectives)
+    if history is None or len(history) == 0:
+        return History([], np.empty((0, space.dim)), np.empty((0, len(names))), [])
+    if not isinstance(history, pd.DataFrame):
+        raise ValueError(f"history: must be a pandas DataFrame, got {type(history).__name__}")
+    for column in [*space.tunable_names, *names]:
+        if column not in history.columns:
+            raise ValueError(f"history: no column {column!r} (columns: {list(history.columns)})")
+
+    values = history[names].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    ok = np.isfinite(values).all(axis=1)
+    if "status" in history.columns:
+        ok &= (history["status"].astype(str) == "ok").to_numpy()
+
+    evaluated = [space.snap(row) for row in history[space.tunable_names].to_dict("records")]
+    ok_points = [point for point, good in zip(evaluated, ok) if good]
+    Y_min = to_minimization(values[ok].reshape(-1, len(names)), [objectives[n] for n in names])
+    return History(ok_points, space.to_unit_rows(ok_points), Y_min, evaluated)
+
+
+class Proposer(abc.ABC):
+    """Proposes new points from a history; subclasses implement ``_candidates``.
+
+    Subclasses name their options in a frozen dataclass ``Options``; its fields (with their
+    defaults) are the only keyword options ``make_proposer`` accepts for that proposer.
+    """
+
+    name: ClassVar[str]
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def __init__(
+        self, space: SearchSpace, objectives: Mapping[str, str], seed: int = 0, **options: Any
+    ) -> None:
+        if not isinstance(space, SearchSpace):
+            raise ValueError(f"space: must be a SearchSpace, got {type(space).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
+        self.space = space
+        self.objectives = validate_objectives(objectives)
+        self.seed = int(seed)
+        self.options = _parse_options(self.name, self.Options, options)
+
+    def propose(self, history: pd.DataFrame | None, n: int) -> list[Point]:
+        """``n`` distinct snapped points that are not in ``history`` (fewer only when the
+        space has no more), fixed parameters filled in."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"n: must be an integer >= 0, got {n!r}")
+        split = split_history(self.space, self.objectives, history)
+        if n == 0:
+            return []
+        rng = self._rng(split, int(n))
+        candidates = self._candidates(split, int(n), rng)
+        return self._finalize(candidates, int(n), split.evaluated, rng)
+
+    @abc.abstractmethod
+    def _candidates(self, history: History, n: int, rng: np.random.Generator) -> list[Point]:
+        """Points in order of preference; they may repeat or be taken: the caller filters."""
+
+    def _rng(self, history: History, n: int) -> np.random.Generator:
+        # Seeded by the inputs, not by earlier calls, so one call's output never depends on
+        # which calls came before it in this process.
+        return np.random.default_rng([self.seed, len(history.evaluated), n])
+
+    def _finalize(
+        self,
+        candidates: Iterable[Mapping[str, Any]],
+        n: int,
+        evaluated: list[Point],
+        rng: np.random.Generator,
+    ) -> list[Point]:
+        """Snap, drop repeats and taken points, keep the first ``n``; top up with seeded
+        random points when the candidates run short."""
+        taken = {self.space.key(p) for p in evaluated}
+        chosen: list[Point] = []
+        for candidate in candidates:
+            point = self.space.snap(candidate)
+            key = self.space.key(point)
+            if key not in taken:
+                taken.add(key)
+                chosen.append(point)
+            if len(chosen) == n:
+                return chosen
+        missing = n - len(chosen)
+        if missing:
+            log.info("%s: %d point(s) short; adding seeded random points", self.name, missing)
+            chosen += random_new_points(self.space, missing, taken, rng)
+        return chosen
+
+
+def random_new_points(
+    space: SearchSpace, n: int, taken: set[tuple], rng: np.random.Generator
+) -> list[Point]:
+    """Up to ``n`` points uniform in the unit cube (log-uniform for log parameters), snapped,
+    whose keys are not in ``taken``; ``taken`` grows by the points returned."""
+    chosen: list[Point] = []
+    for u in rng.random((_DRAWS_PER_POINT * n + 100, space.dim)):
+        point = space.from_unit(u)
+        key = space.key(point)
+        if key not in taken:
+            taken.add(key)
+            chosen.append(point)
+            if len(chosen) == n:
+                return chosen
+    # Draws stopped finding new points: a finite space is nearly exhausted, so list the rest.
+    if space.cardinality is not None and space.cardinality <= _LISTABLE:
+        rest = [p for p in space.all_points() if space.key(p) not in taken]
+        for index in rng.permutation(len(rest))[: n - len(chosen)]:
+            taken.add(space.key(rest[index]))
+            chosen.append(rest[index])
+    return chosen
+
+
+def space_filling_new_points(
+    space: SearchSpace, n: int, evaluated: list[Point], rng: np.random.Generator
+) -> list[Point]:
+    """Up to ``n`` new points spread by maximin distance from ``evaluated`` and each other,
+    chosen among seeded random candidates."""
+    taken = {space.key(p) for p in evaluated}
+    pool = random_new_points(space, 20 * n, taken, rng)
+    return spread_subset(space, pool, n, existing=evaluated, seed=int(rng.integers(2**31)))
+
+
+def make_proposer(
+    name: str,
+    space: SearchSpace,
+    objectives: Mapping[str, str],
+    seed: int = 0,
+    **options: Any,
+) -> Proposer:
+    """The proposer registered as ``name``, importing its module (and its heavy
+    dependencies) only now."""
+    if name not in _REGISTRY:
+        raise ValueError(f"proposer: unknown {name!r}; choose one of {list(AVAILABLE_PROPOSERS)}")
+    module_name, class_name = _REGISTRY[name].split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(space, objectives, seed=seed, **options)
+
+
+def _parse_options(proposer: str, options_class: type, options: Mapping[str, Any]) -> Any:
+    fields = [f.name for f in dataclasses.fields(options_class)]
+    for key in options:
+        if key not in fields:
+            raise ValueError(
+                f"proposer.{proposer}: unknown option {key!r}; choose one of {fields}"
+            )
+    return options_class(**options)
+
+
+def positive_int(proposer: str, option: str, value: Any, minimum: int = 1) -> None:
+    """Raise a one-line error unless ``value`` is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"proposer.{proposer}.{option}: must be an integer >= {minimum}, got {value!r}")

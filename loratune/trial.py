@@ -1,0 +1,99 @@
+"""One trial job: parse the trial id, claim a device, evaluate, and record metrics.json.
+
+A trial that fails (out of memory, NaN loss, any exception while evaluating) is *recorded* as
+failed rather than raised, so the round's history still completes and the loop goes on; the
+proposers never propose a failed point again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from loratune import ledger
+from loratune.config import Study
+
+log = logging.getLogger("loratune")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _environment() -> dict:
+    return {
+        "hostname": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
+def _evaluate_benchmark(study: Study, hparams: dict, seed: int) -> dict:
+    from loratune.benchmarks import evaluate
+
+    bench = study.config["benchmark"]
+    metrics = evaluate(
+        bench["problem"], study.space, hparams, study.objectives, seed=seed, noise=bench["noise"],
+        **({"memory_limit_gib": bench["memory_limit_gib"]} if bench.get("memory_limit_gib") else {}),
+    )
+    return {"status": "ok", "error": None, **metrics}
+
+
+def _evaluate_qlora(study: Study, hparams: dict, seed: int, model_path: str, data_dir: str, out_dir: Path) -> dict:
+    from loratune.training import TrainingSettings, run_trial
+
+    settings = TrainingSettings(**study.config["training"])
+    return run_trial(
+        hparams=hparams, settings=settings, model_path=model_path, data_dir=data_dir,
+        output_dir=str(out_dir), seed=seed,
+    )
+
+
+def run_trial_job(
+    study: Study,
+    trial_id: str,
+    seed: int,
+    metrics_path: str | Path,
+    model_path: str | None = None,
+    data_dir: str | None = None,
+) -> dict:
+    """Evaluate one trial with the study's backend and write its metrics.json atomically."""
+    from loratune.devices import claim_gpu
+
+    metrics_path = Path(metrics_path)
+    hparams = study.space.parse_trial_id(trial_id)
+    started_at, started = _now(), time.perf_counter()
+    gpus = study.config["resources"]["gpus_per_trial"] if study.config["backend"] == "qlora" else 0
+    with claim_gpu(gpus) as device:
+        log.info("trial %s (seed %d) on %s: %s", trial_id, seed, device or "cpu", study.space.describe(hparams))
+        try:
+            if study.config["backend"] == "benchmark":
+                metrics = _evaluate_benchmark(study, hparams, seed)
+            else:
+                metrics = _evaluate_qlora(study, hparams, seed, model_path, data_dir, metrics_path.parent)
+        except Exception as error:  # a crashed trial is a result, not a crash of the study
+            log.error("trial %s failed:\n%s", trial_id, traceback.format_exc())
+            metrics = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        environment = _environment()
+    record = {
+        **metrics,
+        **hparams,
+        "trial_id": trial_id,
+        "seed": seed,
+        "backend": study.config["backend"],
+        "started_at": metrics.get("started_at", started_at),
+        "finished_at": _now(),
+        "job_time": metrics.get("job_time", time.perf_counter() - started),
+        **environment,
+    }
+    for name in study.objectives:
+        record.setdefault(name, None)
+    ledger.atomic_write_json(metrics_path, record)
+    if record["status"] != "ok":
+        log.warning("trial %s recorded as failed: %s", trial_id, record.get("error"))
+    return record

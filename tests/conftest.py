@@ -1,0 +1,49 @@
+"""Shared test helpers: run the real workflow in a scratch working directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def load_test_config(name: str) -> dict:
+    return yaml.safe_load((REPO / "tests" / "configs" / name).read_text())
+
+
+def run_workflow(workdir: Path, configfile: Path, *args: str, timeout: float = 900, check: bool = True,
+                 profile: str | Path | None = "profiles/local") -> subprocess.CompletedProcess:
+    """Run Snakemake on the repo's Snakefile in ``workdir``, the way a user runs it."""
+    command = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", str(configfile)]
+    if profile:
+        command += ["--profile", str(REPO / profile)]
+    command += list(args)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake failed ({result.returncode}): {' '.join(command)}\n"
+            f"--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (../shared/data beside the checkout)")
+    return SHARED_DATA

@@ -1,0 +1,126 @@
+"""GPU claims: distinct devices for concurrent processes, waiting when all are taken,
+release on exit and on a crash, Slurm's choice kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loratune.devices import claim_gpu, gpu_count, local_pool
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A trial-like process: claim, report what it got and what CUDA would see, hold, release.
+WORKER = """
+import json, os, sys, time
+from pathlib import Path
+from loratune.devices import claim_gpu
+lock_dir, hold = Path(sys.argv[1]), float(sys.argv[2])
+with claim_gpu(lock_dir=lock_dir, poll_seconds=0.05) as device:
+    start = time.time()
+    print(json.dumps({"device": device, "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}), flush=True)
+    time.sleep(hold)
+    end = time.time()
+print(json.dumps({"start": start, "end": end, "after": os.environ.get("CUDA_VISIBLE_DEVICES")}), flush=True)
+"""
+
+
+def start_worker(lock_dir: Path, hold: float, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(lock_dir), str(hold)],
+        env={**env, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def local_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.pop("LORATUNE_GPUS", None)
+    return {**env, **extra}
+
+
+def test_concurrent_processes_get_distinct_gpus_and_wait_when_all_are_taken(tmp_path):
+    hold = 1.0
+    workers = [start_worker(tmp_path, hold, local_env(LORATUNE_GPUS="2")) for _ in range(5)]
+    claims = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=60)
+        assert worker.returncode == 0, err
+        got, timing = (json.loads(line) for line in out.splitlines())
+        claims.append({**got, **timing})
+
+    assert {c["device"] for c in claims} == {"0", "1"}
+    for c in claims:
+        assert c["visible"] == c["device"]  # what CUDA will see inside the block
+        assert c["after"] is None  # restored on exit
+    # No two holders of one device overlap in time, and never more holders than GPUs.
+    for i, a in enumerate(claims):
+        overlapping = [b for b in claims[i + 1 :] if b["start"] < a["end"] and a["start"] < b["end"]]
+        assert all(b["device"] != a["device"] for b in overlapping)
+    events = sorted([(c["start"], 1) for c in claims] + [(c["end"], -1) for c in claims])
+    holders = peak = 0
+    for _, step in events:
+        holders += step
+        peak = max(peak, holders)
+    assert peak == 2
+    # Five holds of one second on two GPUs need at least three rounds.
+    span = max(c["end"] for c in claims) - min(c["start"] for c in claims)
+    assert span >= 3 * hold - 0.1
+
+
+def test_killed_holder_releases_its_gpu(tmp_path):
+    holder = start_worker(tmp_path, 60, local_env(LORATUNE_GPUS="1"))
+    assert json.loads(holder.stdout.readline())["device"] == "0"
+    env = local_env(LORATUNE_GPUS="1")
+    with pytest.raises(TimeoutError, match="no free GPU among"):
+        with claim_gpu(lock_dir=tmp_path, poll_seconds=0.05, timeout_seconds=0.3, environ=env):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    with claim_gpu(lock_dir=tmp_path, timeout_seconds=0, environ=env) as device:
+        assert device == "0"
+        assert env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert "CUDA_VISIBLE_DEVICES" not in env
+
+
+def test_user_visible_devices_restrict_the_pool(tmp_path):
+    env = local_env(CUDA_VISIBLE_DEVICES="3, GPU-5e1f")
+    assert local_pool(env) == ["3", "GPU-5e1f"]
+    with claim_gpu(lock_dir=tmp_path, environ=env) as first:
+        with claim_gpu(lock_dir=tmp_path, environ=dict(env)) as second:
+            assert (first, second) == ("3", "GPU-5e1f")
+        assert env["CUDA_VISIBLE_DEVICES"] == "3"
+    assert env["CUDA_VISIBLE_DEVICES"] == "3, GPU-5e1f"
+
+
+def test_slurm_choice_is_kept_and_no_lock_is_taken(tmp_path):
+    env = local_env(SLURM_JOB_ID="42", CUDA_VISIBLE_DEVICES="1", LORATUNE_GPUS="4")
+    with claim_gpu(lock_dir=tmp_path / "locks", environ=env) as device:
+        assert device == "1"
+        assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert not (tmp_path / "locks").exists()
+    with claim_gpu(lock_dir=tmp_path / "locks", environ=local_env(SLURM_JOB_ID="43")) as device:
+        assert device is None  # a Slurm job without a GPU
+
+
+def test_cpu_only_machine_yields_none(tmp_path):
+    env = local_env(LORATUNE_GPUS="0")
+    with claim_gpu(lock_dir=tmp_path, environ=env) as device:
+        assert device is None
+        assert "CUDA_VISIBLE_DEVICES" not in env
+
+
+def test_gpu_count_validates_the_environment():
+    assert gpu_count({"LORATUNE_GPUS": "3"}) == 3
+    with pytest.raises(ValueError, match="LORATUNE_GPUS: expected a non-negative integer, got 'two'"):
+        gpu_count({"LORATUNE_GPUS": "two"})

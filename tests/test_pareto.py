@@ -1,0 +1,193 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from loratune.pareto import (
+    REFERENCE,
+    hypervolume,
+    hypervolume_curves,
+    non_dominated,
+    normalization_bounds,
+    normalize,
+    pareto_front,
+    to_minimization,
+)
+
+OBJECTIVES = {"train_loss": "min", "train_time": "min"}
+
+
+def monte_carlo_hypervolume(Y, ref, lower, samples=200_000, seed=0):
+    """The share of uniform samples in the box [lower, ref] that some point dominates."""
+    rng = np.random.default_rng(seed)
+    lower, ref = np.asarray(lower, float), np.asarray(ref, float)
+    S = lower + rng.random((samples, len(ref))) * (ref - lower)
+    dominated = np.zeros(samples, dtype=bool)
+    for y in Y:
+        dominated |= (S >= y).all(axis=1)
+    share = dominated.mean()
+    box = np.prod(ref - lower)
+    return share * box, np.sqrt(share * (1 - share) / samples) * box
+
+
+def test_to_minimization_negates_max_columns():
+    Y = to_minimization([[1.0, 2.0], [3.0, -4.0]], ["min", "max"])
+    assert Y.tolist() == [[1.0, -2.0], [3.0, 4.0]]
+    with pytest.raises(ValueError, match="objectives: sense"):
+        to_minimization([[1.0]], ["minimize"])
+    with pytest.raises(ValueError, match="objectives: 1 senses for 2"):
+        to_minimization([[1.0, 2.0]], ["min"])
+
+
+def test_non_dominated_hand_cases():
+    Y = [[1, 2], [2, 1], [2, 2], [1, 2], [3, 0], [3, 3]]
+    assert non_dominated(Y).tolist() == [True, True, False, True, True, False]
+    # (1, 2) is better in the first column and, after the max column is negated, in the second.
+    maximized = to_minimization([[1, 5], [2, 4], [0, 1]], ["min", "max"])
+    assert non_dominated(maximized).tolist() == [True, False, True]
+    assert non_dominated([[1, np.nan], [2, 2], [np.inf, 0]]).tolist() == [False, True, False]
+    assert non_dominated([[5.0]]).tolist() == [True]
+
+
+def test_pareto_front_uses_only_ok_finite_rows_and_sorts():
+    df = pd.DataFrame(
+        {
+            "trial_id": list("abcdefg"),
+            "train_loss": [1.0, 2.0, 0.5, 3.0, 0.1, np.nan, 1.0],
+            "train_time": [30.0, 10.0, 50.0, 5.0, 1.0, 0.0, 30.0],
+            "status": ["ok", "ok", "ok", "ok", "failed", "ok", "ok"],
+        }
+    )
+    front = pareto_front(df, OBJECTIVES)
+    assert front["trial_id"].tolist() == ["c", "a", "g", "b", "d"]
+    without_status = pareto_front(df.drop(columns="status"), OBJECTIVES)
+    assert without_status["trial_id"].tolist() == ["e"]
+    throughput = pareto_front(df, {"train_loss": "min", "train_time": "max"})
+    assert throughput["trial_id"].tolist() == ["c"]
+    with pytest.raises(ValueError, match="objectives: \\['eval_loss'\\]"):
+        pareto_front(df, {"eval_loss": "min"})
+
+
+def test_hypervolume_two_objectives_by_hand():
+    assert hypervolume([[1, 2], [2, 1]], [3, 3]) == pytest.approx(3.0)
+    # Dominated, repeated and out-of-box points add nothing.
+    assert hypervolume([[1, 2], [2, 1], [2, 2], [1, 2], [4, 0], [0, 3]], [3, 3]) == pytest.approx(3.0)
+    assert hypervolume([[1, 3]], [3, 3]) == 0.0
+    assert hypervolume(np.empty((0, 2)), [3, 3]) == 0.0
+    assert hypervolume([[2.0]], [3.0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="reference point has 3 values for 2"):
+        hypervolume([[1, 2]], [3, 3, 3])
+
+
+def test_hypervolume_of_boxes_by_inclusion_exclusion():
+    # Two boxes in 3-D: 2*3*1 + 3*1*2 - overlap 2*1*1 = 10.
+    assert hypervolume([[1, 0, 2], [0, 2, 1]], [3, 3, 3]) == pytest.approx(10.0)
+    # Points on one plane: the 2-D volume times the depth.
+    Y = np.array([[0.1, 0.7, 0.4], [0.5, 0.2, 0.4], [0.3, 0.3, 0.4]])
+    assert hypervolume(Y, [1, 1, 1]) == pytest.approx(0.6 * hypervolume(Y[:, :2], [1, 1]))
+
+
+@pytest.mark.parametrize("m, n", [(2, 40), (3, 40), (4, 25)])
+def test_hypervolume_matches_monte_carlo(m, n):
+    rng = np.random.default_rng(m)
+    # Points near the sphere make a front of many non-dominated points.
+    Y = np.abs(rng.normal(size=(n, m)))
+    Y = Y / np.linalg.norm(Y, axis=1, keepdims=True) * rng.uniform(0.9, 1.3, size=(n, 1))
+    ref = np.full(m, 1.2)
+    exact = hypervolume(Y, ref)
+    estimate, error = monte_carlo_hypervolume(Y, ref, lower=np.zeros(m))
+    assert exact == pytest.approx(estimate, abs=4 * error)
+    assert exact > 0
+
+
+def test_normalization_bounds_and_normalize():
+    df = pd.DataFrame(
+        {
+            "train_loss": [1.0, 2.0, 0.0, 1.5],
+            "tokens_per_second": [100.0, 300.0, 500.0, 200.0],
+            "status": ["ok", "ok", "failed", "ok"],
+        }
+    )
+    objectives = {"train_loss": "min", "tokens_per_second": "max"}
+    lower, upper = normalization_bounds(df, objectives)
+    assert lower.tolist() == [1.0, -300.0] and upper.tolist() == [2.0, -100.0]
+    Y = to_minimization(df[list(objectives)].to_numpy(), list(objectives.values()))
+    assert normalize(Y, lower, upper)[:2].tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    assert normalize([[3.0, 7.0]], [3.0, 7.0], [3.0, 7.0]).tolist() == [[0.0, 0.0]]
+    with pytest.raises(ValueError, match="no ok trial"):
+        normalization_bounds(df.assign(status="failed"), objectives)
+
+
+def _trials() -> pd.DataFrame:
+    """Two seeds; a pilot of 3, a random arm and a gptune arm, listed out of round order."""
+    rows = []
+    for seed in (0, 1):
+        shift = 0.1 * seed
+        pilot = [(0.9, 0.5), (0.5, 0.9), (0.8, 0.8)]
+        rows += [("pilot", 0, f"p{i}", *y, "ok") for i, y in enumerate(pilot)]
+        rows += [
+            ("gptune", 2, "g3", 0.2 + shift, 0.3, "ok"),
+            ("random", 1, "r1", 0.95, 0.95, "ok"),
+            ("gptune", 1, "g1", np.nan, np.nan, "failed"),
+            ("gptune", 1, "g2", 0.4, 0.4 + shift, "ok"),
+            ("random", 2, "r2", 0.6, 0.6, "ok"),
+        ]
+        rows = [(seed, *row) if len(row) == 6 else row for row in rows]
+    df = pd.DataFrame(
+        rows, columns=["seed", "arm", "round", "trial_id", "train_loss", "train_time", "status"]
+    )
+    df["lora_rank"] = 16
+    # An index that is not 0..n-1 must not matter.
+    return df.set_index(np.arange(len(df)) * 7)
+
+
+def test_hypervolume_curves_start_with_the_pilot_and_never_decrease():
+    trials = _trials()
+    curves = hypervolume_curves(trials, OBJECTIVES)
+    assert list(curves.columns) == ["arm", "seed", "n_trials", "hypervolume"]
+    assert set(map(tuple, curves[["seed", "arm"]].drop_duplicates().to_numpy())) == {
+        (s, a) for s in (0, 1) for a in ("pilot", "random", "gptune")
+    }
+    for (seed, arm), curve in curves.groupby(["seed", "arm"]):
+        volumes = curve["hypervolume"].to_numpy()
+        assert curve["n_trials"].tolist() == list(range(1, len(volumes) + 1))
+        assert np.all(np.diff(volumes) >= 0)
+        pilot = curves[(curves.seed == seed) & (curves.arm == "pilot")]["hypervolume"].to_numpy()
+        assert len(volumes) == {"pilot": 3, "random": 5, "gptune": 6}[arm]
+        assert np.array_equal(volumes[:3], pilot)
+        assert 0 < volumes[-1] <= REFERENCE**2
+
+
+def test_hypervolume_curves_follow_round_order_and_skip_failures():
+    trials = _trials()
+    curves = hypervolume_curves(trials, OBJECTIVES)
+    lower, upper = normalization_bounds(trials, OBJECTIVES)
+    seed0 = trials[trials.seed == 0]
+
+    def volume(ids):
+        rows = seed0.set_index("trial_id").loc[ids]
+        Y = normalize(rows[list(OBJECTIVES)].to_numpy(), lower, upper)
+        return hypervolume(Y, [REFERENCE, REFERENCE])
+
+    pilot = ["p0", "p1", "p2"]
+    gptune = curves[(curves.seed == 0) & (curves.arm == "gptune")]["hypervolume"].to_numpy()
+    # Round 1 (failed g1, then g2) comes before round 2 (g3) whatever the table order.
+    assert gptune[3] == pytest.approx(volume(pilot))
+    assert gptune[4] == pytest.approx(volume(pilot + ["g2"]))
+    assert gptune[5] == pytest.approx(volume(pilot + ["g2", "g3"]))
+    assert gptune[5] > gptune[4] > gptune[3]
+    random = curves[(curves.seed == 0) & (curves.arm == "random")]["hypervolume"].to_numpy()
+    assert random[3] == pytest.approx(volume(pilot))  # r1 is dominated by the pilot
+    # Bounds come from the whole table: the best loss (0.2 of seed 0) sits at 0.
+    assert lower[0] == 0.2
+
+
+def test_hypervolume_curves_accept_explicit_bounds_and_reference():
+    trials = _trials()
+    curves = hypervolume_curves(trials, OBJECTIVES, bounds=([0.0, 0.0], [1.0, 1.0]), ref=[1.0, 1.0])
+    final = curves[(curves.seed == 0) & (curves.arm == "gptune")]["hypervolume"].iloc[-1]
+    seed0 = trials[(trials.seed == 0) & (trials.status == "ok") & trials.arm.isin(["pilot", "gptune"])]
+    assert final == pytest.approx(hypervolume(seed0[list(OBJECTIVES)].to_numpy(), [1.0, 1.0]))
+    with pytest.raises(ValueError, match="lacks column"):
+        hypervolume_curves(trials.drop(columns="round"), OBJECTIVES)
+    failed = hypervolume_curves(trials.assign(status="failed"), OBJECTIVES)
+    assert (failed["hypervolume"] == 0).all()

@@ -1,0 +1,220 @@
+"""Plotly figures of a study, built from tables made the way the workflow makes them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from loratune import ledger, plots
+from loratune.pareto import hypervolume_curves, pareto_front, to_minimization
+from test_ledger import OBJECTIVES, make_study
+
+THREE_OBJECTIVES = {"train_loss": "min", "train_time": "min", "eval_accuracy": "max"}
+# Maximizing the first objective turns the steps the other way round.
+MIXED_SENSES = {"eval_accuracy": "max", "train_time": "min"}
+
+
+def study_trials(root, objectives=OBJECTIVES, seeds=(0,), arms=("gptune", "random")):
+    space, finals = make_study(root, seeds=seeds, arms=arms, objectives=objectives, pilot_n=8,
+                               rounds=2, batch=3)
+    return space, ledger.collect_trials(ledger.read_table(p) for p in finals)
+
+
+def traces(fig: go.Figure, name: str) -> list:
+    return [t for t in fig.data if t.name == name]
+
+
+@pytest.fixture(scope="module")
+def one_seed(tmp_path_factory):
+    return study_trials(tmp_path_factory.mktemp("one_seed"))
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    return study_trials(tmp_path_factory.mktemp("two_seeds"), seeds=(0, 1))
+
+
+def test_pareto_figure_draws_every_trial_once_with_its_hover(one_seed):
+    space, trials = one_seed
+    fig = plots.pareto_figure(trials, OBJECTIVES, space)
+
+    markers = [t for t in fig.data if t.mode == "markers"]
+    assert [t.name for t in markers] == ["pilot", "gptune", "random", "failed"]
+    assert sum(len(t.x) for t in markers[:3]) == (trials["status"] == "ok").sum()
+    failed = trials[trials["status"] == "failed"]
+    (crosses,) = traces(fig, "failed")
+    assert crosses.marker.symbol == "x" and crosses.marker.color == plots.FAILED_COLOR
+    # Failures without objectives share one spot: one cross whose hover lists them all.
+    assert len(failed) > 1 and len(crosses.x) == 1
+    assert crosses.hovertext[0].startswith(f"<i>{len(failed)} failed trials here</i>")
+    for trial_id in failed["trial_id"]:
+        assert trial_id in crosses.hovertext[0]
+
+    ok = trials[trials["status"] == "ok"]
+    row = ok[ok["arm"] == "gptune"].iloc[0]
+    (gptune,) = traces(fig, "gptune")
+    hover = gptune.hovertext[0]
+    assert gptune.x[0] == row["train_loss"] and gptune.y[0] == row["train_time"]
+    for piece in (row["trial_id"], space.describe(row.to_dict()), f"train_loss: {row['train_loss']:.6g}",
+                  "round 1", "status: ok"):
+        assert piece in hover
+    assert "status: failed" in crosses.hovertext[0] and "OutOfMemoryError" in crosses.hovertext[0]
+
+    assert fig.layout.xaxis.title.text == "train_loss (min)"
+    assert fig.layout.yaxis.title.text == "train_time (min)"
+
+
+def test_failed_trials_sit_on_the_worst_edge(one_seed):
+    space, trials = one_seed
+    fig = plots.pareto_figure(trials, OBJECTIVES, space)
+    (crosses,) = traces(fig, "failed")
+    ok = trials[trials["status"] == "ok"]
+    assert set(crosses.x) == {ok["train_loss"].max()}
+    assert set(crosses.y) == {ok["train_time"].max()}
+
+
+def _corners(front_min: np.ndarray, shape: str) -> np.ndarray:
+    """The corners a step line of ``shape`` draws between consecutive points."""
+    a, b = front_min[:-1], front_min[1:]
+    if shape == "hv":
+        return np.column_stack([b[:, 0], a[:, 1]])
+    return np.column_stack([a[:, 0], b[:, 1]])
+
+
+@pytest.mark.parametrize("objectives", [OBJECTIVES, MIXED_SENSES])
+def test_front_lines_are_the_pareto_fronts_drawn_as_outer_steps(tmp_path, objectives):
+    space, trials = study_trials(tmp_path, objectives=objectives)
+    fig = plots.pareto_figure(trials, objectives, space)
+    names = list(objectives)
+    for arm, label in (("pilot", "front: pilot"), ("gptune", "front: pilot + gptune")):
+        members = trials[trials["arm"].isin({"pilot", arm})]
+        front = pareto_front(members, objectives)
+        (line,) = traces(fig, label)
+        assert list(line.x) == list(front[names[0]]) and list(line.y) == list(front[names[1]])
+        assert len(front) >= 2
+        # Each corner of the staircase must lie on the boundary of the dominated region:
+        # weakly dominated by both neighbouring front points, never better than them.
+        points = to_minimization(np.column_stack([line.x, line.y]), list(objectives.values()))
+        corners = _corners(points, line.line.shape)
+        assert (corners >= points[:-1]).all() and (corners >= points[1:]).all()
+    assert fig.layout.xaxis.title.text == f"{names[0]} ({objectives[names[0]]})"
+    assert line.line.shape == ("hv" if objectives[names[0]] == "min" else "vh")
+
+
+def test_two_seeds_get_a_panel_each_and_one_legend(two_seeds):
+    space, trials = two_seeds
+    fig = plots.pareto_figure(trials, OBJECTIVES, space)
+    assert [a.text for a in fig.layout.annotations] == ["seed 0", "seed 1"]
+    pilots = traces(fig, "pilot")
+    assert [t.xaxis for t in pilots] == ["x", "x2"]
+    assert [t.showlegend for t in pilots] == [True, False]
+    for trace, seed in zip(pilots, (0, 1)):
+        expected = trials[(trials["seed"] == seed) & (trials["arm"] == "pilot") & (trials["status"] == "ok")]
+        assert sorted(trace.x) == sorted(expected["train_loss"])
+        assert all(f"seed {seed}" in text for text in trace.hovertext)
+
+
+def test_three_objectives_give_a_3d_scatter(tmp_path):
+    space, trials = study_trials(tmp_path, objectives=THREE_OBJECTIVES, seeds=(0, 1))
+    fig = plots.pareto_figure(trials, THREE_OBJECTIVES, space)
+    assert {t.type for t in fig.data} == {"scatter3d"}
+    assert fig.layout.scene.xaxis.title.text == "train_loss (min)"
+    assert fig.layout.scene2.zaxis.title.text == "eval_accuracy (max)"
+    (front,) = [t for t in traces(fig, "front: pilot + random") if t.scene == "scene"]
+    expected = pareto_front(trials[(trials["seed"] == 0) & trials["arm"].isin({"pilot", "random"})],
+                            THREE_OBJECTIVES)
+    assert list(front.z) == list(expected["eval_accuracy"])
+    drawn = [t for t in fig.data if t.name in ("pilot", "gptune", "random")]
+    assert sum(len(t.x) for t in drawn) == (trials["status"] == "ok").sum()
+    assert {t.name for t in fig.data} >= {"failed", "front: pilot"}
+
+
+def test_wrong_number_of_objectives_is_refused(one_seed):
+    space, trials = one_seed
+    with pytest.raises(ValueError, match=r"pareto_figure: needs 2 or 3 objectives, got 1 \(\['train_loss'\]\)"):
+        plots.pareto_figure(trials, {"train_loss": "min"}, space)
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['eval_accuracy'\]"):
+        plots.pareto_figure(trials, MIXED_SENSES, space)
+
+
+def test_hypervolume_figure_shows_median_band_and_end_of_pilot(two_seeds):
+    _, trials = two_seeds
+    curves = hypervolume_curves(trials, OBJECTIVES)
+    fig = plots.hypervolume_figure(curves)
+
+    pilot = curves[curves["arm"] == "pilot"]
+    pilot_end = pilot["n_trials"].max()
+    # An arm's curve is drawn from the end of the pilot, which it repeats up to there.
+    gptune = curves[(curves["arm"] == "gptune") & (curves["n_trials"] >= pilot_end)]
+    (median,) = traces(fig, "gptune")
+    expected = gptune.groupby("n_trials")["hypervolume"].median()
+    assert median.x[0] == pilot_end and median.x[-1] == curves["n_trials"].max()
+    assert list(median.x) == list(expected.index) and np.allclose(median.y, expected.to_numpy())
+    (band,) = traces(fig, "gptune range")
+    per_n = gptune.groupby("n_trials")["hypervolume"]
+    n = len(expected)
+    assert np.allclose(band.y[:n], per_n.max()) and np.allclose(band.y[n:], per_n.min()[::-1])
+    assert band.fill == "toself"
+    (end,) = traces(fig, "end of pilot")
+    assert end.x[0] == pilot_end
+    assert end.y[0] == pilot[pilot["n_trials"] == pilot_end]["hypervolume"].median()
+    (pilot_line,) = traces(fig, "pilot")
+    assert list(pilot_line.x) == list(range(1, pilot_end + 1))
+
+
+def test_pareto_table_lists_the_front_of_all_arms_and_of_each(two_seeds):
+    space, trials = two_seeds
+    fig = plots.pareto_table_figure(trials, OBJECTIVES, space)
+    (table,) = fig.data
+    headers = [h.replace("<b>", "").replace("</b>", "") for h in table.header.values]
+    assert headers == ["seed", "front", "trial id", "found by", "round", "lora_rank", "lora_alpha",
+                       "learning_rate", "train_loss (min)", "train_time (min)"]
+    columns = dict(zip(headers, table.cells.values))
+    rows = pd.DataFrame(columns)
+    assert set(rows["front"]) == {"all arms", "pilot + gptune", "pilot + random"}
+    for seed in (0, 1):
+        per_seed = trials[trials["seed"] == seed]
+        mine = rows[(rows["seed"] == str(seed)) & (rows["front"] == "pilot + random")]
+        expected = pareto_front(per_seed[per_seed["arm"].isin({"pilot", "random"})], OBJECTIVES)
+        assert list(mine["trial id"]) == list(expected["trial_id"])
+        everything = rows[(rows["seed"] == str(seed)) & (rows["front"] == "all arms")]
+        assert list(everything["trial id"]) == list(
+            pareto_front(per_seed.drop_duplicates("trial_id"), OBJECTIVES)["trial_id"]
+        )
+
+
+def test_write_html_is_self_contained_with_the_hover_text(one_seed, tmp_path):
+    space, trials = one_seed
+    fig = plots.pareto_figure(trials, OBJECTIVES, space)
+    path = tmp_path / "plots" / "pareto.html"
+    plots.write_html(fig, path)
+    page = path.read_text()
+    row = trials[trials["status"] == "ok"].iloc[0]
+    assert row["trial_id"] in page and space.describe(row.to_dict()) in page
+    assert page.count("* plotly.js v") == 1 and "<script src=" not in page
+    first = path.read_bytes()
+    plots.write_html(fig, path)
+    assert path.read_bytes() == first  # deterministic: reruns change nothing
+
+
+def test_report_embeds_plotly_once_with_every_section(two_seeds):
+    space, trials = two_seeds
+    report = plots.report_html(
+        "loratune study <demo>",
+        [
+            ("Pareto fronts", plots.pareto_figure(trials, OBJECTIVES, space)),
+            ("Hypervolume", plots.hypervolume_figure(hypervolume_curves(trials, OBJECTIVES))),
+            ("Pareto set", plots.pareto_table_figure(trials, OBJECTIVES, space)),
+            ("Notes", "losses < 2 & times in s"),
+        ],
+    )
+    assert report.startswith("<!DOCTYPE html>") and report.count("* plotly.js v") == 1
+    assert "<title>loratune study &lt;demo&gt;</title>" in report
+    for index, heading in enumerate(["Pareto fronts", "Hypervolume", "Pareto set"]):
+        assert f"<h2>{heading}</h2>" in report and f'id="section-{index}"' in report
+    assert "<p>losses &lt; 2 &amp; times in s</p>" in report
+    assert trials["trial_id"].iloc[-1] in report
+    with pytest.raises(TypeError, match="section 'x' holds a int"):
+        plots.report_html("t", [("x", 3)])

@@ -1,0 +1,9 @@
+from loratune.logs import log_to_file
+
+log_to_file(snakemake.log[0])
+
+from pathlib import Path
+
+from loratune.training import DatasetSpec, prepare_dataset
+
+prepare_dataset(DatasetSpec(**snakemake.params.dataset), out_dir=Path(snakemake.output.manifest).parent)

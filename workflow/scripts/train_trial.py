@@ -1,0 +1,23 @@
+from loratune.logs import log_to_file
+
+log_to_file(snakemake.log[0])
+
+import json
+from pathlib import Path
+
+from loratune.config import validate_config
+from loratune.trial import run_trial_job
+
+model_path = None
+if "model" in snakemake.input.keys():
+    with open(snakemake.input.model) as handle:
+        model_path = json.load(handle)["path"]
+
+run_trial_job(
+    validate_config(snakemake.config),
+    trial_id=snakemake.wildcards.trial,
+    seed=int(snakemake.wildcards.seed),
+    metrics_path=snakemake.output.metrics,
+    model_path=model_path,
+    data_dir=str(Path(snakemake.input.data).parent) if "data" in snakemake.input.keys() else None,
+)

@@ -1,0 +1,12 @@
+from loratune.logs import log_to_file
+
+log_to_file(snakemake.log[0])
+
+from loratune.loop import update_history
+
+update_history(
+    previous_path=snakemake.input.previous or None,
+    proposals_path=snakemake.input.proposals,
+    metrics_paths=snakemake.input.metrics,
+    output=snakemake.output.history,
+)
