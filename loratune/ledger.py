@@ -12,7 +12,6 @@ Snakemake rerun then sees either a missing output or a complete one.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -45,10 +44,10 @@ ID_COLUMNS = ("seed", "arm", "round", "trial_id")
 PILOT_ARM = "pilot"
 # GPTune files every evaluation under a task; our studies tune one task, so every evaluation
 # carries the same one-point task parameter.
-GPTUNE_TASK = {"task": 0}
+GPTUNE_TASK = {"task": 0.0}
 # Evaluations get uids derived from where the trial lives (seed<s>/trials/<trial_id>), so an
 # export is reproducible and a trial shared by two arms has one uid in both databases.
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/loratune/loratune/trials")
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "loratune:trial")
 
 
 # ---- atomic files ----------------------------------------------------------------------

@@ -104,8 +104,10 @@ def aggregate(
     trials = ledger.collect_trials(ledger.read_table(p) for p in history_paths)
     ledger.write_table(trials, trials_output)
     ledger.write_table(hypervolume_curves(trials, study.objectives), hypervolume_output)
-    front = pareto_front(trials.drop_duplicates(["seed", "trial_id"]), study.objectives)
-    ledger.write_table(front, pareto_output)
+    # One front per seed (each seed is a repeat of the whole study), all arms together.
+    unique = trials.drop_duplicates(["seed", "trial_id"])
+    fronts = [pareto_front(unique[unique.seed == seed], study.objectives) for seed in study.seeds]
+    ledger.write_table(pd.concat(fronts, ignore_index=True), pareto_output)
     return trials
 
 
@@ -129,11 +131,11 @@ def plot_hypervolume(curves_path: str | Path, output: str | Path) -> None:
     plots.write_html(plots.hypervolume_figure(ledger.read_table(curves_path)), output)
 
 
-def plot_pareto_table(study: Study, pareto_path: str | Path, output: str | Path) -> None:
+def plot_pareto_table(study: Study, trials_path: str | Path, output: str | Path) -> None:
     from loratune import plots
 
-    front = ledger.read_table(pareto_path)
-    plots.write_html(plots.pareto_table_figure(front, study.objectives, study.space), output)
+    trials = ledger.read_table(trials_path)
+    plots.write_html(plots.pareto_table_figure(trials, study.objectives, study.space), output)
 
 
 def summary_text(study: Study, front: pd.DataFrame, report_path: str | Path) -> str:
@@ -164,7 +166,7 @@ def write_report(
         [
             ("Pareto fronts", plots.pareto_figure(trials, study.objectives, study.space)),
             ("Hypervolume against trials", plots.hypervolume_figure(curves)),
-            ("Pareto set", plots.pareto_table_figure(front, study.objectives, study.space)),
+            ("Pareto set", plots.pareto_table_figure(trials, study.objectives, study.space)),
         ],
     )
     ledger.atomic_write_text(output, html)

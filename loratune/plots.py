@@ -20,7 +20,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from loratune import ledger
-from loratune.pareto import normalization_bounds, pareto_front, to_minimization
+from loratune.pareto import PILOT_ARM, normalization_bounds, pareto_front, to_minimization
 from loratune.space import SearchSpace
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "report_html",
 ]
 
-PILOT_ARM = "pilot"
 PILOT_COLOR = "#333333"
 FAILED_COLOR = "#a6a6a6"
 ARM_COLORS = qualitative.D3

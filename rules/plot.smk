@@ -32,7 +32,7 @@ rule plot_hypervolume:
 
 rule plot_pareto_table:
     input:
-        pareto=f"{OUT}/pareto_set.tsv",
+        trials=f"{OUT}/trials.tsv",
     output:
         html=report(
             f"{OUT}/plots/pareto_set.html",

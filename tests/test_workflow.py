@@ -113,7 +113,8 @@ def test_bad_config_fails_before_any_job_with_one_line(tmp_path, field, corrupt)
     configfile = write_config(tmp_path / "config.yaml", config)
     result = run_workflow(tmp_path, configfile, "-n", check=False)
     assert result.returncode != 0
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    output = (result.stdout + result.stderr).splitlines()
+    lines = [line for line in output if line.strip() and not line.startswith("Using profile")]
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"loratune: config error: {field}"), lines[0]
     assert not (tmp_path / "results").exists()

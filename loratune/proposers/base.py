@@ -42,6 +42,8 @@ _REGISTRY: dict[str, str] = {
     "random": "loratune.proposers.random:RandomProposer",
     "grid": "loratune.proposers.grid:GridProposer",
     "gptune": "loratune.proposers.gptune:GPTuneProposer",
+    "optuna": "loratune.proposers.optuna:OptunaProposer",
+    "botorch": "loratune.proposers.botorch:BotorchProposer",
 }
 AVAILABLE_PROPOSERS: tuple[str, ...] = tuple(_REGISTRY)
 

