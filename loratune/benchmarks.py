@@ -9,20 +9,25 @@ a real trial reports, with LoRA-like trade-offs; it has no analytic front.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
 from itertools import combinations
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import pandas as pd
 
-from loratune.space import SearchSpace
+from loratune.space import ChoiceParam, IntParam, SearchSpace
 
 __all__ = [
     "Problem",
     "LoraSurrogate",
+    "LoraTable",
     "SimulatedOutOfMemory",
+    "TabulatedTrialFailed",
     "PROBLEMS",
     "get_problem",
     "evaluate",
@@ -258,7 +263,7 @@ PROBLEMS: dict[str, Problem | LoraSurrogate] = {
 
 
 def get_problem(problem: str | Problem | LoraSurrogate) -> Problem | LoraSurrogate:
-    if isinstance(problem, (Problem, LoraSurrogate)):
+    if isinstance(problem, (Problem, LoraSurrogate, LoraTable)):
         return problem
     if problem not in PROBLEMS:
         raise ValueError(f"benchmark.problem: unknown {problem!r}; choose one of {list(PROBLEMS)}")
@@ -300,6 +305,8 @@ def evaluate(
     for name, sense in objectives.items():
         if sense not in ("min", "max"):
             raise ValueError(f"objectives.{name}: sense must be 'min' or 'max', got {sense!r}")
+    if isinstance(spec, LoraTable):
+        return _evaluate_table(spec, space, point, objectives, noise)
     point = space.snap(point)
     rng = _trial_rng(spec.name, seed, space.trial_id(point)) if noise > 0 else None
 
@@ -341,3 +348,140 @@ def _analytic(problem) -> Problem:
     if not isinstance(spec, Problem):
         raise ValueError(f"benchmark.problem: {spec.name} has no analytic Pareto front or reference point")
     return spec
+
+
+# ---- lora_table: measured trials on a grid, answered by the nearest grid point ------------
+#
+# A benchmark made of real training runs: a grid over rank x alpha x learning rate, measured
+# once on a GPU (SmolLM2-135M on instruction data), and replayed here at no cost. A trial is
+# answered by the grid row nearest to it in the unit encoding of the search space (the
+# encoding the proposers' models see), so the problem is piecewise constant between grid
+# points and its true Pareto front is the front of the grid itself.
+
+DEFAULT_LORA_GRID = Path(__file__).resolve().parents[1] / "bench" / "data" / "lora_grid.tsv"
+
+
+class TabulatedTrialFailed(RuntimeError):
+    """The grid point nearest to a trial failed when the grid was measured."""
+
+
+@dataclass(frozen=True)
+class LoraTable:
+    """Measured LoRA trials from a TSV: a column per tuned parameter (named as in the search
+    space), the metrics ``eval_loss``, ``train_loss``, ``train_time``, and optionally
+    ``status`` (a row whose status is not ``ok`` is a failed run) and ``error``.
+
+    Rows that lie outside the search space's ranges are not part of the problem. A metric
+    that is empty or not a number is NaN, which a proposer treats as a failed trial.
+    """
+
+    path: str | Path = DEFAULT_LORA_GRID
+    name: str = "lora_table"
+    description: str = "measured SmolLM2-135M LoRA runs on a rank x alpha x lr grid (nearest grid point)"
+    metric_names: tuple[str, ...] = ("eval_loss", "train_loss", "train_time")
+    n_objectives: str = "any"
+
+    def available(self) -> bool:
+        return Path(self.path).is_file()
+
+    def grid(self) -> pd.DataFrame:
+        """The measured rows as read (cached until the file changes); never modify it."""
+        path = Path(self.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"benchmark.problem: lora_table has no measured grid at {path}")
+        return _read_grid(str(path), path.stat().st_mtime_ns, self.metric_names)
+
+    def rows_in(self, space: SearchSpace) -> tuple[pd.DataFrame, np.ndarray]:
+        """The rows inside ``space`` and their unit coordinates, shape (rows, space.dim)."""
+        grid = self.grid()
+        missing = [name for name in space.tunable_names if name not in grid.columns]
+        if missing:
+            raise ValueError(
+                f"benchmark.problem: lora_table at {self.path} has no column(s) {missing} for the "
+                f"search space's parameters {space.tunable_names}"
+            )
+        inside = np.ones(len(grid), dtype=bool)
+        for param in space.tunable:
+            values = grid[param.name]
+            if param.levels is None:
+                inside &= ((values >= param.low) & (values <= param.high)).to_numpy()
+            elif isinstance(param, IntParam):
+                inside &= ((values >= param.low) & (values <= param.high)).to_numpy()
+            else:
+                inside &= values.map(lambda value, param=param: _is_choice(param, value)).to_numpy(dtype=bool)
+        rows = grid[inside]
+        if rows.empty:
+            raise ValueError(f"benchmark.problem: no row of the lora_table at {self.path} lies in the search space")
+        U = np.array(
+            [[param.to_unit(value) for param, value in zip(space.tunable, row)] for row in
+             rows[space.tunable_names].itertuples(index=False)],
+            dtype=float,
+        ).reshape(len(rows), space.dim)
+        return rows, U
+
+    def nearest(self, space: SearchSpace, point: Mapping[str, Any]) -> pd.Series:
+        """The grid row nearest to ``point`` in the unit cube (the first of equally near ones)."""
+        rows, U = self.rows_in(space)
+        distances = np.linalg.norm(U - space.to_unit(point), axis=1)
+        return rows.iloc[int(np.argmin(distances))]
+
+    def metrics(self, space: SearchSpace, point: Mapping[str, Any]) -> dict[str, float]:
+        """The measured metrics of the grid row nearest to ``point``; raises
+        ``TabulatedTrialFailed`` when that run failed."""
+        row = self.nearest(space, point)
+        if "status" in row.index and str(row["status"]) != "ok":
+            where = ", ".join(f"{name}={row[name]}" for name in space.tunable_names)
+            error = row["error"] if "error" in row.index and isinstance(row["error"], str) else row["status"]
+            raise TabulatedTrialFailed(
+                f"{space.trial_id(point)}: the nearest measured run ({where}) failed: {error}"
+            )
+        return {name: float(row[name]) for name in self.metric_names}
+
+    def true_front(self, space: SearchSpace, objectives: Mapping[str, str]) -> np.ndarray:
+        """The Pareto front of the ok rows inside ``space``, in minimization space."""
+        from loratune.pareto import pareto_front, to_minimization
+
+        rows, _ = self.rows_in(space)
+        front = pareto_front(rows, objectives)
+        return to_minimization(front[list(objectives)].to_numpy(dtype=float), list(objectives.values()))
+
+
+def _is_choice(param: ChoiceParam, value: Any) -> bool:
+    """Whether a table cell is one of the choice's values (16.0 in a TSV is the value 16)."""
+    for candidate in param.values:
+        if str(candidate) == str(value):
+            return True
+        if isinstance(candidate, (int, float)) and not isinstance(candidate, bool):
+            try:
+                if math.isclose(float(value), candidate, rel_tol=1e-9):
+                    return True
+            except (TypeError, ValueError):
+                pass
+    return False
+
+
+@functools.lru_cache(maxsize=4)
+def _read_grid(path: str, mtime_ns: int, metric_names: tuple[str, ...]) -> pd.DataFrame:
+    grid = pd.read_csv(path, sep="\t")
+    missing = [name for name in metric_names if name not in grid.columns]
+    if missing:
+        raise ValueError(f"benchmark.problem: lora_table at {path} lacks metric column(s) {missing}")
+    for name in metric_names:
+        grid[name] = pd.to_numeric(grid[name], errors="coerce")
+    return grid
+
+
+def _evaluate_table(
+    table: LoraTable, space: SearchSpace, point: Mapping[str, Any], objectives: Mapping[str, str], noise: float
+) -> dict[str, float]:
+    if noise:
+        raise ValueError(f"benchmark.noise: lora_table replays measured runs, so it must be 0, got {noise!r}")
+    unknown = [name for name in objectives if name not in table.metric_names]
+    if unknown:
+        raise ValueError(
+            f"objectives: {unknown} not measured in lora_table; it has {list(table.metric_names)}"
+        )
+    return table.metrics(space, point)
+
+
+PROBLEMS["lora_table"] = LoraTable()

@@ -93,34 +93,49 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
-def _lock_first_free(pool: list[str], lock_dir: Path) -> tuple[str, int] | None:
+def _lock_free(pool: list[str], lock_dir: Path, count: int) -> list[tuple[str, int]] | None:
+    """Locks on ``count`` free devices of ``pool``, or None (holding nothing) if fewer are free."""
+    held = []
     for device in pool:
         fd = _try_lock(lock_dir / _lock_name(device))
         if fd is not None:
-            return device, fd
+            held.append((device, fd))
+            if len(held) == count:
+                return held
+    for _, fd in held:
+        os.close(fd)
     return None
 
 
 @contextmanager
 def claim_gpu(
+    count: int = 1,
+    *,
     lock_dir: Path | None = None,
     poll_seconds: float = 2.0,
     timeout_seconds: float | None = None,
     environ: MutableMapping[str, str] = os.environ,
 ) -> Iterator[str | None]:
-    """Claim one GPU for the duration of the ``with`` block; yield its id, or None without GPUs.
+    """Claim ``count`` GPUs for the duration of the ``with`` block; yield their ids, or None.
 
-    Inside a Slurm job, yield what Slurm put in ``CUDA_VISIBLE_DEVICES`` (None if the job
-    got no GPU) and take no lock. Locally, lock the first free device of ``local_pool``,
-    waiting ``poll_seconds`` between attempts while all are taken (for ever, or until
-    ``timeout_seconds``, then ``TimeoutError``), and set ``CUDA_VISIBLE_DEVICES`` to it.
-    On exit the previous ``CUDA_VISIBLE_DEVICES`` is restored and the lock released.
+    ``count=0`` (a CPU trial) claims nothing and yields None. Inside a Slurm job, yield what
+    Slurm put in ``CUDA_VISIBLE_DEVICES`` for the job (None if it got no GPU) and take no
+    lock. Locally, yield None on a machine without GPUs; otherwise lock ``count`` free
+    devices of ``local_pool``, waiting ``poll_seconds`` between attempts while too few are
+    free (for ever, or until ``timeout_seconds``, then ``TimeoutError``), set
+    ``CUDA_VISIBLE_DEVICES`` to them ("0" or "2,3") and yield that. On exit the previous
+    ``CUDA_VISIBLE_DEVICES`` is restored and the locks released.
     """
+    if count < 0:
+        raise ValueError(f"claim_gpu: count must be >= 0, got {count}")
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         raise RuntimeError(
             "claim_gpu: CUDA is already initialized in this process; "
             "claim the GPU before the first CUDA call"
         )
+    if count == 0:
+        yield None
+        return
     if under_slurm(environ):
         yield environ.get(VISIBLE_ENV) or None
         return
@@ -129,26 +144,29 @@ def claim_gpu(
     if not pool:
         yield None
         return
+    if count > len(pool):
+        raise ValueError(f"claim_gpu: {count} GPUs requested per trial, but this machine offers {len(pool)}: {pool}")
 
     lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir(environ)
     lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
-    while (claim := _lock_first_free(pool, lock_dir)) is None:
+    while (held := _lock_free(pool, lock_dir, count)) is None:
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(
-                f"claim_gpu: no free GPU among {pool} after {timeout_seconds} s "
+                f"claim_gpu: fewer than {count} free GPU(s) among {pool} after {timeout_seconds} s "
                 f"(locks in {lock_dir})"
             )
         time.sleep(poll_seconds)
-    device, fd = claim
 
     previous = environ.get(VISIBLE_ENV)
-    environ[VISIBLE_ENV] = device
+    devices = ",".join(device for device, _ in held)
+    environ[VISIBLE_ENV] = devices
     try:
-        yield device
+        yield devices
     finally:
         if previous is None:
             environ.pop(VISIBLE_ENV, None)
         else:
             environ[VISIBLE_ENV] = previous
-        os.close(fd)  # closing the descriptor releases the flock
+        for _, fd in held:
+            os.close(fd)  # closing the descriptor releases the flock

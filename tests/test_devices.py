@@ -82,7 +82,7 @@ def test_killed_holder_releases_its_gpu(tmp_path):
     holder = start_worker(tmp_path, 60, local_env(LORATUNE_GPUS="1"))
     assert json.loads(holder.stdout.readline())["device"] == "0"
     env = local_env(LORATUNE_GPUS="1")
-    with pytest.raises(TimeoutError, match="no free GPU among"):
+    with pytest.raises(TimeoutError, match="fewer than 1 free GPU"):
         with claim_gpu(lock_dir=tmp_path, poll_seconds=0.05, timeout_seconds=0.3, environ=env):
             pass
     holder.send_signal(signal.SIGKILL)
@@ -96,8 +96,9 @@ def test_killed_holder_releases_its_gpu(tmp_path):
 def test_user_visible_devices_restrict_the_pool(tmp_path):
     env = local_env(CUDA_VISIBLE_DEVICES="3, GPU-5e1f")
     assert local_pool(env) == ["3", "GPU-5e1f"]
+    other_process_env = dict(env)
     with claim_gpu(lock_dir=tmp_path, environ=env) as first:
-        with claim_gpu(lock_dir=tmp_path, environ=dict(env)) as second:
+        with claim_gpu(lock_dir=tmp_path, timeout_seconds=0, environ=other_process_env) as second:
             assert (first, second) == ("3", "GPU-5e1f")
         assert env["CUDA_VISIBLE_DEVICES"] == "3"
     assert env["CUDA_VISIBLE_DEVICES"] == "3, GPU-5e1f"
@@ -113,11 +114,31 @@ def test_slurm_choice_is_kept_and_no_lock_is_taken(tmp_path):
         assert device is None  # a Slurm job without a GPU
 
 
-def test_cpu_only_machine_yields_none(tmp_path):
+def test_cpu_only_machine_and_cpu_trials_yield_none(tmp_path):
     env = local_env(LORATUNE_GPUS="0")
     with claim_gpu(lock_dir=tmp_path, environ=env) as device:
         assert device is None
         assert "CUDA_VISIBLE_DEVICES" not in env
+    env = local_env(LORATUNE_GPUS="2")
+    with claim_gpu(0, lock_dir=tmp_path, environ=env) as device:
+        assert device is None
+        assert "CUDA_VISIBLE_DEVICES" not in env
+    assert not list(tmp_path.iterdir())  # a CPU trial takes no lock
+
+
+def test_multi_gpu_claims_are_all_or_nothing(tmp_path):
+    env = local_env(LORATUNE_GPUS="3")
+    with claim_gpu(2, lock_dir=tmp_path, environ=env) as devices:
+        assert devices == env["CUDA_VISIBLE_DEVICES"] == "0,1"
+        with pytest.raises(TimeoutError, match="fewer than 2 free GPU"):
+            with claim_gpu(2, lock_dir=tmp_path, timeout_seconds=0, environ=local_env(LORATUNE_GPUS="3")):
+                pass
+        # The failed claim let go of GPU 2 again.
+        with claim_gpu(1, lock_dir=tmp_path, timeout_seconds=0, environ=local_env(LORATUNE_GPUS="3")) as last:
+            assert last == "2"
+    with pytest.raises(ValueError, match="4 GPUs requested per trial, but this machine offers 3"):
+        with claim_gpu(4, lock_dir=tmp_path, environ=env):
+            pass
 
 
 def test_gpu_count_validates_the_environment():

@@ -106,8 +106,9 @@ def test_same_proposals_in_a_fresh_process_and_other_seeds_differ(space, tmp_pat
     reread = pd.read_json(history_file, orient="records")
 
     here = make_proposer("gptune", space=space, objectives=TWO, seed=5).propose(reread, 3)
+    arguments = [json.dumps(STUDY_SPACE), str(history_file), json.dumps(TWO)]
     out = subprocess.run(
-        [sys.executable, "-c", PROPOSE_IN_SUBPROCESS, json.dumps(STUDY_SPACE), str(history_file), json.dumps(TWO)],
+        [sys.executable, "-c", PROPOSE_IN_SUBPROCESS, *arguments],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -215,13 +215,20 @@ def test_grid_spreads_its_first_points():
         (lambda s: make_proposer("random", s, OBJECTIVES, foo=1), "proposer.random: unknown option 'foo'"),
         (lambda s: make_proposer("grid", s, OBJECTIVES, levels_per_dim=0), "proposer.grid.levels_per_dim"),
         (lambda s: make_proposer("random", s, OBJECTIVES, seed=-1), "seed"),
-        (lambda s: make_proposer("gptune", s, OBJECTIVES, population_size=10), "proposer.gptune.population_size"),
-        (lambda s: make_proposer("gptune", s, OBJECTIVES, restarts=2), "proposer.gptune: unknown option 'restarts'"),
+        (
+            lambda s: make_proposer("gptune", s, OBJECTIVES, population_size=10),
+            "proposer.gptune.population_size",
+        ),
+        (
+            lambda s: make_proposer("gptune", s, OBJECTIVES, restarts=2),
+            "proposer.gptune: unknown option 'restarts'",
+        ),
         (lambda s: make_proposer("random", s, OBJECTIVES).propose(None, -1), "n:"),
         (lambda s: make_proposer("random", s, OBJECTIVES).propose(None, 2.5), "n:"),
         (
             lambda s: make_proposer("random", s, {"loss": "min"}).propose(
-                pd.DataFrame([{"lora_rank": 8, "lora_alpha": 16, "learning_rate": 1e-4, "train_loss": 1.0}]), 1
+                pd.DataFrame([{"lora_rank": 8, "lora_alpha": 16, "learning_rate": 1e-4, "train_loss": 1}]),
+                1,
             ),
             "history: no column 'loss'",
         ),

@@ -28,6 +28,9 @@ __all__ = [
     "History",
     "Proposer",
     "make_proposer",
+    "positive_int",
+    "random_new_points",
+    "space_filling_new_points",
     "split_history",
     "validate_objectives",
 ]
@@ -94,6 +97,10 @@ def split_history(
     for column in [*space.tunable_names, *names]:
         if column not in history.columns:
             raise ValueError(f"history: no column {column!r} (columns: {list(history.columns)})")
+    for column in space.tunable_names:
+        missing = history[column].isna().to_numpy()
+        if missing.any():
+            raise ValueError(f"history: row {int(np.argmax(missing))} has no value for {column!r}")
 
     values = history[names].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     ok = np.isfinite(values).all(axis=1)

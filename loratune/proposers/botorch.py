@@ -108,19 +108,22 @@ class BotorchProposer(Proposer):
         return points
 
     def _fit(self, X, Y):
-        """One GP per objective (a batched ``SingleTaskGP``), outputs standardized."""
+        """One GP per objective, its output standardized (and its inputs warped, if set)."""
         from botorch.fit import fit_gpytorch_mll
-        from botorch.models import SingleTaskGP
+        from botorch.models import ModelListGP, SingleTaskGP
         from botorch.models.transforms.input import Warp
         from botorch.models.transforms.outcome import Standardize
         from gpytorch.mlls import ExactMarginalLogLikelihood
 
-        warp = None
-        if self.options.input_warping:
-            warp = Warp(d=X.shape[-1], indices=list(range(X.shape[-1])), batch_shape=_batch(Y))
-        model = SingleTaskGP(X, Y, outcome_transform=Standardize(m=Y.shape[-1]), input_transform=warp)
-        fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
-        return model
+        models = []
+        for column in range(Y.shape[-1]):
+            warp = Warp(d=X.shape[-1], indices=list(range(X.shape[-1]))) if self.options.input_warping else None
+            model = SingleTaskGP(
+                X, Y[:, [column]], outcome_transform=Standardize(m=1), input_transform=warp
+            )
+            fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+            models.append(model)
+        return models[0] if len(models) == 1 else ModelListGP(*models)
 
     def _search(
         self,
@@ -208,13 +211,6 @@ def _reference_point(Y_max: np.ndarray) -> np.ndarray:
     overall = Y_max.max(axis=0) - Y_max.min(axis=0)
     span = np.where(span > 0, span, np.where(overall > 0, overall, 1.0))
     return nadir - 0.1 * span
-
-
-def _batch(Y):
-    import torch
-
-    # A batched SingleTaskGP has one model (and one warping) per output column.
-    return torch.Size([Y.shape[-1]]) if Y.shape[-1] > 1 else torch.Size([])
 
 
 class _Lattice:

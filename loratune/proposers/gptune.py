@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -84,10 +85,13 @@ def _import_gptune() -> dict[str, Any]:
 @contextlib.contextmanager
 def _quiet_single_threaded() -> Iterator[None]:
     """GPTune and GPy print progress, and stdout may be a workflow's data channel: send it
-    to stderr. One BLAS thread: on the tiny, ill-conditioned covariance matrices of a GP
-    with near-zero noise, multithreaded OpenBLAS made a fit 30x slower (2.7 s vs 0.1 s for
-    30 points), and a single thread also keeps the float results the same from run to run."""
-    with contextlib.redirect_stdout(sys.stderr), threadpool_limits(limits=1):
+    to stderr. GPy's random restarts start from extreme hyperparameters, whose overflow
+    warnings are expected (such a restart just loses) and would only flood the log. One BLAS
+    thread: on the tiny, ill-conditioned covariance matrices of a GP with near-zero noise,
+    multithreaded OpenBLAS made a fit 30x slower (2.7 s vs 0.1 s for 30 points), and a
+    single thread also keeps the float results the same from run to run."""
+    with contextlib.redirect_stdout(sys.stderr), threadpool_limits(limits=1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         yield
 
 
@@ -158,8 +162,8 @@ class GPTuneProposer(Proposer):
     @dataclass(frozen=True)
     class Options:
         # NSGA-II population / particle swarm size; NSGA-II needs a multiple of 4.
-        population_size: int = 40
-        generations: int = 40
+        population_size: int = 64
+        generations: int = 50
         # GPy hyperparameter fits per objective: the first starts from GPy's defaults, the
         # others from seeded random values; the best likelihood wins.
         gp_restarts: int = 2
@@ -223,10 +227,17 @@ class GPTuneProposer(Proposer):
 class _Gptune:
     """GPTune's ``Problem``, ``Data``, models and ``SurrogateProblem`` for one proposal."""
 
-    def __init__(self, modules: dict[str, Any], space: SearchSpace, objectives: list[str], options) -> None:
+    def __init__(
+        self,
+        modules: dict[str, Any],
+        space: SearchSpace,
+        objectives: list[str],
+        options: GPTuneProposer.Options,
+    ) -> None:
         self.modules = modules
         self.space = space
-        self.settings = options
+        self.population_size = options.population_size
+        self.generations = options.generations
         tuning = _autotune.TuningProblem(
             # GPTune tunes per task; a proposal is for one task, given by a dummy coordinate.
             _autotune.Space([_autotune.Real(0.0, 1.0, transform="normalize", name="task")]),
@@ -337,9 +348,9 @@ class _Gptune:
             self.problem, self.computer, self.data, models, self.options, tid=0
         )
         make = pg.nsga2 if self.options["search_algo"] == "nsga2" else pg.pso
-        algorithm = pg.algorithm(make(gen=self.settings.generations, seed=int(rng.integers(2**31))))
+        algorithm = pg.algorithm(make(gen=self.generations, seed=int(rng.integers(2**31))))
         population = pg.population(
-            pg.problem(surrogate), size=self.settings.population_size, seed=int(rng.integers(2**31))
+            pg.problem(surrogate), size=self.population_size, seed=int(rng.integers(2**31))
         )
         return algorithm.evolve(population)
 

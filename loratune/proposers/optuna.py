@@ -1,0 +1,208 @@
+"""Optuna's samplers as a proposer: the history is replayed into a fresh in-memory study,
+then the sampler is asked for new trials.
+
+Each proposal builds a study from scratch (so it depends on nothing but its inputs): every
+ok row of the history becomes a COMPLETE trial with its values (``max`` objectives negated,
+so every direction is ``minimize``), every failed row a FAIL trial with its parameters. The
+asked trials stay RUNNING while the batch is built, so TPE's constant liar and the GP
+sampler's pending-point acquisition spread a batch out instead of repeating one point.
+
+Parameters keep the encoding that every other proposer's model sees: stepped integers as
+integers on their step (or, for a log-scaled stepped integer, which Optuna cannot express,
+as its unit coordinate), numeric choices as an ordinal index (alpha 4..256 is an ordered
+scale, which a categorical distribution would throw away), other choices as categories,
+floats on their (log) range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from loratune.proposers.base import (
+    History,
+    Point,
+    Proposer,
+    positive_int,
+    space_filling_new_points,
+)
+from loratune.space import ChoiceParam, FloatParam, IntParam, SearchSpace
+
+__all__ = ["OptunaProposer", "SAMPLERS"]
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "gp", "nsga2")
+# Asks per wanted point before the batch gives up on the sampler (it keeps landing on taken
+# points) and the base class tops it up with random points.
+_ASKS_PER_POINT = 4
+
+
+class OptunaProposer(Proposer):
+    """Optuna's TPE (its default), GP or NSGA-II sampler, driven through ask/tell."""
+
+    name = "optuna"
+
+    @dataclass(frozen=True)
+    class Options:
+        sampler: str = "tpe"
+        # NSGA-II only: trials per generation. Optuna's default of 50 would leave a study of
+        # a few dozen trials in its random first generation.
+        population_size: int = 8
+        # Fewer distinct successful points than this: a space-filling design instead (the
+        # samplers' own start-up phase is plain random sampling, so it is skipped).
+        min_points: int = 2
+
+        def __post_init__(self) -> None:
+            if self.sampler not in SAMPLERS:
+                raise ValueError(
+                    f"proposer.optuna.sampler: unknown {self.sampler!r}; choose one of {list(SAMPLERS)}"
+                )
+            positive_int("optuna", "population_size", self.population_size, minimum=2)
+            positive_int("optuna", "min_points", self.min_points, minimum=1)
+
+    def _candidates(self, history: History, n: int, rng: np.random.Generator) -> list[Point]:
+        distinct = len(np.unique(history.X_unit, axis=0)) if len(history.X_unit) else 0
+        if distinct < self.options.min_points:
+            log.info("optuna: %d distinct ok point(s); proposing a space-filling random design", distinct)
+            return space_filling_new_points(self.space, n, history.evaluated, rng)
+
+        import optuna
+
+        encoding = _Encoding(self.space)
+        sampler = self._sampler(int(rng.integers(2**31)))
+        with _quiet():
+            study = optuna.create_study(directions=["minimize"] * len(self.objectives), sampler=sampler)
+            study.add_trials(self._replay(history, encoding, sampler))
+            taken = {self.space.key(p) for p in history.evaluated}
+            chosen: list[Point] = []
+            for _ in range(_ASKS_PER_POINT * n):
+                trial = study.ask(encoding.distributions)
+                point = encoding.point(trial.params)
+                key = self.space.key(point)
+                # A repeat stays RUNNING: one more pending point for the sampler to avoid.
+                if key not in taken:
+                    taken.add(key)
+                    chosen.append(point)
+                    if len(chosen) == n:
+                        break
+        log.info("optuna (%s): %d ok trials, %d proposal(s)", self.options.sampler, len(history.ok_points), len(chosen))
+        return chosen
+
+    def _sampler(self, seed: int):
+        import optuna
+
+        if self.options.sampler == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=0)
+        if self.options.sampler == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=0)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.options.population_size)
+
+    def _replay(self, history: History, encoding: "_Encoding", sampler) -> list:
+        """The history as finished trials: ok rows COMPLETE with their minimization values,
+        failed rows FAIL. NSGA-II rebuilds its generations from a system attribute, so ok
+        trials are assigned to generations of ``population_size`` in history order."""
+        import optuna
+        from optuna.trial import TrialState
+
+        generation_key = getattr(sampler, "_get_generation_key", None)
+        ok_keys = [self.space.key(p) for p in history.ok_points]
+        trials, next_ok = [], 0
+        for point in history.evaluated:
+            params = encoding.params(point)
+            # ok_points is the ok subsequence of evaluated, in order.
+            if next_ok < len(ok_keys) and self.space.key(point) == ok_keys[next_ok]:
+                attrs = {}
+                if generation_key is not None:
+                    attrs[generation_key()] = next_ok // self.options.population_size
+                trials.append(
+                    optuna.trial.create_trial(
+                        state=TrialState.COMPLETE,
+                        values=history.Y_min[next_ok].tolist(),
+                        params=params,
+                        distributions=encoding.distributions,
+                        system_attrs=attrs,
+                    )
+                )
+                next_ok += 1
+            else:
+                trials.append(
+                    optuna.trial.create_trial(
+                        state=TrialState.FAIL, params=params, distributions=encoding.distributions
+                    )
+                )
+        return trials
+
+
+class _Encoding:
+    """Optuna distributions for the tunable parameters, and the maps to and from points."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+        self.distributions: dict[str, Any] = {}
+        self._to_optuna: dict[str, Callable[[Any], Any]] = {}
+        self._from_optuna: dict[str, Callable[[Any], Any]] = {}
+        for param in space.tunable:
+            self._add(param)
+
+    def _add(self, param) -> None:
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        name = param.name
+        identity = lambda value: value  # noqa: E731
+        if isinstance(param, IntParam) and not (param.log and param.step > 1):
+            self.distributions[name] = IntDistribution(param.low, param.high, step=param.step, log=param.log)
+            self._to_optuna[name], self._from_optuna[name] = int, identity
+        elif isinstance(param, IntParam):
+            self.distributions[name] = FloatDistribution(0.0, 1.0)
+            self._to_optuna[name], self._from_optuna[name] = param.to_unit, param.from_unit
+        elif isinstance(param, ChoiceParam) and all(_is_number(v) for v in param.values):
+            self.distributions[name] = IntDistribution(0, len(param.values) - 1)
+            self._to_optuna[name] = param.index
+            self._from_optuna[name] = lambda index, values=param.values: values[int(index)]
+        elif isinstance(param, ChoiceParam):
+            self.distributions[name] = CategoricalDistribution(list(param.values))
+            self._to_optuna[name], self._from_optuna[name] = param.snap, identity
+        elif isinstance(param, FloatParam):
+            self.distributions[name] = FloatDistribution(param.low, param.high, log=param.log)
+            self._to_optuna[name], self._from_optuna[name] = float, identity
+        else:  # pragma: no cover - SearchSpace.tunable holds only the kinds above
+            raise TypeError(f"search_space.{name}: no Optuna encoding for {type(param).__name__}")
+
+    def params(self, point: Point) -> dict[str, Any]:
+        return {name: encode(point[name]) for name, encode in self._to_optuna.items()}
+
+    def point(self, params: dict[str, Any]) -> Point:
+        return self.space.snap({name: decode(params[name]) for name, decode in self._from_optuna.items()})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Optuna logs each study and trial at INFO and warns about experimental features; a
+    proposal is a library call whose stdout/stderr may be a workflow's data channel, so
+    only its errors get through, and warnings go to this module's debug log."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for warning in caught:
+        log.debug("optuna: %s: %s", warning.category.__name__, warning.message)

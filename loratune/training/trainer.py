@@ -1,0 +1,394 @@
+"""One trial: LoRA or QLoRA fine-tuning of a base model on prepared data, and its metrics.
+
+The loop is our own and reads top to bottom (after nanoGPT's train.py): AdamW on the LoRA
+weights, a warmup + cosine/linear/constant schedule, gradient accumulation with the loss
+normalized by the step's completion tokens, gradient clipping. Keeping it in our hands leaves
+room for packing and fused kernels later.
+
+Failures of the trial itself (out of memory, a NaN loss, any exception while loading or
+training) are results: ``run_trial`` returns them with ``status: failed``. Bad settings are not:
+they raise before any training starts.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import logging
+import math
+import re
+import resource
+import shutil
+import socket
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from loratune.training.data import IGNORE_INDEX, TokenizedExample, read_prepared, tokenize_examples
+from loratune.training.models import (
+    add_lora,
+    load_base_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_compute_dtype,
+    resolve_device,
+)
+from loratune.training.settings import LoraHyperparameters, TrainingSettings, resolve_trial
+
+log = logging.getLogger(__name__)
+
+# Libraries whose versions go into every trial's provenance.
+PROVENANCE_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
+
+
+class LossDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Progress:
+    """What the loop has done so far; it outlives a failure, so a failed trial still shows how far it got."""
+
+    loss_curve: list[float] = field(default_factory=list)
+    train_tokens: int = 0
+    train_time: float = 0.0
+
+
+# ---- schedule and batches --------------------------------------------------------------
+def plan_steps(settings: TrainingSettings, n_train: int) -> int:
+    """Optimizer steps of a trial: ``max_steps``, or ``epochs`` passes over ``n_train`` examples."""
+    if settings.max_steps is not None:
+        return settings.max_steps
+    examples_per_step = settings.batch_size * settings.gradient_accumulation
+    return max(1, math.ceil(settings.epochs * n_train / examples_per_step))
+
+
+def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str) -> float:
+    """Multiplier of the peak learning rate at 0-based ``step``.
+
+    Warmup rises linearly to the peak and never starts at 0 (a wasted step in a 40-step trial);
+    the decay ends just above 0 at the last step.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if scheduler == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def micro_batches(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Example indices, batch by batch, reshuffled every epoch, without end."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n_examples, generator=generator).tolist()
+        for start in range(0, n_examples, batch_size):
+            yield order[start : start + batch_size]
+
+
+def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; padding has attention mask 0 and label IGNORE_INDEX."""
+    width = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        input_ids[row, :length] = torch.tensor(example.input_ids)
+        labels[row, :length] = torch.tensor(example.labels)
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": attention_mask.to(device)}
+
+
+# ---- forward, train, evaluate ----------------------------------------------------------
+def summed_token_loss(model, batch: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Cross-entropy summed over the batch's label tokens (the caller divides by their count).
+
+    Summing lets gradient accumulation weight every completion token equally, however the
+    tokens fall across micro-batches.
+    """
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Position t predicts token t+1.
+    predicted = logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(
+        predicted.reshape(-1, predicted.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def require_lora_gradients(model) -> None:
+    """Fail loudly when the LoRA weights got no gradient.
+
+    On CPUs with AVX512-BF16, a no-grad eval forward of a 4-bit model before training makes
+    bitsandbytes repack its weights; every LoRA gradient is None afterwards and the loss stays
+    flat, with only a warning in the log. This check turns that into a failed trial.
+    """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    missing = [name for name, p in trainable if p.grad is None]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} of {len(trainable)} LoRA weights got no gradient (e.g. {missing[0]}); "
+            "was the 4-bit model run in eval mode before training?"
+        )
+
+
+def train(
+    model,
+    examples: Sequence[TokenizedExample],
+    settings: TrainingSettings,
+    lora: LoraHyperparameters,
+    *,
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    progress: Progress,
+) -> None:
+    """Train the LoRA weights of ``model`` in place, recording into ``progress``."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lora.learning_rate, weight_decay=settings.weight_decay)
+    total_steps = plan_steps(settings, len(examples))
+    warmup_steps = math.floor(settings.warmup_ratio * total_steps)
+    batches = micro_batches(len(examples), settings.batch_size, seed)
+    model.train()
+    started = time.perf_counter()
+    with tqdm(total=total_steps, desc="train", unit="step", file=sys.stderr, ncols=100) as bar:
+        for step in range(total_steps):
+            learning_rate = lora.learning_rate * learning_rate_factor(step, total_steps, warmup_steps, settings.scheduler)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+            micro = [[examples[i] for i in next(batches)] for _ in range(settings.gradient_accumulation)]
+            loss_tokens = sum(example.loss_tokens for batch in micro for example in batch)
+            summed_loss = 0.0
+            for batch_examples in micro:
+                batch = collate(batch_examples, pad_id, device)
+                loss = summed_token_loss(model, batch, dtype)
+                (loss / loss_tokens).backward()
+                summed_loss += loss.item()
+                progress.train_tokens += int(batch["attention_mask"].sum())
+            step_loss = summed_loss / loss_tokens
+            if not math.isfinite(step_loss):
+                raise LossDiverged(f"loss became {'NaN' if math.isnan(step_loss) else 'inf'} at step {step + 1}")
+            if step == 0:
+                require_lora_gradients(model)
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.loss_curve.append(step_loss)
+            progress.train_time = time.perf_counter() - started
+            tokens_per_second = progress.train_tokens / progress.train_time
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
+            bar.update()
+            if (step + 1) % settings.log_every == 0 or step + 1 == total_steps:
+                bar.write(
+                    f"step {step + 1}/{total_steps} loss {step_loss:.4f} lr {learning_rate:.3g} "
+                    f"{tokens_per_second:.0f} tok/s",
+                    file=sys.stderr,
+                )
+
+
+@torch.no_grad()
+def evaluate(
+    model, examples: Sequence[TokenizedExample], batch_size: int, *, pad_id: int, device: torch.device, dtype: torch.dtype
+) -> float:
+    """Mean cross-entropy per completion token over ``examples``.
+
+    Call it after training only: on the CPU, an eval forward of a 4-bit model before training
+    breaks the LoRA gradients (see ``require_lora_gradients``).
+    """
+    model.eval()
+    # Similar lengths side by side: less padding, same mean.
+    ordered = sorted(examples, key=lambda example: len(example.input_ids))
+    summed_loss, loss_tokens = 0.0, 0
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start : start + batch_size]
+        summed_loss += summed_token_loss(model, collate(chunk, pad_id, device), dtype).item()
+        loss_tokens += sum(example.loss_tokens for example in chunk)
+    return summed_loss / loss_tokens
+
+
+def save_adapter(model, target: Path) -> None:
+    """Save the LoRA adapter to ``target`` through a scratch folder, so it is complete or absent."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        model.save_pretrained(scratch)
+        if target.exists():
+            shutil.rmtree(target)
+        scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ---- one trial -------------------------------------------------------------------------
+def _library_versions() -> dict[str, str | None]:
+    from loratune import __version__
+
+    versions: dict[str, str | None] = {}
+    for name in PROVENANCE_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["loratune"] = __version__
+    return versions
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: the most memory torch allocated; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def _one_line(error: BaseException) -> str:
+    message = re.sub(r"\s+", " ", str(error)).strip()
+    return f"{type(error).__name__}: {message}"
+
+
+def run_trial(
+    hparams: Mapping[str, Any],
+    settings: TrainingSettings | Mapping[str, Any],
+    model_path: str,
+    data_dir: str | Path,
+    output_dir: str | Path,
+    seed: int = 0,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune ``model_path`` with LoRA ``hparams`` on the data in ``data_dir``; return the metrics.
+
+    ``hparams`` holds ``lora_rank``, ``lora_alpha``, ``learning_rate`` and optionally
+    ``lora_dropout``; a key named like a training setting overrides it for this trial. The
+    adapter goes to ``output_dir``/adapter when ``settings.keep_adapter``. ``revision`` and
+    ``trust_remote_code`` apply to a hub model. Raises on bad settings or data; a failure of
+    the training itself comes back as ``status: failed``.
+    """
+    job_started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if not isinstance(settings, TrainingSettings):
+        settings = TrainingSettings(**settings)
+    lora, settings = resolve_trial(hparams, settings)
+    data = read_prepared(data_dir)
+    device = resolve_device(settings.device)
+    dtype = resolve_compute_dtype(settings.compute_dtype, device)
+    checkpointing = device.type == "cuda" if settings.gradient_checkpointing == "auto" else settings.gradient_checkpointing
+    tokenizer = load_tokenizer(model_path, revision=revision, trust_remote_code=trust_remote_code)
+    train_set = [e for e in tokenize_examples(tokenizer, data.train, settings.max_seq_length) if e.loss_tokens]
+    eval_set = [e for e in tokenize_examples(tokenizer, data.eval, settings.max_seq_length) if e.loss_tokens]
+    if not train_set:
+        raise ValueError(
+            f"training.max_seq_length: {settings.max_seq_length} tokens leave no completion token "
+            f"in any of the {len(data.train)} training examples"
+        )
+    metrics: dict[str, Any] = {
+        "status": "failed",
+        "error": None,
+        "train_loss": None,
+        "final_train_loss": None,
+        "eval_loss": None,
+        "train_time": None,
+        "job_time": None,
+        "tokens_per_second": None,
+        "train_tokens": 0,
+        "eval_tokens": sum(e.loss_tokens for e in eval_set),
+        "steps": 0,
+        "peak_memory_gib": None,
+        "trainable_params": None,
+        "total_params": None,
+        "n_train_examples": len(train_set),
+        "n_eval_examples": len(eval_set),
+        "device": device.type,
+        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "quantization": settings.quantization,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "gradient_checkpointing": checkpointing,
+        "started_at": started_at,
+        "hparams": asdict(lora),
+        "settings": asdict(settings),
+        "loss_curve": [],
+        "provenance": {
+            **model_fingerprint(model_path),
+            "dataset_sha256": data.manifest.get("data_sha256"),
+            "dataset_source_sha256": data.manifest.get("source_sha256"),
+            "libraries": _library_versions(),
+            "seed": seed,
+            "hostname": socket.gethostname(),
+        },
+    }
+    log.info(
+        "trial: %s on %s (%s, %s), %d train / %d eval examples",
+        asdict(lora), device, settings.quantization, metrics["compute_dtype"], len(train_set), len(eval_set),
+    )
+    progress = Progress()
+    model = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        from transformers import set_seed
+
+        set_seed(seed)
+        model = load_base_model(
+            model_path,
+            quantization=settings.quantization,
+            dtype=dtype,
+            device=device,
+            gradient_checkpointing=checkpointing,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
+        model = add_lora(
+            model, rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
+            target_modules=settings.target_modules,
+        )
+        metrics["trainable_params"], metrics["total_params"] = model.get_nb_trainable_parameters()
+        train(
+            model, train_set, settings, lora,
+            pad_id=tokenizer.pad_token_id, device=device, dtype=dtype, seed=seed, progress=progress,
+        )
+        if eval_set:
+            metrics["eval_loss"] = evaluate(
+                model, eval_set, settings.eval_batch_size, pad_id=tokenizer.pad_token_id, device=device, dtype=dtype
+            )
+        if settings.keep_adapter:
+            save_adapter(model, Path(output_dir) / "adapter")
+        curve = progress.loss_curve
+        tail = max(1, math.ceil(0.1 * len(curve)))
+        metrics.update(
+            status="ok",
+            train_loss=sum(curve) / len(curve),
+            final_train_loss=sum(curve[-tail:]) / tail,
+            train_time=progress.train_time,
+            tokens_per_second=progress.train_tokens / progress.train_time,
+        )
+    except Exception as error:  # the trial failed; the study goes on (see the module docstring)
+        log.error("trial failed:\n%s", traceback.format_exc())
+        metrics["status"], metrics["error"] = "failed", _one_line(error)
+    finally:
+        metrics.update(
+            steps=len(progress.loss_curve),
+            loss_curve=list(progress.loss_curve),
+            train_tokens=progress.train_tokens,
+            peak_memory_gib=peak_memory_gib(device),
+        )
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    metrics["job_time"] = time.perf_counter() - job_started
+    return metrics
