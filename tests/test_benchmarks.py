@@ -42,7 +42,7 @@ def point(rank, alpha, lr):
 
 
 def test_registry_and_unknown_problem(space):
-    assert list(PROBLEMS) == ["zdt1", "zdt2", "dtlz2", "lora_surrogate"]
+    assert {"zdt1", "zdt2", "dtlz2", "lora_surrogate"} <= set(PROBLEMS)
     with pytest.raises(ValueError, match=r"benchmark\.problem: unknown 'zdt7'"):
         evaluate("zdt7", space, point(8, 16, 1e-3), TWO)
     with pytest.raises(ValueError, match=r"benchmark\.noise"):

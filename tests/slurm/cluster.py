@@ -64,7 +64,7 @@ def unavailable_reason(install: bool = True) -> str | None:
         return "the munge user does not exist (the munge package creates it)"
     if SLURM_CONF.exists() and MARKER not in SLURM_CONF.read_text():
         return f"{SLURM_CONF} belongs to a real Slurm installation; not replacing it"
-    if running := _running_daemons():
+    if running := running_daemons():
         return f"Slurm daemons already running on this machine: {running}"
     return None
 
@@ -73,7 +73,7 @@ def _missing_programs() -> list[str]:
     return [program for program in REQUIRED_PROGRAMS if shutil.which(program) is None]
 
 
-def _running_daemons() -> list[str]:
+def running_daemons() -> list[str]:
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
