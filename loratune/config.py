@@ -22,6 +22,11 @@ __all__ = ["ConfigError", "Study", "load_schema", "validate_config", "ARM_NAME_P
 
 ARM_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9-]*"
 RESERVED_ARM_NAMES = {"pilot", "trials", "data", "plots", "gptune_db"}
+# Numeric metrics that every qlora trial records in its metrics.json: the possible objectives.
+TRIAL_METRICS = (
+    "train_loss", "final_train_loss", "eval_loss", "train_time", "job_time",
+    "tokens_per_second", "train_tokens", "peak_memory_gib", "trainable_params", "steps",
+)
 
 
 class ConfigError(ValueError):
@@ -110,8 +115,6 @@ def _check_objectives(config: dict, space: SearchSpace) -> None:
                         f"choose from {sorted(metric_names)}"
                     )
         return
-    from loratune.training import TRIAL_METRICS
-
     for name in objectives:
         if name not in TRIAL_METRICS:
             raise ConfigError(

@@ -54,6 +54,7 @@ def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
         return 0
     probe = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+        env=dict(environ),
         capture_output=True,
         text=True,
         timeout=120,

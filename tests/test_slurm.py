@@ -25,10 +25,8 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, SNAKEMAKE, load_test_config, run_workflow, write_config
-from slurm.cluster import SlurmCluster, running_daemons, unavailable_reason
+from slurm.cluster import SlurmCluster, running_daemons, unavailable_reason, wait_until
 from slurm.site_profile import WAVE_PROFILE, write_test_profile
-
-pytestmark = pytest.mark.slurm
 
 STUDY = "slurm-study"
 OUT = Path("results") / STUDY
@@ -41,9 +39,9 @@ def study_config() -> dict:
     config.update(
         study=STUDY,
         seeds=[0],
-        # peak memory 24.1 GiB + 0.039 GiB per rank: ranks above ~125 "run out of memory"
+        # peak memory 24.1 GiB + 0.039 GiB per rank: ranks above ~175 "run out of memory"
         # and are recorded as failed trials.
-        benchmark={"problem": "lora_surrogate", "noise": 0.0, "memory_limit_gib": 29.0},
+        benchmark={"problem": "lora_surrogate", "noise": 0.0, "memory_limit_gib": 31.0},
         objectives={"train_loss": "min", "train_time": "min"},
         pilot={"design": "lhs", "n": 3},
         arms={
@@ -63,7 +61,7 @@ def cluster():
         pytest.skip(reason)
     with SlurmCluster() as running:
         yield running
-    assert not running_daemons(), "the test cluster left daemons behind"
+    wait_until(lambda: not running_daemons(), 15, "no Slurm daemon left after the cluster stopped")
 
 
 def snakemake_command(workdir: Path, configfile: Path, profile: Path, *args: str) -> list[str]:
@@ -85,6 +83,10 @@ def trial_metrics(workdir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in (workdir / OUT).glob("seed0/trials/*/metrics.json")}
 
 
+def path_mtime(workdir: Path, trial: str) -> int:
+    return (workdir / OUT / "seed0" / "trials" / trial / "metrics.json").stat().st_mtime_ns
+
+
 def proposed_trials(workdir: Path) -> set[str]:
     ids = set()
     for proposals in (workdir / OUT).glob("seed0/*/round*/proposals.tsv"):
@@ -101,16 +103,8 @@ def dry_run_trials(output: str) -> set[str]:
     return trials
 
 
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.3):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"{what} within {timeout_s} s")
-
-
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_study_on_slurm_retries_resumes_and_matches_a_local_run(cluster, tmp_path):
     configfile = write_config(tmp_path / "study.yaml", study_config())
     profile = write_test_profile(tmp_path / "profile")
@@ -125,43 +119,45 @@ def test_study_on_slurm_retries_resumes_and_matches_a_local_run(cluster, tmp_pat
     with open(head_log, "w") as log:
         head = subprocess.Popen(snakemake_command(workdir, configfile, profile), cwd=workdir,
                                 stdout=log, stderr=subprocess.STDOUT)
-    side_by_side: list[set[str]] = []  # Slurm ids of train jobs seen running at one moment
+    side_by_side: set[frozenset[str]] = set()  # Slurm ids of train jobs seen running at one moment
     cancelled_pending = None
+
+    def diagnostics() -> str:
+        return f"--- head\n{head_log.read_text()[-4000:]}\n{cluster.log_tail()}"
+
+    # Phase 1: cancel a trial job waiting for a GPU, then kill the head while trials run.
     try:
-        # Phase 1: cancel a trial job waiting for a GPU, then kill the head while trials run.
-        deadline = time.monotonic() + 200
+        deadline = time.monotonic() + 240
         while True:
-            assert head.poll() is None, f"head exited early:\n{head_log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"phase 1 timed out:\n{head_log.read_text()[-4000:]}"
+            assert head.poll() is None, f"head exited early\n{diagnostics()}"
+            assert time.monotonic() < deadline, f"phase 1 timed out\n{diagnostics()}"
             jobs = train_jobs(cluster)
             running = {j["id"] for j in jobs if j["state"] == "RUNNING"}
             if len(running) > 1:
-                side_by_side.append(running)
+                side_by_side.add(frozenset(running))
             pending = [j for j in jobs if j["state"] == "PENDING"]
             if cancelled_pending is None and pending:
                 cancelled_pending = pending[0]
                 subprocess.run(["scancel", cancelled_pending["id"]], check=True, timeout=10)
             retried = cancelled_pending and (workdir / OUT / "seed0/trials" / cancelled_pending["trial"]
                                              / "metrics.json").exists()
-            if retried and running and len([j for j in jobs if j["state"] in ("RUNNING", "PENDING")]) > 1:
+            if retried and running and len(running) + len(pending) > 1:
                 break
             time.sleep(0.3)
-        head.send_signal(signal.SIGKILL)
-        head.wait(timeout=30)
     finally:
-        if head.poll() is None:
-            head.kill()
-            head.wait(timeout=30)
+        head.kill()  # SIGKILL, as when the login node goes down: no chance to cancel its jobs
+        head.wait(timeout=30)
 
     # The head is gone; its jobs are not. One of them dies too, the others finish.
-    orphans = [j for j in train_jobs(cluster) if j["state"] in ("RUNNING", "PENDING")]
-    assert orphans, "the killed head's jobs should still be in Slurm"
-    lost = next(j for j in orphans if j["state"] == "RUNNING")
+    orphans = [j for j in train_jobs(cluster) if j["state"] == "RUNNING"]
+    assert orphans, "the killed head's running trials should go on in Slurm"
+    lost = orphans[0]
     subprocess.run(["scancel", lost["id"]], check=True, timeout=10)
-    wait_for(lambda: not cluster.active_jobs(), 90, "orphaned jobs did not end")
+    wait_until(lambda: not cluster.active_jobs(), 90, "the orphaned jobs ended")
+    assert {j["id"]: j["state"] for j in cluster.jobs()}[lost["id"]] == "CANCELLED"
     finished = {trial: (path_mtime(workdir, trial), m["slurm_job_id"]) for trial, m in trial_metrics(workdir).items()}
     missing = proposed_trials(workdir) - finished.keys()
-    assert lost["trial"] in missing or lost["trial"] in finished  # cancelled, unless it had just finished
+    assert lost["trial"] in missing
 
     # Resuming as docs/slurm.md says: unlock, preview, run.
     run_workflow(workdir, configfile, "--unlock", profile=profile, timeout=120)
@@ -181,16 +177,18 @@ def test_study_on_slurm_retries_resumes_and_matches_a_local_run(cluster, tmp_pat
         assert (job["trial"], job["state"]) == (trial, "COMPLETED")
         assert m["cuda_visible_devices"] in {"0", "1"}
         assert m["hostname"].split(".")[0] == cluster.node
-    # The cancelled pending job was submitted again and that attempt produced the trial.
+    # The cancelled pending job was submitted again and that attempt produced the trial; the
+    # trial lost with the head was trained again after the restart.
     assert slurm_jobs[cancelled_pending["id"]]["state"] == "CANCELLED"
     assert metrics[cancelled_pending["trial"]]["slurm_job_id"] != cancelled_pending["id"]
+    assert metrics[lost["trial"]]["slurm_job_id"] != lost["id"]
 
     # Trials ran side by side, each pair on distinct GPUs.
     device_of = {m["slurm_job_id"]: m["cuda_visible_devices"] for m in metrics.values()}
-    pairs = [tuple(sorted(ids)) for ids in side_by_side if ids <= device_of.keys()]
-    assert pairs, "no two trial jobs were ever seen running at once"
-    for pair in pairs:
-        assert len({device_of[job_id] for job_id in pair}) == len(pair), pair
+    together = [ids for ids in side_by_side if ids <= device_of.keys()]
+    assert together, "no two trial jobs were ever seen running at once"
+    for ids in together:
+        assert len({device_of[job_id] for job_id in ids}) == len(ids), sorted(ids)
 
     # The same study as the local run: same trials, same values, same failures.
     key = ["seed", "arm", "round", "trial_id"]
@@ -201,10 +199,6 @@ def test_study_on_slurm_retries_resumes_and_matches_a_local_run(cluster, tmp_pat
     assert {"ok", "failed"} <= set(on_slurm["status"]), "the study should include a failed trial"
 
 
-def path_mtime(workdir: Path, trial: str) -> int:
-    return (workdir / OUT / "seed0" / "trials" / trial / "metrics.json").stat().st_mtime_ns
-
-
 @pytest.mark.parametrize("experiment", sorted((REPO / "config" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
 def test_wave_profile_previews_each_experiment(experiment, tmp_path):
     """`snakemake --profile profiles/wave -n` works before any job ran and shows what it would submit."""
@@ -213,7 +207,7 @@ def test_wave_profile_previews_each_experiment(experiment, tmp_path):
          "--profile", str(WAVE_PROFILE.parent), "-n"],
         cwd=tmp_path, capture_output=True, text=True, timeout=180,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "rule sample_pilot:" in result.stdout
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "checkpoint sample_pilot:" in result.stdout
     assert "slurm_account=SET-ME-account" in result.stdout  # the site placeholders reach the jobs
     assert "This was a dry-run" in result.stdout

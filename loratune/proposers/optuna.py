@@ -80,6 +80,9 @@ class OptunaProposer(Proposer):
             study = optuna.create_study(directions=["minimize"] * len(self.objectives), sampler=sampler)
             study.add_trials(self._replay(history, encoding, sampler))
             taken = {self.space.key(p) for p in history.evaluated}
+            if self.space.cardinality is not None:
+                # Asking for more points than a finite space has left only wastes searches.
+                n = min(n, self.space.cardinality - len(taken))
             chosen: list[Point] = []
             for _ in range(_ASKS_PER_POINT * n):
                 trial = study.ask(encoding.distributions)

@@ -16,6 +16,7 @@ import gc
 import importlib.metadata
 import logging
 import math
+import os
 import re
 import resource
 import shutil
@@ -29,12 +30,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+# OpenMP threads that spin while they wait are a disaster on a shared CPU: on 2 busy cores a
+# step took 3-60 s instead of 1.2 s. Sleeping waiters cost little when the CPU is free. It only
+# works if set before torch loads OpenMP, and never overrides the user's choice.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from loratune.training.data import IGNORE_INDEX, TokenizedExample, read_prepared, tokenize_examples
-from loratune.training.models import (
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from loratune.training.data import IGNORE_INDEX, TokenizedExample, read_prepared, tokenize_examples  # noqa: E402
+from loratune.training.models import (  # noqa: E402
     add_lora,
     load_base_model,
     load_tokenizer,
@@ -42,7 +48,7 @@ from loratune.training.models import (
     resolve_compute_dtype,
     resolve_device,
 )
-from loratune.training.settings import LoraHyperparameters, TrainingSettings, resolve_trial
+from loratune.training.settings import LoraHyperparameters, TrainingSettings, resolve_trial  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -129,20 +135,29 @@ def summed_token_loss(model, batch: Mapping[str, torch.Tensor], dtype: torch.dty
     )
 
 
-def require_lora_gradients(model) -> None:
-    """Fail loudly when the LoRA weights got no gradient.
+def require_trainable_4bit_weights(model) -> None:
+    """Refuse 4-bit weights that bitsandbytes repacked for CPU inference.
 
-    On CPUs with AVX512-BF16, a no-grad eval forward of a 4-bit model before training makes
-    bitsandbytes repack its weights; every LoRA gradient is None afterwards and the loss stays
-    flat, with only a warning in the log. This check turns that into a failed trial.
+    On CPUs with AVX512-BF16, a no-grad forward of a 4-bit model in eval mode (generate, an eval
+    loss) repacks its weights for a fast inference kernel that has no backward: training after
+    that runs, with only a warning, and gets wrong gradients (seen: 12x too small, or none at all).
+    Train first, evaluate after; this check makes a violation a failed trial instead of a quiet one.
     """
+    for name, module in model.named_modules():
+        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError(
+                f"4-bit weights of {name} were repacked for CPU inference by an eval forward before "
+                "training; load the model afresh and train before evaluating"
+            )
+
+
+def require_lora_gradients(model) -> None:
+    """Fail when a LoRA weight got no gradient in the first step: its adapter would never train."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     missing = [name for name, p in trainable if p.grad is None]
     if missing:
-        raise RuntimeError(
-            f"{len(missing)} of {len(trainable)} LoRA weights got no gradient (e.g. {missing[0]}); "
-            "was the 4-bit model run in eval mode before training?"
-        )
+        raise RuntimeError(f"{len(missing)} of {len(trainable)} LoRA weights got no gradient (e.g. {missing[0]})")
 
 
 def train(
@@ -163,6 +178,7 @@ def train(
     total_steps = plan_steps(settings, len(examples))
     warmup_steps = math.floor(settings.warmup_ratio * total_steps)
     batches = micro_batches(len(examples), settings.batch_size, seed)
+    require_trainable_4bit_weights(model)
     model.train()
     started = time.perf_counter()
     with tqdm(total=total_steps, desc="train", unit="step", file=sys.stderr, ncols=100) as bar:
@@ -208,7 +224,7 @@ def evaluate(
     """Mean cross-entropy per completion token over ``examples``.
 
     Call it after training only: on the CPU, an eval forward of a 4-bit model before training
-    breaks the LoRA gradients (see ``require_lora_gradients``).
+    breaks the LoRA gradients (see ``require_trainable_4bit_weights``).
     """
     model.eval()
     # Similar lengths side by side: less padding, same mean.

@@ -92,11 +92,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.2) -> None:
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.2) -> None:
+    """Poll ``predicate`` until true; every wait of the harness and its tests is bounded."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"test cluster: {what} not reached within {timeout_s} s")
+            raise TimeoutError(f"not reached within {timeout_s} s: {what}")
         time.sleep(interval_s)
 
 
@@ -150,7 +151,7 @@ class SlurmCluster:
             if "slurmctld" in self._daemons and self._daemons["slurmctld"].poll() is None:
                 subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True, timeout=30)
                 # A job step outlives slurmd: let every step end before the daemons go.
-                _wait_until(lambda: not self.active_jobs(), 60, "all jobs ended")
+                wait_until(lambda: not self.active_jobs(), 60, "all jobs of the test cluster ended")
         finally:
             self._terminate_daemons()
             for path in (SLURM_CONF, GRES_CONF):
@@ -232,11 +233,11 @@ PartitionName={spec.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             f"--pid-file={private}/munged.pid", f"--log-file={private}/munged.log",
             f"--seed-file={private}/munged.seed",
         ], user="munge")
-        _wait_until(self.munge_socket.exists, 10, "munge socket")
+        wait_until(self.munge_socket.exists, 10, "munge socket")
         self._spawn("slurmctld", ["slurmctld", "-D"])
-        _wait_until(lambda: self._quiet(["scontrol", "ping"]), 20, "slurmctld answering")
+        wait_until(lambda: self._quiet(["scontrol", "ping"]), 20, "slurmctld answering")
         self._spawn("slurmd", ["slurmd", "-D"])
-        _wait_until(self._node_idle, 30, f"node {self.node} idle")
+        wait_until(self._node_idle, 30, f"node {self.node} idle")
 
     def _terminate_daemons(self) -> None:
         # Reverse start order: slurmd before slurmctld, munge last.

@@ -1,0 +1,278 @@
+"""Real LoRA and QLoRA training of a tiny random-weight Llama on the CPU, and the trial's metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from loratune.training import DatasetSpec, TrainingSettings, prepare_dataset, run_trial
+from loratune.training.data import read_prepared, tokenize_examples
+from loratune.training.models import add_lora, load_base_model, load_tokenizer
+from loratune.training.trainer import (
+    Progress,
+    collate,
+    learning_rate_factor,
+    plan_steps,
+    summed_token_loss,
+    train,
+)
+from loratune.training.settings import LoraHyperparameters
+from tiny_models import build_tiny_llama
+
+METRIC_FIELDS = {
+    "status", "error", "train_loss", "final_train_loss", "eval_loss", "train_time", "job_time",
+    "tokens_per_second", "train_tokens", "steps", "peak_memory_gib", "trainable_params", "total_params",
+    "device", "gpu_name", "quantization", "started_at", "hparams", "loss_curve", "provenance",
+}
+PROVENANCE_FIELDS = {"model", "model_sha256", "dataset_sha256", "libraries", "seed", "hostname"}
+WORDS = "garden river stone cloud window pencil candle forest planet rocket silver orange".split()
+HPARAMS = {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 3e-2, "lora_dropout": 0.0}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Milliseconds of work per op: a second thread only adds waiting on a shared CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Twelve reversed words: small enough to memorize in a few dozen steps."""
+    folder = tmp_path_factory.mktemp("data")
+    source = folder / "reverse.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"Reverse {w}:", "completion": f" {w[::-1]}"}) + "\n" for w in WORDS))
+    prepare_dataset(DatasetSpec(path=str(source), eval_fraction=0.25), folder / "prepared")
+    return folder / "prepared"
+
+
+def settings(**options) -> TrainingSettings:
+    return TrainingSettings(**{"max_steps": 40, "warmup_ratio": 0.0, "log_every": 100, **options})
+
+
+def four_bit_unusable() -> str | None:
+    """Why bitsandbytes' 4-bit path cannot run here, or None when it can."""
+    try:
+        import bitsandbytes.functional as bnb
+
+        packed, state = bnb.quantize_4bit(torch.randn(64, 64, dtype=torch.bfloat16), quant_type="nf4")
+        bnb.dequantize_4bit(packed, state)
+    except Exception as error:  # any failure means: not usable on this machine
+        return f"bitsandbytes 4-bit is not usable on this CPU ({type(error).__name__}: {error})"
+    return None
+
+
+needs_4bit = pytest.mark.skipif(four_bit_unusable() is not None, reason=str(four_bit_unusable()))
+
+
+def lora_model(model_path: str, quantization: str):
+    model = load_base_model(model_path, quantization=quantization, dtype=torch.bfloat16, device=CPU, gradient_checkpointing=False)
+    return add_lora(model, rank=8, alpha=16, dropout=0.0, target_modules=TrainingSettings().target_modules)
+
+
+def first_batch(model_path: str, data_dir: Path):
+    tokenizer = load_tokenizer(model_path)
+    examples = tokenize_examples(tokenizer, read_prepared(data_dir).train, 64)
+    return examples, collate(examples[:4], tokenizer.pad_token_id, CPU)
+
+
+# ---- schedule --------------------------------------------------------------------------
+def test_plan_steps_from_max_steps_or_epochs():
+    assert plan_steps(TrainingSettings(max_steps=7), n_train=1000) == 7
+    assert plan_steps(TrainingSettings(max_steps=None, epochs=0.5, batch_size=2, gradient_accumulation=2), 10) == 2
+    assert plan_steps(TrainingSettings(max_steps=None, epochs=0.01), 10) == 1
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant"])
+def test_learning_rate_schedule(scheduler):
+    factors = [learning_rate_factor(step, 20, 4, scheduler) for step in range(20)]
+    assert factors[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # warmup never starts at zero
+    assert all(0 < f <= 1 for f in factors)
+    if scheduler == "constant":
+        assert factors[4:] == [1.0] * 16
+    else:
+        assert all(a > b for a, b in zip(factors[4:], factors[5:])) and factors[-1] < 0.1
+
+
+# ---- gradients -------------------------------------------------------------------------
+@pytest.mark.parametrize("quantization", ["none", pytest.param("nf4", marks=needs_4bit)])
+def test_lora_weights_get_gradients(tiny_model, data_dir, quantization):
+    torch.manual_seed(0)
+    model = lora_model(tiny_model, quantization)
+    _, batch = first_batch(tiny_model, data_dir)
+    model.train()
+    summed_token_loss(model, batch, torch.bfloat16).backward()
+    lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in name for name in lora)
+    assert all(p.grad is not None for p in lora.values())
+    # B starts at zero, so only B moves in the first step; A follows from the second.
+    assert all(p.grad.abs().sum() > 0 for name, p in lora.items() if "lora_B" in name)
+    torch.optim.SGD(lora.values(), lr=0.1).step()
+    model.zero_grad()
+    summed_token_loss(model, batch, torch.bfloat16).backward()
+    assert all(p.grad.abs().sum() > 0 for p in lora.values())
+
+
+@needs_4bit
+def test_eval_forward_of_4bit_model_before_training_is_refused(tiny_model, data_dir):
+    model = lora_model(tiny_model, "nf4")
+    examples, batch = first_batch(tiny_model, data_dir)
+    model.eval()
+    with torch.no_grad():
+        summed_token_loss(model, batch, torch.bfloat16)
+    repacked = any(
+        getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+        for m in model.modules()
+    )
+    if not repacked:
+        pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16): no trap to guard")
+    lora = LoraHyperparameters(lora_rank=8, lora_alpha=16, learning_rate=1e-3)
+    with pytest.raises(RuntimeError, match="repacked for CPU inference"):
+        train(model, examples, settings(max_steps=2), lora, pad_id=0, device=CPU, dtype=torch.bfloat16, seed=0,
+              progress=Progress())
+
+
+# ---- whole trials ----------------------------------------------------------------------
+def test_trial_learns_and_reports_every_metric(tiny_model, data_dir, tmp_path):
+    metrics = run_trial(HPARAMS, settings(keep_adapter=True, quantization="none"), tiny_model, data_dir, tmp_path, seed=0)
+    assert metrics["status"] == "ok", metrics["error"]
+    assert METRIC_FIELDS <= set(metrics) and PROVENANCE_FIELDS <= set(metrics["provenance"])
+    assert metrics["error"] is None and metrics["quantization"] == "none" and metrics["device"] == "cpu"
+    curve = metrics["loss_curve"]
+    assert metrics["steps"] == len(curve) == 40
+    assert sum(curve[-5:]) / 5 < 0.5 * sum(curve[:5]) / 5  # it memorizes the training set
+    assert metrics["train_loss"] == pytest.approx(sum(curve) / 40)
+    assert metrics["final_train_loss"] == pytest.approx(sum(curve[-4:]) / 4)
+    assert math.isfinite(metrics["eval_loss"]) and metrics["eval_loss"] > 0
+    assert 0 < metrics["train_time"] < metrics["job_time"]
+    assert metrics["train_tokens"] > 0
+    assert metrics["tokens_per_second"] == pytest.approx(metrics["train_tokens"] / metrics["train_time"])
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["peak_memory_gib"] > 0
+    assert metrics["hparams"] == {"lora_rank": 16, "lora_alpha": 32.0, "learning_rate": 3e-2, "lora_dropout": 0.0}
+    provenance = metrics["provenance"]
+    weights = Path(tiny_model) / "model.safetensors"
+    assert provenance["model_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert provenance["dataset_sha256"] == read_prepared(data_dir).manifest["data_sha256"]
+    assert provenance["seed"] == 0 and provenance["libraries"]["torch"] == torch.__version__
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    json.dumps(metrics, allow_nan=False)  # plain JSON, as metrics.json
+
+
+@needs_4bit
+def test_qlora_trial_learns_on_the_cpu(tiny_model, data_dir, tmp_path):
+    metrics = run_trial(HPARAMS, settings(quantization="nf4"), tiny_model, data_dir, tmp_path, seed=0)
+    assert metrics["status"] == "ok", metrics["error"]
+    assert metrics["quantization"] == "nf4"
+    curve = metrics["loss_curve"]
+    assert sum(curve[-5:]) / 5 < 0.5 * sum(curve[:5]) / 5
+    assert math.isfinite(metrics["eval_loss"])
+    assert not (tmp_path / "adapter").exists()  # keep_adapter is off by default
+
+
+def test_a_seed_fixes_the_trial(tiny_model, data_dir, tmp_path):
+    def curve(seed):
+        return run_trial(HPARAMS, settings(max_steps=6), tiny_model, data_dir, tmp_path, seed=seed)["loss_curve"]
+
+    first = curve(0)
+    assert curve(0) == first
+    assert curve(1) != first
+
+
+def test_hparams_override_settings_per_trial(tiny_model, data_dir, tmp_path):
+    hparams = {**HPARAMS, "max_steps": 3, "weight_decay": 0.1, "gradient_accumulation": 2, "scheduler": "linear"}
+    metrics = run_trial(hparams, settings(quantization="none"), tiny_model, data_dir, tmp_path)
+    assert metrics["status"] == "ok", metrics["error"]
+    assert metrics["steps"] == 3
+    assert metrics["settings"]["weight_decay"] == 0.1 and metrics["settings"]["gradient_accumulation"] == 2
+
+
+def test_epochs_decide_the_steps_without_max_steps(tiny_model, data_dir, tmp_path):
+    metrics = run_trial(HPARAMS, settings(max_steps=None, epochs=0.5, batch_size=2), tiny_model, data_dir, tmp_path)
+    n_train = read_prepared(data_dir).manifest["n_train"]
+    assert metrics["steps"] == math.ceil(0.5 * n_train / 2)
+
+
+# ---- failures --------------------------------------------------------------------------
+def test_nan_loss_is_a_failed_trial(tiny_model, data_dir, tmp_path):
+    metrics = run_trial({**HPARAMS, "learning_rate": 1e30}, settings(), tiny_model, data_dir, tmp_path)
+    assert metrics["status"] == "failed"
+    assert metrics["error"] == "LossDiverged: loss became NaN at step 2"
+    assert metrics["steps"] == len(metrics["loss_curve"]) == 1
+    assert metrics["train_loss"] is None and metrics["eval_loss"] is None and metrics["train_time"] is None
+    assert METRIC_FIELDS <= set(metrics) and metrics["job_time"] > 0
+
+
+def test_an_exception_while_training_is_a_failed_trial(tiny_model, data_dir, tmp_path):
+    metrics = run_trial(HPARAMS, settings(target_modules=["no_such_proj"]), tiny_model, data_dir, tmp_path)
+    assert metrics["status"] == "failed"
+    assert metrics["error"].startswith("NoMatchingPeftModuleError: Target modules {'no_such_proj'} not found")
+    assert "\n" not in metrics["error"]
+    assert metrics["steps"] == 0 and metrics["eval_loss"] is None
+
+
+@pytest.mark.parametrize(
+    ("hparams", "options", "error", "message"),
+    [
+        ({"lora_rank": 8, "learning_rate": 1e-3}, {}, ValueError, r"^hparams: missing \['lora_alpha'\]$"),
+        ({**HPARAMS, "lora_beta": 1}, {}, ValueError, r"^hparams: unknown \['lora_beta'\]"),
+        ({**HPARAMS, "lora_rank": 0}, {}, ValueError, r"^hparams\.lora_rank: must be >= 1"),
+        ({**HPARAMS, "learning_rate": -1.0}, {}, ValueError, r"^hparams\.learning_rate: must lie in \(0\.0, inf\)"),
+        ({**HPARAMS, "weight_decay": -1}, {}, ValueError, r"^training\.weight_decay: must lie in"),
+    ],
+)
+def test_bad_hparams_and_settings_raise_before_training(tiny_model, data_dir, tmp_path, hparams, options, error, message):
+    with pytest.raises(error, match=message):
+        run_trial(hparams, settings(**options), tiny_model, data_dir, tmp_path)
+
+
+def test_sequences_too_short_for_any_completion_raise(tiny_model, tmp_path):
+    source = tmp_path / "long.jsonl"
+    source.write_text(json.dumps({"prompt": "a long prompt " * 20, "completion": "answer"}) + "\n")
+    prepare_dataset(DatasetSpec(path=str(source), eval_fraction=0.0), tmp_path / "prepared")
+    with pytest.raises(ValueError, match=r"^training\.max_seq_length: 16 tokens leave no completion token in any of the 1"):
+        run_trial(HPARAMS, settings(max_seq_length=16), tiny_model, tmp_path / "prepared", tmp_path)
+
+
+def test_missing_prepared_data_raises(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^data_dir: .* lacks \['train\.jsonl', 'eval\.jsonl', 'manifest\.json'\]"):
+        run_trial(HPARAMS, settings(), tiny_model, tmp_path / "nothing", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"quantization": "nf8"}, r"^training\.quantization: unknown 'nf8'; choose one of \['nf4', 'none'\]$"),
+        ({"scheduler": "step"}, r"^training\.scheduler: unknown 'step'"),
+        ({"max_steps": 0}, r"^training\.max_steps: must be >= 1"),
+        ({"epochs": 0}, r"^training\.epochs: must lie in \(0\.0, inf\)"),
+        ({"batch_size": 2.5}, r"^training\.batch_size: expected an integer, got 2\.5"),
+        ({"warmup_ratio": 1.0}, r"^training\.warmup_ratio: must lie in \[0\.0, 1\.0\)"),
+        ({"gradient_checkpointing": "sometimes"}, r"^training\.gradient_checkpointing: expected true or false"),
+        ({"target_modules": []}, r"^training\.target_modules: expected 'all-linear' or a non-empty list"),
+        ({"compute_dtype": "float16"}, r"^training\.compute_dtype: unknown 'float16'"),
+        ({"device": "tpu"}, r"^training\.device: unknown 'tpu'"),
+    ],
+)
+def test_training_settings_validation(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingSettings(**options)
+
+
+def test_training_settings_normalize_yaml_values():
+    parsed = TrainingSettings(target_modules=["q_proj", "v_proj"], batch_size=8.0, max_steps=None)
+    assert parsed.target_modules == ("q_proj", "v_proj") and isinstance(parsed.batch_size, int)
+    assert TrainingSettings(target_modules="all-linear").target_modules == "all-linear"
