@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 study: setup
-	$(VENV)/bin/snakemake --profile profiles/local
+	OMP_WAIT_POLICY=ACTIVE $(VENV)/bin/snakemake --profile profiles/local
 
 dry-run: setup
 	$(VENV)/bin/snakemake --profile profiles/local -n

@@ -6,7 +6,11 @@ from snakemake.utils import min_version
 min_version("9.21")
 
 
-configfile: "config/config.yaml"
+# A study given with --configfile stands alone: merging it into the default study would add
+# the default's arms and search-space parameters to it.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

@@ -84,6 +84,11 @@ class Study:
     def seeds(self) -> list[int]:
         return list(self.config["seeds"])
 
+    @property
+    def model_slug(self) -> str:
+        """The model's name as one file-name component (a hub id holds a slash)."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.config["model"]["name"]).strip("-.")
+
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
             if arm.name == name:
@@ -144,6 +149,7 @@ def _check_training(config: dict) -> None:
     if config["backend"] != "qlora":
         return
     from loratune.training import DatasetSpec, ModelSpec, TrainingSettings
+    from loratune.training.settings import resolve_trial
 
     for key, cls in (("model", ModelSpec), ("dataset", DatasetSpec), ("training", TrainingSettings)):
         try:
@@ -155,6 +161,12 @@ def _check_training(config: dict) -> None:
         except ValueError as error:
             message = str(error)
             raise ConfigError(message if message.startswith(f"{key}.") else f"{key}: {message}") from None
+    # Every trial must resolve to LoRA hyperparameters and settings: check one of them now.
+    space = SearchSpace.from_config(config["search_space"])
+    try:
+        resolve_trial(space.from_unit([0.5] * space.dim), TrainingSettings(**config["training"]))
+    except ValueError as error:
+        raise ConfigError(f"search_space: {str(error).removeprefix('hparams: ')}") from None
 
 
 def validate_config(config: dict) -> Study:

@@ -48,9 +48,11 @@ def _evaluate_qlora(study: Study, hparams: dict, seed: int, model_path: str, dat
     from loratune.training import TrainingSettings, run_trial
 
     settings = TrainingSettings(**study.config["training"])
+    model = study.config["model"]
     return run_trial(
         hparams=hparams, settings=settings, model_path=model_path, data_dir=data_dir,
         output_dir=str(out_dir), seed=seed,
+        revision=model.get("revision"), trust_remote_code=model.get("trust_remote_code", False),
     )
 
 

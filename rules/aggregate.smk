@@ -12,6 +12,8 @@ rule aggregate_trials:
     log:
         f"{OUT}/logs/aggregate_trials.log",
     localrule: True
+    conda:
+        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/aggregate_trials.py"
 
@@ -24,5 +26,7 @@ rule export_gptune_db:
     log:
         f"{OUT}/logs/seed{{seed}}/{{arm}}/export_gptune_db.log",
     localrule: True
+    conda:
+        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/export_gptune_db.py"

@@ -13,7 +13,7 @@ except ConfigError as error:
 
 OUT = f"{config['results_dir']}/{STUDY.name}"
 ARMS = [arm.name for arm in STUDY.arms]
-MODEL_MARKER = "resources/models/" + config["model"]["name"].replace("/", "--").replace(":", "-") + ".json"
+MODEL_MARKER = f"resources/models/{STUDY.model_slug}.json"
 
 
 wildcard_constraints:
@@ -59,7 +59,9 @@ def get_final_histories(wildcards=None):
         paths.append(f"{OUT}/seed{seed}/pilot/round0/history.tsv")
         for arm in STUDY.arms:
             if arm.rounds > 0:
-                paths.append(f"{OUT}/seed{seed}/{arm.name}/round{arm.rounds}/history.tsv")
+                paths.append(
+                    f"{OUT}/seed{seed}/{arm.name}/round{arm.rounds}/history.tsv"
+                )
     return paths
 
 

@@ -10,6 +10,8 @@ rule plot_pareto:
     log:
         f"{OUT}/logs/plot_pareto.log",
     localrule: True
+    conda:
+        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/plot_pareto.py"
 
@@ -26,6 +28,8 @@ rule plot_hypervolume:
     log:
         f"{OUT}/logs/plot_hypervolume.log",
     localrule: True
+    conda:
+        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/plot_hypervolume.py"
 
@@ -42,6 +46,8 @@ rule plot_pareto_table:
     log:
         f"{OUT}/logs/plot_pareto_table.log",
     localrule: True
+    conda:
+        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/plot_pareto_table.py"
 
@@ -51,12 +57,17 @@ rule write_report:
         trials=f"{OUT}/trials.tsv",
         curves=f"{OUT}/hypervolume.tsv",
         pareto=f"{OUT}/pareto_set.tsv",
-        figures=[f"{OUT}/plots/{name}.html" for name in ("pareto", "hypervolume", "pareto_set")],
+        figures=[
+            f"{OUT}/plots/{name}.html"
+            for name in ("pareto", "hypervolume", "pareto_set")
+        ],
     output:
         html=f"{OUT}/report.html",
     log:
         f"{OUT}/logs/write_report.log",
     localrule: True
+    conda:
+        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/write_report.py"
 

@@ -2,13 +2,14 @@ rule prepare_model:
     output:
         marker=MODEL_MARKER,
     log:
-        "logs/prepare_model/" + Path(MODEL_MARKER).stem + ".log",
-    params:
-        model=config["model"],
-        cache_dir="resources/models",
+        f"logs/prepare_model/{STUDY.model_slug}.log",
+    conda:
+        "../workflow/envs/loratune.yaml"
     resources:
         mem_mb=8000,
         runtime=60,
+    params:
+        model=config["model"],
     script:
         "../workflow/scripts/prepare_model.py"
 
@@ -20,10 +21,12 @@ rule prepare_dataset:
         manifest=f"{OUT}/data/manifest.json",
     log:
         f"{OUT}/logs/prepare_dataset.log",
-    params:
-        dataset=config["dataset"],
+    conda:
+        "../workflow/envs/loratune.yaml"
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        dataset=config["dataset"],
     script:
         "../workflow/scripts/prepare_dataset.py"

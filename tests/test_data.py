@@ -11,7 +11,9 @@ import pytest
 
 from loratune.data.generate_instructions import generate
 from loratune.training import DatasetSpec, prepare_dataset
+from loratune.training.settings import BUILTIN_DATASETS
 from loratune.training.data import (
+    BUILTIN_FILES,
     IGNORE_INDEX,
     Example,
     builtin_dataset_path,
@@ -56,7 +58,9 @@ def test_alpaca_jsonl_with_and_without_input(tmp_path):
 
 def test_self_instruct_gives_one_example_per_instance(tmp_path):
     record = {
-        "id": "seed_task_0", "instruction": "Add the numbers.", "is_classification": False,
+        "id": "seed_task_0",
+        "instruction": "Add the numbers.",
+        "is_classification": False,
         "instances": [{"input": "1 + 2", "output": "3"}, {"input": "2 + 2", "output": "4"}],
     }
     manifest, train, _ = prepare(tmp_path, write_jsonl(tmp_path / "s.jsonl", [record]), eval_fraction=0.0)
@@ -82,13 +86,15 @@ def test_plain_text_has_an_empty_prompt(tmp_path):
 
 
 def test_chat_gives_one_example_per_assistant_turn(tmp_path):
-    conversation = {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Goodbye."},
-    ]}
+    conversation = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."},
+        ]
+    }
     manifest, train, _ = prepare(tmp_path, write_jsonl(tmp_path / "c.jsonl", [conversation]), eval_fraction=0.0)
     assert manifest["format"] == "chat"
     assert [e.completion for e in train] == ["Hello.", "Goodbye."]
@@ -143,9 +149,17 @@ def test_max_examples_keeps_the_first_in_source_order(tmp_path):
 @pytest.mark.parametrize(
     ("records", "options", "message"),
     [
-        ([{"instruction": "x", "input": "y"}], {"format": "alpaca"}, r"record 1: missing field 'output' \(format alpaca\)"),
+        (
+            [{"instruction": "x", "input": "y"}],
+            {"format": "alpaca"},
+            r"record 1: missing field 'output' \(format alpaca\)",
+        ),
         ([{"instruction": "x", "output": ""}], {}, r"record 1: empty 'output' \(format alpaca\)"),
-        ([{"question": "x", "answer": "y"}], {}, r"^dataset\.format: cannot tell the format .* \['answer', 'question'\]"),
+        (
+            [{"question": "x", "answer": "y"}],
+            {},
+            r"^dataset\.format: cannot tell the format .* \['answer', 'question'\]",
+        ),
         ([{"messages": [{"role": "user", "content": "hi"}]}], {}, r"no non-empty assistant message"),
         ([{"messages": [{"role": "robot", "content": "hi"}]}], {}, r"message 1: role must be one of"),
         ([{"instruction": "x", "instances": []}], {}, r"'instances' must be a non-empty list"),
@@ -235,6 +249,7 @@ def test_manifest_counts_and_hashes(tmp_path):
 
 
 def test_builtin_dataset_is_the_generator_output(tmp_path):
+    assert set(BUILTIN_FILES) == set(BUILTIN_DATASETS)
     shipped = [json.loads(line) for line in builtin_dataset_path("builtin:instructions").read_text().splitlines()]
     assert shipped == generate()  # regenerate with: python -m loratune.data.generate_instructions
     manifest = prepare_dataset(DatasetSpec(), tmp_path)

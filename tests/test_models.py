@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 
 from loratune.training import ModelSpec, prepare_model
-from loratune.training.models import FINGERPRINT_FILE, SOURCE_FILE, builtin_gguf_path, model_fingerprint
+from loratune.training.models import BUILTIN_GGUF, FINGERPRINT_FILE, SOURCE_FILE, builtin_gguf_path, model_fingerprint
+from loratune.training.settings import BUILTIN_MODELS
 from tiny_models import build_tiny_llama
 
 
@@ -21,7 +23,9 @@ def tiny_model(tmp_path_factory):
 def test_local_folder_and_hub_id_pass_through(tiny_model, tmp_path):
     assert prepare_model(ModelSpec(name=str(tiny_model)), cache_dir=tmp_path) == str(tiny_model)
     # A hub id is handed on untouched: nothing is downloaded here.
-    assert prepare_model(ModelSpec(name="HuggingFaceTB/SmolLM2-135M"), cache_dir=tmp_path) == "HuggingFaceTB/SmolLM2-135M"
+    assert (
+        prepare_model(ModelSpec(name="HuggingFaceTB/SmolLM2-135M"), cache_dir=tmp_path) == "HuggingFaceTB/SmolLM2-135M"
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -38,10 +42,17 @@ def test_bad_model_names(tmp_path):
         prepare_model(ModelSpec(name=str(tmp_path / "empty")), cache_dir=tmp_path)
 
 
+def test_every_builtin_model_name_has_a_gguf_source():
+    assert set(BUILTIN_MODELS) == set(BUILTIN_GGUF)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"name": "builtin:llama-9000"}, r"^model\.name: unknown 'builtin:llama-9000'; choose one of \['builtin:smollm2-135m'\]"),
+        (
+            {"name": "builtin:llama-9000"},
+            r"^model\.name: unknown 'builtin:llama-9000'; choose one of \['builtin:smollm2-135m'\]",
+        ),
         ({"name": " "}, r"^model\.name: expected a non-empty string"),
         ({"revision": 3}, r"^model\.revision: expected a string or null"),
         ({"trust_remote_code": "yes"}, r"^model\.trust_remote_code: expected true or false"),
@@ -66,7 +77,10 @@ def test_fingerprint_is_the_weights_sha256_and_is_cached(tiny_model):
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert model_fingerprint(str(tiny_model))["model_sha256"] == expected
-    assert model_fingerprint("HuggingFaceTB/SmolLM2-135M") == {"model": "HuggingFaceTB/SmolLM2-135M", "model_sha256": None}
+    assert model_fingerprint("HuggingFaceTB/SmolLM2-135M") == {
+        "model": "HuggingFaceTB/SmolLM2-135M",
+        "model_sha256": None,
+    }
 
 
 @pytest.mark.slow
@@ -103,4 +117,5 @@ def test_builtin_gguf_is_converted_once_and_cached(tmp_path):
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+    shutil.rmtree(model_dir)  # 257 MiB: pytest keeps the last three runs' temporaries

@@ -25,9 +25,26 @@ from loratune.training.settings import LoraHyperparameters
 from tiny_models import build_tiny_llama
 
 METRIC_FIELDS = {
-    "status", "error", "train_loss", "final_train_loss", "eval_loss", "train_time", "job_time",
-    "tokens_per_second", "train_tokens", "steps", "peak_memory_gib", "trainable_params", "total_params",
-    "device", "gpu_name", "quantization", "started_at", "hparams", "loss_curve", "provenance",
+    "status",
+    "error",
+    "train_loss",
+    "final_train_loss",
+    "eval_loss",
+    "train_time",
+    "job_time",
+    "tokens_per_second",
+    "train_tokens",
+    "steps",
+    "peak_memory_gib",
+    "trainable_params",
+    "total_params",
+    "device",
+    "gpu_name",
+    "quantization",
+    "started_at",
+    "hparams",
+    "loss_curve",
+    "provenance",
 }
 PROVENANCE_FIELDS = {"model", "model_sha256", "dataset_sha256", "libraries", "seed", "hostname"}
 WORDS = "garden river stone cloud window pencil candle forest planet rocket silver orange".split()
@@ -54,7 +71,9 @@ def data_dir(tmp_path_factory) -> Path:
     """Twelve reversed words: small enough to memorize in a few dozen steps."""
     folder = tmp_path_factory.mktemp("data")
     source = folder / "reverse.jsonl"
-    source.write_text("".join(json.dumps({"prompt": f"Reverse {w}:", "completion": f" {w[::-1]}"}) + "\n" for w in WORDS))
+    source.write_text(
+        "".join(json.dumps({"prompt": f"Reverse {w}:", "completion": f" {w[::-1]}"}) + "\n" for w in WORDS)
+    )
     prepare_dataset(DatasetSpec(path=str(source), eval_fraction=0.25), folder / "prepared")
     return folder / "prepared"
 
@@ -79,7 +98,9 @@ needs_4bit = pytest.mark.skipif(four_bit_unusable() is not None, reason=str(four
 
 
 def lora_model(model_path: str, quantization: str):
-    model = load_base_model(model_path, quantization=quantization, dtype=torch.bfloat16, device=CPU, gradient_checkpointing=False)
+    model = load_base_model(
+        model_path, quantization=quantization, dtype=torch.bfloat16, device=CPU, gradient_checkpointing=False
+    )
     return add_lora(model, rank=8, alpha=16, dropout=0.0, target_modules=TrainingSettings().target_modules)
 
 
@@ -141,13 +162,24 @@ def test_eval_forward_of_4bit_model_before_training_is_refused(tiny_model, data_
         pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16): no trap to guard")
     lora = LoraHyperparameters(lora_rank=8, lora_alpha=16, learning_rate=1e-3)
     with pytest.raises(RuntimeError, match="repacked for CPU inference"):
-        train(model, examples, settings(max_steps=2), lora, pad_id=0, device=CPU, dtype=torch.bfloat16, seed=0,
-              progress=Progress())
+        train(
+            model,
+            examples,
+            settings(max_steps=2),
+            lora,
+            pad_id=0,
+            device=CPU,
+            dtype=torch.bfloat16,
+            seed=0,
+            progress=Progress(),
+        )
 
 
 # ---- whole trials ----------------------------------------------------------------------
 def test_trial_learns_and_reports_every_metric(tiny_model, data_dir, tmp_path):
-    metrics = run_trial(HPARAMS, settings(keep_adapter=True, quantization="none"), tiny_model, data_dir, tmp_path, seed=0)
+    metrics = run_trial(
+        HPARAMS, settings(keep_adapter=True, quantization="none"), tiny_model, data_dir, tmp_path, seed=0
+    )
     assert metrics["status"] == "ok", metrics["error"]
     assert METRIC_FIELDS <= set(metrics) and PROVENANCE_FIELDS <= set(metrics["provenance"])
     assert metrics["error"] is None and metrics["quantization"] == "none" and metrics["device"] == "cpu"
@@ -234,7 +266,9 @@ def test_an_exception_while_training_is_a_failed_trial(tiny_model, data_dir, tmp
         ({**HPARAMS, "weight_decay": -1}, {}, ValueError, r"^training\.weight_decay: must lie in"),
     ],
 )
-def test_bad_hparams_and_settings_raise_before_training(tiny_model, data_dir, tmp_path, hparams, options, error, message):
+def test_bad_hparams_and_settings_raise_before_training(
+    tiny_model, data_dir, tmp_path, hparams, options, error, message
+):
     with pytest.raises(error, match=message):
         run_trial(hparams, settings(**options), tiny_model, data_dir, tmp_path)
 
@@ -243,12 +277,16 @@ def test_sequences_too_short_for_any_completion_raise(tiny_model, tmp_path):
     source = tmp_path / "long.jsonl"
     source.write_text(json.dumps({"prompt": "a long prompt " * 20, "completion": "answer"}) + "\n")
     prepare_dataset(DatasetSpec(path=str(source), eval_fraction=0.0), tmp_path / "prepared")
-    with pytest.raises(ValueError, match=r"^training\.max_seq_length: 16 tokens leave no completion token in any of the 1"):
+    with pytest.raises(
+        ValueError, match=r"^training\.max_seq_length: 16 tokens leave no completion token in any of the 1"
+    ):
         run_trial(HPARAMS, settings(max_seq_length=16), tiny_model, tmp_path / "prepared", tmp_path)
 
 
 def test_missing_prepared_data_raises(tiny_model, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"^data_dir: .* lacks \['train\.jsonl', 'eval\.jsonl', 'manifest\.json'\]"):
+    with pytest.raises(
+        FileNotFoundError, match=r"^data_dir: .* lacks \['train\.jsonl', 'eval\.jsonl', 'manifest\.json'\]"
+    ):
         run_trial(HPARAMS, settings(), tiny_model, tmp_path / "nothing", tmp_path)
 
 

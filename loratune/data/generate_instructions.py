@@ -28,20 +28,67 @@ WORDS = (
 FIRST_NAMES = "Alice Bruno Chen Dana Emil Fatima Greta Hugo Ines Jonas Kira Liam Maya Noor Omar Priya".split()
 CITIES = "Oslo Lima Cairo Perth Quito Dakar Seoul Porto Tunis Riga".split()
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Egypt": "Cairo", "Kenya": "Nairobi",
-    "Canada": "Ottawa", "Mexico": "Mexico City", "Brazil": "Brasilia", "Argentina": "Buenos Aires",
-    "Peru": "Lima", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Poland": "Warsaw",
-    "Greece": "Athens", "Turkey": "Ankara", "Russia": "Moscow", "Australia": "Canberra",
-    "Ireland": "Dublin", "Austria": "Vienna", "Hungary": "Budapest", "Chile": "Santiago",
-    "Thailand": "Bangkok", "Vietnam": "Hanoi", "Morocco": "Rabat",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Brazil": "Brasilia",
+    "Argentina": "Buenos Aires",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Turkey": "Ankara",
+    "Russia": "Moscow",
+    "Australia": "Canberra",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Chile": "Santiago",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Morocco": "Rabat",
 }
 OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "early": "late",
-    "open": "closed", "full": "empty", "hard": "soft", "high": "low", "long": "short", "old": "new",
-    "rich": "poor", "strong": "weak", "thick": "thin", "wet": "dry", "loud": "quiet", "clean": "dirty",
-    "heavy": "light", "cheap": "expensive", "deep": "shallow", "wide": "narrow", "true": "false",
-    "begin": "end", "push": "pull", "win": "lose", "buy": "sell", "give": "take", "arrive": "leave",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "happy": "sad",
+    "light": "dark",
+    "early": "late",
+    "open": "closed",
+    "full": "empty",
+    "hard": "soft",
+    "high": "low",
+    "long": "short",
+    "old": "new",
+    "rich": "poor",
+    "strong": "weak",
+    "thick": "thin",
+    "wet": "dry",
+    "loud": "quiet",
+    "clean": "dirty",
+    "heavy": "light",
+    "cheap": "expensive",
+    "deep": "shallow",
+    "wide": "narrow",
+    "true": "false",
+    "begin": "end",
+    "push": "pull",
+    "win": "lose",
+    "buy": "sell",
+    "give": "take",
+    "arrive": "leave",
     "above": "below",
 }
 
@@ -102,8 +149,11 @@ def kilograms(rng: random.Random) -> Example:
 
 def sort_numbers(rng: random.Random) -> Example:
     numbers = _numbers(rng, rng.randint(3, 6))
-    return ("Sort the numbers from smallest to largest.", ", ".join(map(str, numbers)),
-            ", ".join(map(str, sorted(numbers))))
+    return (
+        "Sort the numbers from smallest to largest.",
+        ", ".join(map(str, numbers)),
+        ", ".join(map(str, sorted(numbers))),
+    )
 
 
 def largest(rng: random.Random) -> Example:
@@ -129,8 +179,7 @@ def date_format(rng: random.Random) -> Example:
 def to_json(rng: random.Random) -> Example:
     name, age, city = rng.choice(FIRST_NAMES), rng.randint(18, 90), rng.choice(CITIES)
     record = {"name": name, "age": age, "city": city}
-    return ("Write the record as a JSON object.", f"name: {name}, age: {age}, city: {city}",
-            json.dumps(record))
+    return ("Write the record as a JSON object.", f"name: {name}, age: {age}, city: {city}", json.dumps(record))
 
 
 def acronym(rng: random.Random) -> Example:
@@ -165,8 +214,26 @@ def first_letters(rng: random.Random) -> Example:
 
 
 TASKS: tuple[Callable[[random.Random], Example], ...] = (
-    reverse, uppercase, add, subtract, multiply, kilometers, hours, kilograms, sort_numbers, largest,
-    parity, count_words, date_format, to_json, acronym, capital, opposite, repeat, last_word, first_letters,
+    reverse,
+    uppercase,
+    add,
+    subtract,
+    multiply,
+    kilometers,
+    hours,
+    kilograms,
+    sort_numbers,
+    largest,
+    parity,
+    count_words,
+    date_format,
+    to_json,
+    acronym,
+    capital,
+    opposite,
+    repeat,
+    last_word,
+    first_letters,
 )
 
 

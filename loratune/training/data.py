@@ -124,8 +124,13 @@ def _read_text_lines(path: Path) -> list[dict]:
     return [{"text": line.rstrip("\n")} for line in path.open(encoding="utf-8") if line.strip()]
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet,
-            ".txt": _read_text_lines}
+_READERS = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+    ".txt": _read_text_lines,
+}
 
 
 def _read_file(path: Path) -> RecordBatch:
@@ -248,7 +253,9 @@ def _self_instruct(record: dict, where: str) -> list[Example]:
         if not isinstance(instance, dict):
             raise ValueError(f"dataset.path: {place}: expected an object with input and output")
         context = _text(instance, "input", place, "self_instruct", required=False)
-        examples.append(Example(instruction_prompt(instruction, context), _completion(instance, "output", place, "self_instruct")))
+        examples.append(
+            Example(instruction_prompt(instruction, context), _completion(instance, "output", place, "self_instruct"))
+        )
     return examples
 
 
@@ -294,8 +301,13 @@ def _chat(record: dict, where: str) -> list[Example]:
     return examples
 
 
-_NORMALIZERS = {"self_instruct": _self_instruct, "alpaca": _alpaca, "prompt_completion": _prompt_completion,
-                "text": _plain_text, "chat": _chat}
+_NORMALIZERS = {
+    "self_instruct": _self_instruct,
+    "alpaca": _alpaca,
+    "prompt_completion": _prompt_completion,
+    "text": _plain_text,
+    "chat": _chat,
+}
 
 
 def normalize(batches: Iterable[RecordBatch], fmt: str) -> list[Example]:
@@ -314,7 +326,9 @@ def held_out_score(example: Example, split_seed: int) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
-def split_examples(examples: Sequence[Example], eval_fraction: float, split_seed: int) -> tuple[list[Example], list[Example]]:
+def split_examples(
+    examples: Sequence[Example], eval_fraction: float, split_seed: int
+) -> tuple[list[Example], list[Example]]:
     """(train, eval): an example is held out when its score is below ``eval_fraction``.
 
     Duplicates land on the same side, so the held-out loss never scores a memorized example.
@@ -418,4 +432,3 @@ def tokenize_examples(tokenizer: Any, examples: Sequence[Example], max_seq_lengt
         labels = ([IGNORE_INDEX] * len(prompt_ids) + answer)[:max_seq_length]
         tokenized.append(TokenizedExample(input_ids, labels))
     return tokenized
-

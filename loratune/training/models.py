@@ -121,7 +121,8 @@ def _cached_conversion(gguf_path: Path, target: Path, source: str) -> str:
 
 def prepare_model(spec: ModelSpec, cache_dir: str | Path) -> str:
     """A path or hub id that ``from_pretrained`` loads: ``<cache_dir>/<name>`` for a GGUF model
-    (converted on the first call, reused after), a local folder as given, a hub id as given."""
+    (converted on the first call, reused after; ``smollm2-135m`` for the builtin, the file's stem
+    for a .gguf path), a local model folder as it is, a hub id as given (never downloaded here)."""
     if spec.name in BUILTIN_GGUF:
         return _cached_conversion(builtin_gguf_path(spec.name), Path(cache_dir) / BUILTIN_GGUF[spec.name][2], spec.name)
     path = Path(spec.name).expanduser()
@@ -132,7 +133,7 @@ def prepare_model(spec: ModelSpec, cache_dir: str | Path) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model.name: {spec.name} has no config.json; expected a Hugging Face model folder")
-        return spec.name
+        return str(path)
     if _looks_like_path(spec.name):
         raise FileNotFoundError(f"model.name: no such file or directory: {spec.name}")
     return spec.name

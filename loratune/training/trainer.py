@@ -183,7 +183,9 @@ def train(
     started = time.perf_counter()
     with tqdm(total=total_steps, desc="train", unit="step", file=sys.stderr, ncols=100) as bar:
         for step in range(total_steps):
-            learning_rate = lora.learning_rate * learning_rate_factor(step, total_steps, warmup_steps, settings.scheduler)
+            learning_rate = lora.learning_rate * learning_rate_factor(
+                step, total_steps, warmup_steps, settings.scheduler
+            )
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
             micro = [[examples[i] for i in next(batches)] for _ in range(settings.gradient_accumulation)]
@@ -219,7 +221,13 @@ def train(
 
 @torch.no_grad()
 def evaluate(
-    model, examples: Sequence[TokenizedExample], batch_size: int, *, pad_id: int, device: torch.device, dtype: torch.dtype
+    model,
+    examples: Sequence[TokenizedExample],
+    batch_size: int,
+    *,
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> float:
     """Mean cross-entropy per completion token over ``examples``.
 
@@ -303,7 +311,9 @@ def run_trial(
     data = read_prepared(data_dir)
     device = resolve_device(settings.device)
     dtype = resolve_compute_dtype(settings.compute_dtype, device)
-    checkpointing = device.type == "cuda" if settings.gradient_checkpointing == "auto" else settings.gradient_checkpointing
+    checkpointing = (
+        device.type == "cuda" if settings.gradient_checkpointing == "auto" else settings.gradient_checkpointing
+    )
     tokenizer = load_tokenizer(model_path, revision=revision, trust_remote_code=trust_remote_code)
     train_set = [e for e in tokenize_examples(tokenizer, data.train, settings.max_seq_length) if e.loss_tokens]
     eval_set = [e for e in tokenize_examples(tokenizer, data.eval, settings.max_seq_length) if e.loss_tokens]
@@ -349,7 +359,12 @@ def run_trial(
     }
     log.info(
         "trial: %s on %s (%s, %s), %d train / %d eval examples",
-        asdict(lora), device, settings.quantization, metrics["compute_dtype"], len(train_set), len(eval_set),
+        asdict(lora),
+        device,
+        settings.quantization,
+        metrics["compute_dtype"],
+        len(train_set),
+        len(eval_set),
     )
     progress = Progress()
     model = None
@@ -369,13 +384,23 @@ def run_trial(
             trust_remote_code=trust_remote_code,
         )
         model = add_lora(
-            model, rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
+            model,
+            rank=lora.lora_rank,
+            alpha=lora.lora_alpha,
+            dropout=lora.lora_dropout,
             target_modules=settings.target_modules,
         )
         metrics["trainable_params"], metrics["total_params"] = model.get_nb_trainable_parameters()
         train(
-            model, train_set, settings, lora,
-            pad_id=tokenizer.pad_token_id, device=device, dtype=dtype, seed=seed, progress=progress,
+            model,
+            train_set,
+            settings,
+            lora,
+            pad_id=tokenizer.pad_token_id,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            progress=progress,
         )
         if eval_set:
             metrics["eval_loss"] = evaluate(

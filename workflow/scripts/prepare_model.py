@@ -2,9 +2,12 @@ from loratune.logs import log_to_file
 
 log_to_file(snakemake.log[0])
 
+from pathlib import Path
+
 from loratune.ledger import atomic_write_json
 from loratune.training import ModelSpec, prepare_model
 
 spec = ModelSpec(**snakemake.params.model)
-path = prepare_model(spec, cache_dir=snakemake.params.cache_dir)
+# The converted model lives beside its marker file, in the shared model cache.
+path = prepare_model(spec, cache_dir=Path(snakemake.output.marker).parent)
 atomic_write_json(snakemake.output.marker, {"name": spec.name, "path": str(path)})

@@ -1,0 +1,96 @@
+"""Measure a grid of real LoRA trials (rank x alpha x learning rate) for the `lora_table` benchmark.
+
+Each grid point is one real QLoRA trial of loratune's trainer: SmolLM2-135M-Instruct (NF4) on the
+175 self-instruct seed tasks, with held-out eval loss. The table lets searches over a real LoRA
+response surface cost nothing (benchmark problem `lora_table`, nearest grid point).
+
+    python bench/lora_grid.py --data ../shared/data/self_instruct_seed_tasks.jsonl --out bench/data/lora_grid.tsv
+
+Rows are appended as trials finish, so a run cut short keeps what it measured; a rerun skips
+grid points already in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+RANKS = (4, 16, 64, 256)
+ALPHAS = (4, 16, 64, 256)
+LEARNING_RATES = (1e-5, 1e-4, 1e-3, 1e-2)
+COLUMNS = (
+    "lora_rank", "lora_alpha", "learning_rate", "status", "eval_loss", "train_loss", "final_train_loss",
+    "train_time", "tokens_per_second", "peak_memory_gib", "trainable_params", "gpu_name",
+)
+
+
+def _worker(args) -> list[dict]:
+    points, model_path, data_dir, settings, out_root, seed = args
+    from loratune.training import TrainingSettings, run_trial
+
+    rows = []
+    for rank, alpha, lr in points:
+        hparams = {"lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr, "lora_dropout": 0.05}
+        metrics = run_trial(
+            hparams=hparams, settings=TrainingSettings(**settings), model_path=model_path,
+            data_dir=data_dir, output_dir=str(Path(out_root) / f"r{rank}_a{alpha}_lr{lr:g}"), seed=seed,
+        )
+        row = {**hparams, **{c: metrics.get(c) for c in COLUMNS if c not in hparams}}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="self-instruct seed tasks (JSONL)")
+    parser.add_argument("--out", required=True, help="TSV to append rows to")
+    parser.add_argument("--workers", type=int, default=2, help="trials training at once on the GPU")
+    parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--scratch", default="/tmp/lora_grid")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from loratune.training import DatasetSpec, ModelSpec, prepare_dataset, prepare_model
+
+    scratch = Path(args.scratch)
+    model_path = prepare_model(ModelSpec(), cache_dir=str(scratch / "models"))
+    data_dir = scratch / "data"
+    prepare_dataset(DatasetSpec(path=args.data, format="self_instruct", eval_fraction=0.15), out_dir=data_dir)
+    settings = dict(quantization="nf4", max_steps=args.max_steps, batch_size=args.batch_size,
+                    max_seq_length=args.seq, scheduler="cosine", warmup_ratio=0.05, keep_adapter=False)
+
+    out = Path(args.out)
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines()[1:]:
+            rank, alpha, lr = line.split("\t")[:3]
+            done.add((int(rank), int(alpha), float(lr)))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\t".join(COLUMNS) + "\n")
+    todo = [p for p in itertools.product(RANKS, ALPHAS, LEARNING_RATES) if p not in done]
+    print(json.dumps({"grid": len(todo), "already": len(done), "settings": settings}), flush=True)
+    started = time.time()
+    chunks = [todo[i:: args.workers] for i in range(args.workers)]
+    # One point per task keeps the table growing row by row across workers.
+    tasks = [([p], str(model_path), str(data_dir), settings, str(scratch / "trials"), args.seed)
+             for chunk in chunks for p in chunk]
+    with mp.get_context("spawn").Pool(args.workers) as pool, out.open("a") as table:
+        for rows in pool.imap_unordered(_worker, tasks):
+            for row in rows:
+                table.write("\t".join("" if row[c] is None else str(row[c]) for c in COLUMNS) + "\n")
+                table.flush()
+    print(json.dumps({"finished": len(todo), "seconds": round(time.time() - started, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
