@@ -159,7 +159,7 @@ def test_study_on_slurm_retries_resumes_and_matches_a_local_run(cluster, tmp_pat
     missing = proposed_trials(workdir) - finished.keys()
     assert lost["trial"] in missing
 
-    # Resuming as docs/slurm.md says: unlock, preview, run.
+    # Resuming as the README ("Running on a Slurm cluster") says: unlock, preview, run.
     run_workflow(workdir, configfile, "--unlock", profile=profile, timeout=120)
     preview = run_workflow(workdir, configfile, "-n", profile=profile, timeout=120)
     assert dry_run_trials(preview.stdout) == missing
