@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from importlib import resources
 from typing import Any, Mapping
 
@@ -161,6 +162,14 @@ def _check_training(config: dict) -> None:
         except ValueError as error:
             message = str(error)
             raise ConfigError(message if message.startswith(f"{key}.") else f"{key}: {message}") from None
+    # A local model or dataset that is missing fails now, not in the first job that reads it.
+    for field, name, suffixes in (
+        ("model.name", config["model"]["name"], (".gguf",)),
+        ("dataset.path", config["dataset"].get("path", ""), (".jsonl", ".json", ".csv", ".parquet", ".txt")),
+    ):
+        local = name.startswith(("/", "./", "../", "~")) or name.lower().endswith(suffixes)
+        if local and not Path(name).expanduser().exists():
+            raise ConfigError(f"{field}: no such file or directory: {name}")
     # Every trial must resolve to LoRA hyperparameters and settings: check one of them now.
     space = SearchSpace.from_config(config["search_space"])
     try:

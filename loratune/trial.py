@@ -44,7 +44,17 @@ def _evaluate_benchmark(study: Study, hparams: dict, seed: int) -> dict:
     return {"status": "ok", "error": None, **metrics}
 
 
-def _evaluate_qlora(study: Study, hparams: dict, seed: int, model_path: str, data_dir: str, out_dir: Path) -> dict:
+def _deadline(runtime_minutes: float | None, started: float) -> float | None:
+    """When training must stop to leave the job time to evaluate and write its metrics."""
+    if not runtime_minutes:
+        return None
+    budget = runtime_minutes * 60
+    return started + budget - max(60.0, 0.1 * budget)
+
+
+def _evaluate_qlora(
+    study: Study, hparams: dict, seed: int, model_path: str, data_dir: str, out_dir: Path, deadline: float | None
+) -> dict:
     from loratune.training import TrainingSettings, run_trial
 
     settings = TrainingSettings(**study.config["training"])
@@ -53,6 +63,7 @@ def _evaluate_qlora(study: Study, hparams: dict, seed: int, model_path: str, dat
         hparams=hparams, settings=settings, model_path=model_path, data_dir=data_dir,
         output_dir=str(out_dir), seed=seed,
         revision=model.get("revision"), trust_remote_code=model.get("trust_remote_code", False),
+        deadline=deadline,
     )
 
 
@@ -63,13 +74,19 @@ def run_trial_job(
     metrics_path: str | Path,
     model_path: str | None = None,
     data_dir: str | None = None,
+    runtime_minutes: float | None = None,
 ) -> dict:
-    """Evaluate one trial with the study's backend and write its metrics.json atomically."""
+    """Evaluate one trial with the study's backend and write its metrics.json atomically.
+
+    ``runtime_minutes`` is the job's wall-time limit: training stops early enough before it to
+    record the trial as failed ("time limit") instead of being killed without a record.
+    """
     from loratune.devices import claim_gpu
 
     metrics_path = Path(metrics_path)
     hparams = study.space.parse_trial_id(trial_id)
     started_at, started = _now(), time.perf_counter()
+    deadline = _deadline(runtime_minutes, time.time())
     gpus = study.config["resources"]["gpus_per_trial"] if study.config["backend"] == "qlora" else 0
     with claim_gpu(gpus) as device:
         log.info("trial %s (seed %d) on %s: %s", trial_id, seed, device or "cpu", study.space.describe(hparams))
@@ -77,7 +94,7 @@ def run_trial_job(
             if study.config["backend"] == "benchmark":
                 metrics = _evaluate_benchmark(study, hparams, seed)
             else:
-                metrics = _evaluate_qlora(study, hparams, seed, model_path, data_dir, metrics_path.parent)
+                metrics = _evaluate_qlora(study, hparams, seed, model_path, data_dir, metrics_path.parent, deadline)
         except Exception as error:  # a crashed trial is a result, not a crash of the study
             log.error("trial %s failed:\n%s", trial_id, traceback.format_exc())
             metrics = {"status": "failed", "error": f"{type(error).__name__}: {error}"}

@@ -1,8 +1,10 @@
+# Runs on the head node: a hub model downloads from there (compute nodes are often offline).
 rule prepare_model:
     output:
         marker=MODEL_MARKER,
     log:
         f"logs/prepare_model/{STUDY.model_slug}.log",
+    localrule: True
     conda:
         "../workflow/envs/loratune.yaml"
     resources:

@@ -20,13 +20,28 @@ def tiny_model(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def test_local_folder_and_hub_id_pass_through(tiny_model, tmp_path):
+def test_local_folder_passes_through(tiny_model, tmp_path):
     assert prepare_model(ModelSpec(name=str(tiny_model)), cache_dir=tmp_path) == str(tiny_model)
-    # A hub id is handed on untouched: nothing is downloaded here.
-    assert (
-        prepare_model(ModelSpec(name="HuggingFaceTB/SmolLM2-135M"), cache_dir=tmp_path) == "HuggingFaceTB/SmolLM2-135M"
-    )
     assert not list(tmp_path.iterdir())
+
+
+def test_hub_id_downloads_once_into_the_cache(tmp_path, monkeypatch):
+    # The hub is out of reach here: record what would be asked of it instead.
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(**kwargs):
+        calls.append(kwargs)
+        return kwargs["local_dir"]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    spec = ModelSpec(name="meta-llama/Meta-Llama-3-8B", revision="main")
+    path = prepare_model(spec, cache_dir=tmp_path)
+    assert path == str(tmp_path / "meta-llama--Meta-Llama-3-8B")
+    (call,) = calls
+    assert call["repo_id"] == "meta-llama/Meta-Llama-3-8B" and call["revision"] == "main"
+    assert "original/*" in call["ignore_patterns"]  # the 16 GB consolidated checkpoint is not needed
 
 
 def test_bad_model_names(tmp_path):

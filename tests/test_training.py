@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,21 @@ def test_epochs_decide_the_steps_without_max_steps(tiny_model, data_dir, tmp_pat
 
 
 # ---- failures --------------------------------------------------------------------------
+def test_a_passed_deadline_stops_training_as_a_failed_trial(tiny_model, data_dir, tmp_path):
+    metrics = run_trial(HPARAMS, settings(), tiny_model, data_dir, tmp_path, deadline=time.time() - 1)
+    assert metrics["status"] == "failed"
+    assert metrics["error"].startswith("TimeLimitReached: stopped after 0 of")
+    assert metrics["eval_loss"] is None
+
+
+def test_the_job_time_limit_leaves_a_margin():
+    from loratune.trial import _deadline
+
+    assert _deadline(None, 1000.0) is None
+    assert _deadline(10, 1000.0) == 1000.0 + 600 - 60  # at least a minute to evaluate and record
+    assert _deadline(600, 0.0) == 36000 - 3600  # a tenth of a long job
+
+
 def test_nan_loss_is_a_failed_trial(tiny_model, data_dir, tmp_path):
     metrics = run_trial({**HPARAMS, "learning_rate": 1e30}, settings(), tiny_model, data_dir, tmp_path)
     assert metrics["status"] == "failed"

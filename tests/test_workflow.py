@@ -103,6 +103,14 @@ BAD_CONFIGS = [
     ("objectives.eval_los", lambda c: c.update(backend="qlora", objectives={"eval_los": "min"})),
     ("pilot.design", lambda c: c["pilot"].update(design="sobol")),
     ("benchmark.problem", lambda c: c["benchmark"].update(problem="zdt9")),
+    ("model.name", lambda c: c.update(backend="qlora", objectives={"eval_loss": "min"},
+                                      model={"name": "/nowhere/model.gguf"})),
+    ("dataset.path", lambda c: c.update(backend="qlora", objectives={"eval_loss": "min"},
+                                        dataset={"path": "missing.jsonl"})),
+    ("training.quantization", lambda c: c.update(backend="qlora", objectives={"eval_loss": "min"},
+                                                 training={"quantization": "int3"})),
+    ("search_space", lambda c: c.update(backend="qlora", objectives={"eval_loss": "min"},
+                                        search_space={"lora_rank": {"type": "int", "low": 4, "high": 8}})),
 ]
 
 

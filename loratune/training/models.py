@@ -122,7 +122,9 @@ def _cached_conversion(gguf_path: Path, target: Path, source: str) -> str:
 def prepare_model(spec: ModelSpec, cache_dir: str | Path) -> str:
     """A path or hub id that ``from_pretrained`` loads: ``<cache_dir>/<name>`` for a GGUF model
     (converted on the first call, reused after; ``smollm2-135m`` for the builtin, the file's stem
-    for a .gguf path), a local model folder as it is, a hub id as given (never downloaded here)."""
+    for a .gguf path), a local model folder as it is, and a hub id downloaded once into
+    ``<cache_dir>/<id with -- for />`` (the workflow runs this on the head node, which on a
+    cluster usually has the network that compute nodes lack)."""
     if spec.name in BUILTIN_GGUF:
         return _cached_conversion(builtin_gguf_path(spec.name), Path(cache_dir) / BUILTIN_GGUF[spec.name][2], spec.name)
     path = Path(spec.name).expanduser()
@@ -136,7 +138,21 @@ def prepare_model(spec: ModelSpec, cache_dir: str | Path) -> str:
         return str(path)
     if _looks_like_path(spec.name):
         raise FileNotFoundError(f"model.name: no such file or directory: {spec.name}")
-    return spec.name
+    return download_hub_model(spec, Path(cache_dir) / spec.name.replace("/", "--"))
+
+
+def download_hub_model(spec: ModelSpec, target: Path) -> str:
+    """Download a hub model's config, tokenizer and safetensors weights (not the original
+    checkpoints) once; the token comes from HF_TOKEN / HF_TOKEN_PATH, never from the config."""
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(
+        repo_id=spec.name,
+        revision=spec.revision,
+        local_dir=str(target),
+        ignore_patterns=["original/*", "*.pth", "*.gguf", "*.msgpack", "*.h5"],
+    )
+    return str(path)
 
 
 def model_fingerprint(model_path: str) -> dict[str, Any]:

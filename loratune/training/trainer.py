@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 PROVENANCE_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
 
 
+class TimeLimitReached(RuntimeError):
+    """The trial would outlive its job's wall-time limit: stop and record it, before Slurm kills it."""
+
+
 class LossDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -171,8 +175,12 @@ def train(
     dtype: torch.dtype,
     seed: int,
     progress: Progress,
+    deadline: float | None = None,
 ) -> None:
-    """Train the LoRA weights of ``model`` in place, recording into ``progress``."""
+    """Train the LoRA weights of ``model`` in place, recording into ``progress``.
+
+    ``deadline`` (a ``time.time()`` value) stops the loop with ``TimeLimitReached`` once passed.
+    """
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lora.learning_rate, weight_decay=settings.weight_decay)
     total_steps = plan_steps(settings, len(examples))
@@ -183,6 +191,8 @@ def train(
     started = time.perf_counter()
     with tqdm(total=total_steps, desc="train", unit="step", file=sys.stderr, ncols=100) as bar:
         for step in range(total_steps):
+            if deadline is not None and time.time() > deadline:
+                raise TimeLimitReached(f"stopped after {step} of {total_steps} steps at the job's time limit")
             learning_rate = lora.learning_rate * learning_rate_factor(
                 step, total_steps, warmup_steps, settings.scheduler
             )
@@ -294,8 +304,12 @@ def run_trial(
     *,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_path`` with LoRA ``hparams`` on the data in ``data_dir``; return the metrics.
+
+    ``deadline`` (a ``time.time()`` value, e.g. a Slurm job's end minus a margin) stops training
+    when passed; the trial is then recorded as failed rather than killed unrecorded.
 
     ``hparams`` holds ``lora_rank``, ``lora_alpha``, ``learning_rate`` and optionally
     ``lora_dropout``; a key named like a training setting overrides it for this trial. The
@@ -401,6 +415,7 @@ def run_trial(
             dtype=dtype,
             seed=seed,
             progress=progress,
+            deadline=deadline,
         )
         if eval_set:
             metrics["eval_loss"] = evaluate(

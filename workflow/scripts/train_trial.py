@@ -20,4 +20,5 @@ run_trial_job(
     metrics_path=snakemake.output.metrics,
     model_path=model_path,
     data_dir=str(Path(snakemake.input.data).parent) if "data" in snakemake.input.keys() else None,
+    runtime_minutes=snakemake.resources.get("runtime"),
 )
