@@ -66,6 +66,19 @@ def _round_significant(value: float, digits: int) -> float:
     return float(f"{value:.{digits}g}")
 
 
+def _scale_to_unit(value: float, low: float, high: float, log: bool) -> float:
+    if log:
+        return (math.log(value) - math.log(low)) / (math.log(high) - math.log(low))
+    return (value - low) / (high - low)
+
+
+def _scale_from_unit(u: float, low: float, high: float, log: bool) -> float:
+    u = min(max(float(u), 0.0), 1.0)
+    if log:
+        return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+    return low + u * (high - low)
+
+
 @dataclass(frozen=True)
 class IntParam:
     """An integer from ``low`` to ``high`` (inclusive) on a grid of ``step``; ``log`` encodes
@@ -97,17 +110,10 @@ class IntParam:
     def to_unit(self, value: Any) -> float:
         if self.high == self.low:
             return 0.5
-        if self.log:
-            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
-        return (value - self.low) / (self.high - self.low)
+        return _scale_to_unit(value, self.low, self.high, self.log)
 
     def from_unit(self, u: float) -> int:
-        u = min(max(float(u), 0.0), 1.0)
-        if self.log:
-            raw = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
-        else:
-            raw = self.low + u * (self.high - self.low)
-        return self.snap(raw)
+        return self.snap(_scale_from_unit(u, self.low, self.high, self.log))
 
     def snap(self, value: Any) -> int:
         value = _finite(self.name, value)
@@ -199,18 +205,10 @@ class FloatParam:
     levels = None
 
     def to_unit(self, value: Any) -> float:
-        value = float(value)
-        if self.log:
-            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
-        return (value - self.low) / (self.high - self.low)
+        return _scale_to_unit(float(value), self.low, self.high, self.log)
 
     def from_unit(self, u: float) -> float:
-        u = min(max(float(u), 0.0), 1.0)
-        if self.log:
-            raw = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
-        else:
-            raw = self.low + u * (self.high - self.low)
-        return self.snap(raw)
+        return self.snap(_scale_from_unit(u, self.low, self.high, self.log))
 
     def snap(self, value: Any) -> float:
         value = min(max(_finite(self.name, value), self.low), self.high)

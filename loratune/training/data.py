@@ -141,7 +141,7 @@ def _read_file(path: Path) -> RecordBatch:
     return RecordBatch(str(path), records)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -153,7 +153,7 @@ def _sha256_tree(folder: Path) -> str:
     # Names and contents of every file, in a fixed order: a renamed or edited file changes it.
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{_sha256_file(path)}\n".encode())
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -201,7 +201,7 @@ def read_source(spec: DatasetSpec) -> tuple[list[RecordBatch], str, str | None]:
         return _read_folder(path, spec.split), str(path), _sha256_tree(path)
     if path.suffix.lower() not in DATA_SUFFIXES:
         raise ValueError(f"dataset.path: {path}: unsupported file type; expected one of {list(DATA_SUFFIXES)}")
-    return [_read_file(path)], str(path), _sha256_file(path)
+    return [_read_file(path)], str(path), sha256_file(path)
 
 
 # ---- normalizing records ---------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loratune import ledger
+from loratune.training.data import sha256_file
 from loratune.training.settings import ModelSpec
 
 # name -> (package that ships the file, file name, folder name in the cache)
@@ -47,14 +48,6 @@ def builtin_gguf_path(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"model.name: {name}: {path} is missing from the {package} package")
     return path
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _looks_like_path(name: str) -> bool:
@@ -93,7 +86,7 @@ def _conversion_of(model_dir: Path, gguf_sha256: str) -> bool:
 
 
 def _cached_conversion(gguf_path: Path, target: Path, source: str) -> str:
-    gguf_sha256 = _sha256_file(gguf_path)
+    gguf_sha256 = sha256_file(gguf_path)
     if _conversion_of(target, gguf_sha256):
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +166,7 @@ def model_fingerprint(model_path: str) -> dict[str, Any]:
     if cached.get("files") == stamp:
         sha256 = cached["sha256"]
     else:
-        hashes = [_sha256_file(path) for path in weights]
+        hashes = [sha256_file(path) for path in weights]
         if len(hashes) == 1:
             sha256 = hashes[0]
         else:  # sharded: one hash over the shards' names and hashes
