@@ -287,3 +287,14 @@ def test_lora_table_is_registered_at_the_repo_path():
     table = PROBLEMS["lora_table"]
     assert isinstance(table, LoraTable)
     assert str(table.path).endswith("bench/data/lora_grid.tsv")
+
+
+def test_the_measured_grid_answers_its_own_rows(space):
+    table = PROBLEMS["lora_table"]
+    if not table.available():
+        pytest.skip(f"no measured grid at {table.path}")
+    rows, _ = table.rows_in(space)
+    assert len(rows) == len(table.grid()), "a measured row lies outside the study's search space"
+    for _, row in rows[rows["status"] == "ok"].head(8).iterrows():
+        point = {"lora_rank": row["lora_rank"], "lora_alpha": row["lora_alpha"], "learning_rate": row["learning_rate"]}
+        assert evaluate("lora_table", space, point, {"eval_loss": "min"})["eval_loss"] == row["eval_loss"]
