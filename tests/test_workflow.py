@@ -136,3 +136,14 @@ def test_lint_and_format():
     files = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "rules").glob("*.smk")))]
     fmt = subprocess.run([snakefmt, "--check", *files], capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_snakemake_report_embeds_the_plots(finished_study):
+    import zipfile
+
+    workdir, configfile, _ = finished_study
+    run_workflow(workdir, configfile, "--report", "report.zip")
+    with zipfile.ZipFile(workdir / "report.zip") as archive:
+        names = archive.namelist()
+    assert any(name.endswith("pareto.html") for name in names), names
+    assert any(name.endswith("hypervolume.html") for name in names), names
