@@ -15,6 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
+# The 2024 study's search space (experiment 4 with alpha as a set), shared by the unit tests.
+STUDY_SPACE = {
+    "lora_rank": {"type": "int", "low": 4, "high": 256, "step": 4},
+    "lora_alpha": {"type": "choice", "values": [4, 8, 16, 32, 64, 128, 256]},
+    "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+    "lora_dropout": {"type": "fixed", "value": 0.05},
+}
+
 
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -14,13 +14,8 @@ from loratune import ledger
 from loratune.benchmarks import evaluate
 from loratune.designs import pilot_design
 from loratune.space import SearchSpace
+from conftest import STUDY_SPACE
 
-STUDY_SPACE = {
-    "lora_rank": {"type": "int", "low": 4, "high": 256, "step": 4},
-    "lora_alpha": {"type": "choice", "values": [4, 8, 16, 32, 64, 128, 256]},
-    "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
-    "lora_dropout": {"type": "fixed", "value": 0.05},
-}
 OBJECTIVES = {"train_loss": "min", "train_time": "min"}
 # Large adapters with a large alpha "run out of memory", so every study has failed trials.
 OOM_RANK = 160

@@ -22,13 +22,8 @@ from loratune.benchmarks import (
 from loratune.designs import pilot_design
 from loratune.pareto import REFERENCE, hypervolume, normalize
 from loratune.proposers import make_proposer
+from conftest import STUDY_SPACE
 
-STUDY_SPACE = {
-    "lora_rank": {"type": "int", "low": 4, "high": 256, "step": 4},
-    "lora_alpha": {"type": "choice", "values": [4, 8, 16, 32, 64, 128, 256]},
-    "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
-    "lora_dropout": {"type": "fixed", "value": 0.05},
-}
 TINY_SPACE = {
     "lora_rank": {"type": "int", "low": 8, "high": 24, "step": 8},
     "lora_alpha": {"type": "choice", "values": [16, 32, 64]},

@@ -18,15 +18,10 @@ from loratune import SearchSpace
 from loratune.designs import grid_points
 from loratune.proposers import AVAILABLE_PROPOSERS, make_proposer
 from loratune.proposers.base import split_history
+from conftest import STUDY_SPACE
 
 REPO = Path(__file__).resolve().parents[1]
 
-STUDY_SPACE = {
-    "lora_rank": {"type": "int", "low": 4, "high": 256, "step": 4},
-    "lora_alpha": {"type": "choice", "values": [4, 8, 16, 32, 64, 128, 256]},
-    "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
-    "lora_dropout": {"type": "fixed", "value": 0.05},
-}
 TINY_SPACE = {
     "lora_rank": {"type": "int", "low": 8, "high": 24, "step": 8},
     "lora_alpha": {"type": "choice", "values": [16, 32, 64]},
