@@ -55,7 +55,8 @@ def _arms_in_order(arms: pd.Series) -> list[str]:
 
 
 def _axis_title(name: str, sense: str) -> str:
-    return f"{name} ({sense})"
+    # "(min)" beside train_time would read as minutes.
+    return f"{name} ({'minimized' if sense == 'min' else 'maximized'})"
 
 
 def _format_value(value: Any) -> str:

@@ -62,8 +62,8 @@ def test_pareto_figure_draws_every_trial_once_with_its_hover(one_seed):
         assert piece in hover
     assert "status: failed" in crosses.hovertext[0] and "OutOfMemoryError" in crosses.hovertext[0]
 
-    assert fig.layout.xaxis.title.text == "train_loss (min)"
-    assert fig.layout.yaxis.title.text == "train_time (min)"
+    assert fig.layout.xaxis.title.text == "train_loss (minimized)"
+    assert fig.layout.yaxis.title.text == "train_time (minimized)"
 
 
 def test_failed_trials_sit_on_the_worst_edge(one_seed):
@@ -99,7 +99,7 @@ def test_front_lines_are_the_pareto_fronts_drawn_as_outer_steps(tmp_path, object
         points = to_minimization(np.column_stack([line.x, line.y]), list(objectives.values()))
         corners = _corners(points, line.line.shape)
         assert (corners >= points[:-1]).all() and (corners >= points[1:]).all()
-    assert fig.layout.xaxis.title.text == f"{names[0]} ({objectives[names[0]]})"
+    assert fig.layout.xaxis.title.text == f"{names[0]} ({ {'min': 'minimized', 'max': 'maximized'}[objectives[names[0]]] })"
     assert line.line.shape == ("hv" if objectives[names[0]] == "min" else "vh")
 
 
@@ -120,8 +120,8 @@ def test_three_objectives_give_a_3d_scatter(tmp_path):
     space, trials = study_trials(tmp_path, objectives=THREE_OBJECTIVES, seeds=(0, 1))
     fig = plots.pareto_figure(trials, THREE_OBJECTIVES, space)
     assert {t.type for t in fig.data} == {"scatter3d"}
-    assert fig.layout.scene.xaxis.title.text == "train_loss (min)"
-    assert fig.layout.scene2.zaxis.title.text == "eval_accuracy (max)"
+    assert fig.layout.scene.xaxis.title.text == "train_loss (minimized)"
+    assert fig.layout.scene2.zaxis.title.text == "eval_accuracy (maximized)"
     (front,) = [t for t in traces(fig, "front: pilot + random") if t.scene == "scene"]
     expected = pareto_front(trials[(trials["seed"] == 0) & trials["arm"].isin({"pilot", "random"})],
                             THREE_OBJECTIVES)
@@ -170,7 +170,7 @@ def test_pareto_table_lists_the_front_of_all_arms_and_of_each(two_seeds):
     (table,) = fig.data
     headers = [h.replace("<b>", "").replace("</b>", "") for h in table.header.values]
     assert headers == ["seed", "front", "trial id", "found by", "round", "lora_rank", "lora_alpha",
-                       "learning_rate", "train_loss (min)", "train_time (min)"]
+                       "learning_rate", "train_loss (minimized)", "train_time (minimized)"]
     columns = dict(zip(headers, table.cells.values))
     rows = pd.DataFrame(columns)
     assert set(rows["front"]) == {"all arms", "pilot + gptune", "pilot + random"}
