@@ -163,12 +163,13 @@ def _check_training(config: dict) -> None:
             message = str(error)
             raise ConfigError(message if message.startswith(f"{key}.") else f"{key}: {message}") from None
     # A local model or dataset that is missing fails now, not in the first job that reads it.
-    for field, name, suffixes in (
-        ("model.name", config["model"]["name"], (".gguf",)),
-        ("dataset.path", config["dataset"].get("path", ""), (".jsonl", ".json", ".csv", ".parquet", ".txt")),
+    from loratune.training import data, models
+
+    for field, name, is_local in (
+        ("model.name", config["model"]["name"], models.looks_like_local_path),
+        ("dataset.path", config["dataset"]["path"], data.looks_like_local_path),
     ):
-        local = name.startswith(("/", "./", "../", "~")) or name.lower().endswith(suffixes)
-        if local and not Path(name).expanduser().exists():
+        if is_local(name) and not Path(name).expanduser().exists():
             raise ConfigError(f"{field}: no such file or directory: {name}")
     # Every trial must resolve to LoRA hyperparameters and settings: check one of them now.
     space = SearchSpace.from_config(config["search_space"])

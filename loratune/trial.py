@@ -39,7 +39,7 @@ def _evaluate_benchmark(study: Study, hparams: dict, seed: int) -> dict:
     bench = study.config["benchmark"]
     metrics = evaluate(
         bench["problem"], study.space, hparams, study.objectives, seed=seed, noise=bench["noise"],
-        **({"memory_limit_gib": bench["memory_limit_gib"]} if bench.get("memory_limit_gib") else {}),
+        memory_limit_gib=bench["memory_limit_gib"],
     )
     return {"status": "ok", "error": None, **metrics}
 

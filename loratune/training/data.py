@@ -79,7 +79,7 @@ def builtin_dataset_path(name: str) -> Path:
     return Path(__file__).resolve().parents[1] / "data" / BUILTIN_FILES[name]
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.lower().endswith(DATA_SUFFIXES)
 
 
@@ -194,7 +194,7 @@ def read_source(spec: DatasetSpec) -> tuple[list[RecordBatch], str, str | None]:
     else:
         path = Path(spec.path).expanduser()
         if not path.exists():
-            if _looks_like_path(spec.path):
+            if looks_like_local_path(spec.path):
                 raise FileNotFoundError(f"dataset.path: no such file or directory: {spec.path}")
             return _read_hub(spec.path, spec.split), spec.path, None
     if path.is_dir():

@@ -50,7 +50,7 @@ def builtin_gguf_path(name: str) -> Path:
     return path
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_local_path(name: str) -> bool:
     # A hub id is "name" or "owner/name"; anything else with a slash is meant as a path.
     return name.startswith(("/", "./", "../", "~")) or name.lower().endswith(".gguf") or name.count("/") > 1
 
@@ -129,7 +129,7 @@ def prepare_model(spec: ModelSpec, cache_dir: str | Path) -> str:
         if not (path / "config.json").is_file():
             raise ValueError(f"model.name: {spec.name} has no config.json; expected a Hugging Face model folder")
         return str(path)
-    if _looks_like_path(spec.name):
+    if looks_like_local_path(spec.name):
         raise FileNotFoundError(f"model.name: no such file or directory: {spec.name}")
     return download_hub_model(spec, Path(cache_dir) / spec.name.replace("/", "--"))
 
