@@ -219,10 +219,16 @@ def load_base_model(
     dtype,
     device,
     gradient_checkpointing: bool,
+    fused: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
 ):
-    """The frozen base model on ``device``: 4-bit NF4 (QLoRA) or plain ``dtype`` weights."""
+    """The frozen base model on ``device``: 4-bit NF4 (QLoRA) or plain ``dtype`` weights.
+
+    ``fused``: for loratune's fused path (``loratune.training.fused``), which keeps norms and
+    embeddings in ``dtype`` and checkpoints layers itself; otherwise set up as the plain peft
+    recipe does (``prepare_model_for_kbit_training``, Hugging Face gradient checkpointing).
+    """
     from transformers import AutoModelForCausalLM
 
     options: dict[str, Any] = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
@@ -239,14 +245,17 @@ def load_base_model(
         )
         options["device_map"] = {"": str(device)}
         model = AutoModelForCausalLM.from_pretrained(model_path, **options)
-        # Freezes the base, keeps norms and embeddings in fp32 for stability (the QLoRA recipe).
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
-        )
+        if not fused:
+            # Freezes the base, keeps norms and embeddings in fp32 for stability (the QLoRA recipe).
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+            )
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, **options).to(device)
-        if gradient_checkpointing:
+        if gradient_checkpointing and not fused:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if fused:
+        model.requires_grad_(False)
     model.config.use_cache = False  # the KV cache only serves generation
     return model
 

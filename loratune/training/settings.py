@@ -168,7 +168,38 @@ class TrainingSettings:
     gradient_checkpointing: bool | str = field(
         default="auto",
         metadata={
-            "help": "Recompute activations in the backward pass to save memory; auto: on for CUDA, off for the CPU."
+            "help": "Recompute activations in the backward pass to save memory. auto: with fused_kernels, "
+            "only for as many layers as memory_budget_gib requires; otherwise on for CUDA, off for the CPU."
+        },
+    )
+    fused_kernels: bool | str = field(
+        default="auto",
+        metadata={
+            "help": "Train Llama-family models through loratune's fused path (packed examples without padding, "
+            "fused q/k/v and gate/up projections with their LoRA branches, chunked cross-entropy, per-layer "
+            "checkpointing from the memory budget). auto: whenever the model is supported; false: the plain "
+            "transformers + peft + bitsandbytes forward, as in the 2024 study."
+        },
+    )
+    compile: bool | str = field(
+        default="auto",
+        metadata={
+            "help": "Compile RMSNorm, RoPE and SwiGLU into fused kernels with torch.compile (fused path only). "
+            "auto: on CUDA."
+        },
+    )
+    dequant_cache: bool | str = field(
+        default="auto",
+        metadata={
+            "help": "Keep the NF4 weights dequantized to the compute dtype between uses (same values, more "
+            "memory; fused path only). auto: when the memory budget has room after the activations."
+        },
+    )
+    memory_budget_gib: float | None = field(
+        default=None,
+        metadata={
+            "help": "GPU memory the fused path may plan for (GiB); null: 90% of the GPU's memory. Decides "
+            "gradient_checkpointing: auto and dequant_cache: auto."
         },
     )
     compute_dtype: str = field(
@@ -196,8 +227,14 @@ class TrainingSettings:
         self._set("warmup_ratio", _real("training.warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True))
         self._set("weight_decay", _real("training.weight_decay", self.weight_decay, 0.0, math.inf, high_open=True))
         self._set("max_grad_norm", _real("training.max_grad_norm", self.max_grad_norm, 0.0, math.inf, high_open=True))
-        if self.gradient_checkpointing != "auto":
-            _flag("training.gradient_checkpointing", self.gradient_checkpointing)
+        for name in ("gradient_checkpointing", "fused_kernels", "compile", "dequant_cache"):
+            if getattr(self, name) != "auto":
+                _flag(f"training.{name}", getattr(self, name))
+        if self.memory_budget_gib is not None:
+            self._set(
+                "memory_budget_gib",
+                _real("training.memory_budget_gib", self.memory_budget_gib, 0.0, math.inf, low_open=True, high_open=True),
+            )
         _choose("training.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         self._set("eval_batch_size", _integer("training.eval_batch_size", self.eval_batch_size, 1))
         _flag("training.keep_adapter", self.keep_adapter)

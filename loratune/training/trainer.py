@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from loratune.training import fused as fused_path  # noqa: E402
 from loratune.training.data import IGNORE_INDEX, TokenizedExample, read_prepared, tokenize_examples  # noqa: E402
 from loratune.training.models import (  # noqa: E402
     add_lora,
@@ -139,6 +140,22 @@ def summed_token_loss(model, batch: Mapping[str, torch.Tensor], dtype: torch.dty
     )
 
 
+def micro_batch_loss(
+    model,
+    fused: fused_path.FusedCausalLM | None,
+    examples: Sequence[TokenizedExample],
+    *,
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    training: bool,
+) -> torch.Tensor:
+    """Summed loss of one micro-batch: packed through the fused path, or padded through the model."""
+    if fused is not None:
+        return fused.loss(fused_path.pack(examples, device), training=training)
+    return summed_token_loss(model, collate(examples, pad_id, device), dtype)
+
+
 def require_trainable_4bit_weights(model) -> None:
     """Refuse 4-bit weights that bitsandbytes repacked for CPU inference.
 
@@ -176,10 +193,13 @@ def train(
     seed: int,
     progress: Progress,
     deadline: float | None = None,
+    fused: fused_path.FusedCausalLM | None = None,
 ) -> None:
     """Train the LoRA weights of ``model`` in place, recording into ``progress``.
 
-    ``deadline`` (a ``time.time()`` value) stops the loop with ``TimeLimitReached`` once passed.
+    ``fused``: train through the fused path (its memory plan is made here, from the settings);
+    None: through the model's own forward. ``deadline`` (a ``time.time()`` value) stops the loop
+    with ``TimeLimitReached`` once passed.
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lora.learning_rate, weight_decay=settings.weight_decay)
@@ -187,6 +207,20 @@ def train(
     warmup_steps = math.floor(settings.warmup_ratio * total_steps)
     batches = micro_batches(len(examples), settings.batch_size, seed)
     require_trainable_4bit_weights(model)
+    if fused is not None:
+        longest = max(len(example.input_ids) for example in examples)
+        plan = fused_path.plan_memory(
+            fused,
+            tokens_per_micro_batch=settings.batch_size * longest,
+            dropout=lora.lora_dropout,
+            checkpointing=settings.gradient_checkpointing,
+            dequant_cache=settings.dequant_cache,
+            budget_gib=settings.memory_budget_gib,
+            device=device,
+            trainable_params=sum(p.numel() for p in parameters),
+        )
+        fused.apply_plan(plan)
+        log.info("fused path: %s%s", plan.describe(len(fused.layers)), ", compiled kernels" if fused.compiled else "")
     model.train()
     started = time.perf_counter()
     with tqdm(total=total_steps, desc="train", unit="step", file=sys.stderr, ncols=100) as bar:
@@ -200,14 +234,14 @@ def train(
                 group["lr"] = learning_rate
             micro = [[examples[i] for i in next(batches)] for _ in range(settings.gradient_accumulation)]
             loss_tokens = sum(example.loss_tokens for batch in micro for example in batch)
-            summed_loss = 0.0
+            summed_loss = torch.zeros((), device=device)
             for batch_examples in micro:
-                batch = collate(batch_examples, pad_id, device)
-                loss = summed_token_loss(model, batch, dtype)
+                loss = micro_batch_loss(model, fused, batch_examples, pad_id=pad_id, device=device, dtype=dtype,
+                                        training=True)
                 (loss / loss_tokens).backward()
-                summed_loss += loss.item()
-                progress.train_tokens += int(batch["attention_mask"].sum())
-            step_loss = summed_loss / loss_tokens
+                summed_loss += loss.detach()
+                progress.train_tokens += sum(len(example.input_ids) for example in batch_examples)
+            step_loss = summed_loss.item() / loss_tokens  # the step's one host sync
             if not math.isfinite(step_loss):
                 raise LossDiverged(f"loss became {'NaN' if math.isnan(step_loss) else 'inf'} at step {step + 1}")
             if step == 0:
@@ -238,6 +272,7 @@ def evaluate(
     pad_id: int,
     device: torch.device,
     dtype: torch.dtype,
+    fused: fused_path.FusedCausalLM | None = None,
 ) -> float:
     """Mean cross-entropy per completion token over ``examples``.
 
@@ -247,12 +282,13 @@ def evaluate(
     model.eval()
     # Similar lengths side by side: less padding, same mean.
     ordered = sorted(examples, key=lambda example: len(example.input_ids))
-    summed_loss, loss_tokens = 0.0, 0
+    summed_loss, loss_tokens = torch.zeros((), device=device), 0
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start : start + batch_size]
-        summed_loss += summed_token_loss(model, collate(chunk, pad_id, device), dtype).item()
+        summed_loss += micro_batch_loss(model, fused, chunk, pad_id=pad_id, device=device, dtype=dtype,
+                                        training=False).float()
         loss_tokens += sum(example.loss_tokens for example in chunk)
-    return summed_loss / loss_tokens
+    return summed_loss.item() / loss_tokens
 
 
 def save_adapter(model, target: Path) -> None:
@@ -269,6 +305,28 @@ def save_adapter(model, target: Path) -> None:
 
 
 # ---- one trial -------------------------------------------------------------------------
+def choose_fused(settings: TrainingSettings, model_path: str, *, revision=None, trust_remote_code=False) -> bool:
+    """Whether the trial trains through the fused path: ``fused_kernels`` true/false, or auto =
+    whenever the model's architecture is supported."""
+    if settings.fused_kernels is False:
+        return False
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+    reason = fused_path.config_unsupported_reason(config)
+    if reason is None:
+        return True
+    if settings.fused_kernels is True:
+        raise ValueError(f"training.fused_kernels: true, but the fused path does not support {reason}")
+    log.info("fused path off: it does not support %s; training through the model's own forward", reason)
+    return False
+
+
+def resolve_compile(settings: TrainingSettings, device: torch.device) -> bool:
+    """``compile``: auto compiles on CUDA only (on the CPU it costs more than it saves in a short trial)."""
+    return device.type == "cuda" if settings.compile == "auto" else settings.compile
+
+
 def _library_versions() -> dict[str, str | None]:
     from loratune import __version__
 
@@ -325,6 +383,7 @@ def run_trial(
     data = read_prepared(data_dir)
     device = resolve_device(settings.device)
     dtype = resolve_compute_dtype(settings.compute_dtype, device)
+    use_fused = choose_fused(settings, model_path, revision=revision, trust_remote_code=trust_remote_code)
     checkpointing = (
         device.type == "cuda" if settings.gradient_checkpointing == "auto" else settings.gradient_checkpointing
     )
@@ -357,7 +416,9 @@ def run_trial(
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "quantization": settings.quantization,
         "compute_dtype": str(dtype).removeprefix("torch."),
-        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing": checkpointing if not use_fused else settings.gradient_checkpointing,
+        "fused_kernels": use_fused,
+        "memory_plan": None,
         "started_at": started_at,
         "hparams": asdict(lora),
         "settings": asdict(settings),
@@ -394,6 +455,7 @@ def run_trial(
             dtype=dtype,
             device=device,
             gradient_checkpointing=checkpointing,
+            fused=use_fused,
             revision=revision,
             trust_remote_code=trust_remote_code,
         )
@@ -405,6 +467,9 @@ def run_trial(
             target_modules=settings.target_modules,
         )
         metrics["trainable_params"], metrics["total_params"] = model.get_nb_trainable_parameters()
+        fused = None
+        if use_fused:
+            fused = fused_path.FusedCausalLM(model, compile=resolve_compile(settings, device))
         train(
             model,
             train_set,
@@ -416,10 +481,27 @@ def run_trial(
             seed=seed,
             progress=progress,
             deadline=deadline,
+            fused=fused,
         )
+        if fused is not None:
+            plan = fused.plan
+            metrics["gradient_checkpointing"] = len(plan.checkpointed) > 0
+            metrics["memory_plan"] = {
+                "checkpointed_layers": len(plan.checkpointed),
+                "layers": len(fused.layers),
+                "dequant_cache": plan.dequant_cache,
+                "budget_gib": plan.budget_gib,
+                "compiled": fused.compiled,
+            }
         if eval_set:
             metrics["eval_loss"] = evaluate(
-                model, eval_set, settings.eval_batch_size, pad_id=tokenizer.pad_token_id, device=device, dtype=dtype
+                model,
+                eval_set,
+                settings.eval_batch_size,
+                pad_id=tokenizer.pad_token_id,
+                device=device,
+                dtype=dtype,
+                fused=fused,
             )
         if settings.keep_adapter:
             save_adapter(model, Path(output_dir) / "adapter")
