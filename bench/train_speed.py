@@ -1,11 +1,25 @@
 """Training speed of loratune's trainer against the plain transformers+peft+bitsandbytes loop.
 
-Same run, same GPU, same Llama-3-8B-shaped model with random weights, seq 2048, batch 4, LoRA
-r=16 on every linear layer, NF4 4-bit with gradient checkpointing. The baseline is
-../shared/bench/hf_qlora_baseline.py (pass its path). Prints one JSON line per measurement:
-tokens/s, peak GiB and useful TFLOP/s (4·N FLOP per token for a frozen base).
+One run, one GPU. Three cases, each printing JSON lines (also appended to --out):
 
-    python bench/train_speed.py --baseline ../shared/bench/hf_qlora_baseline.py --out bench/results/train_speed.jsonl
+synthetic  The issue's measure: a Llama-3-8B-shaped model with random weights, seq 2048, batch 4,
+           LoRA r=16 (alpha 32, dropout 0.05) on every linear layer, NF4 4-bit.
+           ``hf_baseline`` is ../shared/bench/hf_qlora_baseline.py (QLoRA + gradient checkpointing);
+           ``loratune-plain`` is our trainer with ``fused_kernels: false`` (the same recipe);
+           ``loratune-fused`` variants are the fused path with a 38 GiB memory budget (the default
+           planner), with every layer checkpointed, and with eager (uncompiled) kernels.
+           Useful TFLOP/s counts 4·N FLOP per token (N: the matmul parameters, as the baseline
+           does); ``of_limit`` is the share of the useful-FLOP limit at 790 TFLOP/s.
+mixed      Real instruction data of mixed lengths: the 175 self-instruct seed tasks tokenized by
+           SmolLM2's tokenizer (26-1395 tokens, median 105), 16 examples per step as in the QLoRA
+           paper, max 2048 tokens, on the same 8B model. The plain loop pads each batch to its
+           longest example; tokens/s counts non-padding tokens only.
+curves     Training quality: SmolLM2-135M-Instruct (real weights) on the same data, 60 steps, same
+           seed, through ``run_trial`` with the plain and the fused path: both loss curves and the
+           held-out losses (``--plot`` writes them as HTML).
+
+    python bench/train_speed.py --baseline ../shared/bench/hf_qlora_baseline.py \\
+        --out bench/results/train_speed.jsonl --plot bench/results/train_speed_curves.html
 """
 
 from __future__ import annotations
@@ -14,11 +28,16 @@ import argparse
 import gc
 import importlib.util
 import json
-import shutil
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
+
+PEAK_TFLOPS = 790.0  # dense bf16 matmul rate seen on the H200 (the device notes)
+BUDGET_GIB = 38.0  # the issue allows 40 GiB of peak memory
+LORA = dict(lora_rank=16, lora_alpha=32, learning_rate=2e-4, lora_dropout=0.05)
 
 
 def _load_baseline(path: str):
@@ -28,82 +47,237 @@ def _load_baseline(path: str):
     return module
 
 
-def _emit(record: dict, out: Path | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out:
-        with out.open("a") as handle:
-            handle.write(line + "\n")
+class Recorder:
+    def __init__(self, out: Path | None):
+        self.out = out
+        self.records: list[dict] = []
+
+    def __call__(self, record: dict) -> dict:
+        self.records.append(record)
+        line = json.dumps(record)
+        print(line, flush=True)
+        if self.out:
+            with self.out.open("a") as handle:
+                handle.write(line + "\n")
+        return record
 
 
-def measure_loratune(model_dir: str, n_params: int, *, quantization: str, checkpointing: bool, batch: int,
-                     seq: int, rank: int, steps: int, warmup: int) -> dict:
-    from loratune.training.data import TokenizedExample
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU only for a smoke test
+
+
+def _free() -> None:
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_gib() -> float:
+    from loratune.training.trainer import peak_memory_gib
+
+    return round(peak_memory_gib(DEVICE), 1)
+
+
+def load_lora_model(model_dir: str, *, fused: bool):
     from loratune.training.models import add_lora, load_base_model
-    from loratune.training.settings import ALL_LINEAR_LAYERS, LoraHyperparameters, TrainingSettings
+    from loratune.training.settings import ALL_LINEAR_LAYERS
+
+    torch.manual_seed(0)
+    model = load_base_model(model_dir, quantization="nf4", dtype=torch.bfloat16, device=DEVICE,
+                            gradient_checkpointing=True, fused=fused)
+    return add_lora(model, rank=LORA["lora_rank"], alpha=LORA["lora_alpha"], dropout=LORA["lora_dropout"],
+                    target_modules=ALL_LINEAR_LAYERS)
+
+
+def time_training(model, examples, *, fused, batch: int, seq: int, steps: int, warmup: int, **overrides) -> dict:
+    """Train ``warmup`` then ``steps`` steps; tokens/s (non-padding) and peak memory of the timed part."""
+    from loratune.training.settings import LoraHyperparameters, TrainingSettings
     from loratune.training.trainer import Progress, train
 
-    device = torch.device("cuda")
-    torch.cuda.reset_peak_memory_stats()
-    generator = torch.Generator().manual_seed(0)
-    examples = [
-        TokenizedExample(ids, list(ids))
-        for ids in torch.randint(0, 128000, (64, seq), generator=generator).tolist()
-    ]
-    lora = LoraHyperparameters(lora_rank=rank, lora_alpha=2 * rank, learning_rate=2e-4, lora_dropout=0.05)
-    model = load_base_model(model_dir, quantization=quantization, dtype=torch.bfloat16, device=device,
-                            gradient_checkpointing=checkpointing)
-    model = add_lora(model, rank=rank, alpha=2 * rank, dropout=0.05, target_modules=ALL_LINEAR_LAYERS)
+    lora = LoraHyperparameters(**LORA)
+    device = DEVICE
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     results = {}
     for phase, n_steps in (("warmup", warmup), ("timed", steps)):
-        settings = TrainingSettings(quantization=quantization, max_steps=n_steps, batch_size=batch,
-                                    max_seq_length=seq, gradient_checkpointing=checkpointing,
-                                    warmup_ratio=0.0, scheduler="constant", log_every=1000)
+        settings = TrainingSettings(quantization="nf4", max_steps=n_steps, batch_size=batch, max_seq_length=seq,
+                                    warmup_ratio=0.0, scheduler="constant", log_every=1000,
+                                    memory_budget_gib=BUDGET_GIB, **overrides)
         progress = Progress()
-        torch.cuda.synchronize()
-        train(model, examples, settings, lora, pad_id=0, device=device, dtype=torch.bfloat16, seed=0,
-              progress=progress)
-        torch.cuda.synchronize()
+        _sync()
+        train(model, examples, settings, lora, pad_id=0, device=device, dtype=torch.bfloat16,
+              seed=0 if phase == "warmup" else 1, progress=progress, fused=fused)
+        _sync()
         results[phase] = progress
     timed = results["timed"]
-    tokens_per_s = timed.train_tokens / timed.train_time
-    record = dict(
-        trainer="loratune", quant=quantization, grad_ckpt=checkpointing, rank=rank, bs=batch, seqlen=seq,
-        tokens_per_s=round(tokens_per_s), useful_4N_tflops=round(4 * n_params * tokens_per_s / 1e12, 1),
-        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
-        loss_first=round(results["warmup"].loss_curve[0], 3), loss_last=round(timed.loss_curve[-1], 3),
-    )
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    record = dict(tokens_per_s=round(timed.train_tokens / timed.train_time),
+                  step_s=round(timed.train_time / steps, 4),
+                  peak_gib=_peak_gib(),
+                  loss_last=round(timed.loss_curve[-1], 3))
+    if fused is not None:
+        plan = fused.plan
+        record.update(checkpointed_layers=len(plan.checkpointed), dequant_cache=plan.dequant_cache,
+                      compiled=fused.compiled)
+    return record
+
+
+def synthetic_examples(n: int, seq: int):
+    from loratune.training.data import TokenizedExample
+
+    generator = torch.Generator().manual_seed(0)
+    return [TokenizedExample(ids, list(ids)) for ids in torch.randint(0, 128000, (n, seq), generator=generator).tolist()]
+
+
+def mixed_examples(data_file: str, cache: Path):
+    """The self-instruct seed tasks, tokenized by SmolLM2's tokenizer, prompt tokens masked."""
+    from loratune.training import DatasetSpec, prepare_dataset
+    from loratune.training.data import read_prepared, tokenize_examples
+    from loratune.training.models import load_tokenizer, prepare_model
+    from loratune.training.settings import ModelSpec
+
+    smollm2 = prepare_model(ModelSpec("builtin:smollm2-135m"), cache / "models")
+    prepared = cache / "self_instruct"
+    if not (prepared / "manifest.json").exists():
+        prepare_dataset(DatasetSpec(path=data_file, format="self_instruct", eval_fraction=0.0), prepared)
+    examples = tokenize_examples(load_tokenizer(smollm2), read_prepared(prepared).train, 2048)
+    return smollm2, examples
+
+
+def with_speed(record: dict, n_params: int, baseline: float | None) -> dict:
+    tokens = record["tokens_per_s"]
+    record["useful_4N_tflops"] = round(4 * n_params * tokens / 1e12, 1)
+    record["of_limit"] = round(4 * n_params * tokens / 1e12 / PEAK_TFLOPS, 3)
+    if baseline:
+        record["vs_baseline"] = round(tokens / baseline, 2)
     return record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, help="path of hf_qlora_baseline.py")
+    parser.add_argument("--data", default="../shared/data/self_instruct_seed_tasks.jsonl")
     parser.add_argument("--root", default="/tmp/anchor_models")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "loratune_bench")
     parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--cases", default="synthetic,mixed,curves")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="HTML file for the loss curves")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
+    cases = set(args.cases.split(","))
+    emit = Recorder(args.out)
 
     baseline = _load_baseline(args.baseline)
     path = str(Path(args.root) / args.shape)
     baseline.materialize(args.shape, path)
     n_params = baseline.n_params(args.shape)
-    _emit({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "shape": args.shape,
-           "n_params_4N": n_params}, args.out)
+    gpu = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu"
+    emit({"torch": torch.__version__, "gpu": gpu, "shape": args.shape,
+          "n_params_4N": n_params, "useful_flop_limit_tokens_per_s": round(PEAK_TFLOPS * 1e12 / (4 * n_params))})
     started = time.time()
-    if not args.skip_baseline:
-        record = baseline.run(args.shape, path, True, 16, True, 4, 2048, steps=args.steps, warmup=args.warmup)
-        _emit({"trainer": "hf_baseline", **record}, args.out)
-    record = measure_loratune(path, n_params, quantization="nf4", checkpointing=True, batch=4, seq=2048,
-                              rank=16, steps=args.steps, warmup=args.warmup)
-    _emit(record, args.out)
-    _emit({"event": "done", "seconds": round(time.time() - started, 1)}, args.out)
+    timing = dict(steps=args.steps, warmup=args.warmup)
+    mixed_data = None
+    if "mixed" in cases or "curves" in cases:
+        mixed_data = mixed_examples(args.data, args.cache)
+        lengths = [len(e.input_ids) for e in mixed_data[1]]
+        emit({"event": "mixed data", "examples": len(lengths), "min": min(lengths), "max": max(lengths),
+              "mean": round(sum(lengths) / len(lengths), 1)})
+
+    base_tokens = None
+    if "synthetic" in cases:
+        try:
+            record = baseline.run(args.shape, path, True, 16, True, 4, 2048, steps=args.steps, warmup=args.warmup)
+            base_tokens = record["tokens_per_s"]
+            emit({"case": "synthetic", "trainer": "hf_baseline", **record})
+        except Exception:
+            emit({"case": "synthetic", "trainer": "hf_baseline", "error": traceback.format_exc()[-800:]})
+        _free()
+
+    synthetic = synthetic_examples(64, 2048)
+    # The plain trainer (fused_kernels: false): parity with the baseline, and the mixed-data reference.
+    plain_mixed = None
+    if cases & {"synthetic", "mixed"}:
+        try:
+            model = load_lora_model(path, fused=False)
+            if "synthetic" in cases:
+                rec = time_training(model, synthetic, fused=None, batch=4, seq=2048, **timing)
+                emit(with_speed({"case": "synthetic", "trainer": "loratune-plain", **rec}, n_params, base_tokens))
+            if "mixed" in cases:
+                plain_mixed = time_training(model, mixed_data[1], fused=None, batch=16, seq=2048, **timing)
+                emit({"case": "mixed", "trainer": "loratune-plain (pads each batch)", **plain_mixed})
+            del model
+        except Exception:
+            emit({"case": "plain", "error": traceback.format_exc()[-800:]})
+        _free()
+
+        from loratune.training.fused import FusedCausalLM
+
+        try:
+            model = load_lora_model(path, fused=True)
+            variants = [
+                ("budget 38 GiB, compiled", dict(compile=True)),
+                ("every layer checkpointed, compiled", dict(compile=True, gradient_checkpointing=True)),
+                ("budget 38 GiB, eager kernels", dict(compile=False)),
+            ]
+            if "synthetic" in cases:
+                for name, options in variants:
+                    compile_ = options.pop("compile")
+                    fused = FusedCausalLM(model, compile=compile_)
+                    rec = time_training(model, synthetic, fused=fused, batch=4, seq=2048, **timing, **options)
+                    fused.apply_plan(fused.plan.__class__(checkpointed=frozenset(), dequant_cache=False))
+                    emit(with_speed({"case": "synthetic", "trainer": f"loratune-fused ({name})", **rec},
+                                    n_params, base_tokens))
+                    _free()
+            if "mixed" in cases:
+                fused = FusedCausalLM(model, compile=True)
+                rec = time_training(model, mixed_data[1], fused=fused, batch=16, seq=2048, **timing)
+                fused.apply_plan(fused.plan.__class__(checkpointed=frozenset(), dequant_cache=False))
+                if plain_mixed:
+                    rec["vs_plain"] = round(rec["tokens_per_s"] / plain_mixed["tokens_per_s"], 2)
+                emit({"case": "mixed", "trainer": "loratune-fused (packed, budget 38 GiB, compiled)", **rec})
+            del model
+        except Exception:
+            emit({"case": "fused", "error": traceback.format_exc()[-1500:]})
+        _free()
+
+    if "curves" in cases:
+        curves(mixed_data[0], args, emit)
+    emit({"event": "done", "seconds": round(time.time() - started, 1)})
+
+
+def curves(smollm2: str, args, emit) -> None:
+    """Plain and fused trials of SmolLM2 on the same data and seed: loss curves and held-out loss."""
+    from loratune.training import DatasetSpec, TrainingSettings, prepare_dataset, run_trial
+
+    prepared = args.cache / "self_instruct_eval"
+    if not (prepared / "manifest.json").exists():
+        prepare_dataset(DatasetSpec(path=args.data, format="self_instruct", eval_fraction=0.15), prepared)
+    hparams = {"lora_rank": 16, "lora_alpha": 16, "learning_rate": 1e-3, "lora_dropout": 0.05}
+    runs = {}
+    for name, fused in (("plain", False), ("fused", True)):
+        settings = TrainingSettings(quantization="nf4", max_steps=60, batch_size=8, max_seq_length=512,
+                                    warmup_ratio=0.05, log_every=20, fused_kernels=fused)
+        metrics = run_trial(hparams, settings, smollm2, prepared, args.cache / f"curve_{name}", seed=0)
+        runs[name] = metrics
+        emit({"case": "curves", "trainer": name, "status": metrics["status"], "error": metrics["error"],
+              "train_loss": metrics["train_loss"], "eval_loss": metrics["eval_loss"],
+              "train_time": metrics["train_time"], "tokens_per_s": metrics["tokens_per_second"],
+              "peak_gib": metrics["peak_memory_gib"], "loss_curve": metrics["loss_curve"]})
+    if args.plot and all(m["status"] == "ok" for m in runs.values()):
+        import plotly.graph_objects as go
+
+        figure = go.Figure()
+        for name, metrics in runs.items():
+            figure.add_scatter(y=metrics["loss_curve"], x=list(range(1, len(metrics["loss_curve"]) + 1)),
+                               mode="lines", name=f"{name} (held-out loss {metrics['eval_loss']:.3f})")
+        figure.update_layout(title="SmolLM2-135M QLoRA on the self-instruct seed tasks: same seed, same data",
+                             xaxis_title="step", yaxis_title="training loss (per completion token)")
+        figure.write_html(args.plot, include_plotlyjs="cdn")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -55,3 +56,29 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA} (../shared/data beside the checkout)")
     return SHARED_DATA
+
+
+# ---- the training tests' tiny model and data ------------------------------------------
+WORDS = "garden river stone cloud window pencil candle forest planet rocket silver orange".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer random-weight Llama with its tokenizer (tests/tiny_models.py), saved once per session."""
+    from tiny_models import build_tiny_llama
+
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """Twelve reversed words, prepared: small enough to memorize in a few dozen steps."""
+    from loratune.training import DatasetSpec, prepare_dataset
+
+    folder = tmp_path_factory.mktemp("data")
+    source = folder / "reverse.jsonl"
+    source.write_text(
+        "".join(json.dumps({"prompt": f"Reverse {w}:", "completion": f" {w[::-1]}"}) + "\n" for w in WORDS)
+    )
+    prepare_dataset(DatasetSpec(path=str(source), eval_fraction=0.25), folder / "prepared")
+    return folder / "prepared"

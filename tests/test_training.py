@@ -23,7 +23,6 @@ from loratune.training.trainer import (
     train,
 )
 from loratune.training.settings import LoraHyperparameters
-from tiny_models import build_tiny_llama
 
 METRIC_FIELDS = {
     "status",
@@ -48,7 +47,6 @@ METRIC_FIELDS = {
     "provenance",
 }
 PROVENANCE_FIELDS = {"model", "model_sha256", "dataset_sha256", "libraries", "seed", "hostname"}
-WORDS = "garden river stone cloud window pencil candle forest planet rocket silver orange".split()
 HPARAMS = {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 3e-2, "lora_dropout": 0.0}
 CPU = torch.device("cpu")
 
@@ -60,23 +58,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """Twelve reversed words: small enough to memorize in a few dozen steps."""
-    folder = tmp_path_factory.mktemp("data")
-    source = folder / "reverse.jsonl"
-    source.write_text(
-        "".join(json.dumps({"prompt": f"Reverse {w}:", "completion": f" {w[::-1]}"}) + "\n" for w in WORDS)
-    )
-    prepare_dataset(DatasetSpec(path=str(source), eval_fraction=0.25), folder / "prepared")
-    return folder / "prepared"
 
 
 def settings(**options) -> TrainingSettings:

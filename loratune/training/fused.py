@@ -589,34 +589,56 @@ def plan_memory(
     dequantized weights, memory there being the machine's.
     """
     n_layers = len(fused.layers)
-    cache_bytes = sum(g.weights.nbytes for layer in fused.layers for g in layer.groups if g.weights.quantized)
+    quantized = [g.weights for layer in fused.layers for g in layer.groups if g.weights.quantized]
+    cache_bytes = sum(w.nbytes for w in quantized)
     if device.type != "cuda":
         checkpointed = frozenset(range(n_layers)) if checkpointing is True else frozenset()
-        return MemoryPlan(checkpointed=checkpointed, dequant_cache=dequant_cache is True or
-                          (dequant_cache == "auto" and fused.quantized))
+        cache = bool(quantized) and dequant_cache in (True, "auto")
+        return MemoryPlan(checkpointed=checkpointed, dequant_cache=cache)
     total = torch.cuda.get_device_properties(device).total_memory
     budget = budget_gib * 2**30 if budget_gib is not None else 0.9 * total
     per_layer = fused.activation_bytes_per_token(dropout) * tokens_per_micro_batch * 1.1
     hidden_bytes = tokens_per_micro_batch * fused.config.hidden_size * 2
     vocab = fused.lm_head.shape[0]
+    largest_group = max(g.weights.nbytes for layer in fused.layers for g in layer.groups)
+    cached_now = sum(w.nbytes for w in quantized if w.cache is not None)  # a previous plan's cache
     fixed = (
         torch.cuda.memory_allocated(device)
+        - cached_now
         + 16 * trainable_params  # fp32 gradient, two AdamW moments, a spare
-        + LOSS_CHUNK_TOKENS * vocab * 10  # one chunk of logits: bf16, fp32, its gradient
-        + max(g.weights.nbytes for layer in fused.layers for g in layer.groups) * 2  # dequantized temporaries
+        + min(LOSS_CHUNK_TOKENS, tokens_per_micro_batch) * vocab * 10  # a chunk of logits: bf16, fp32, gradient
+        + 2 * largest_group  # dequantized weights in use
         + hidden_bytes * (n_layers + 4)  # layer inputs kept by checkpointing, loss gradient, residuals
         + 2**30  # allocator slack
     )
+    return choose_plan(
+        budget=budget, fixed=fixed, per_layer=per_layer, n_layers=n_layers, cache_bytes=cache_bytes,
+        checkpointing=checkpointing, dequant_cache=dequant_cache,
+    )
+
+
+def choose_plan(
+    *,
+    budget: float,
+    fixed: float,
+    per_layer: float,
+    n_layers: int,
+    cache_bytes: int,
+    checkpointing: bool | str,
+    dequant_cache: bool | str,
+) -> MemoryPlan:
+    """The plan for a budget (bytes): keep the activations of as many layers as fit after ``fixed``
+    (checkpoint the rest, first layers first), then cache the dequantized weights (``cache_bytes``;
+    0 when nothing is quantized) if they fit in what is left."""
     if checkpointing is True:
         keep = 0
     elif checkpointing is False:
         keep = n_layers
     else:
         keep = max(0, min(n_layers, int((budget - fixed) // per_layer)))
-    # Checkpoint the first layers: their recompute cost is the same, and the last layers'
-    # activations are consumed first by the backward pass.
+    # Checkpoint the first layers: the last layers' activations are the first the backward uses.
     checkpointed = frozenset(range(n_layers - keep))
     left = budget - fixed - keep * per_layer
-    cache = dequant_cache is True or (dequant_cache == "auto" and fused.quantized and left > cache_bytes)
-    return MemoryPlan(checkpointed=checkpointed, dequant_cache=bool(cache and fused.quantized),
-                      budget_gib=budget / 2**30, activation_gib_per_layer=per_layer / 2**30)
+    cache = cache_bytes > 0 and (dequant_cache is True or (dequant_cache == "auto" and left > cache_bytes))
+    return MemoryPlan(checkpointed=checkpointed, dequant_cache=cache, budget_gib=budget / 2**30,
+                      activation_gib_per_layer=per_layer / 2**30)

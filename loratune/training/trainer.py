@@ -208,10 +208,15 @@ def train(
     batches = micro_batches(len(examples), settings.batch_size, seed)
     require_trainable_4bit_weights(model)
     if fused is not None:
-        longest = max(len(example.input_ids) for example in examples)
+        # Plan for the largest micro-batch this trial will see (the batch order is fixed by the seed).
+        upcoming = micro_batches(len(examples), settings.batch_size, seed)
+        most_tokens = max(
+            sum(len(examples[i].input_ids) for i in next(upcoming))
+            for _ in range(total_steps * settings.gradient_accumulation)
+        )
         plan = fused_path.plan_memory(
             fused,
-            tokens_per_micro_batch=settings.batch_size * longest,
+            tokens_per_micro_batch=most_tokens,
             dropout=lora.lora_dropout,
             checkpointing=settings.gradient_checkpointing,
             dequant_cache=settings.dequant_cache,

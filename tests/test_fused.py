@@ -1,0 +1,251 @@
+"""The fused training path computes what the plain transformers + peft path computes.
+
+Every test runs on the CPU; the ``device`` parameter adds CUDA where a GPU is present (on the
+lent H200: ``pytest tests/test_fused.py``), so the GPU code path (bf16 kernels, the
+dequantize-into-one-buffer path, compiled kernels) is checked by the same assertions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loratune.training import TrainingSettings, run_trial
+from loratune.training.data import IGNORE_INDEX, TokenizedExample
+from loratune.training.fused import (
+    FusedCausalLM,
+    MemoryPlan,
+    choose_plan,
+    chunked_cross_entropy,
+    config_unsupported_reason,
+    pack,
+    plan_memory,
+)
+from loratune.training.models import add_lora, load_base_model
+from loratune.training.trainer import choose_fused, collate, summed_token_loss
+
+ALL = TrainingSettings().target_modules
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def four_bit_unusable(device: str) -> str | None:
+    try:
+        import bitsandbytes.functional as bnb
+
+        packed, state = bnb.quantize_4bit(torch.randn(64, 64, dtype=torch.bfloat16, device=device), quant_type="nf4")
+        bnb.dequantize_4bit(packed, state)
+    except Exception as error:  # any failure means: not usable here
+        return f"bitsandbytes 4-bit is not usable on this {device} ({type(error).__name__}: {error})"
+    return None
+
+
+def lora_model(path: str, *, quantization="none", dtype=torch.float32, device="cpu", fused: bool,
+               targets=ALL, dropout=0.0, seed=0):
+    """A LoRA-wrapped tiny Llama whose B matrices are random (peft starts them at zero)."""
+    torch.manual_seed(seed)
+    model = load_base_model(path, quantization=quantization, dtype=dtype, device=torch.device(device),
+                            gradient_checkpointing=False, fused=fused)
+    model = add_lora(model, rank=4, alpha=8, dropout=dropout, target_modules=targets)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(hash(name) % 2**31)) * 0.1)
+    return model
+
+
+def examples(lengths=(7, 12, 5, 12), prompt=2, seed=1) -> list[TokenizedExample]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 300, (n,), generator=generator).tolist()
+        out.append(TokenizedExample(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return out
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.float().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def relative_error(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a)
+
+
+# ---- packing and the loss ---------------------------------------------------------------
+def test_pack_restarts_positions_and_never_predicts_across_examples():
+    batch = pack([TokenizedExample([5, 6, 7], [IGNORE_INDEX, 6, 7]), TokenizedExample([8, 9], [8, 9])],
+                 torch.device("cpu"))
+    assert batch.input_ids.tolist() == [5, 6, 7, 8, 9]
+    assert batch.position_ids.tolist() == [0, 1, 2, 0, 1]
+    # position t predicts the label of t+1 within its example; the last token of each predicts nothing
+    assert batch.targets.tolist() == [6, 7, IGNORE_INDEX, 9, IGNORE_INDEX]
+    assert batch.cu_seqlens.tolist() == [0, 3, 5] and batch.tokens == 5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_cross_entropy_equals_the_dense_loss_and_gradient(device):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=generator).to(device).requires_grad_()
+    weight = torch.randn(40, 16, generator=generator).to(device)
+    targets = torch.randint(0, 40, (11,), generator=generator).to(device)
+    targets[[0, 5, 10]] = IGNORE_INDEX
+    dense = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    (expected,) = torch.autograd.grad(2 * dense, hidden)
+    chunked = chunked_cross_entropy(hidden, weight, targets, chunk=3)  # chunks that do not divide 11
+    (got,) = torch.autograd.grad(2 * chunked, hidden)
+    assert chunked.item() == pytest.approx(dense.item(), rel=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # evaluation: the loss alone
+        assert chunked_cross_entropy(hidden, weight, targets).item() == pytest.approx(dense.item(), rel=1e-5)
+
+
+# ---- the fused model against the plain one ----------------------------------------------
+@pytest.mark.parametrize("targets", [ALL, ("q_proj", "v_proj"), ("down_proj",)])
+def test_fused_loss_and_lora_gradients_equal_the_plain_path_in_fp32(tiny_model, targets):
+    batch = examples()
+    plain = lora_model(tiny_model, fused=False, targets=targets)
+    plain.train()
+    expected = summed_token_loss(plain, collate(batch, 0, torch.device("cpu")), torch.float32)
+    expected.backward()
+    fused_model = lora_model(tiny_model, fused=True, targets=targets)
+    got = FusedCausalLM(fused_model).loss(pack(batch, torch.device("cpu")), training=True)
+    got.backward()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert relative_error(lora_grads(fused_model), lora_grads(plain)) < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_fused_path_is_as_close_to_fp32_as_the_plain_path(tiny_model, device):
+    """In bf16 both paths round differently; the fused one must not be further from exact."""
+    batch = examples()
+    dev = torch.device(device)
+    exact_model = lora_model(tiny_model, device=device, fused=False)
+    exact_model.train()
+    summed_token_loss(exact_model, collate(batch, 0, dev), torch.float32).backward()
+    exact = lora_grads(exact_model)
+    plain = lora_model(tiny_model, dtype=torch.bfloat16, device=device, fused=False)
+    plain.train()
+    summed_token_loss(plain, collate(batch, 0, dev), torch.bfloat16).backward()
+    fused_model = lora_model(tiny_model, dtype=torch.bfloat16, device=device, fused=True)
+    FusedCausalLM(fused_model, compile=device == "cuda").loss(pack(batch, dev), training=True).backward()
+    plain_error = relative_error(lora_grads(plain), exact)
+    fused_error = relative_error(lora_grads(fused_model), exact)
+    assert fused_error < max(1.25 * plain_error, 0.02), (fused_error, plain_error)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nf4_fused_path_trains_the_same_model_as_the_plain_qlora_path(tiny_model, device):
+    """The 4-bit path: same loss within bf16 rounding, gradients in every LoRA weight (the repack trap)."""
+    if four_bit_unusable(device):
+        pytest.skip(four_bit_unusable(device))
+    batch = examples()
+    dev = torch.device(device)
+    plain = lora_model(tiny_model, quantization="nf4", dtype=torch.bfloat16, device=device, fused=False)
+    plain.train()
+    expected = summed_token_loss(plain, collate(batch, 0, dev), torch.bfloat16)
+    expected.backward()
+    fused_model = lora_model(tiny_model, quantization="nf4", dtype=torch.bfloat16, device=device, fused=True)
+    fused = FusedCausalLM(fused_model, compile=device == "cuda")
+    assert fused.quantized
+    got = fused.loss(pack(batch, dev), training=True)
+    got.backward()
+    assert got.item() == pytest.approx(expected.item(), rel=0.01)
+    grads = lora_grads(fused_model)
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    assert relative_error(grads, lora_grads(plain)) < 0.3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpointed_layers_give_the_same_gradients_dropout_included(tiny_model, device):
+    batch = examples()
+    dev = torch.device(device)
+    grads = []
+    for checkpointed in (frozenset(), frozenset({0, 1})):
+        model = lora_model(tiny_model, device=device, fused=True, dropout=0.1)
+        fused = FusedCausalLM(model)
+        fused.apply_plan(MemoryPlan(checkpointed=checkpointed, dequant_cache=False))
+        torch.manual_seed(7)
+        fused.loss(pack(batch, dev), training=True).backward()
+        grads.append(lora_grads(model))
+    assert relative_error(grads[1], grads[0]) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dequantized_weight_cache_changes_nothing(tiny_model, device):
+    if four_bit_unusable(device):
+        pytest.skip(four_bit_unusable(device))
+    batch = examples()
+    losses = []
+    for cache in (False, True):
+        model = lora_model(tiny_model, quantization="nf4", dtype=torch.bfloat16, device=device, fused=True)
+        fused = FusedCausalLM(model)
+        fused.apply_plan(MemoryPlan(checkpointed=frozenset(), dequant_cache=cache))
+        assert all(g.weights.cache is not None for g in fused.layers[0].groups) == cache
+        losses.append(fused.loss(pack(batch, torch.device(device)), training=True).item())
+    assert losses[0] == losses[1]
+
+
+def test_compiled_kernels_compute_the_same_loss(tiny_model):
+    batch = examples()
+    losses = []
+    for compile in (False, True):
+        model = lora_model(tiny_model, fused=True)
+        losses.append(FusedCausalLM(model, compile=compile).loss(pack(batch, torch.device("cpu")), training=True).item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+# ---- memory plan -------------------------------------------------------------------------
+GIB = 2**30
+
+
+def test_the_budget_decides_how_many_layers_recompute_and_whether_weights_stay_dequantized():
+    common = dict(fixed=10 * GIB, per_layer=1 * GIB, n_layers=32, cache_bytes=14 * GIB, dequant_cache="auto")
+    tight = choose_plan(budget=30 * GIB, checkpointing="auto", **common)
+    assert tight.checkpointed == frozenset(range(12)) and not tight.dequant_cache  # 20 layers kept, first 12 recompute
+    roomy = choose_plan(budget=60 * GIB, checkpointing="auto", **common)
+    assert roomy.checkpointed == frozenset() and roomy.dequant_cache  # 42 GiB + 14 GiB cache fit in 60
+    assert len(choose_plan(budget=60 * GIB, checkpointing=True, **common).checkpointed) == 32
+    assert choose_plan(budget=5 * GIB, checkpointing=False, **common).checkpointed == frozenset()
+    assert len(choose_plan(budget=5 * GIB, checkpointing="auto", **common).checkpointed) == 32
+    assert not choose_plan(budget=60 * GIB, checkpointing="auto", **{**common, "cache_bytes": 0}).dequant_cache
+    assert not choose_plan(budget=60 * GIB, checkpointing="auto", **{**common, "dequant_cache": False}).dequant_cache
+
+
+def test_on_the_cpu_the_plan_checkpoints_only_when_asked(tiny_model):
+    fused = FusedCausalLM(lora_model(tiny_model, fused=True))
+    options = dict(tokens_per_micro_batch=64, dropout=0.0, dequant_cache="auto", budget_gib=None,
+                   device=torch.device("cpu"), trainable_params=1000)
+    assert plan_memory(fused, checkpointing="auto", **options).checkpointed == frozenset()
+    assert plan_memory(fused, checkpointing=True, **options).checkpointed == frozenset({0, 1})
+    assert not plan_memory(fused, checkpointing="auto", **options).dequant_cache  # nothing is quantized
+
+
+# ---- choosing the path, and whole trials -------------------------------------------------
+def test_unsupported_architectures_fall_back_or_fail_clearly(tmp_path, tiny_model):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
+    assert config_unsupported_reason(GPT2Config()) == "model type 'gpt2' (supported: llama, mistral)"
+    assert choose_fused(TrainingSettings(), str(tmp_path)) is False
+    with pytest.raises(ValueError, match=r"^training\.fused_kernels: true, but the fused path does not support model type 'gpt2'"):
+        choose_fused(TrainingSettings(fused_kernels=True), str(tmp_path))
+    assert choose_fused(TrainingSettings(fused_kernels=False), tiny_model) is False
+    assert choose_fused(TrainingSettings(), tiny_model) is True
+
+
+def test_a_fused_trial_follows_the_plain_trial_loss_curve(tiny_model, data_dir, tmp_path):
+    """Same seed, data and hyperparameters: the two paths train the same model (fp32, no dropout)."""
+    hparams = {"lora_rank": 8, "lora_alpha": 16, "learning_rate": 1e-2, "lora_dropout": 0.0}
+    common = dict(max_steps=15, warmup_ratio=0.0, log_every=100, quantization="none", compute_dtype="float32")
+    plain = run_trial(hparams, TrainingSettings(fused_kernels=False, **common), tiny_model, data_dir, tmp_path / "a")
+    fused = run_trial(hparams, TrainingSettings(fused_kernels=True, **common), tiny_model, data_dir, tmp_path / "b")
+    assert plain["status"] == fused["status"] == "ok", (plain["error"], fused["error"])
+    assert not plain["fused_kernels"] and fused["fused_kernels"]
+    assert fused["memory_plan"] == {"checkpointed_layers": 0, "layers": 2, "dequant_cache": False,
+                                    "budget_gib": None, "compiled": False}
+    assert fused["train_tokens"] == plain["train_tokens"]  # same tokens, no padding counted
+    for a, b in zip(plain["loss_curve"], fused["loss_curve"]):
+        assert math.isclose(a, b, rel_tol=1e-3), (plain["loss_curve"], fused["loss_curve"])
+    assert fused["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-3)
