@@ -174,7 +174,8 @@ def main() -> None:
 
     baseline = _load_baseline(args.baseline)
     path = str(Path(args.root) / args.shape)
-    baseline.materialize(args.shape, path)
+    if cases & {"synthetic", "mixed"}:
+        baseline.materialize(args.shape, path)
     n_params = baseline.n_params(args.shape)
     gpu = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu"
     emit({"torch": torch.__version__, "gpu": gpu, "shape": args.shape,
