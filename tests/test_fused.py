@@ -187,6 +187,31 @@ def test_dequantized_weight_cache_changes_nothing(tiny_model, device):
     assert losses[0] == losses[1]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length kernel is CUDA only")
+def test_variable_length_attention_equals_attending_example_by_example():
+    from loratune.training.fused import attention
+
+    lengths = [5, 17, 2, 9]
+    batch = pack([TokenizedExample(list(range(n)), list(range(n))) for n in lengths], torch.device("cuda"))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(sum(lengths), 8, 64, device="cuda", dtype=torch.bfloat16, generator=generator).requires_grad_()
+    kv = torch.randn(2, sum(lengths), 2, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    k, v = kv[0].requires_grad_(), kv[1].requires_grad_()
+    got = attention(q, k, v, batch)
+    grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+    expected, start = [], 0
+    for n in lengths:
+        part = F.scaled_dot_product_attention(*(t[start : start + n].transpose(0, 1)[None] for t in (q, k, v)),
+                                              is_causal=True, enable_gqa=True)
+        expected.append(part[0].transpose(0, 1).reshape(n, -1))
+        start += n
+    expected = torch.cat(expected)
+    expected_grads = torch.autograd.grad(expected.float().square().sum(), (q, k, v))
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
 def test_compiled_kernels_compute_the_same_loss(tiny_model):
     batch = examples()
     losses = []
@@ -211,6 +236,8 @@ def test_the_budget_decides_how_many_layers_recompute_and_whether_weights_stay_d
     assert len(choose_plan(budget=5 * GIB, checkpointing="auto", **common).checkpointed) == 32
     assert not choose_plan(budget=60 * GIB, checkpointing="auto", **{**common, "cache_bytes": 0}).dequant_cache
     assert not choose_plan(budget=60 * GIB, checkpointing="auto", **{**common, "dequant_cache": False}).dequant_cache
+    forced = choose_plan(budget=30 * GIB, checkpointing="auto", **{**common, "dequant_cache": True})
+    assert forced.dequant_cache and len(forced.checkpointed) == 26  # the cache's 14 GiB leave room for 6 layers
 
 
 def test_on_the_cpu_the_plan_checkpoints_only_when_asked(tiny_model):
@@ -238,7 +265,8 @@ def test_unsupported_architectures_fall_back_or_fail_clearly(tmp_path, tiny_mode
 def test_a_fused_trial_follows_the_plain_trial_loss_curve(tiny_model, data_dir, tmp_path):
     """Same seed, data and hyperparameters: the two paths train the same model (fp32, no dropout)."""
     hparams = {"lora_rank": 8, "lora_alpha": 16, "learning_rate": 1e-2, "lora_dropout": 0.0}
-    common = dict(max_steps=15, warmup_ratio=0.0, log_every=100, quantization="none", compute_dtype="float32")
+    common = dict(max_steps=15, warmup_ratio=0.0, log_every=100, quantization="none", compute_dtype="float32",
+                  device="cpu")
     plain = run_trial(hparams, TrainingSettings(fused_kernels=False, **common), tiny_model, data_dir, tmp_path / "a")
     fused = run_trial(hparams, TrainingSettings(fused_kernels=True, **common), tiny_model, data_dir, tmp_path / "b")
     assert plain["status"] == fused["status"] == "ok", (plain["error"], fused["error"])
