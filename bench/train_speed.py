@@ -151,14 +151,14 @@ def synthetic_examples(n: int, seq: int):
     return [TokenizedExample(ids, list(ids)) for ids in torch.randint(0, 128000, (n, seq), generator=generator).tolist()]
 
 
-def mixed_examples(data_file: str, cache: Path):
+def mixed_examples(data_file: str, cache: Path, tokenizer_dir: str | None = None):
     """The self-instruct seed tasks, tokenized by SmolLM2's tokenizer, prompt tokens masked."""
     from loratune.training import DatasetSpec, prepare_dataset
     from loratune.training.data import read_prepared, tokenize_examples
     from loratune.training.models import load_tokenizer, prepare_model
     from loratune.training.settings import ModelSpec
 
-    smollm2 = prepare_model(ModelSpec("builtin:smollm2-135m"), cache / "models")
+    smollm2 = tokenizer_dir or prepare_model(ModelSpec("builtin:smollm2-135m"), cache / "models")
     prepared = cache / "self_instruct"
     if not (prepared / "manifest.json").exists():
         prepare_dataset(DatasetSpec(path=data_file, format="self_instruct", eval_fraction=0.0), prepared)
@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--cases", default="synthetic,mixed,curves")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="HTML file for the loss curves")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a folder with SmolLM2's tokenizer, instead of converting the builtin GGUF")
     parser.add_argument("--profile", type=Path, default=None,
                         help="write a torch.profiler table of two steps of the first fused variant here")
     parser.add_argument("--steps", type=int, default=8)
@@ -205,7 +207,7 @@ def main() -> None:
     timing = dict(steps=args.steps, warmup=args.warmup)
     mixed_data = None
     if "mixed" in cases or "curves" in cases:
-        mixed_data = mixed_examples(args.data, args.cache)
+        mixed_data = mixed_examples(args.data, args.cache, args.tokenizer)
         lengths = [len(e.input_ids) for e in mixed_data[1]]
         emit({"event": "mixed data", "examples": len(lengths), "min": min(lengths), "max": max(lengths),
               "mean": round(sum(lengths) / len(lengths), 1)})
@@ -264,7 +266,7 @@ def main() -> None:
                 fused.apply_plan(fused.plan.__class__(checkpointed=frozenset(), dequant_cache=False))
                 if plain_mixed:
                     rec["vs_plain"] = round(rec["tokens_per_s"] / plain_mixed["tokens_per_s"], 2)
-                emit({"case": "mixed", "trainer": "loratune-fused (packed, budget 38 GiB, compiled)", **rec})
+                emit({"case": "mixed", "trainer": f"loratune-fused (packed, budget {BUDGET_GIB:g} GiB, compiled)", **rec})
             del model
         except Exception:
             emit({"case": "fused", "error": traceback.format_exc()[-1500:]})

@@ -101,6 +101,27 @@ def test_chunked_cross_entropy_equals_the_dense_loss_and_gradient(device):
         assert chunked_cross_entropy(hidden, weight, targets).item() == pytest.approx(dense.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(device):
+    from loratune.training.fused import FrozenWeights, _FrozenLinearLora
+
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(16, 12, bias=True).to(device).requires_grad_(False)
+    x = torch.randn(9, 16, generator=generator).to(device).requires_grad_()
+    lora_a = (torch.randn(4, 16, generator=generator) * 0.3).to(device).requires_grad_()
+    lora_b = (torch.randn(12, 4, generator=generator) * 0.3).to(device).requires_grad_()
+    torch.manual_seed(3)
+    y = _FrozenLinearLora.apply(x, lora_a, lora_b, FrozenWeights([linear], torch.float32), 0.25)
+    got = torch.autograd.grad(y.square().sum(), (x, lora_a, lora_b))
+    torch.manual_seed(3)  # the same mask, by the same call on the same RNG state
+    _, mask = torch.native_dropout(x.detach(), 0.25, True)
+    expected_y = linear(x) + ((x * mask / 0.75) @ lora_a.t()) @ lora_b.t()
+    expected = torch.autograd.grad(expected_y.square().sum(), (x, lora_a, lora_b))
+    torch.testing.assert_close(y, expected_y)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 # ---- the fused model against the plain one ----------------------------------------------
 @pytest.mark.parametrize("targets", [ALL, ("q_proj", "v_proj"), ("down_proj",)])
 def test_fused_loss_and_lora_gradients_equal_the_plain_path_in_fp32(tiny_model, targets):
