@@ -189,6 +189,8 @@ def main() -> None:
                         help="a folder with SmolLM2's tokenizer, instead of converting the builtin GGUF")
     parser.add_argument("--profile", type=Path, default=None,
                         help="write a torch.profiler table of two steps of the first fused variant here")
+    parser.add_argument("--variants", type=int, default=4, help="how many of the fused variants to run (in order)")
+    parser.add_argument("--skip-plain", action="store_true", help="skip loratune's plain path (needed by 'mixed')")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
@@ -225,7 +227,7 @@ def main() -> None:
     synthetic = synthetic_examples(64, 2048)
     # The plain trainer (fused_kernels: false): parity with the baseline, and the mixed-data reference.
     plain_mixed = None
-    if cases & {"synthetic", "mixed"}:
+    if cases & {"synthetic", "mixed"} and not args.skip_plain:
         try:
             model = load_lora_model(path, fused=False)
             if "synthetic" in cases:
@@ -239,6 +241,7 @@ def main() -> None:
             emit({"case": "plain", "error": traceback.format_exc()[-800:]})
         _free()
 
+    if cases & {"synthetic", "mixed"}:
         from loratune.training.fused import FusedCausalLM
 
         try:
@@ -250,7 +253,7 @@ def main() -> None:
                 (f"budget {BUDGET_GIB:g} GiB, eager kernels", dict(compile=False)),
             ]
             if "synthetic" in cases:
-                for index, (name, options) in enumerate(variants):
+                for index, (name, options) in enumerate(variants[: args.variants]):
                     compile_ = options.pop("compile")
                     fused = FusedCausalLM(model, compile=compile_)
                     rec = time_training(model, synthetic, fused=fused, batch=4, seq=2048, **timing, **options)
