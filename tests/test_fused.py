@@ -336,3 +336,24 @@ def test_a_fused_trial_follows_the_plain_trial_loss_curve(tiny_model, data_dir, 
     for a, b in zip(plain["loss_curve"], fused["loss_curve"]):
         assert math.isclose(a, b, rel_tol=1e-3), (plain["loss_curve"], fused["loss_curve"])
     assert fused["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-3)
+
+
+def test_a_failing_compiler_falls_back_to_eager_kernels(tiny_model, data_dir, tmp_path, monkeypatch):
+    """No working C compiler (as on some compute nodes): the trial trains on with eager kernels."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    hparams = {"lora_rank": 8, "lora_alpha": 16, "learning_rate": 1e-2, "lora_dropout": 0.0}
+    common = dict(max_steps=4, warmup_ratio=0.0, log_every=100, quantization="none", compute_dtype="float32",
+                  device="cpu")
+    eager = run_trial(hparams, TrainingSettings(compile=False, **common), tiny_model, data_dir, tmp_path / "a")
+    torch._dynamo.reset()  # no compiled code cached from other tests
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    try:
+        broken = run_trial(hparams, TrainingSettings(compile=True, **common), tiny_model, data_dir, tmp_path / "b")
+    finally:
+        torch._dynamo.reset()
+    assert broken["status"] == "ok", broken["error"]
+    assert broken["memory_plan"]["compiled"] is False
+    assert broken["loss_curve"] == pytest.approx(eager["loss_curve"], rel=1e-6)
+    assert broken["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-6)

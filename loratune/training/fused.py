@@ -349,6 +349,13 @@ class Kernels:
     masked_accumulate: Callable = masked_accumulate
 
 
+def is_compile_error(error: BaseException) -> bool:
+    """Whether ``error`` came from torch.compile's machinery (no C compiler on the node, a
+    Triton or Inductor failure, ...) rather than from the computation itself."""
+    module = type(error).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor", "triton"))
+
+
 def make_kernels(compile: bool) -> Kernels:
     """Eager elementwise functions, or the same functions compiled into fused kernels."""
     if not compile:
@@ -571,6 +578,11 @@ class FusedCausalLM:
         # bf16, 30 layers of rounded adds doubled the LoRA gradients' error (SmolLM2, tests).
         self.residual_dtype = residual_dtype
         self.plan = MemoryPlan(checkpointed=frozenset(), dequant_cache=False)
+
+    def use_eager(self) -> None:
+        """Fall back to the eager elementwise kernels (same results) after a compile failure."""
+        self.kernels = make_kernels(False)
+        self.compiled = False
 
     @property
     def quantized(self) -> bool:

@@ -219,18 +219,33 @@ def train(
             sum(len(examples[i].input_ids) for i in next(upcoming))
             for _ in range(total_steps * settings.gradient_accumulation)
         )
-        plan = fused_path.plan_memory(
-            fused,
-            tokens_per_micro_batch=most_tokens,
-            dropout=lora.lora_dropout,
-            checkpointing=settings.gradient_checkpointing,
-            dequant_cache=settings.dequant_cache,
-            budget_gib=settings.memory_budget_gib,
-            device=device,
-            trainable_params=sum(p.numel() for p in parameters),
-        )
-        fused.apply_plan(plan)
-        log.info("fused path: %s%s", plan.describe(len(fused.layers)), ", compiled kernels" if fused.compiled else "")
+
+        def make_plan() -> None:
+            plan = fused_path.plan_memory(
+                fused,
+                tokens_per_micro_batch=most_tokens,
+                dropout=lora.lora_dropout,
+                checkpointing=settings.gradient_checkpointing,
+                dequant_cache=settings.dequant_cache,
+                budget_gib=settings.memory_budget_gib,
+                device=device,
+                trainable_params=sum(p.numel() for p in parameters),
+            )
+            fused.apply_plan(plan)
+            compiled = ", compiled kernels" if fused.compiled else ""
+            log.info("fused path: %s%s", plan.describe(len(fused.layers)), compiled)
+
+        make_plan()
+
+    def forward_backward(micro: list[list[TokenizedExample]], loss_tokens: int) -> torch.Tensor:
+        summed = torch.zeros((), device=device)
+        for batch_examples in micro:
+            loss = micro_batch_loss(model, fused, batch_examples, pad_id=pad_id, device=device, dtype=dtype,
+                                    training=True)
+            (loss / loss_tokens).backward()
+            summed += loss.detach()
+        return summed
+
     model.train()
     started = time.perf_counter()
     with tqdm(total=total_steps, desc="train", unit="step", file=sys.stderr, ncols=100) as bar:
@@ -244,13 +259,18 @@ def train(
                 group["lr"] = learning_rate
             micro = [[examples[i] for i in next(batches)] for _ in range(settings.gradient_accumulation)]
             loss_tokens = sum(example.loss_tokens for batch in micro for example in batch)
-            summed_loss = torch.zeros((), device=device)
-            for batch_examples in micro:
-                loss = micro_batch_loss(model, fused, batch_examples, pad_id=pad_id, device=device, dtype=dtype,
-                                        training=True)
-                (loss / loss_tokens).backward()
-                summed_loss += loss.detach()
-                progress.train_tokens += sum(len(example.input_ids) for example in batch_examples)
+            try:
+                summed_loss = forward_backward(micro, loss_tokens)
+            except Exception as error:
+                if fused is None or not fused.compiled or not fused_path.is_compile_error(error):
+                    raise
+                # e.g. no C compiler on a compute node: the same step again with eager kernels
+                log.warning("compiled kernels failed (%s); continuing with eager kernels", _one_line(error))
+                fused.use_eager()
+                make_plan()
+                optimizer.zero_grad(set_to_none=True)
+                summed_loss = forward_backward(micro, loss_tokens)
+            progress.train_tokens += sum(len(example.input_ids) for batch in micro for example in batch)
             step_loss = summed_loss.item() / loss_tokens  # the step's one host sync
             if not math.isfinite(step_loss):
                 raise LossDiverged(f"loss became {'NaN' if math.isnan(step_loss) else 'inf'} at step {step + 1}")
@@ -295,8 +315,15 @@ def evaluate(
     summed_loss, loss_tokens = torch.zeros((), device=device), 0
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start : start + batch_size]
-        summed_loss += micro_batch_loss(model, fused, chunk, pad_id=pad_id, device=device, dtype=dtype,
-                                        training=False).float()
+        try:
+            loss = micro_batch_loss(model, fused, chunk, pad_id=pad_id, device=device, dtype=dtype, training=False)
+        except Exception as error:
+            if fused is None or not fused.compiled or not fused_path.is_compile_error(error):
+                raise
+            log.warning("compiled kernels failed (%s); evaluating with eager kernels", _one_line(error))
+            fused.use_eager()
+            loss = micro_batch_loss(model, fused, chunk, pad_id=pad_id, device=device, dtype=dtype, training=False)
+        summed_loss += loss.float()
         loss_tokens += sum(example.loss_tokens for example in chunk)
     return summed_loss.item() / loss_tokens
 
