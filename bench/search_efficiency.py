@@ -110,7 +110,9 @@ class BenchProblem:
             return None, None
         truth = observed if self.noise == 0 else evaluate(self.problem, space, point, self.objectives)
         values = [truth[name] for name in self.objectives]
-        return {name: observed[name] for name in self.objectives}, to_minimization([values], list(self.objectives.values()))[0]
+        return {name: observed[name] for name in self.objectives}, to_minimization(
+            [values], list(self.objectives.values())
+        )[0]
 
 
 TWO = {"f1": "min", "f2": "min"}
@@ -119,8 +121,12 @@ BENCH_PROBLEMS = {
     for p in (
         BenchProblem("zdt1", "zdt1", TWO, about="ZDT1, convex front; f1 = rank, distance in alpha and lr"),
         BenchProblem("zdt2", "zdt2", TWO, about="ZDT2, concave front"),
-        BenchProblem("dtlz2", "dtlz2", TWO, about="DTLZ2, 2 objectives: a quarter-circle front in the middle of alpha and lr"),
-        BenchProblem("zdt1_noisy", "zdt1", TWO, noise=0.1, about="ZDT1 observed with N(0, 0.1^2) noise, scored noise-free"),
+        BenchProblem(
+            "dtlz2", "dtlz2", TWO, about="DTLZ2, 2 objectives: a quarter-circle front in the middle of alpha and lr"
+        ),
+        BenchProblem(
+            "zdt1_noisy", "zdt1", TWO, noise=0.1, about="ZDT1 observed with N(0, 0.1^2) noise, scored noise-free"
+        ),
         BenchProblem(
             "lora_table",
             "lora_table",
@@ -189,8 +195,10 @@ class Task:
     @property
     def cost(self) -> float:
         sampler = self.arm.kwargs.get("sampler")
-        return _COST.get(self.arm.proposer, 0.01) * (3.0 if sampler == "gp" else 1.0) * (
-            2.0 if self.problem == "dtlz2" else 1.0
+        return (
+            _COST.get(self.arm.proposer, 0.01)
+            * (3.0 if sampler == "gp" else 1.0)
+            * (2.0 if self.problem == "dtlz2" else 1.0)
         )
 
 
@@ -341,8 +349,10 @@ def goal_lines(summary: pd.DataFrame, plan: Plan, arm: str) -> list[str]:
             continue
         mine = mine.iloc[0]
         reach = mine["trials_to_target"]
-        parts = [f"reaches random's {plan.budget}-trial HV in {_count(reach, plan.budget)} trials "
-                 f"({'meets' if reach <= 8 else 'misses'} <= 8)"]
+        parts = [
+            f"reaches random's {plan.budget}-trial HV in {_count(reach, plan.budget)} trials "
+            f"({'meets' if reach <= 8 else 'misses'} <= 8)"
+        ]
         if not optuna.empty:
             gaps = []
             for n in checkpoints:
@@ -355,8 +365,15 @@ def goal_lines(summary: pd.DataFrame, plan: Plan, arm: str) -> list[str]:
     return lines
 
 
-def markdown(summary: pd.DataFrame, timing: pd.DataFrame, plan: Plan, arms: list[str], skipped: dict[str, str],
-             command: str, elapsed: float) -> str:
+def markdown(
+    summary: pd.DataFrame,
+    timing: pd.DataFrame,
+    plan: Plan,
+    arms: list[str],
+    skipped: dict[str, str],
+    command: str,
+    elapsed: float,
+) -> str:
     checkpoints = [c for c in CHECKPOINTS if c <= plan.budget]
     out = [
         "# Search efficiency: hypervolume per trial",
@@ -378,8 +395,12 @@ def markdown(summary: pd.DataFrame, timing: pd.DataFrame, plan: Plan, arms: list
         out += [f"Skipped {name}: {reason}.", ""]
     for problem, rows in summary.groupby("problem", sort=False):
         about = BENCH_PROBLEMS[problem].about
-        out += [f"## {problem}", "", f"{about}. Random search's median {plan.budget}-trial HV: "
-                f"{rows['target'].iloc[0]:.3f}.", ""]
+        out += [
+            f"## {problem}",
+            "",
+            f"{about}. Random search's median {plan.budget}-trial HV: " f"{rows['target'].iloc[0]:.3f}.",
+            "",
+        ]
         header = ["proposer"] + [f"HV@{n}" for n in checkpoints] + ["to reach", "seeds", "s/proposal"]
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         order = {a: i for i, a in enumerate(arms)}
@@ -387,12 +408,20 @@ def markdown(summary: pd.DataFrame, timing: pd.DataFrame, plan: Plan, arms: list
             cells = [row["arm"]]
             for n in checkpoints:
                 cells.append(f"{row[f'hv{n}_median']:.3f} [{row[f'hv{n}_q1']:.3f}-{row[f'hv{n}_q3']:.3f}]")
-            cells += [_count(row["trials_to_target"], plan.budget), f"{row['seeds_reaching']}/{row['seeds']}",
-                      f"{row['propose_s']:.2f}"]
+            cells += [
+                _count(row["trials_to_target"], plan.budget),
+                f"{row['seeds_reaching']}/{row['seeds']}",
+                f"{row['propose_s']:.2f}",
+            ]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-    out += ["## Overall", "", "Mean over the problems of the median HV at each checkpoint, and on how many "
-            "problems the proposer reaches random search's final HV within 8 trials.", ""]
+    out += [
+        "## Overall",
+        "",
+        "Mean over the problems of the median HV at each checkpoint, and on how many "
+        "problems the proposer reaches random search's final HV within 8 trials.",
+        "",
+    ]
     header = ["proposer"] + [f"mean HV@{n}" for n in checkpoints] + ["reaches within 8"]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm in arms:
@@ -408,13 +437,20 @@ def markdown(summary: pd.DataFrame, timing: pd.DataFrame, plan: Plan, arms: list
             continue
         out += [f"**{arm}**{' (default)' if arm == DEFAULT_ARM else ''}", ""] + goal_lines(summary, plan, arm) + [""]
     if not timing.empty:
-        out += ["## Proposal time with a long history", "",
-                f"One `propose(history, n={int(timing['n'].iloc[0])})` call after a warm-up call (imports excluded), "
-                "single process, on this 2-core machine (shared with other work; load average "
-                f"{timing['load_average'].iloc[0]:.1f} at the start). Goal: <= 10 s.", "",
-                "| proposer | problem | history | seconds |", "|---|---|---|---|"]
+        out += [
+            "## Proposal time with a long history",
+            "",
+            f"One `propose(history, n={int(timing['n'].iloc[0])})` call after a warm-up call (imports excluded), "
+            "single process, on this 2-core machine (shared with other work; load average "
+            f"{timing['load_average'].iloc[0]:.1f} at the start). Goal: <= 10 s.",
+            "",
+            "| proposer | problem | history | seconds |",
+            "|---|---|---|---|",
+        ]
         for _, row in timing.iterrows():
-            out.append(f"| {row['arm']} | {row['problem']} ({row['objectives']} obj.) | {row['history']} | {row['seconds']:.2f} |")
+            out.append(
+                f"| {row['arm']} | {row['problem']} ({row['objectives']} obj.) | {row['history']} | {row['seconds']:.2f} |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -427,7 +463,9 @@ def figure(curves: pd.DataFrame, summary: pd.DataFrame, plan: Plan, arms: list[s
     from plotly.subplots import make_subplots
 
     problems = list(pd.unique(curves["problem"]))
-    fig = make_subplots(rows=len(problems), cols=1, subplot_titles=problems, vertical_spacing=0.3 / max(len(problems), 1))
+    fig = make_subplots(
+        rows=len(problems), cols=1, subplot_titles=problems, vertical_spacing=0.3 / max(len(problems), 1)
+    )
     colors = {arm: qualitative.D3[i % len(qualitative.D3)] for i, arm in enumerate(arms)}
     for row, problem in enumerate(problems, start=1):
         per_problem = curves[curves["problem"] == problem]
@@ -438,20 +476,43 @@ def figure(curves: pd.DataFrame, summary: pd.DataFrame, plan: Plan, arms: list[s
             stats = per_arm.groupby("n_trials")["hv_ratio"].quantile([0.25, 0.5, 0.75]).unstack()
             x = stats.index.to_numpy()
             color = colors[arm]
-            fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]),
-                                     y=np.concatenate([stats[0.75].to_numpy(), stats[0.25].to_numpy()[::-1]]),
-                                     fill="toself", fillcolor=_rgba(color, 0.12), line={"width": 0},
-                                     hoverinfo="skip", showlegend=False, legendgroup=arm), row=row, col=1)
-            fig.add_trace(go.Scatter(x=x, y=stats[0.5].to_numpy(), mode="lines", name=arm, legendgroup=arm,
-                                     line={"color": color}, showlegend=row == 1,
-                                     hovertemplate=f"{arm}<br>%{{x}} trials: median HV %{{y:.3f}}<extra></extra>"),
-                          row=row, col=1)
+            fig.add_trace(
+                go.Scatter(
+                    x=np.concatenate([x, x[::-1]]),
+                    y=np.concatenate([stats[0.75].to_numpy(), stats[0.25].to_numpy()[::-1]]),
+                    fill="toself",
+                    fillcolor=_rgba(color, 0.12),
+                    line={"width": 0},
+                    hoverinfo="skip",
+                    showlegend=False,
+                    legendgroup=arm,
+                ),
+                row=row,
+                col=1,
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=stats[0.5].to_numpy(),
+                    mode="lines",
+                    name=arm,
+                    legendgroup=arm,
+                    line={"color": color},
+                    showlegend=row == 1,
+                    hovertemplate=f"{arm}<br>%{{x}} trials: median HV %{{y:.3f}}<extra></extra>",
+                ),
+                row=row,
+                col=1,
+            )
         target = summary.loc[summary["problem"] == problem, "target"].iloc[0]
         fig.add_hline(y=target, line={"dash": "dot", "color": "#555555"}, row=row, col=1)
         fig.update_yaxes(title_text="HV / true front's HV", row=row, col=1)
         fig.update_xaxes(title_text="trials", row=row, col=1)
-    fig.update_layout(height=330 * len(problems), title=f"Hypervolume per trial: median and quartiles over "
-                      f"{plan.seeds} seeds (pilot {plan.pilot}, batches of {plan.batch})")
+    fig.update_layout(
+        height=330 * len(problems),
+        title=f"Hypervolume per trial: median and quartiles over "
+        f"{plan.seeds} seeds (pilot {plan.pilot}, batches of {plan.batch})",
+    )
     return fig
 
 
@@ -483,8 +544,17 @@ def measure_timing(arms: list[Arm], history_size: int, batch: int) -> pd.DataFra
             proposer.propose(history, batch)
             seconds = time.perf_counter() - started
             print(f"timing: {arm.label} on {problem_name} with {history_size} trials: {seconds:.2f} s", flush=True)
-            rows.append({"arm": arm.label, "problem": problem_name, "objectives": len(problem.objectives),
-                         "history": history_size, "n": batch, "seconds": seconds, "load_average": load})
+            rows.append(
+                {
+                    "arm": arm.label,
+                    "problem": problem_name,
+                    "objectives": len(problem.objectives),
+                    "history": history_size,
+                    "n": batch,
+                    "seconds": seconds,
+                    "load_average": load,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -499,15 +569,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pilot", type=int, default=4, help="Latin-hypercube pilot points per seed (default 4)")
     parser.add_argument("--batch", type=int, default=2, help="proposals per round (default 2)")
     parser.add_argument("--budget", type=int, default=32, help="trials per run, pilot included (default 32)")
-    parser.add_argument("--problems", default=",".join(BENCH_PROBLEMS), help="comma-separated, of " + ",".join(BENCH_PROBLEMS))
+    parser.add_argument(
+        "--problems", default=",".join(BENCH_PROBLEMS), help="comma-separated, of " + ",".join(BENCH_PROBLEMS)
+    )
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated, of " + ",".join(ARMS))
-    parser.add_argument("--extra-arm", action="append", default=[], metavar='LABEL=PROPOSER:{"option": value}',
-                        help="another arm, e.g. 'botorch-warp=botorch:{\"input_warping\": true}' (repeatable)")
+    parser.add_argument(
+        "--extra-arm",
+        action="append",
+        default=[],
+        metavar='LABEL=PROPOSER:{"option": value}',
+        help="another arm, e.g. 'botorch-warp=botorch:{\"input_warping\": true}' (repeatable)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--timing-history", type=int, default=200, help="history size for the timing (0: skip)")
     parser.add_argument("--out", type=Path, default=RESULTS / "search_efficiency", help="output path without suffix")
-    parser.add_argument("--render-only", action="store_true",
-                        help="re-render the .md and .html from the .tsv files of an earlier run at --out (no runs)")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="re-render the .md and .html from the .tsv files of an earlier run at --out (no runs)",
+    )
     parser.add_argument("--elapsed-min", type=float, default=None, help="with --render-only: the runs' wall time")
     args = parser.parse_args(argv)
     for name in ("seeds", "pilot", "batch", "budget", "workers"):
@@ -563,8 +643,11 @@ def main(argv: list[str] | None = None) -> None:
         (Task(p, a, s, plan) for p in problems for a in arms for s in range(plan.seeds)),
         key=lambda t: -t.cost,
     )
-    print(f"{len(tasks)} runs ({len(problems)} problems x {len(arms)} arms x {plan.seeds} seeds) "
-          f"on {args.workers} worker(s)", flush=True)
+    print(
+        f"{len(tasks)} runs ({len(problems)} problems x {len(arms)} arms x {plan.seeds} seeds) "
+        f"on {args.workers} worker(s)",
+        flush=True,
+    )
     started = time.perf_counter()
     rows: list[dict] = []
     context = multiprocessing.get_context("spawn")
@@ -576,8 +659,11 @@ def main(argv: list[str] | None = None) -> None:
         for done, (task, result) in enumerate(pool.imap_unordered(_run_tagged, tasks), start=1):
             rows += result
             spent = sum(r["propose_s"] for r in result)
-            print(f"[{done}/{len(tasks)}] {task.problem} {task.arm.label} seed {task.seed}: "
-                  f"{spent:.1f} s proposing, {time.perf_counter() - started:.0f} s elapsed", flush=True)
+            print(
+                f"[{done}/{len(tasks)}] {task.problem} {task.arm.label} seed {task.seed}: "
+                f"{spent:.1f} s proposing, {time.perf_counter() - started:.0f} s elapsed",
+                flush=True,
+            )
     elapsed = time.perf_counter() - started
 
     scales = {p: Scale.of(BENCH_PROBLEMS[p].front(BENCH_PROBLEMS[p].space)) for p in problems}

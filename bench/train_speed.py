@@ -87,10 +87,16 @@ def load_lora_model(model_dir: str, *, fused: bool):
     from loratune.training.settings import ALL_LINEAR_LAYERS
 
     torch.manual_seed(0)
-    model = load_base_model(model_dir, quantization="nf4", dtype=torch.bfloat16, device=DEVICE,
-                            gradient_checkpointing=True, fused=fused)
-    return add_lora(model, rank=LORA["lora_rank"], alpha=LORA["lora_alpha"], dropout=LORA["lora_dropout"],
-                    target_modules=ALL_LINEAR_LAYERS)
+    model = load_base_model(
+        model_dir, quantization="nf4", dtype=torch.bfloat16, device=DEVICE, gradient_checkpointing=True, fused=fused
+    )
+    return add_lora(
+        model,
+        rank=LORA["lora_rank"],
+        alpha=LORA["lora_alpha"],
+        dropout=LORA["lora_dropout"],
+        target_modules=ALL_LINEAR_LAYERS,
+    )
 
 
 def time_training(model, examples, *, fused, batch: int, seq: int, steps: int, warmup: int, **overrides) -> dict:
@@ -106,24 +112,45 @@ def time_training(model, examples, *, fused, batch: int, seq: int, steps: int, w
     for phase, n_steps in (("warmup", warmup), ("timed", steps)):
         if n_steps == 0:
             continue
-        settings = TrainingSettings(quantization="nf4", max_steps=n_steps, batch_size=batch, max_seq_length=seq,
-                                    warmup_ratio=0.0, scheduler="constant", log_every=1000,
-                                    memory_budget_gib=BUDGET_GIB, **overrides)
+        settings = TrainingSettings(
+            quantization="nf4",
+            max_steps=n_steps,
+            batch_size=batch,
+            max_seq_length=seq,
+            warmup_ratio=0.0,
+            scheduler="constant",
+            log_every=1000,
+            memory_budget_gib=BUDGET_GIB,
+            **overrides,
+        )
         progress = Progress()
         _sync()
-        train(model, examples, settings, lora, pad_id=0, device=device, dtype=torch.bfloat16,
-              seed=0 if phase == "warmup" else 1, progress=progress, fused=fused)
+        train(
+            model,
+            examples,
+            settings,
+            lora,
+            pad_id=0,
+            device=device,
+            dtype=torch.bfloat16,
+            seed=0 if phase == "warmup" else 1,
+            progress=progress,
+            fused=fused,
+        )
         _sync()
         results[phase] = progress
     timed = results["timed"]
-    record = dict(tokens_per_s=round(timed.train_tokens / timed.train_time),
-                  step_s=round(timed.train_time / steps, 4),
-                  peak_gib=_peak_gib(),
-                  loss_last=round(timed.loss_curve[-1], 3))
+    record = dict(
+        tokens_per_s=round(timed.train_tokens / timed.train_time),
+        step_s=round(timed.train_time / steps, 4),
+        peak_gib=_peak_gib(),
+        loss_last=round(timed.loss_curve[-1], 3),
+    )
     if fused is not None:
         plan = fused.plan
-        record.update(checkpointed_layers=len(plan.checkpointed), dequant_cache=plan.dequant_cache,
-                      compiled=fused.compiled)
+        record.update(
+            checkpointed_layers=len(plan.checkpointed), dequant_cache=plan.dequant_cache, compiled=fused.compiled
+        )
     return record
 
 
@@ -148,7 +175,9 @@ def synthetic_examples(n: int, seq: int):
     from loratune.training.data import TokenizedExample
 
     generator = torch.Generator().manual_seed(0)
-    return [TokenizedExample(ids, list(ids)) for ids in torch.randint(0, 128000, (n, seq), generator=generator).tolist()]
+    return [
+        TokenizedExample(ids, list(ids)) for ids in torch.randint(0, 128000, (n, seq), generator=generator).tolist()
+    ]
 
 
 def mixed_examples(data_file: str, cache: Path, tokenizer_dir: str | None = None):
@@ -185,10 +214,15 @@ def main() -> None:
     parser.add_argument("--cases", default="synthetic,mixed,curves")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="HTML file for the loss curves")
-    parser.add_argument("--tokenizer", default=None,
-                        help="a folder with SmolLM2's tokenizer, instead of converting the builtin GGUF")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="write a torch.profiler table of two steps of the first fused variant here")
+    parser.add_argument(
+        "--tokenizer", default=None, help="a folder with SmolLM2's tokenizer, instead of converting the builtin GGUF"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write a torch.profiler table of two steps of the first fused variant here",
+    )
     parser.add_argument("--variants", type=int, default=4, help="how many of the fused variants to run (in order)")
     parser.add_argument("--skip-plain", action="store_true", help="skip loratune's plain path (needed by 'mixed')")
     parser.add_argument("--steps", type=int, default=8)
@@ -203,16 +237,30 @@ def main() -> None:
         baseline.materialize(args.shape, path)
     n_params = baseline.n_params(args.shape)
     gpu = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu"
-    emit({"torch": torch.__version__, "gpu": gpu, "shape": args.shape,
-          "n_params_4N": n_params, "useful_flop_limit_tokens_per_s": round(PEAK_TFLOPS * 1e12 / (4 * n_params))})
+    emit(
+        {
+            "torch": torch.__version__,
+            "gpu": gpu,
+            "shape": args.shape,
+            "n_params_4N": n_params,
+            "useful_flop_limit_tokens_per_s": round(PEAK_TFLOPS * 1e12 / (4 * n_params)),
+        }
+    )
     started = time.time()
     timing = dict(steps=args.steps, warmup=args.warmup)
     mixed_data = None
     if "mixed" in cases or "curves" in cases:
         mixed_data = mixed_examples(args.data, args.cache, args.tokenizer)
         lengths = [len(e.input_ids) for e in mixed_data[1]]
-        emit({"event": "mixed data", "examples": len(lengths), "min": min(lengths), "max": max(lengths),
-              "mean": round(sum(lengths) / len(lengths), 1)})
+        emit(
+            {
+                "event": "mixed data",
+                "examples": len(lengths),
+                "min": min(lengths),
+                "max": max(lengths),
+                "mean": round(sum(lengths) / len(lengths), 1),
+            }
+        )
 
     base_tokens = None
     if "synthetic" in cases:
@@ -248,7 +296,10 @@ def main() -> None:
             model = load_lora_model(path, fused=True)
             variants = [
                 (f"budget {BUDGET_GIB:g} GiB, compiled", dict(compile=True)),
-                (f"budget {BUDGET_GIB:g} GiB, dequantized-weight cache, compiled", dict(compile=True, dequant_cache=True)),
+                (
+                    f"budget {BUDGET_GIB:g} GiB, dequantized-weight cache, compiled",
+                    dict(compile=True, dequant_cache=True),
+                ),
                 ("every layer checkpointed, compiled", dict(compile=True, gradient_checkpointing=True)),
                 (f"budget {BUDGET_GIB:g} GiB, eager kernels", dict(compile=False)),
             ]
@@ -257,8 +308,11 @@ def main() -> None:
                     compile_ = options.pop("compile")
                     fused = FusedCausalLM(model, compile=compile_)
                     rec = time_training(model, synthetic, fused=fused, batch=4, seq=2048, **timing, **options)
-                    emit(with_speed({"case": "synthetic", "trainer": f"loratune-fused ({name})", **rec},
-                                    n_params, base_tokens))
+                    emit(
+                        with_speed(
+                            {"case": "synthetic", "trainer": f"loratune-fused ({name})", **rec}, n_params, base_tokens
+                        )
+                    )
                     if index == 0 and args.profile:
                         profile_steps(model, synthetic, fused, args.profile, **options)
                     fused.apply_plan(fused.plan.__class__(checkpointed=frozenset(), dequant_cache=False))
@@ -269,7 +323,9 @@ def main() -> None:
                 fused.apply_plan(fused.plan.__class__(checkpointed=frozenset(), dequant_cache=False))
                 if plain_mixed:
                     rec["vs_plain"] = round(rec["tokens_per_s"] / plain_mixed["tokens_per_s"], 2)
-                emit({"case": "mixed", "trainer": f"loratune-fused (packed, budget {BUDGET_GIB:g} GiB, compiled)", **rec})
+                emit(
+                    {"case": "mixed", "trainer": f"loratune-fused (packed, budget {BUDGET_GIB:g} GiB, compiled)", **rec}
+                )
             del model
         except Exception:
             emit({"case": "fused", "error": traceback.format_exc()[-1500:]})
@@ -290,23 +346,47 @@ def curves(smollm2: str, args, emit) -> None:
     hparams = {"lora_rank": 16, "lora_alpha": 16, "learning_rate": 1e-3, "lora_dropout": 0.05}
     runs = {}
     for name, fused in (("plain", False), ("fused", True)):
-        settings = TrainingSettings(quantization="nf4", max_steps=60, batch_size=8, max_seq_length=512,
-                                    warmup_ratio=0.05, log_every=20, fused_kernels=fused)
+        settings = TrainingSettings(
+            quantization="nf4",
+            max_steps=60,
+            batch_size=8,
+            max_seq_length=512,
+            warmup_ratio=0.05,
+            log_every=20,
+            fused_kernels=fused,
+        )
         metrics = run_trial(hparams, settings, smollm2, prepared, args.cache / f"curve_{name}", seed=0)
         runs[name] = metrics
-        emit({"case": "curves", "trainer": name, "status": metrics["status"], "error": metrics["error"],
-              "train_loss": metrics["train_loss"], "eval_loss": metrics["eval_loss"],
-              "train_time": metrics["train_time"], "tokens_per_s": metrics["tokens_per_second"],
-              "peak_gib": metrics["peak_memory_gib"], "loss_curve": metrics["loss_curve"]})
+        emit(
+            {
+                "case": "curves",
+                "trainer": name,
+                "status": metrics["status"],
+                "error": metrics["error"],
+                "train_loss": metrics["train_loss"],
+                "eval_loss": metrics["eval_loss"],
+                "train_time": metrics["train_time"],
+                "tokens_per_s": metrics["tokens_per_second"],
+                "peak_gib": metrics["peak_memory_gib"],
+                "loss_curve": metrics["loss_curve"],
+            }
+        )
     if args.plot and all(m["status"] == "ok" for m in runs.values()):
         import plotly.graph_objects as go
 
         figure = go.Figure()
         for name, metrics in runs.items():
-            figure.add_scatter(y=metrics["loss_curve"], x=list(range(1, len(metrics["loss_curve"]) + 1)),
-                               mode="lines", name=f"{name} (held-out loss {metrics['eval_loss']:.3f})")
-        figure.update_layout(title="SmolLM2-135M QLoRA on the self-instruct seed tasks: same seed, same data",
-                             xaxis_title="step", yaxis_title="training loss (per completion token)")
+            figure.add_scatter(
+                y=metrics["loss_curve"],
+                x=list(range(1, len(metrics["loss_curve"]) + 1)),
+                mode="lines",
+                name=f"{name} (held-out loss {metrics['eval_loss']:.3f})",
+            )
+        figure.update_layout(
+            title="SmolLM2-135M QLoRA on the self-instruct seed tasks: same seed, same data",
+            xaxis_title="step",
+            yaxis_title="training loss (per completion token)",
+        )
         figure.write_html(args.plot, include_plotlyjs="cdn")
 
 

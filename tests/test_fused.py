@@ -43,17 +43,29 @@ def four_bit_unusable(device: str) -> str | None:
     return None
 
 
-def lora_model(path: str, *, quantization="none", dtype=torch.float32, device="cpu", fused: bool,
-               targets=ALL, dropout=0.0, seed=0):
+def lora_model(
+    path: str, *, quantization="none", dtype=torch.float32, device="cpu", fused: bool, targets=ALL, dropout=0.0, seed=0
+):
     """A LoRA-wrapped tiny Llama whose B matrices are random (peft starts them at zero)."""
     torch.manual_seed(seed)
-    model = load_base_model(path, quantization=quantization, dtype=dtype, device=torch.device(device),
-                            gradient_checkpointing=False, fused=fused)
+    model = load_base_model(
+        path,
+        quantization=quantization,
+        dtype=dtype,
+        device=torch.device(device),
+        gradient_checkpointing=False,
+        fused=fused,
+    )
     model = add_lora(model, rank=4, alpha=8, dropout=dropout, target_modules=targets)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(zlib.crc32(f"{seed}{name}".encode()))) * 0.1)
+                param.copy_(
+                    torch.randn(
+                        param.shape, generator=torch.Generator().manual_seed(zlib.crc32(f"{seed}{name}".encode()))
+                    )
+                    * 0.1
+                )
     return model
 
 
@@ -76,8 +88,9 @@ def relative_error(a: dict, b: dict) -> float:
 
 # ---- packing and the loss ---------------------------------------------------------------
 def test_pack_restarts_positions_and_never_predicts_across_examples():
-    batch = pack([TokenizedExample([5, 6, 7], [IGNORE_INDEX, 6, 7]), TokenizedExample([8, 9], [8, 9])],
-                 torch.device("cpu"))
+    batch = pack(
+        [TokenizedExample([5, 6, 7], [IGNORE_INDEX, 6, 7]), TokenizedExample([8, 9], [8, 9])], torch.device("cpu")
+    )
     assert batch.input_ids.tolist() == [5, 6, 7, 8, 9]
     assert batch.position_ids.tolist() == [0, 1, 2, 0, 1]
     # position t predicts the label of t+1 within its example; the last token of each predicts nothing
@@ -260,8 +273,9 @@ def test_variable_length_attention_equals_attending_example_by_example():
     grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
     expected, start = [], 0
     for n in lengths:
-        part = F.scaled_dot_product_attention(*(t[start : start + n].transpose(0, 1)[None] for t in (q, k, v)),
-                                              is_causal=True, enable_gqa=True)
+        part = F.scaled_dot_product_attention(
+            *(t[start : start + n].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, enable_gqa=True
+        )
         expected.append(part[0].transpose(0, 1).reshape(n, -1))
         start += n
     expected = torch.cat(expected)
@@ -276,7 +290,9 @@ def test_compiled_kernels_compute_the_same_loss(tiny_model):
     losses = []
     for compile in (False, True):
         model = lora_model(tiny_model, fused=True)
-        losses.append(FusedCausalLM(model, compile=compile).loss(pack(batch, torch.device("cpu")), training=True).item())
+        losses.append(
+            FusedCausalLM(model, compile=compile).loss(pack(batch, torch.device("cpu")), training=True).item()
+        )
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
@@ -301,8 +317,14 @@ def test_the_budget_decides_how_many_layers_recompute_and_whether_weights_stay_d
 
 def test_on_the_cpu_the_plan_checkpoints_only_when_asked(tiny_model):
     fused = FusedCausalLM(lora_model(tiny_model, fused=True))
-    options = dict(tokens_per_micro_batch=64, dropout=0.0, dequant_cache="auto", budget_gib=None,
-                   device=torch.device("cpu"), trainable_params=1000)
+    options = dict(
+        tokens_per_micro_batch=64,
+        dropout=0.0,
+        dequant_cache="auto",
+        budget_gib=None,
+        device=torch.device("cpu"),
+        trainable_params=1000,
+    )
     assert plan_memory(fused, checkpointing="auto", **options).checkpointed == frozenset()
     assert plan_memory(fused, checkpointing=True, **options).checkpointed == frozenset({0, 1})
     assert not plan_memory(fused, checkpointing="auto", **options).dequant_cache  # nothing is quantized
@@ -315,7 +337,9 @@ def test_unsupported_architectures_fall_back_or_fail_clearly(tmp_path, tiny_mode
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
     assert config_unsupported_reason(GPT2Config()) == "model type 'gpt2' (supported: llama, mistral)"
     assert choose_fused(TrainingSettings(), str(tmp_path)) is False
-    with pytest.raises(ValueError, match=r"^training\.fused_kernels: true, but the fused path does not support model type 'gpt2'"):
+    with pytest.raises(
+        ValueError, match=r"^training\.fused_kernels: true, but the fused path does not support model type 'gpt2'"
+    ):
         choose_fused(TrainingSettings(fused_kernels=True), str(tmp_path))
     assert choose_fused(TrainingSettings(fused_kernels=False), tiny_model) is False
     assert choose_fused(TrainingSettings(), tiny_model) is True
@@ -324,14 +348,20 @@ def test_unsupported_architectures_fall_back_or_fail_clearly(tmp_path, tiny_mode
 def test_a_fused_trial_follows_the_plain_trial_loss_curve(tiny_model, data_dir, tmp_path):
     """Same seed, data and hyperparameters: the two paths train the same model (fp32, no dropout)."""
     hparams = {"lora_rank": 8, "lora_alpha": 16, "learning_rate": 1e-2, "lora_dropout": 0.0}
-    common = dict(max_steps=15, warmup_ratio=0.0, log_every=100, quantization="none", compute_dtype="float32",
-                  device="cpu")
+    common = dict(
+        max_steps=15, warmup_ratio=0.0, log_every=100, quantization="none", compute_dtype="float32", device="cpu"
+    )
     plain = run_trial(hparams, TrainingSettings(fused_kernels=False, **common), tiny_model, data_dir, tmp_path / "a")
     fused = run_trial(hparams, TrainingSettings(fused_kernels=True, **common), tiny_model, data_dir, tmp_path / "b")
     assert plain["status"] == fused["status"] == "ok", (plain["error"], fused["error"])
     assert not plain["fused_kernels"] and fused["fused_kernels"]
-    assert fused["memory_plan"] == {"checkpointed_layers": 0, "layers": 2, "dequant_cache": False,
-                                    "budget_gib": None, "compiled": False}
+    assert fused["memory_plan"] == {
+        "checkpointed_layers": 0,
+        "layers": 2,
+        "dequant_cache": False,
+        "budget_gib": None,
+        "compiled": False,
+    }
     assert fused["train_tokens"] == plain["train_tokens"]  # same tokens, no padding counted
     for a, b in zip(plain["loss_curve"], fused["loss_curve"]):
         assert math.isclose(a, b, rel_tol=1e-3), (plain["loss_curve"], fused["loss_curve"])
@@ -344,8 +374,9 @@ def test_a_failing_compiler_falls_back_to_eager_kernels(tiny_model, data_dir, tm
     import torch._inductor.config
 
     hparams = {"lora_rank": 8, "lora_alpha": 16, "learning_rate": 1e-2, "lora_dropout": 0.0}
-    common = dict(max_steps=4, warmup_ratio=0.0, log_every=100, quantization="none", compute_dtype="float32",
-                  device="cpu")
+    common = dict(
+        max_steps=4, warmup_ratio=0.0, log_every=100, quantization="none", compute_dtype="float32", device="cpu"
+    )
     eager = run_trial(hparams, TrainingSettings(compile=False, **common), tiny_model, data_dir, tmp_path / "a")
     torch._dynamo.reset()  # no compiled code cached from other tests
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))

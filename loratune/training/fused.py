@@ -43,8 +43,12 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 LOSS_CHUNK_TOKENS = 1024  # tokens per chunk of the chunked cross-entropy
-GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
-          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+GROUPS = (
+    ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    ("self_attn", ("o_proj",)),
+    ("mlp", ("gate_proj", "up_proj")),
+    ("mlp", ("down_proj",)),
+)
 
 
 # ---- what the path supports -------------------------------------------------------------
@@ -125,10 +129,12 @@ class FrozenWeights:
         if all(b is None for b in biases):
             self.bias = None
         else:
-            self.bias = torch.cat([
-                (b.detach() if b is not None else torch.zeros(n, device=self.device)).to(dtype)
-                for b, n in zip(biases, self.sizes)
-            ])
+            self.bias = torch.cat(
+                [
+                    (b.detach() if b is not None else torch.zeros(n, device=self.device)).to(dtype)
+                    for b, n in zip(biases, self.sizes)
+                ]
+            )
         if not self.quantized and len(self.linears) > 1:
             self.cache = self._dense()  # plain weights: stack them once
         self.stacked_plain = not self.quantized and len(self.linears) > 1
@@ -190,8 +196,9 @@ class _FrozenLinearLora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, lora_a, lora_b, weights: FrozenWeights, dropout: float, kernels: "Kernels",
-                prologue: Callable | None):
+    def forward(
+        ctx, u, lora_a, lora_b, weights: FrozenWeights, dropout: float, kernels: "Kernels", prologue: Callable | None
+    ):
         x = prologue(u) if prologue is not None else u
         y = F.linear(x, weights.get(), weights.bias)
         ctx.weights, ctx.kernels, ctx.prologue = weights, kernels, prologue
@@ -250,8 +257,9 @@ class _Group:
     scales: list[float]
     dropout: float
 
-    def __call__(self, u: torch.Tensor, training: bool, kernels: "Kernels",
-                 prologue: Callable | None = None) -> torch.Tensor:
+    def __call__(
+        self, u: torch.Tensor, training: bool, kernels: "Kernels", prologue: Callable | None = None
+    ) -> torch.Tensor:
         """The projection of ``prologue(u)`` (or of ``u``)."""
         if all(a is None for a in self.lora_a):
             return _FrozenLinearLora.apply(u, None, None, self.weights, 0.0, kernels, prologue)
@@ -449,8 +457,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBa
         def split(t):
             return t.view(n, length, t.shape[1], dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True, scale=scale,
-                                             enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(total, heads * dim)
     varlen = _varlen_attention() if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) else None
     if varlen is not None:
@@ -463,8 +470,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBa
     for length in lengths:
         s = slice(start, start + length)
         part = F.scaled_dot_product_attention(
-            q[s].transpose(0, 1)[None], k[s].transpose(0, 1)[None], v[s].transpose(0, 1)[None],
-            is_causal=True, scale=scale, enable_gqa=gqa,
+            q[s].transpose(0, 1)[None],
+            k[s].transpose(0, 1)[None],
+            v[s].transpose(0, 1)[None],
+            is_causal=True,
+            scale=scale,
+            enable_gqa=gqa,
         )
         outs.append(part[0].transpose(0, 1).reshape(length, heads * dim))
         start += length
@@ -531,7 +542,9 @@ class _Layer:
         q, k, v = kernels.split_rotary(qkv, cos, sin, heads, kv_heads, head_dim)
         hidden = kernels.residual_add(hidden, self.o(attention(q, k, v, batch), training, kernels))
         gate_up = self.gate_up(hidden, training, kernels, lambda u: kernels.rms_norm(u, self.norm_post, self.eps))
-        return kernels.residual_add(hidden, self.down(gate_up, training, kernels, lambda u: kernels.swiglu(u, intermediate)))
+        return kernels.residual_add(
+            hidden, self.down(gate_up, training, kernels, lambda u: kernels.swiglu(u, intermediate))
+        )
 
 
 @dataclass
@@ -671,8 +684,14 @@ def plan_memory(
         + 2**29  # allocator slack
     )
     return choose_plan(
-        budget=budget, fixed=fixed, per_layer=per_layer, n_layers=n_layers, cache_bytes=cache_bytes,
-        checkpointing=checkpointing, dequant_cache=dequant_cache, checkpoint_bytes=hidden_bytes,
+        budget=budget,
+        fixed=fixed,
+        per_layer=per_layer,
+        n_layers=n_layers,
+        cache_bytes=cache_bytes,
+        checkpointing=checkpointing,
+        dequant_cache=dequant_cache,
+        checkpoint_bytes=hidden_bytes,
     )
 
 
@@ -704,5 +723,9 @@ def choose_plan(
     checkpointed = frozenset(range(n_layers - keep))
     left = budget - fixed - keep * per_layer - (n_layers - keep) * checkpoint_bytes
     cache = cache_bytes > 0 and (dequant_cache is True or (dequant_cache == "auto" and left > cache_bytes))
-    return MemoryPlan(checkpointed=checkpointed, dequant_cache=cache, budget_gib=budget / 2**30,
-                      activation_gib_per_layer=per_layer / 2**30)
+    return MemoryPlan(
+        checkpointed=checkpointed,
+        dequant_cache=cache,
+        budget_gib=budget / 2**30,
+        activation_gib_per_layer=per_layer / 2**30,
+    )

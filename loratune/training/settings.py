@@ -233,7 +233,9 @@ class TrainingSettings:
         if self.memory_budget_gib is not None:
             self._set(
                 "memory_budget_gib",
-                _real("training.memory_budget_gib", self.memory_budget_gib, 0.0, math.inf, low_open=True, high_open=True),
+                _real(
+                    "training.memory_budget_gib", self.memory_budget_gib, 0.0, math.inf, low_open=True, high_open=True
+                ),
             )
         _choose("training.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         self._set("eval_batch_size", _integer("training.eval_batch_size", self.eval_batch_size, 1))

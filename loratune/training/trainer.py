@@ -240,8 +240,9 @@ def train(
     def forward_backward(micro: list[list[TokenizedExample]], loss_tokens: int) -> torch.Tensor:
         summed = torch.zeros((), device=device)
         for batch_examples in micro:
-            loss = micro_batch_loss(model, fused, batch_examples, pad_id=pad_id, device=device, dtype=dtype,
-                                    training=True)
+            loss = micro_batch_loss(
+                model, fused, batch_examples, pad_id=pad_id, device=device, dtype=dtype, training=True
+            )
             (loss / loss_tokens).backward()
             summed += loss.detach()
         return summed
