@@ -290,7 +290,7 @@ def main() -> None:
         _free()
 
     if cases & {"synthetic", "mixed"}:
-        from loratune.training.fused import FusedCausalLM
+        from loratune.training.fused import FusedCausalLM, MemoryPlan
 
         try:
             model = load_lora_model(path, fused=True)
@@ -315,12 +315,12 @@ def main() -> None:
                     )
                     if index == 0 and args.profile:
                         profile_steps(model, synthetic, fused, args.profile, **options)
-                    fused.apply_plan(fused.plan.__class__(checkpointed=frozenset(), dequant_cache=False))
+                    fused.apply_plan(MemoryPlan(checkpointed=frozenset(), dequant_cache=False))
                     _free()
             if "mixed" in cases:
                 fused = FusedCausalLM(model, compile=True)
                 rec = time_training(model, mixed_data[1], fused=fused, batch=16, seq=2048, **timing)
-                fused.apply_plan(fused.plan.__class__(checkpointed=frozenset(), dequant_cache=False))
+                fused.apply_plan(MemoryPlan(checkpointed=frozenset(), dequant_cache=False))
                 if plain_mixed:
                     rec["vs_plain"] = round(rec["tokens_per_s"] / plain_mixed["tokens_per_s"], 2)
                 emit(

@@ -17,6 +17,8 @@ from tiny_models import build_tiny_llama
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
+    # Not conftest's shared tiny_model: the fingerprint test writes a fake cached hash into this
+    # folder, which the training tests' provenance would then read.
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
 
 

@@ -151,8 +151,6 @@ class FrozenWeights:
 
     @torch.no_grad()
     def _dense(self) -> torch.Tensor:
-        import bitsandbytes.functional as bnbf  # noqa: F401 (only needed for 4-bit)
-
         if len(self.linears) == 1 and not self.quantized:
             weight = self.linears[0].weight
             return weight if weight.dtype == self.dtype else weight.to(self.dtype)
@@ -594,10 +592,15 @@ class FusedCausalLM:
         self.residual_dtype = residual_dtype
         self.plan = MemoryPlan(checkpointed=frozenset(), dequant_cache=False)
 
-    def use_eager(self) -> None:
-        """Fall back to the eager elementwise kernels (same results) after a compile failure."""
+    def fall_back_to_eager(self, error: BaseException) -> bool:
+        """After ``error``: if it is a failure of torch.compile's own machinery (no C compiler on
+        the node, say), switch to the eager kernels (same results) and return True; for any other
+        error, or kernels already eager, return False."""
+        if not self.compiled or not is_compile_error(error):
+            return False
         self.kernels = make_kernels(False)
         self.compiled = False
+        return True
 
     @property
     def quantized(self) -> bool:

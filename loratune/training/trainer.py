@@ -156,6 +156,15 @@ def micro_batch_loss(
     return summed_token_loss(model, collate(examples, pad_id, device), dtype)
 
 
+def fell_back_to_eager(fused: fused_path.FusedCausalLM | None, error: BaseException) -> bool:
+    """Whether ``error`` was torch.compile failing (e.g. no C compiler on a compute node) and the
+    fused path now runs eager kernels instead; the caller then repeats what failed."""
+    if fused is None or not fused.fall_back_to_eager(error):
+        return False
+    log.warning("compiled kernels failed (%s); continuing with eager kernels", _one_line(error))
+    return True
+
+
 def require_trainable_4bit_weights(model) -> None:
     """Refuse 4-bit weights that bitsandbytes repacked for CPU inference.
 
@@ -263,11 +272,9 @@ def train(
             try:
                 summed_loss = forward_backward(micro, loss_tokens)
             except Exception as error:
-                if fused is None or not fused.compiled or not fused_path.is_compile_error(error):
+                if not fell_back_to_eager(fused, error):
                     raise
-                # e.g. no C compiler on a compute node: the same step again with eager kernels
-                log.warning("compiled kernels failed (%s); continuing with eager kernels", _one_line(error))
-                fused.use_eager()
+                # the same step again, with eager kernels and a plan for their memory
                 make_plan()
                 optimizer.zero_grad(set_to_none=True)
                 summed_loss = forward_backward(micro, loss_tokens)
@@ -319,10 +326,8 @@ def evaluate(
         try:
             loss = micro_batch_loss(model, fused, chunk, pad_id=pad_id, device=device, dtype=dtype, training=False)
         except Exception as error:
-            if fused is None or not fused.compiled or not fused_path.is_compile_error(error):
+            if not fell_back_to_eager(fused, error):
                 raise
-            log.warning("compiled kernels failed (%s); evaluating with eager kernels", _one_line(error))
-            fused.use_eager()
             loss = micro_batch_loss(model, fused, chunk, pad_id=pad_id, device=device, dtype=dtype, training=False)
         summed_loss += loss.float()
         loss_tokens += sum(example.loss_tokens for example in chunk)
