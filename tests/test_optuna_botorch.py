@@ -166,12 +166,42 @@ def test_proposing_prints_nothing(arm, space, history, capfd):
         ("optuna", {"population_size": 1}, r"proposer\.optuna\.population_size"),
         ("botorch", {"num_restarts": 0}, r"proposer\.botorch\.num_restarts"),
         ("botorch", {"input_warping": "yes"}, r"proposer\.botorch\.input_warping"),
-        ("botorch", {"acquisition": "ei"}, r"proposer\.botorch: unknown option 'acquisition'"),
+        ("botorch", {"acq": "ei"}, r"proposer\.botorch: unknown option 'acq'"),
+        ("botorch", {"acquisition": "ei"}, r"proposer\.botorch\.acquisition: unknown 'ei'"),
+        ("botorch", {"nehvi_max_front": 0}, r"proposer\.botorch\.nehvi_max_front"),
+        ("optuna", {"sampler": "gp", "deterministic": "yes"}, r"proposer\.optuna\.deterministic: must be"),
+        ("optuna", {"sampler": "tpe", "deterministic": True}, r"proposer\.optuna\.deterministic: only the gp"),
     ],
 )
 def test_bad_options_give_one_line_errors(name, options, message, space):
     with pytest.raises(ValueError, match=message):
         make_proposer(name, space, TWO, **options)
+
+
+@pytest.mark.parametrize(
+    "objectives, size, expected",
+    [(TWO, 40, "nehvi"), (THREE, 8, "nehvi"), (THREE, 40, "parego")],
+    ids=["two-objectives", "three-small-front", "three-large-front"],
+)
+def test_botorch_switches_to_parego_only_for_large_three_objective_fronts(objectives, size, expected, space):
+    """qLogNEHVI's cost grows with the front of 3+ objectives; past ``nehvi_max_front``
+    non-dominated points the proposer uses qLogNParEGO instead, and still proposes valid,
+    repeatable points."""
+    history = history_of(space, pilot_design(space, size, "random", seed=6), objectives)
+    made = proposer("botorch", space, objectives, seed=2)
+    proposals = made.propose(history, 2)
+    assert made.last_acquisition == expected
+    assert_valid_new(space, proposals, history, 2)
+    assert proposer("botorch", space, objectives, seed=2).propose(history, 2) == proposals
+    forced = make_proposer("botorch", space, objectives, seed=2, acquisition="parego", **FAST["botorch"][1])
+    assert_valid_new(space, forced.propose(history, 2), history, 2)
+    assert forced.last_acquisition == "parego"
+
+
+def test_optuna_gp_deterministic_option_runs_the_model(space):
+    history = history_of(space, pilot_design(space, 8, "lhs", seed=1))
+    made = make_proposer("optuna", space, TWO, seed=3, sampler="gp", deterministic=True)
+    assert_valid_new(space, made.propose(history, 2), history, 2)
 
 
 def test_botorch_beats_random_search_on_zdt1(space):
@@ -240,7 +270,9 @@ def test_lora_table_answers_other_points_with_the_nearest_row(grid_table, space)
     table, rows = grid_table
 
     def row_of(rank, alpha, lr):
-        match = rows[(rows["lora_rank"] == rank) & (rows["lora_alpha"] == alpha) & np.isclose(rows["learning_rate"], lr)]
+        match = rows[
+            (rows["lora_rank"] == rank) & (rows["lora_alpha"] == alpha) & np.isclose(rows["learning_rate"], lr)
+        ]
         return match.iloc[0]
 
     # Rank 20 lies nearer 16 than 64; lr 2e-4 is a third of a decade above 1e-4 on the log
@@ -256,7 +288,11 @@ def test_lora_table_answers_other_points_with_the_nearest_row(grid_table, space)
 def test_lora_table_failures_and_errors(grid_table, space, tmp_path):
     table, rows = grid_table
     failed = rows.iloc[5]
-    point = {"lora_rank": failed["lora_rank"], "lora_alpha": failed["lora_alpha"], "learning_rate": failed["learning_rate"]}
+    point = {
+        "lora_rank": failed["lora_rank"],
+        "lora_alpha": failed["lora_alpha"],
+        "learning_rate": failed["learning_rate"],
+    }
     with pytest.raises(TabulatedTrialFailed, match="CUDA out of memory"):
         evaluate(table, space, point, {"eval_loss": "min"})
     with pytest.raises(ValueError, match=r"objectives: \['peak_memory_gib'\] not measured"):

@@ -57,12 +57,18 @@ class OptunaProposer(Proposer):
         # Fewer distinct successful points than this: a space-filling design instead (the
         # samplers' own start-up phase is plain random sampling, so it is skipped).
         min_points: int = 2
+        # GP only: treat the objectives as noise-free (Optuna's ``deterministic_objective``):
+        # the model interpolates every observation. Right for tabulated or analytic problems,
+        # wrong for real training, whose losses and times vary from run to run.
+        deterministic: bool = False
 
         def __post_init__(self) -> None:
+            if not isinstance(self.deterministic, bool):
+                raise ValueError(f"proposer.optuna.deterministic: must be true or false, got {self.deterministic!r}")
+            if self.deterministic and self.sampler != "gp":
+                raise ValueError("proposer.optuna.deterministic: only the gp sampler has it")
             if self.sampler not in SAMPLERS:
-                raise ValueError(
-                    f"proposer.optuna.sampler: unknown {self.sampler!r}; choose one of {list(SAMPLERS)}"
-                )
+                raise ValueError(f"proposer.optuna.sampler: unknown {self.sampler!r}; choose one of {list(SAMPLERS)}")
             positive_int("optuna", "population_size", self.population_size, minimum=2)
             positive_int("optuna", "min_points", self.min_points, minimum=1)
 
@@ -75,8 +81,9 @@ class OptunaProposer(Proposer):
         import optuna
 
         encoding = _Encoding(self.space)
-        sampler = self._sampler(int(rng.integers(2**31)))
+        sampler_seed = int(rng.integers(2**31))
         with _quiet():
+            sampler = self._sampler(sampler_seed)
             study = optuna.create_study(directions=["minimize"] * len(self.objectives), sampler=sampler)
             study.add_trials(self._replay(history, encoding, sampler))
             taken = {self.space.key(p) for p in history.evaluated}
@@ -103,7 +110,9 @@ class OptunaProposer(Proposer):
         if self.options.sampler == "tpe":
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=0)
         if self.options.sampler == "gp":
-            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=0)
+            return optuna.samplers.GPSampler(
+                seed=seed, n_startup_trials=0, deterministic_objective=self.options.deterministic
+            )
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.options.population_size)
 
     def _replay(self, history: History, encoding: "_Encoding", sampler) -> list:
