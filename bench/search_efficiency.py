@@ -53,7 +53,13 @@ from loratune.benchmarks import (  # noqa: E402
 )
 from loratune.designs import pilot_design  # noqa: E402
 from loratune.loop import round_seed  # noqa: E402
-from loratune.pareto import REFERENCE, hypervolume, normalize, to_minimization  # noqa: E402
+from loratune.pareto import (  # noqa: E402
+    REFERENCE,
+    best_subset_hypervolumes,
+    hypervolume,
+    normalize,
+    to_minimization,
+)
 from loratune.proposers import make_proposer  # noqa: E402
 from loratune.space import SearchSpace  # noqa: E402
 
@@ -291,6 +297,82 @@ def add_hypervolume(trials: pd.DataFrame, scales: dict[str, Scale]) -> pd.DataFr
     return pd.concat(parts, ignore_index=True)
 
 
+# ---- how close any proposer could get ---------------------------------------------------------
+
+# The objective a table's oracle is told for every cell; the others it must find by trying.
+ORACLE_METRIC = "eval_loss"
+
+
+def bounds(problems: list[str], plan: Plan, summary: pd.DataFrame, k_max: int = 8) -> pd.DataFrame:
+    """Per problem, what no proposer can beat. ``front_points``: the fewest trials exactly on
+    the true front whose hypervolume reaches random search's final median (the best placement
+    of k points, ``best_subset_hypervolumes``); after a pilot that adds nothing, no proposer
+    can reach it before trial pilot + front_points. For a measured table, also the trials an
+    oracle needs that knows every cell's eval loss (but not the other objective) and tries the
+    cells from the lowest loss up: ``oracle_reach``, median over the seeds' pilots."""
+    rows = []
+    for name in problems:
+        problem = BENCH_PROBLEMS[name]
+        space = problem.space
+        scale = Scale.of(problem.front(space))
+        target = float(summary.loc[summary["problem"] == name, "target"].iloc[0])
+        front = normalize(problem.front(space), scale.lower, scale.upper)
+        best = best_subset_hypervolumes(front, np.full(2, REFERENCE), k_max) / scale.front_volume
+        reaching = np.flatnonzero(best >= target - 1e-12)
+        row = {
+            "problem": name,
+            "target": target,
+            "front_size": len(front),
+            "front_points": int(reaching[0]) + 1 if len(reaching) else float("inf"),
+            "oracle_reach": float("nan"),
+            "oracle_seeds": [],
+        }
+        if isinstance(get_problem(problem.problem), LoraTable) and ORACLE_METRIC in problem.objectives:
+            reach = [_loss_oracle_reach(problem, plan, seed, scale, target) for seed in range(plan.seeds)]
+            row["oracle_reach"] = float(np.median(reach))
+            row["oracle_seeds"] = reach
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _loss_oracle_reach(problem: BenchProblem, plan: Plan, seed: int, scale: Scale, target: float) -> float:
+    """Trials to ``target`` for the seed's pilot followed by the table's cells in order of
+    eval loss, skipping cells already measured (a pilot point is its nearest cell)."""
+    table = get_problem(problem.problem)
+    space = problem.space
+    names = list(problem.objectives)
+    pilot = pilot_design(space, plan.pilot, "lhs", seed)
+    seen = {int(table.nearest(space, point).name) for point in pilot}
+    values = [problem.observe(space, point, seed)[1] for point in pilot]
+    rows, _ = table.rows_in(space)
+    for index, row in rows.sort_values(ORACLE_METRIC, kind="stable").iterrows():
+        if int(index) in seen:
+            continue
+        seen.add(int(index))
+        values.append(problem.observe(space, space.snap(row[space.tunable_names].to_dict()), seed)[1])
+    Y = np.array([v if v is not None else np.full(len(names), np.nan) for v in values], dtype=float)
+    return trials_to_reach(pd.DataFrame({"n_trials": np.arange(1, len(Y) + 1), "hv_ratio": scale.ratios(Y)}), target)
+
+
+def table_time_signal(problem: BenchProblem) -> str:
+    """How much of a table's train_time the hyperparameters explain: a Kruskal-Wallis test per
+    parameter (the same runs grouped by its levels)."""
+    from scipy.stats import kruskal
+
+    rows, _ = get_problem(problem.problem).rows_in(problem.space)
+    rows = rows[np.isfinite(rows["train_time"])]
+    parts = []
+    for name in problem.space.tunable_names:
+        groups = [group["train_time"].to_numpy() for _, group in rows.groupby(name)]
+        parts.append(f"{name} p = {kruskal(*groups).pvalue:.2f}")
+    return (
+        f"train_time {rows['train_time'].min():.1f}-{rows['train_time'].max():.1f} s "
+        f"(sd {rows['train_time'].std():.1f} s), unrelated to the hyperparameters (Kruskal-Wallis "
+        + ", ".join(parts)
+        + ")"
+    )
+
+
 # ---- the summary ---------------------------------------------------------------------------
 
 
@@ -373,6 +455,7 @@ def markdown(
     skipped: dict[str, str],
     command: str,
     elapsed: float,
+    limits: pd.DataFrame | None = None,
 ) -> str:
     checkpoints = [c for c in CHECKPOINTS if c <= plan.budget]
     out = [
@@ -431,6 +514,8 @@ def markdown(
         cells = [arm] + [f"{rows[f'hv{n}_median'].mean():.3f}" for n in checkpoints]
         cells.append(f"{int((rows['trials_to_target'] <= 8).sum())}/{len(rows)}")
         out.append("| " + " | ".join(cells) + " |")
+    if limits is not None and not limits.empty:
+        out += ["", *limits_lines(summary, limits, plan)]
     out += ["", "## The goal, for the default proposer and the others", ""]
     for arm in arms:
         if arm == "random" or arm not in set(summary["arm"]):
@@ -453,6 +538,48 @@ def markdown(
             )
         out.append("")
     return "\n".join(out)
+
+
+def limits_lines(summary: pd.DataFrame, limits: pd.DataFrame, plan: Plan) -> list[str]:
+    """The section on what no proposer can beat, with the best measured arm beside it."""
+    out = [
+        "## How close any proposer could get",
+        "",
+        "'front points': the fewest trials *exactly on the true front* whose hypervolume reaches random "
+        f"search's {plan.budget}-trial median (the best placement of k points, exact); after a "
+        f"{plan.pilot}-point pilot that adds nothing, no proposer reaches it before trial {plan.pilot} + that. "
+        "'loss oracle' (measured tables): the median trials of a proposer told every cell's eval loss in "
+        "advance, trying the cells from the lowest loss up after the same pilots. 'best arm': the fewest "
+        "trials any measured proposer needed (median over seeds).",
+        "",
+        "| problem | random's HV@{0} | front points | earliest trial | loss oracle | best arm |".format(plan.budget),
+        "|---|---|---|---|---|---|",
+    ]
+    for _, row in limits.iterrows():
+        mine = summary[summary["problem"] == row["problem"]]
+        best = mine.loc[mine["trials_to_target"].idxmin()] if mine["trials_to_target"].notna().any() else None
+        oracle = (
+            f"{_count(row['oracle_reach'], plan.budget)} ({', '.join(_count(v, plan.budget) for v in row['oracle_seeds'])})"
+            if np.isfinite(row["oracle_reach"])
+            else "-"
+        )
+        best_text = f"{_count(best['trials_to_target'], plan.budget)} ({best['arm']})" if best is not None else "-"
+        earliest = plan.pilot + row["front_points"] if np.isfinite(row["front_points"]) else float("inf")
+        out.append(
+            f"| {row['problem']} | {row['target']:.3f} | {_count(row['front_points'], 8)} of {row['front_size']} | "
+            f"{_count(earliest, plan.budget)} | {oracle} | {best_text} |"
+        )
+    tables = [name for name in limits["problem"] if isinstance(get_problem(BENCH_PROBLEMS[name].problem), LoraTable)]
+    if tables:
+        out += [
+            "",
+            f"In the measured table, {table_time_signal(BENCH_PROBLEMS[tables[0]])}: three to six trials "
+            "shared the GPU, and a 135M-parameter model's step on an H200 is bound by kernel launches, not by the "
+            "LoRA rank. "
+            "Which cells are fast is luck a model cannot learn, so on the table problems even the loss oracle "
+            "misses 8 trials, and a proposer can only be judged on eval loss.",
+        ]
+    return out
 
 
 def figure(curves: pd.DataFrame, summary: pd.DataFrame, plan: Plan, arms: list[str]):
@@ -675,7 +802,8 @@ def main(argv: list[str] | None = None) -> None:
     labels = [a.label for a in arms]
     if not timing.empty:
         timing.to_csv(args.out.with_name(args.out.name + "_timing.tsv"), sep="\t", index=False)
-    text = markdown(summary, timing, plan, labels, skipped, command, elapsed)
+    limits = bounds(problems, plan, summary)
+    text = markdown(summary, timing, plan, labels, skipped, command, elapsed, limits)
     args.out.with_suffix(".md").write_text(text + "\n")
     from loratune.plots import write_html
 
@@ -690,7 +818,9 @@ def render(args: argparse.Namespace, plan: Plan, labels: list[str], skipped: dic
     timing = pd.read_csv(timing_path, sep="\t") if timing_path.exists() else pd.DataFrame()
     labels = [label for label in labels if label in set(curves["arm"])]
     elapsed = 60 * args.elapsed_min if args.elapsed_min is not None else float("nan")
-    text = markdown(summarize(curves, plan), timing, plan, labels, skipped, command, elapsed)
+    summary = summarize(curves, plan)
+    limits = bounds(list(dict.fromkeys(curves["problem"])), plan, summary)
+    text = markdown(summary, timing, plan, labels, skipped, command, elapsed, limits)
     args.out.with_suffix(".md").write_text(text + "\n")
     from loratune.plots import write_html
 

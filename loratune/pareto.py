@@ -20,6 +20,7 @@ __all__ = [
     "non_dominated",
     "pareto_front",
     "hypervolume",
+    "best_subset_hypervolumes",
     "normalization_bounds",
     "normalize",
     "hypervolume_curves",
@@ -100,13 +101,43 @@ def hypervolume(Y_min, ref) -> float:
     if Y.size == 0:
         return 0.0
     if Y.shape[1] != ref.shape[0]:
-        raise ValueError(
-            f"hypervolume: reference point has {ref.shape[0]} values for {Y.shape[1]} objectives"
-        )
+        raise ValueError(f"hypervolume: reference point has {ref.shape[0]} values for {Y.shape[1]} objectives")
     Y = Y[np.isfinite(Y).all(axis=1) & (Y < ref).all(axis=1)]
     if len(Y) == 0:
         return 0.0
     return float(_hypervolume(Y, ref))
+
+
+def best_subset_hypervolumes(front, ref, k_max: int) -> np.ndarray:
+    """For k = 1..k_max, the largest hypervolume that k of the two-objective points
+    ``front`` can dominate together (exact, by dynamic programming over the points sorted
+    by the first objective): how close k perfectly placed trials could get.
+
+    Only non-dominated points strictly inside ``ref`` can count; with fewer of them than k,
+    the value stays at the whole set's hypervolume.
+    """
+    ref = np.array(ref, dtype=float).ravel()
+    F = np.array(front, dtype=float, ndmin=2)
+    if F.shape[1] != 2 or ref.shape != (2,):
+        raise ValueError("best_subset_hypervolumes: needs two objectives and a two-value reference point")
+    if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or k_max < 1:
+        raise ValueError(f"best_subset_hypervolumes: k_max must be an integer >= 1, got {k_max!r}")
+    F = F[np.isfinite(F).all(axis=1) & (F < ref).all(axis=1)]
+    F = np.unique(F[non_dominated(F)], axis=0)  # sorted by f1; on a front f2 then falls
+    if len(F) == 0:
+        return np.zeros(k_max)
+    x, y = F[:, 0], F[:, 1]
+    width = ref[0] - x
+    # best[i]: the largest volume of j points whose last (largest f1) point is i. Adding i
+    # after i' < i adds the strip (ref0 - x_i) * (y_i' - y_i).
+    best = width * (ref[1] - y)
+    out = [best.max()]
+    earlier = np.tril(np.ones((len(F), len(F)), dtype=bool), k=-1)  # [i, i'] with i' < i
+    for _ in range(1, k_max):
+        gain = best[None, :] + width[:, None] * (y[None, :] - y[:, None])
+        best = np.where(earlier, gain, -np.inf).max(axis=1, initial=-np.inf)
+        out.append(max(out[-1], best.max()))
+    return np.array(out, dtype=float)
 
 
 def _hypervolume(Y: np.ndarray, ref: np.ndarray) -> float:

@@ -1,9 +1,12 @@
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from loratune.pareto import (
     REFERENCE,
+    best_subset_hypervolumes,
     hypervolume,
     hypervolume_curves,
     non_dominated,
@@ -132,9 +135,7 @@ def _trials() -> pd.DataFrame:
             ("random", 2, "r2", 0.6, 0.6, "ok"),
         ]
         rows = [(seed, *row) if len(row) == 6 else row for row in rows]
-    df = pd.DataFrame(
-        rows, columns=["seed", "arm", "round", "trial_id", "train_loss", "train_time", "status"]
-    )
+    df = pd.DataFrame(rows, columns=["seed", "arm", "round", "trial_id", "train_loss", "train_time", "status"])
     df["lora_rank"] = 16
     # An index that is not 0..n-1 must not matter.
     return df.set_index(np.arange(len(df)) * 7)
@@ -191,3 +192,32 @@ def test_hypervolume_curves_accept_explicit_bounds_and_reference():
         hypervolume_curves(trials.drop(columns="round"), OBJECTIVES)
     failed = hypervolume_curves(trials.assign(status="failed"), OBJECTIVES)
     assert (failed["hypervolume"] == 0).all()
+
+
+def test_best_subset_hypervolumes_match_brute_force():
+    rng = np.random.default_rng(7)
+    ref = np.array([1.1, 1.1])
+    points = rng.random((11, 2))
+    # A dominated copy and a point outside the reference box must not change anything.
+    points = np.vstack([points, points[0] + 0.05, [1.5, 0.0]])
+    best = best_subset_hypervolumes(points, ref, 5)
+    for k in range(1, 6):
+        brute = max(hypervolume(points[list(c)], ref) for c in itertools.combinations(range(len(points)), k))
+        assert best[k - 1] == pytest.approx(brute, rel=1e-12)
+    assert np.all(np.diff(best) >= 0)
+    assert best[-1] <= hypervolume(points, ref) + 1e-12
+
+
+def test_best_subset_hypervolumes_of_a_quarter_circle_and_bad_input():
+    angles = np.linspace(0, np.pi / 2, 401)
+    circle = np.column_stack([np.cos(angles), np.sin(angles)])
+    ref = [1.1, 1.1]
+    best = best_subset_hypervolumes(circle, ref, 3) / hypervolume(circle, ref)
+    # One point at 45 degrees: (1.1 - 0.7071)^2 of the front's 1.21 - pi/4.
+    assert best[0] == pytest.approx((1.1 - np.sqrt(0.5)) ** 2 / (1.21 - np.pi / 4), rel=5e-3)
+    assert 0.69 < best[2] < 0.70
+    assert np.all(best_subset_hypervolumes(np.array([[2.0, 2.0]]), ref, 2) == 0)
+    with pytest.raises(ValueError, match="two objectives"):
+        best_subset_hypervolumes(np.ones((3, 3)), [1.1] * 3, 2)
+    with pytest.raises(ValueError, match="k_max"):
+        best_subset_hypervolumes(circle, ref, 0)
