@@ -715,6 +715,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="re-render the .md and .html from the .tsv files of an earlier run at --out (no runs)",
     )
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="measure only the proposal times (--timing-history), then re-render as --render-only does",
+    )
     parser.add_argument("--elapsed-min", type=float, default=None, help="with --render-only: the runs' wall time")
     args = parser.parse_args(argv)
     for name in ("seeds", "pilot", "batch", "budget", "workers"):
@@ -761,8 +766,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             problems.append(name)
     command = " ".join([".venv/bin/python bench/search_efficiency.py", *(sys.argv[1:] if argv is None else argv)])
-    if args.render_only:
-        command = re.sub(r" --render-only| --elapsed-min \S+", "", command)
+    if args.timing_only:
+        timing = measure_timing(arms, args.timing_history or 200, plan.batch)
+        timing.to_csv(args.out.with_name(args.out.name + "_timing.tsv"), sep="\t", index=False)
+    if args.render_only or args.timing_only:
+        command = re.sub(r" --render-only| --timing-only| --elapsed-min \S+", "", command)
         render(args, plan, [a.label for a in arms], skipped, command)
         return
 

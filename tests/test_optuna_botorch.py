@@ -169,6 +169,7 @@ def test_proposing_prints_nothing(arm, space, history, capfd):
         ("botorch", {"acq": "ei"}, r"proposer\.botorch: unknown option 'acq'"),
         ("botorch", {"acquisition": "ei"}, r"proposer\.botorch\.acquisition: unknown 'ei'"),
         ("botorch", {"nehvi_max_front": 0}, r"proposer\.botorch\.nehvi_max_front"),
+        ("optuna", {"sampler": "gp", "qmc_samples": 0}, r"proposer\.optuna\.qmc_samples"),
         ("optuna", {"sampler": "gp", "deterministic": "yes"}, r"proposer\.optuna\.deterministic: must be"),
         ("optuna", {"sampler": "tpe", "deterministic": True}, r"proposer\.optuna\.deterministic: only the gp"),
     ],
@@ -196,6 +197,19 @@ def test_botorch_switches_to_parego_only_for_large_three_objective_fronts(object
     forced = make_proposer("botorch", space, objectives, seed=2, acquisition="parego", **FAST["botorch"][1])
     assert_valid_new(space, forced.propose(history, 2), history, 2)
     assert forced.last_acquisition == "parego"
+
+
+@pytest.mark.parametrize(
+    "objectives, size, options, expected",
+    [(TWO, 40, {}, None), (THREE, 8, {}, None), (THREE, 40, {}, 64), (TWO, 8, {"qmc_samples": 16}, 16)],
+    ids=["two-objectives", "three-small-front", "three-large-front", "set"],
+)
+def test_optuna_gp_uses_fewer_qmc_samples_for_large_three_objective_fronts(objectives, size, options, expected, space):
+    history = history_of(space, pilot_design(space, size, "random", seed=6), objectives)
+    made = make_proposer("optuna", space, objectives, seed=2, sampler="gp", **options)
+    proposals = made.propose(history, 2)
+    assert made.last_qmc_samples == expected
+    assert_valid_new(space, proposals, history, 2)
 
 
 def test_optuna_gp_deterministic_option_runs_the_model(space):

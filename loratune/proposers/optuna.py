@@ -31,6 +31,7 @@ from loratune.proposers.base import (
     positive_int,
     space_filling_new_points,
 )
+from loratune.pareto import non_dominated
 from loratune.space import ChoiceParam, FloatParam, IntParam, SearchSpace
 
 __all__ = ["OptunaProposer", "SAMPLERS"]
@@ -38,6 +39,9 @@ __all__ = ["OptunaProposer", "SAMPLERS"]
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "gp", "nsga2")
+# Non-dominated trials of 3+ objectives past which the GP sampler's hypervolume acquisition
+# gets fewer QMC samples (see ``Options.qmc_samples``).
+LARGE_FRONT = 16
 # Asks per wanted point before the batch gives up on the sampler (it keeps landing on taken
 # points) and the base class tops it up with random points.
 _ASKS_PER_POINT = 4
@@ -47,6 +51,8 @@ class OptunaProposer(Proposer):
     """Optuna's TPE (its default), GP or NSGA-II sampler, driven through ask/tell."""
 
     name = "optuna"
+    #: The GP sampler's hypervolume QMC samples set in the last proposal (None: Optuna's own).
+    last_qmc_samples: int | None = None
 
     @dataclass(frozen=True)
     class Options:
@@ -61,10 +67,20 @@ class OptunaProposer(Proposer):
         # the model interpolates every observation. Right for tabulated or analytic problems,
         # wrong for real training, whose losses and times vary from run to run.
         deterministic: bool = False
+        # GP only: quasi-Monte Carlo samples of its log expected hypervolume improvement.
+        # None: Optuna's 128, but 64 with 3+ objectives and more than ``LARGE_FRONT``
+        # non-dominated trials, where the box decomposition of every sample dominates the
+        # cost (a 3-objective proposal with 200 trials, 76 of them non-dominated: 16.5 s with
+        # 128 samples, 5.4 s with 64, the same two points proposed).
+        qmc_samples: int | None = None
 
         def __post_init__(self) -> None:
             if not isinstance(self.deterministic, bool):
                 raise ValueError(f"proposer.optuna.deterministic: must be true or false, got {self.deterministic!r}")
+            if self.qmc_samples is not None:
+                positive_int("optuna", "qmc_samples", self.qmc_samples)
+                if self.sampler != "gp":
+                    raise ValueError("proposer.optuna.qmc_samples: only the gp sampler has it")
             if self.deterministic and self.sampler != "gp":
                 raise ValueError("proposer.optuna.deterministic: only the gp sampler has it")
             if self.sampler not in SAMPLERS:
@@ -83,7 +99,7 @@ class OptunaProposer(Proposer):
         encoding = _Encoding(self.space)
         sampler_seed = int(rng.integers(2**31))
         with _quiet():
-            sampler = self._sampler(sampler_seed)
+            sampler = self._sampler(sampler_seed, history)
             study = optuna.create_study(directions=["minimize"] * len(self.objectives), sampler=sampler)
             study.add_trials(self._replay(history, encoding, sampler))
             taken = {self.space.key(p) for p in history.evaluated}
@@ -104,15 +120,23 @@ class OptunaProposer(Proposer):
         log.info("optuna (%s): %d ok trials, %d proposal(s)", self.options.sampler, len(history.ok_points), len(chosen))
         return chosen
 
-    def _sampler(self, seed: int):
+    def _sampler(self, seed: int, history: History):
         import optuna
 
         if self.options.sampler == "tpe":
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=0)
         if self.options.sampler == "gp":
-            return optuna.samplers.GPSampler(
+            sampler = optuna.samplers.GPSampler(
                 seed=seed, n_startup_trials=0, deterministic_objective=self.options.deterministic
             )
+            self.last_qmc_samples = self._qmc_samples(history)
+            if self.last_qmc_samples is not None:
+                if hasattr(sampler, "_n_qmc_samples_ehvi"):
+                    sampler._n_qmc_samples_ehvi = self.last_qmc_samples
+                else:  # an Optuna without the attribute: its own sample count, however slow
+                    log.warning("optuna: this Optuna's GP sampler has no QMC sample count to set; using its own")
+                    self.last_qmc_samples = None
+            return sampler
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.options.population_size)
 
     def _replay(self, history: History, encoding: "_Encoding", sampler) -> list:
@@ -149,6 +173,14 @@ class OptunaProposer(Proposer):
                     )
                 )
         return trials
+
+    def _qmc_samples(self, history: History) -> int | None:
+        """The GP sampler's hypervolume QMC samples to set (None: leave Optuna's)."""
+        if self.options.qmc_samples is not None:
+            return self.options.qmc_samples
+        if len(self.objectives) >= 3 and np.count_nonzero(non_dominated(history.Y_min)) > LARGE_FRONT:
+            return 64
+        return None
 
 
 class _Encoding:
