@@ -38,7 +38,7 @@ def _worker(args) -> list[dict]:
         hparams = {"lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr, "lora_dropout": 0.05}
         metrics = run_trial(
             hparams=hparams, settings=TrainingSettings(**settings), model_path=model_path,
-            data_dir=data_dir, output_dir=str(Path(out_root) / f"r{rank}_a{alpha}_lr{lr:g}"), seed=seed,
+            data_dir=data_dir, output_dir=str(Path(out_root) / f"r{rank}_a{alpha}_lr{lr:g}_{time.time_ns()}"), seed=seed,
         )
         row = {**hparams, **{c: metrics.get(c) for c in COLUMNS if c not in hparams}}
         print(json.dumps(row), flush=True)
@@ -56,7 +56,20 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--scratch", default="/tmp/lora_grid")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="comma-separated (default: the grid's)")
+    parser.add_argument("--alphas", default=",".join(map(str, ALPHAS)))
+    parser.add_argument("--lrs", default=",".join(map(str, LEARNING_RATES)))
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each point (with --workers 1: how much train_time varies)"
+    )
     args = parser.parse_args()
+    grid = list(
+        itertools.product(
+            [int(v) for v in args.ranks.split(",")],
+            [int(v) for v in args.alphas.split(",")],
+            [float(v) for v in args.lrs.split(",")],
+        )
+    )
 
     from loratune.training import DatasetSpec, ModelSpec, prepare_dataset, prepare_model
 
@@ -68,16 +81,18 @@ def main() -> None:
                     max_seq_length=args.seq, scheduler="cosine", warmup_ratio=0.05, keep_adapter=False)
 
     out = Path(args.out)
-    done = set()
+    done: dict[tuple, int] = {}
     if out.exists():
         for line in out.read_text().splitlines()[1:]:
             rank, alpha, lr = line.split("\t")[:3]
-            done.add((int(rank), int(alpha), float(lr)))
+            key = (int(rank), int(alpha), float(lr))
+            done[key] = done.get(key, 0) + 1
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\t".join(COLUMNS) + "\n")
-    todo = [p for p in itertools.product(RANKS, ALPHAS, LEARNING_RATES) if p not in done]
-    print(json.dumps({"grid": len(todo), "already": len(done), "settings": settings}), flush=True)
+    # Repeats interleave (every point once, then again), so a cut-short run still covers the grid.
+    todo = [p for repeat in range(args.repeats) for p in grid if done.get(p, 0) <= repeat]
+    print(json.dumps({"grid": len(todo), "already": sum(done.values()), "settings": settings}), flush=True)
     started = time.time()
     chunks = [todo[i:: args.workers] for i in range(args.workers)]
     # One point per task keeps the table growing row by row across workers.

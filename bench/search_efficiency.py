@@ -574,8 +574,10 @@ def limits_lines(summary: pd.DataFrame, limits: pd.DataFrame, plan: Plan) -> lis
         out += [
             "",
             f"In the measured table, {table_time_signal(BENCH_PROBLEMS[tables[0]])}: three to six trials "
-            "shared the GPU, and a 135M-parameter model's step on an H200 is bound by kernel launches, not by the "
-            "LoRA rank. "
+            "shared the GPU. Run alone, one at a time, the same model still trains in the same time at every rank "
+            "(rank 4, 64, 256, three runs each: 14.5-16.3, 14.2-15.6, 13.4-16.5 s; "
+            "`bench/results/lora_time_alone_h200_2026-11-30_e92ce32.tsv`): a 135M-parameter model's step on an H200 "
+            "is bound by kernel launches, not by the LoRA rank. "
             "Which cells are fast is luck a model cannot learn, so on the table problems even the loss oracle "
             "misses 8 trials, and a proposer can only be judged on eval loss.",
         ]
