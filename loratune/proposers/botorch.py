@@ -6,8 +6,8 @@ interpolated. qLogNEHVI partitions the objective space around the front of every
 sample, which grows steeply with three or more objectives (a 3-objective proposal with 200
 trials of history, 76 of them non-dominated, took 31.6 s on the 2-core machine); past
 ``nehvi_max_front`` observed Pareto points the proposer switches to qLogNParEGO (random
-Chebyshev scalarizations, 3.7 s there). The GP works in the unit cube of ``SearchSpace`` (log-scaled learning rate and,
-when configured, rank), where every parameter spans [0, 1].
+Chebyshev scalarizations: 2.3 s there). The GP works in the unit cube of ``SearchSpace``
+(log-scaled learning rate and, when configured, rank), where every parameter spans [0, 1].
 
 Stepped integers and choices are searched as a continuous relaxation: the acquisition is
 optimized over the cube, each optimum is snapped to the nearest valid point and to the other
@@ -50,7 +50,8 @@ ACQUISITIONS = ("auto", "nehvi", "parego")
 
 
 class BotorchProposer(Proposer):
-    """Bayesian optimization with BoTorch: qLogNEHVI (several objectives) or qLogNEI (one)."""
+    """Bayesian optimization with BoTorch: qLogNEHVI or, for large fronts of 3+ objectives,
+    qLogNParEGO (several objectives); qLogNEI (one)."""
 
     name = "botorch"
 
