@@ -20,12 +20,14 @@ import numpy as np
 import pandas as pd
 
 from loratune.designs import spread_subset
-from loratune.pareto import SENSES, to_minimization
+from loratune.pareto import SENSES, non_dominated, to_minimization
 from loratune.space import SearchSpace
 
 __all__ = [
     "AVAILABLE_PROPOSERS",
     "History",
+    "LARGE_FRONT",
+    "has_large_front",
     "Proposer",
     "make_proposer",
     "positive_int",
@@ -50,6 +52,10 @@ _REGISTRY: dict[str, str] = {
 }
 AVAILABLE_PROPOSERS: tuple[str, ...] = tuple(_REGISTRY)
 
+# Non-dominated observations of 3+ objectives past which a hypervolume acquisition, whose cost
+# grows with the front, gives way to a cheaper one (botorch: qLogNParEGO; optuna's GP sampler:
+# fewer QMC samples). Measured with 200 trials and 76 non-dominated: 31.6 s and 16.5 s otherwise.
+LARGE_FRONT = 16
 # Random top-up draws this many candidates per missing point before it lists a finite space.
 _DRAWS_PER_POINT = 50
 # A finite space up to this size is listed when random draws stop finding new points.
@@ -183,6 +189,11 @@ class Proposer(abc.ABC):
             log.info("%s: %d point(s) short; adding seeded random points", self.name, missing)
             chosen += random_new_points(self.space, missing, taken, rng)
         return chosen
+
+
+def has_large_front(Y_min: np.ndarray, limit: int = LARGE_FRONT) -> bool:
+    """Whether ``Y_min`` has 3+ objectives and more than ``limit`` non-dominated rows."""
+    return Y_min.shape[1] >= 3 and int(np.count_nonzero(non_dominated(Y_min))) > limit
 
 
 def random_new_points(

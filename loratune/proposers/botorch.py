@@ -33,13 +33,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from loratune.proposers.base import (
+    LARGE_FRONT,
     History,
     Point,
     Proposer,
+    has_large_front,
     positive_int,
     space_filling_new_points,
 )
-from loratune.pareto import non_dominated
 from loratune.space import FloatParam, SearchSpace
 
 __all__ = ["ACQUISITIONS", "BotorchProposer"]
@@ -72,7 +73,7 @@ class BotorchProposer(Proposer):
         # qLogNEHVI unless there are 3+ objectives and more than ``nehvi_max_front``
         # non-dominated observations, where its cost runs past the 10 s a proposal may take.
         acquisition: str = "auto"
-        nehvi_max_front: int = 16
+        nehvi_max_front: int = LARGE_FRONT
 
         def __post_init__(self) -> None:
             positive_int("botorch", "num_restarts", self.num_restarts)
@@ -115,7 +116,7 @@ class BotorchProposer(Proposer):
             # BoTorch maximizes: flip the minimization values.
             model = self._fit(torch.tensor(X, dtype=torch.double), torch.tensor(-Y, dtype=torch.double))
             fitted = time.perf_counter()
-            points = self._search(model, X, -Y, n, history.evaluated, rng)
+            points = self._search(model, X, -Y, n, history.evaluated, rng, self.last_acquisition)
             searched = time.perf_counter()
         self.last_timings = {"fit_s": fitted - started, "search_s": searched - fitted}
         log.info(
@@ -133,8 +134,7 @@ class BotorchProposer(Proposer):
             return "nei"
         if self.options.acquisition != "auto":
             return self.options.acquisition
-        front = int(np.count_nonzero(non_dominated(Y_min)))
-        return "parego" if Y_min.shape[1] >= 3 and front > self.options.nehvi_max_front else "nehvi"
+        return "parego" if has_large_front(Y_min, self.options.nehvi_max_front) else "nehvi"
 
     def _fit(self, X, Y):
         """A GP per objective, outputs standardized: one batched ``SingleTaskGP``, whose
@@ -168,9 +168,10 @@ class BotorchProposer(Proposer):
         n: int,
         evaluated: list[Point],
         rng: np.random.Generator,
+        kind: str,
     ) -> list[Point]:
         """``n`` greedy picks, each the best-scoring new snapped candidate given the earlier
-        picks as pending points."""
+        picks as pending points, under the acquisition ``kind`` ("nei", "nehvi", "parego")."""
         import torch
         from botorch.optim import optimize_acqf
 
@@ -180,7 +181,7 @@ class BotorchProposer(Proposer):
         chosen: list[Point] = []
         for _ in range(n):
             pending = torch.tensor(self.space.to_unit_rows(chosen), dtype=torch.double) if chosen else None
-            acquisition = self._acquisition(model, X, Y_max, pending, int(rng.integers(2**31)))
+            acquisition = self._acquisition(kind, model, X, Y_max, pending, int(rng.integers(2**31)))
             optima, _ = optimize_acqf(
                 acquisition,
                 bounds=bounds,
@@ -207,7 +208,7 @@ class BotorchProposer(Proposer):
             chosen.append(best)
         return chosen
 
-    def _acquisition(self, model, X: np.ndarray, Y_max: np.ndarray, pending, seed: int):
+    def _acquisition(self, kind: str, model, X: np.ndarray, Y_max: np.ndarray, pending, seed: int):
         import torch
         from botorch.acquisition.logei import qLogNoisyExpectedImprovement
         from botorch.acquisition.multi_objective.logei import (
@@ -218,11 +219,11 @@ class BotorchProposer(Proposer):
 
         sampler = SobolQMCNormalSampler(sample_shape=torch.Size([self.options.mc_samples]), seed=seed)
         X_baseline = torch.tensor(X, dtype=torch.double)
-        if self.last_acquisition == "nei":
+        if kind == "nei":
             return qLogNoisyExpectedImprovement(
                 model, X_baseline=X_baseline, sampler=sampler, X_pending=pending, prune_baseline=True
             )
-        if self.last_acquisition == "parego":
+        if kind == "parego":
             # One random Chebyshev weighting of the (standardized) objectives per call, drawn
             # from the seeded torch session: each greedy pick of a batch aims at another
             # part of the front.

@@ -28,10 +28,10 @@ from loratune.proposers.base import (
     History,
     Point,
     Proposer,
+    has_large_front,
     positive_int,
     space_filling_new_points,
 )
-from loratune.pareto import non_dominated
 from loratune.space import ChoiceParam, FloatParam, IntParam, SearchSpace
 
 __all__ = ["OptunaProposer", "SAMPLERS"]
@@ -39,9 +39,6 @@ __all__ = ["OptunaProposer", "SAMPLERS"]
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "gp", "nsga2")
-# Non-dominated trials of 3+ objectives past which the GP sampler's hypervolume acquisition
-# gets fewer QMC samples (see ``Options.qmc_samples``).
-LARGE_FRONT = 16
 # Asks per wanted point before the batch gives up on the sampler (it keeps landing on taken
 # points) and the base class tops it up with random points.
 _ASKS_PER_POINT = 4
@@ -178,7 +175,7 @@ class OptunaProposer(Proposer):
         """The GP sampler's hypervolume QMC samples to set (None: leave Optuna's)."""
         if self.options.qmc_samples is not None:
             return self.options.qmc_samples
-        if len(self.objectives) >= 3 and np.count_nonzero(non_dominated(history.Y_min)) > LARGE_FRONT:
+        if has_large_front(history.Y_min):
             return 64
         return None
 
