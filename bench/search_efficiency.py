@@ -301,9 +301,11 @@ def add_hypervolume(trials: pd.DataFrame, scales: dict[str, Scale]) -> pd.DataFr
 
 # The objective a table's oracle is told for every cell; the others it must find by trying.
 ORACLE_METRIC = "eval_loss"
+# The most front points the bounds place (the goal's 8 trials).
+FRONT_POINTS_MAX = 8
 
 
-def bounds(problems: list[str], plan: Plan, summary: pd.DataFrame, k_max: int = 8) -> pd.DataFrame:
+def bounds(problems: list[str], plan: Plan, summary: pd.DataFrame) -> pd.DataFrame:
     """Per problem, what no proposer can beat. ``front_points``: the fewest trials exactly on
     the true front whose hypervolume reaches random search's final median (the best placement
     of k points, ``best_subset_hypervolumes``); after a pilot that adds nothing, no proposer
@@ -314,10 +316,11 @@ def bounds(problems: list[str], plan: Plan, summary: pd.DataFrame, k_max: int = 
     for name in problems:
         problem = BENCH_PROBLEMS[name]
         space = problem.space
-        scale = Scale.of(problem.front(space))
+        true_front = problem.front(space)
+        scale = Scale.of(true_front)
         target = float(summary.loc[summary["problem"] == name, "target"].iloc[0])
-        front = normalize(problem.front(space), scale.lower, scale.upper)
-        best = best_subset_hypervolumes(front, np.full(2, REFERENCE), k_max) / scale.front_volume
+        front = normalize(true_front, scale.lower, scale.upper)
+        best = best_subset_hypervolumes(front, np.full(2, REFERENCE), FRONT_POINTS_MAX) / scale.front_volume
         reaching = np.flatnonzero(best >= target - 1e-12)
         row = {
             "problem": name,
@@ -566,7 +569,7 @@ def limits_lines(summary: pd.DataFrame, limits: pd.DataFrame, plan: Plan) -> lis
         best_text = f"{_count(best['trials_to_target'], plan.budget)} ({best['arm']})" if best is not None else "-"
         earliest = plan.pilot + row["front_points"] if np.isfinite(row["front_points"]) else float("inf")
         out.append(
-            f"| {row['problem']} | {row['target']:.3f} | {_count(row['front_points'], 8)} of {row['front_size']} | "
+            f"| {row['problem']} | {row['target']:.3f} | {_count(row['front_points'], FRONT_POINTS_MAX)} of {row['front_size']} | "
             f"{_count(earliest, plan.budget)} | {oracle} | {best_text} |"
         )
     tables = [name for name in limits["problem"] if isinstance(get_problem(BENCH_PROBLEMS[name].problem), LoraTable)]
@@ -812,7 +815,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = [a.label for a in arms]
     if not timing.empty:
         timing.to_csv(args.out.with_name(args.out.name + "_timing.tsv"), sep="\t", index=False)
-    limits = bounds(problems, plan, summary)
+    limits = bounds(list(dict.fromkeys(summary["problem"])), plan, summary)  # the sections' order
     text = markdown(summary, timing, plan, labels, skipped, command, elapsed, limits)
     args.out.with_suffix(".md").write_text(text + "\n")
     from loratune.plots import write_html
@@ -829,7 +832,7 @@ def render(args: argparse.Namespace, plan: Plan, labels: list[str], skipped: dic
     labels = [label for label in labels if label in set(curves["arm"])]
     elapsed = 60 * args.elapsed_min if args.elapsed_min is not None else float("nan")
     summary = summarize(curves, plan)
-    limits = bounds(list(dict.fromkeys(curves["problem"])), plan, summary)
+    limits = bounds(list(dict.fromkeys(summary["problem"])), plan, summary)
     text = markdown(summary, timing, plan, labels, skipped, command, elapsed, limits)
     args.out.with_suffix(".md").write_text(text + "\n")
     from loratune.plots import write_html
