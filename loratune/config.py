@@ -129,7 +129,7 @@ def _check_objectives(config: dict, space: SearchSpace) -> None:
 
 
 def _check_arms(config: dict) -> tuple[Arm, ...]:
-    from loratune.proposers import AVAILABLE_PROPOSERS
+    from loratune.proposers import AVAILABLE_PROPOSERS, check_options
 
     arms = []
     for name, spec in config["arms"].items():
@@ -142,6 +142,10 @@ def _check_arms(config: dict) -> tuple[Arm, ...]:
                 f"arms.{name}.proposer: unknown {spec['proposer']!r}; "
                 f"choose one of {sorted(AVAILABLE_PROPOSERS)}"
             )
+        try:
+            check_options(spec["proposer"], spec["options"])
+        except ValueError as error:
+            raise ConfigError(f"arms.{name}.options: {error}") from None
         arms.append(Arm(name, spec["proposer"], spec["rounds"], spec["batch_size"], dict(spec["options"])))
     return tuple(arms)
 

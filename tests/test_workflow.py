@@ -97,6 +97,10 @@ def test_dry_run_lists_the_pending_trials_of_a_round(tmp_path):
 
 BAD_CONFIGS = [
     ("arms.gptune.proposer", lambda c: c["arms"]["gptune"].update(proposer="bayes")),
+    ("arms.gptune.options: proposer.gptune.population_size",
+     lambda c: c["arms"]["gptune"].update(options={"population_size": 0})),
+    ("arms.random.options: proposer.random: unknown option 'sampler'",
+     lambda c: c["arms"]["random"].update(options={"sampler": "tpe"})),
     ("search_space.lora_rank", lambda c: c["search_space"]["lora_rank"].update(low=300)),
     ("search_space.lora_rank.step", lambda c: c["search_space"]["lora_rank"].update(step=5)),
     ("objectives", lambda c: c.update(objectives={})),

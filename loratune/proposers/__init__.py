@@ -1,9 +1,10 @@
 """Proposers: from the history of an arm, the next points to train.
 
-``make_proposer(name, space, objectives, seed, **options)`` builds one; ``AVAILABLE_PROPOSERS``
-names them without importing any (GPTune, GPy and pygmo load only when ``gptune`` is made).
+``make_proposer(name, space, objectives, seed, **options)`` builds one; ``check_options`` checks
+a proposer's options without building it; ``AVAILABLE_PROPOSERS`` names them without importing
+any (GPTune, GPy, pygmo, Optuna and BoTorch load only when a proposer is made).
 """
 
-from loratune.proposers.base import AVAILABLE_PROPOSERS, Proposer, make_proposer
+from loratune.proposers.base import AVAILABLE_PROPOSERS, Proposer, check_options, make_proposer
 
-__all__ = ["AVAILABLE_PROPOSERS", "Proposer", "make_proposer"]
+__all__ = ["AVAILABLE_PROPOSERS", "Proposer", "check_options", "make_proposer"]

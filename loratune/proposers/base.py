@@ -27,6 +27,7 @@ __all__ = [
     "AVAILABLE_PROPOSERS",
     "History",
     "LARGE_FRONT",
+    "check_options",
     "has_large_front",
     "Proposer",
     "make_proposer",
@@ -238,11 +239,20 @@ def make_proposer(
 ) -> Proposer:
     """The proposer registered as ``name``, importing its module (and its heavy
     dependencies) only now."""
+    return _proposer_class(name)(space, objectives, seed=seed, **options)
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise the one-line ``ValueError`` that ``make_proposer(name, ...)`` would raise for
+    ``options``, without making a proposer: a config is checked before any job runs."""
+    _parse_options(name, _proposer_class(name).Options, options)
+
+
+def _proposer_class(name: str) -> type[Proposer]:
     if name not in _REGISTRY:
         raise ValueError(f"proposer: unknown {name!r}; choose one of {list(AVAILABLE_PROPOSERS)}")
     module_name, class_name = _REGISTRY[name].split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(space, objectives, seed=seed, **options)
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _parse_options(proposer: str, options_class: type, options: Mapping[str, Any]) -> Any:

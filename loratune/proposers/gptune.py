@@ -21,6 +21,7 @@ numpy state that is restored afterwards, so proposals repeat exactly across proc
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -33,7 +34,6 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from loratune.designs import spread_subset
-from loratune.proposers import _autotune
 from loratune.proposers.base import (
     History,
     Point,
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 def _import_gptune() -> dict[str, Any]:
     """GPTune's flat modules (``problem``, ``model``, ``search``...), set up to import."""
     import skopt.space
+
+    from loratune.proposers import _autotune
 
     # GPTune was written against its own fork of scikit-optimize, whose dimensions carry an
     # ``optimize`` flag (only output dimensions' flags are read: all objectives optimize).
@@ -107,33 +109,44 @@ def _seeded_global_numpy(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
-class _LevelIndex(_autotune.Integer):
-    """An ordinal index into a parameter's levels, encoded as the level's unit coordinate.
+@functools.cache
+def _level_index_class() -> type:
+    """``_LevelIndex``, defined on first use: it subclasses scikit-optimize's ``Integer``, whose
+    import takes about a second, and this module is also imported just to check options."""
+    from loratune.proposers import _autotune
 
-    GPTune then sees exactly ``SearchSpace.to_unit`` (log-scaled ranks included), and every
-    candidate of its search is snapped to a level before its EI is taken, so the search never
-    spends effort between two valid values.
-    """
+    class _LevelIndex(_autotune.Integer):
+        """An ordinal index into a parameter's levels, encoded as the level's unit coordinate.
 
-    def __init__(self, unit_levels: list[float], name: str) -> None:
-        # skopt needs high > low; a single level is index 0 whatever the search asks for.
-        super().__init__(0, max(len(unit_levels) - 1, 1), transform="normalize", name=name)
-        self.unit_levels = np.asarray(unit_levels, dtype=float)
+        GPTune then sees exactly ``SearchSpace.to_unit`` (log-scaled ranks included), and every
+        candidate of its search is snapped to a level before its EI is taken, so the search never
+        spends effort between two valid values.
+        """
 
-    def transform(self, X):
-        return self.unit_levels[np.asarray(X, dtype=int)]
+        def __init__(self, unit_levels: list[float], name: str) -> None:
+            # skopt needs high > low; a single level is index 0 whatever the search asks for.
+            super().__init__(0, max(len(unit_levels) - 1, 1), transform="normalize", name=name)
+            self.unit_levels = np.asarray(unit_levels, dtype=float)
 
-    def inverse_transform(self, Xt):
-        Xt = np.asarray(Xt, dtype=float).reshape(-1, 1)
-        return np.argmin(np.abs(Xt - self.unit_levels), axis=1).tolist()
+        def transform(self, X):
+            return self.unit_levels[np.asarray(X, dtype=int)]
+
+        def inverse_transform(self, Xt):
+            Xt = np.asarray(Xt, dtype=float).reshape(-1, 1)
+            return np.argmin(np.abs(Xt - self.unit_levels), axis=1).tolist()
+
+    return _LevelIndex
 
 
-def _parameter_space(space: SearchSpace) -> _autotune.Space:
+def _parameter_space(space: SearchSpace):
+    """GPTune's parameter space: a level index per stepped or choice parameter, else [0, 1]."""
+    from loratune.proposers import _autotune
+
     dimensions = []
     for param in space.tunable:
         if isinstance(param, (IntParam, ChoiceParam)):
             units = [param.to_unit(level) for level in param.levels]
-            dimensions.append(_LevelIndex(units, name=param.name))
+            dimensions.append(_level_index_class()(units, name=param.name))
         else:
             dimensions.append(_autotune.Real(0.0, 1.0, transform="normalize", name=param.name))
     return _autotune.Space(dimensions)
@@ -234,6 +247,8 @@ class _Gptune:
         objectives: list[str],
         options: GPTuneProposer.Options,
     ) -> None:
+        from loratune.proposers import _autotune
+
         self.modules = modules
         self.space = space
         self.population_size = options.population_size
