@@ -229,9 +229,8 @@ def train(
             for _ in range(total_steps * settings.gradient_accumulation)
         )
 
-        def make_plan() -> None:
-            plan = fused_path.plan_memory(
-                fused,
+        plan = fused.fit_memory(
+            fused_path.MemoryRequest(
                 tokens_per_micro_batch=most_tokens,
                 dropout=lora.lora_dropout,
                 checkpointing=settings.gradient_checkpointing,
@@ -240,11 +239,9 @@ def train(
                 device=device,
                 trainable_params=sum(p.numel() for p in parameters),
             )
-            fused.apply_plan(plan)
-            compiled = ", compiled kernels" if fused.compiled else ""
-            log.info("fused path: %s%s", plan.describe(len(fused.layers)), compiled)
-
-        make_plan()
+        )
+        compiled = ", compiled kernels" if fused.compiled else ""
+        log.info("fused path: %s%s", plan.describe(len(fused.layers)), compiled)
 
     def forward_backward(micro: list[list[TokenizedExample]], loss_tokens: int) -> torch.Tensor:
         summed = torch.zeros((), device=device)
@@ -275,7 +272,6 @@ def train(
                 if not fell_back_to_eager(fused, error):
                     raise
                 # the same step again, with eager kernels and a plan for their memory
-                make_plan()
                 optimizer.zero_grad(set_to_none=True)
                 summed_loss = forward_backward(micro, loss_tokens)
             progress.train_tokens += sum(len(example.input_ids) for batch in micro for example in batch)
