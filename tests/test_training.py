@@ -16,9 +16,11 @@ from loratune.training.data import read_prepared, tokenize_examples
 from loratune.training.models import add_lora, load_base_model, load_tokenizer
 from loratune.training.trainer import (
     Progress,
+    Trainer,
     collate,
     learning_rate_factor,
     plan_steps,
+    require_trainable_4bit_weights,
     summed_token_loss,
     train,
 )
@@ -45,6 +47,11 @@ METRIC_FIELDS = {
     "hparams",
     "loss_curve",
     "provenance",
+    "max_steps",
+    "best_step",
+    "curve",
+    "total_train_time",
+    "segments",
 }
 PROVENANCE_FIELDS = {"model", "model_sha256", "dataset_sha256", "libraries", "seed", "hostname"}
 HPARAMS = {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 3e-2, "lora_dropout": 0.0}
@@ -130,37 +137,55 @@ def test_lora_weights_get_gradients(tiny_model, data_dir, quantization):
 
 
 @needs_4bit
-def test_eval_forward_of_4bit_model_before_training_is_refused(tiny_model, data_dir):
+def test_an_eval_forward_keeps_the_4bit_weights_trainable(tiny_model, data_dir):
+    """bitsandbytes repacks 4-bit weights in an eval-mode no-grad forward on AVX512-BF16 CPUs;
+    load_base_model turns that off, so evaluating in the middle of training is safe."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16): no trap to guard")
     model = lora_model(tiny_model, "nf4")
-    examples, batch = first_batch(tiny_model, data_dir)
+    _, batch = first_batch(tiny_model, data_dir)
     model.eval()
     with torch.no_grad():
         summed_token_loss(model, batch, torch.bfloat16)
-    repacked = any(
+    assert not repacked(model)
+    require_trainable_4bit_weights(model)
+
+
+@needs_4bit
+def test_4bit_weights_repacked_for_inference_are_refused(tiny_model, data_dir):
+    """A model whose repacking is on again (loaded some other way) is caught before training."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16): no trap to guard")
+    model = lora_model(tiny_model, "nf4")
+    examples, batch = first_batch(tiny_model, data_dir)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it
+    model.eval()
+    with torch.no_grad():
+        summed_token_loss(model, batch, torch.bfloat16)
+    assert repacked(model)
+    lora = LoraHyperparameters(lora_rank=8, lora_alpha=16, learning_rate=1e-3)
+    trainer = Trainer(model, examples, settings(max_steps=2), lora, pad_id=0, device=CPU, dtype=torch.bfloat16, seed=0)
+    with pytest.raises(RuntimeError, match="repacked for CPU inference"):
+        train(trainer, Progress())
+
+
+def repacked(model) -> bool:
+    return any(
         getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
         for m in model.modules()
     )
-    if not repacked:
-        pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU (no AVX512-BF16): no trap to guard")
-    lora = LoraHyperparameters(lora_rank=8, lora_alpha=16, learning_rate=1e-3)
-    with pytest.raises(RuntimeError, match="repacked for CPU inference"):
-        train(
-            model,
-            examples,
-            settings(max_steps=2),
-            lora,
-            pad_id=0,
-            device=CPU,
-            dtype=torch.bfloat16,
-            seed=0,
-            progress=Progress(),
-        )
 
 
 # ---- whole trials ----------------------------------------------------------------------
 def test_trial_learns_and_reports_every_metric(tiny_model, data_dir, tmp_path):
     metrics = run_trial(
-        HPARAMS, settings(keep_adapter=True, quantization="none"), tiny_model, data_dir, tmp_path, seed=0
+        HPARAMS, settings(keep_adapter=True, quantization="none", select="last"), tiny_model, data_dir, tmp_path, seed=0
     )
     assert metrics["status"] == "ok", metrics["error"]
     assert METRIC_FIELDS <= set(metrics) and PROVENANCE_FIELDS <= set(metrics["provenance"])
