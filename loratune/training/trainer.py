@@ -627,8 +627,11 @@ def setup(trial: Trial, metrics: TrialMetrics) -> Trainer:
     """Load the base model, add fresh LoRA adapters, plan the fused path's memory, build the
     optimizer, and continue from the trial's saved state if it has one."""
     from transformers import set_seed
+    from transformers.utils import logging as transformers_logging
 
     settings = trial.settings
+    if not sys.stderr.isatty():  # a job's log: no "Loading weights" redraws either (see progress_bar)
+        transformers_logging.disable_progress_bar()
     set_seed(trial.seed)
     model = load_base_model(
         trial.model_path,
