@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from loratune.training import DatasetSpec, TrainingSettings, prepare_dataset, run_trial
+from conftest import REPO
+from loratune.config import TRIAL_METRICS
+from loratune.training import DatasetSpec, TrainingSettings, TrialMetrics, prepare_dataset, run_trial
 from loratune.training.data import read_prepared, tokenize_examples
 from loratune.training.models import add_lora, load_base_model, load_tokenizer
 from loratune.training.trainer import (
@@ -232,6 +238,15 @@ def test_trial_learns_and_reports_every_metric(tiny_model, data_dir, tmp_path):
     assert provenance["seed"] == 0 and provenance["libraries"]["torch"] == torch.__version__
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
     json.dumps(metrics, allow_nan=False)  # plain JSON, as metrics.json
+    # The record is TrialMetrics, and every objective a config may name is a number of it.
+    assert list(metrics) == [f.name for f in dataclasses.fields(TrialMetrics)]
+    assert all(isinstance(metrics[name], (int, float)) for name in TRIAL_METRICS)
+
+
+def test_the_metric_names_load_without_torch():
+    """The Snakefile validates the config on every start: loratune.config must stay light."""
+    code = "import sys, loratune.config as c; assert 'torch' not in sys.modules and 'eval_loss' in c.TRIAL_METRICS"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 @needs_4bit
@@ -285,12 +300,16 @@ def test_the_job_time_limit_leaves_a_margin():
 
 
 def test_nan_loss_is_a_failed_trial(tiny_model, data_dir, tmp_path):
-    metrics = run_trial({**HPARAMS, "learning_rate": 1e30}, settings(), tiny_model, data_dir, tmp_path)
+    metrics = run_trial(
+        {**HPARAMS, "learning_rate": 1e30}, settings(eval_every=1, keep_adapter=True), tiny_model, data_dir, tmp_path
+    )
     assert metrics["status"] == "failed"
     assert metrics["error"] == "LossDiverged: loss became NaN at step 2"
     assert metrics["steps"] == len(metrics["loss_curve"]) == 1
     assert metrics["train_loss"] is None and metrics["eval_loss"] is None and metrics["train_time"] is None
     assert METRIC_FIELDS <= set(metrics) and metrics["job_time"] > 0
+    assert [point["step"] for point in metrics["curve"]] == [1]  # evaluated before it diverged
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "state").exists()  # nothing to go on from
 
 
 def test_an_exception_while_training_is_a_failed_trial(tiny_model, data_dir, tmp_path):

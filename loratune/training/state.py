@@ -31,6 +31,7 @@ NEUTRAL_SETTINGS = (
     "keep_adapter",
     "eval_batch_size",
     "eval_every",
+    "select",
     "device",
     "compile",
     "dequant_cache",

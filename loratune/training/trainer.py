@@ -842,6 +842,12 @@ def run_trial(
     except Exception as error:  # the trial failed; the study goes on (see the module docstring)
         log.error("trial failed:\n%s", traceback.format_exc())
         metrics.status, metrics.error = "failed", _one_line(error)
+        if isinstance(error, LossDiverged):
+            # Continued exactly, it would diverge at the same step: nothing to go on from, and no
+            # adapter of a failed trial to mistake for a result. Other failures (the time limit,
+            # memory, a node) keep both, so a job submitted again continues.
+            saved.remove_state(trial.output_dir)
+            shutil.rmtree(trial.output_dir / "adapter", ignore_errors=True)
     finally:
         del trainer
         gc.collect()
