@@ -729,13 +729,14 @@ def save_trial_state(trial: Trial, trainer: Trainer, progress: Progress, segment
     saved.save_state(trial.output_dir, identity=trial.identity, training=trainer.state_dict(), progress=done)
 
 
-def open_segment(progress: Progress, started_at: str) -> dict[str, Any]:
-    """This job's share of the trial, measured from here (see ``close_segment``)."""
+def open_segment(progress: Progress, started_at: str, clock: float) -> dict[str, Any]:
+    """This job's share of the trial, from its start (``clock``, a ``time.perf_counter()``) and
+    ``progress`` as the job found it; ``close_segment`` measures it."""
     return {
         "started_at": started_at,
         "from_step": progress.steps,
         "train_time_before": progress.train_time,
-        "clock": time.perf_counter(),
+        "clock": clock,
     }
 
 
@@ -816,7 +817,7 @@ def run_trial(
     )
     metrics = start_record(trial, started_at)
     progress = Progress(**trial.state["progress"]) if trial.state else Progress()
-    segment = {**open_segment(progress, started_at), "clock": clock}
+    segment = open_segment(progress, started_at, clock)
     log.info(
         "trial: %s on %s (%s, %s), %d train / %d eval examples, steps %d to %d of %d",
         metrics.hparams,
