@@ -102,7 +102,7 @@ def load_lora_model(model_dir: str, *, fused: bool):
 def time_training(model, examples, *, fused, batch: int, seq: int, steps: int, warmup: int, **overrides) -> dict:
     """Train ``warmup`` then ``steps`` steps; tokens/s (non-padding) and peak memory of the timed part."""
     from loratune.training.settings import LoraHyperparameters, TrainingSettings
-    from loratune.training.trainer import Progress, train
+    from loratune.training.trainer import Progress, Trainer, train
 
     lora = LoraHyperparameters(**LORA)
     device = DEVICE
@@ -125,7 +125,7 @@ def time_training(model, examples, *, fused, batch: int, seq: int, steps: int, w
         )
         progress = Progress()
         _sync()
-        train(
+        trainer = Trainer(
             model,
             examples,
             settings,
@@ -134,9 +134,11 @@ def time_training(model, examples, *, fused, batch: int, seq: int, steps: int, w
             device=device,
             dtype=torch.bfloat16,
             seed=0 if phase == "warmup" else 1,
-            progress=progress,
             fused=fused,
         )
+        if fused is not None:
+            fused.fit_memory(trainer.memory_request())
+        train(trainer, progress)
         _sync()
         results[phase] = progress
     timed = results["timed"]

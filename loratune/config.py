@@ -18,16 +18,14 @@ import jsonschema
 import yaml
 
 from loratune.space import SearchSpace, SpaceError
+from loratune.training.metrics import OBJECTIVE_METRICS
 
 __all__ = ["ConfigError", "Study", "load_schema", "validate_config", "ARM_NAME_PATTERN"]
 
 ARM_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9-]*"
 RESERVED_ARM_NAMES = {"pilot", "trials", "data", "plots", "gptune_db"}
 # Numeric metrics that every qlora trial records in its metrics.json: the possible objectives.
-TRIAL_METRICS = (
-    "train_loss", "final_train_loss", "eval_loss", "train_time", "job_time",
-    "tokens_per_second", "train_tokens", "peak_memory_gib", "trainable_params", "steps",
-)
+TRIAL_METRICS = OBJECTIVE_METRICS
 
 
 class ConfigError(ValueError):

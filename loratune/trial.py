@@ -53,7 +53,8 @@ def _deadline(runtime_minutes: float | None, started: float) -> float | None:
 
 
 def _evaluate_qlora(
-    study: Study, hparams: dict, seed: int, model_path: str, data_dir: str, out_dir: Path, deadline: float | None
+    study: Study, hparams: dict, seed: int, model_path: str, data_dir: str, out_dir: Path, deadline: float | None,
+    until_step: int | None,
 ) -> dict:
     from loratune.training import TrainingSettings, run_trial
 
@@ -63,7 +64,7 @@ def _evaluate_qlora(
         hparams=hparams, settings=settings, model_path=model_path, data_dir=data_dir,
         output_dir=str(out_dir), seed=seed,
         revision=model.get("revision"), trust_remote_code=model.get("trust_remote_code", False),
-        deadline=deadline,
+        deadline=deadline, until_step=until_step,
     )
 
 
@@ -75,11 +76,13 @@ def run_trial_job(
     model_path: str | None = None,
     data_dir: str | None = None,
     runtime_minutes: float | None = None,
+    until_step: int | None = None,
 ) -> dict:
     """Evaluate one trial with the study's backend and write its metrics.json atomically.
 
     ``runtime_minutes`` is the job's wall-time limit: training stops early enough before it to
     record the trial as failed ("time limit") instead of being killed without a record.
+    ``until_step`` stops a qlora trial at that step (a rung), its state saved to continue later.
     """
     from loratune.devices import claim_gpu
 
@@ -94,7 +97,9 @@ def run_trial_job(
             if study.config["backend"] == "benchmark":
                 metrics = _evaluate_benchmark(study, hparams, seed)
             else:
-                metrics = _evaluate_qlora(study, hparams, seed, model_path, data_dir, metrics_path.parent, deadline)
+                metrics = _evaluate_qlora(
+                    study, hparams, seed, model_path, data_dir, metrics_path.parent, deadline, until_step
+                )
         except Exception as error:  # a crashed trial is a result, not a crash of the study
             log.error("trial %s failed:\n%s", trial_id, traceback.format_exc())
             metrics = {"status": "failed", "error": f"{type(error).__name__}: {error}"}

@@ -1,11 +1,13 @@
 """The qlora backend: base models, fine-tuning data, and one LoRA/QLoRA training trial.
 
 ``prepare_model`` and ``prepare_dataset`` run once per study; ``run_trial`` once per trial.
-torch and transformers are imported on first use of a trial, not by ``import loratune.training``.
+They load on first use: ``import loratune.training`` (the config check does it on every
+Snakemake start) reads only the settings and the metrics record, not torch or pandas.
 """
 
-from loratune.training.data import prepare_dataset
-from loratune.training.models import prepare_model
+from importlib import import_module
+
+from loratune.training.metrics import TrialMetrics
 from loratune.training.settings import DatasetSpec, LoraHyperparameters, ModelSpec, TrainingSettings
 
 __all__ = [
@@ -13,16 +15,21 @@ __all__ = [
     "LoraHyperparameters",
     "ModelSpec",
     "TrainingSettings",
+    "TrialMetrics",
     "prepare_dataset",
     "prepare_model",
     "run_trial",
 ]
 
+# name -> the module that defines it (the trainer imports torch: seconds; data imports pandas)
+_LAZY = {
+    "prepare_dataset": "loratune.training.data",
+    "prepare_model": "loratune.training.models",
+    "run_trial": "loratune.training.trainer",
+}
+
 
 def __getattr__(name):
-    # The trainer imports torch (seconds); config validation and dataset preparation need not.
-    if name == "run_trial":
-        from loratune.training.trainer import run_trial
-
-        return run_trial
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(name)

@@ -245,6 +245,7 @@ def load_base_model(
         )
         options["device_map"] = {"": str(device)}
         model = AutoModelForCausalLM.from_pretrained(model_path, **options)
+        keep_4bit_weights_trainable(model)
         if not fused:
             # Freezes the base, keeps norms and embeddings in fp32 for stability (the QLoRA recipe).
             model = prepare_model_for_kbit_training(
@@ -258,6 +259,24 @@ def load_base_model(
         model.requires_grad_(False)
     model.config.use_cache = False  # the KV cache only serves generation
     return model
+
+
+def keep_4bit_weights_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference, so that the model can be
+    evaluated in the middle of training.
+
+    bitsandbytes' ``Linear4bit.forward`` (0.50) repacks its weight into a layout for a fast
+    AVX512-BF16 inference kernel when four things hold: the input is on the CPU, the CPU has
+    AVX512-BF16 (``support_avx512bf16_for_cpu``, read once at construction), the module is in eval
+    mode and the input does not require grad: exactly an eval-mode no-grad forward such as a
+    held-out loss. The repacked weight then goes through ``gemv_4bit``, which has no backward, so
+    training afterwards gets wrong LoRA gradients (or none). Clearing the flag keeps the trainable
+    layout (evaluation then dequantizes as training does); ``require_trainable_4bit_weights`` in
+    the trainer still refuses a model repacked some other way.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules):

@@ -21,6 +21,8 @@ QUANTIZATIONS = ("nf4", "none")
 SCHEDULERS = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
+SELECTIONS = ("best", "last")
+DEFAULT_EVALUATIONS = 5  # evaluations per trial when training.eval_every is null
 # Every linear layer of a Llama-style block: attention and MLP (the QLoRA paper's choice).
 ALL_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -213,6 +215,20 @@ class TrainingSettings:
     keep_adapter: bool = field(default=False, metadata={"help": "Save the trained LoRA adapter under <trial>/adapter."})
     log_every: int = field(default=10, metadata={"help": "Write a log line every N steps."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cuda or cpu."})
+    eval_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate the held-out loss every N optimizer steps, and at the last step (the learning "
+            f"curve); null: {DEFAULT_EVALUATIONS} evaluations spread evenly over the budget; 0: only at the end."
+        },
+    )
+    select: str = field(
+        default="best",
+        metadata={
+            "help": "Which evaluated step gives the trial's objective values and kept adapter: best (lowest "
+            "eval_loss along the curve) or last."
+        },
+    )
 
     def __post_init__(self) -> None:
         _choose("training.quantization", self.quantization, QUANTIZATIONS)
@@ -242,6 +258,9 @@ class TrainingSettings:
         _flag("training.keep_adapter", self.keep_adapter)
         self._set("log_every", _integer("training.log_every", self.log_every, 1))
         _choose("training.device", self.device, DEVICES)
+        if self.eval_every is not None:
+            self._set("eval_every", _integer("training.eval_every", self.eval_every, 0))
+        _choose("training.select", self.select, SELECTIONS)
 
     def _set(self, name: str, value: Any) -> None:
         # Values from YAML or a table (16.0, numpy ints) are stored as plain int/float.

@@ -1,9 +1,18 @@
 """One trial: LoRA or QLoRA fine-tuning of a base model on prepared data, and its metrics.
 
-The loop is our own and reads top to bottom (after nanoGPT's train.py): AdamW on the LoRA
-weights, a warmup + cosine/linear/constant schedule, gradient accumulation with the loss
-normalized by the step's completion tokens, gradient clipping. Keeping it in our hands leaves
-room for packing and fused kernels later.
+``run_trial`` reads as a recipe (after torchtune's lora_finetune_single_device): ``prepare``
+the inputs (bad settings or data raise here, before any model loads), ``setup`` the model,
+adapters, fused path and optimizer (from the trial's saved state, if it has one),
+``train_and_evaluate`` along the learning curve, and ``record`` the metrics. The loop is our own
+and reads top to bottom (after nanoGPT's train.py): AdamW on the LoRA weights, a warmup +
+cosine/linear/constant schedule over the full budget, gradient accumulation with the loss
+normalized by the step's completion tokens, gradient clipping.
+
+A trial evaluates its held-out loss at the steps of ``training.eval_every`` and at the step it
+stops at; after each evaluation short of the budget it saves its training state
+(``loratune.training.state``), so a trial stopped at a rung (``until_step``), out of time or
+preempted continues exactly where it was. ``training.select`` picks the evaluated step whose
+values become the objectives and whose adapter is kept.
 
 Failures of the trial itself (out of memory, a NaN loss, any exception while loading or
 training) are results: ``run_trial`` returns them with ``status: failed``. Bad settings are not:
@@ -40,7 +49,15 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from loratune.training import fused as fused_path  # noqa: E402
-from loratune.training.data import IGNORE_INDEX, TokenizedExample, read_prepared, tokenize_examples  # noqa: E402
+from loratune.training import state as saved  # noqa: E402
+from loratune.training.data import (  # noqa: E402
+    IGNORE_INDEX,
+    PreparedData,
+    TokenizedExample,
+    read_prepared,
+    tokenize_examples,
+)
+from loratune.training.metrics import TrialMetrics  # noqa: E402
 from loratune.training.models import (  # noqa: E402
     add_lora,
     load_base_model,
@@ -49,7 +66,12 @@ from loratune.training.models import (  # noqa: E402
     resolve_compute_dtype,
     resolve_device,
 )
-from loratune.training.settings import LoraHyperparameters, TrainingSettings, resolve_trial  # noqa: E402
+from loratune.training.settings import (  # noqa: E402
+    DEFAULT_EVALUATIONS,
+    LoraHyperparameters,
+    TrainingSettings,
+    resolve_trial,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +89,26 @@ class LossDiverged(RuntimeError):
 
 @dataclass
 class Progress:
-    """What the loop has done so far; it outlives a failure, so a failed trial still shows how far it got."""
+    """What the trial has done so far, over all its jobs; it outlives a failure, so a failed trial
+    still shows how far it got, and it is saved with the state, so a resumed one goes on counting."""
 
     loss_curve: list[float] = field(default_factory=list)
     train_tokens: int = 0
-    train_time: float = 0.0
+    train_time: float = 0.0  # seconds in training steps, evaluations excluded
+    curve: list[dict[str, Any]] = field(default_factory=list)  # one point per evaluated step
+    segments: list[dict[str, Any]] = field(default_factory=list)  # the earlier jobs of a resumed trial
+
+    @property
+    def steps(self) -> int:
+        return len(self.loss_curve)
+
+    def selected(self, select: str) -> dict[str, Any] | None:
+        """The curve point whose values the trial reports: the lowest eval_loss (``best``; the
+        earliest of equals) or the last point; None before the first evaluation."""
+        evaluated = [point for point in self.curve if point["eval_loss"] is not None]
+        if select == "last" or not evaluated:
+            return self.curve[-1] if self.curve else None
+        return min(evaluated, key=lambda point: point["eval_loss"])
 
 
 # ---- schedule and batches --------------------------------------------------------------
@@ -99,13 +136,31 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
     return 1.0
 
 
-def micro_batches(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Example indices, batch by batch, reshuffled every epoch, without end."""
+def micro_batches(n_examples: int, batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+    """Example indices, batch by batch, reshuffled every epoch, without end, from the ``start``-th
+    batch on: a resumed trial draws the same order and skips what it has trained."""
     generator = torch.Generator().manual_seed(seed)
+    batch = 0
     while True:
         order = torch.randperm(n_examples, generator=generator).tolist()
-        for start in range(0, n_examples, batch_size):
-            yield order[start : start + batch_size]
+        for first in range(0, n_examples, batch_size):
+            if batch >= start:
+                yield order[first : first + batch_size]
+            batch += 1
+
+
+def evaluation_steps(total_steps: int, eval_every: int | None) -> list[int]:
+    """The steps (1-based, after the step) at which the held-out loss is measured; always the last.
+
+    ``eval_every`` None: DEFAULT_EVALUATIONS points spread evenly; 0: the last step only.
+    """
+    if eval_every is None:
+        steps = {math.ceil(total_steps * k / DEFAULT_EVALUATIONS) for k in range(1, DEFAULT_EVALUATIONS + 1)}
+    elif eval_every == 0:
+        steps = set()
+    else:
+        steps = set(range(eval_every, total_steps + 1, eval_every))
+    return sorted(steps | {total_steps})
 
 
 def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -122,7 +177,7 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.dev
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": attention_mask.to(device)}
 
 
-# ---- forward, train, evaluate ----------------------------------------------------------
+# ---- forward and evaluate ----------------------------------------------------------
 def summed_token_loss(model, batch: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Cross-entropy summed over the batch's label tokens (the caller divides by their count).
 
@@ -171,134 +226,25 @@ def require_trainable_4bit_weights(model) -> None:
     On CPUs with AVX512-BF16, a no-grad forward of a 4-bit model in eval mode (generate, an eval
     loss) repacks its weights for a fast inference kernel that has no backward: training after
     that runs, with only a warning, and gets wrong gradients (seen: 12x too small, or none at all).
-    Train first, evaluate after; this check makes a violation a failed trial instead of a quiet one.
+    ``load_base_model`` turns the repacking off (``models.keep_4bit_weights_trainable``); this
+    check, before every stretch of training, makes a model repacked some other way (loaded
+    elsewhere, a bitsandbytes whose trigger changed) a failed trial instead of a quiet one.
     """
     for name, module in model.named_modules():
         quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
         if getattr(quant_state, "packing_format_for_cpu", False):
             raise RuntimeError(
-                f"4-bit weights of {name} were repacked for CPU inference by an eval forward before "
-                "training; load the model afresh and train before evaluating"
+                f"4-bit weights of {name} were repacked for CPU inference by an eval forward; load "
+                "the model with load_base_model, which keeps them trainable"
             )
 
 
 def require_lora_gradients(model) -> None:
-    """Fail when a LoRA weight got no gradient in the first step: its adapter would never train."""
+    """Fail when a LoRA weight got no gradient in a step: its adapter would never train."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     missing = [name for name, p in trainable if p.grad is None]
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(trainable)} LoRA weights got no gradient (e.g. {missing[0]})")
-
-
-def train(
-    model,
-    examples: Sequence[TokenizedExample],
-    settings: TrainingSettings,
-    lora: LoraHyperparameters,
-    *,
-    pad_id: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    seed: int,
-    progress: Progress,
-    deadline: float | None = None,
-    fused: fused_path.FusedCausalLM | None = None,
-) -> None:
-    """Train the LoRA weights of ``model`` in place, recording into ``progress``.
-
-    ``fused``: train through the fused path (its memory plan is made here, from the settings);
-    None: through the model's own forward. ``deadline`` (a ``time.time()`` value) stops the loop
-    with ``TimeLimitReached`` once passed.
-    """
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    # The fused path also takes AdamW's fused CUDA kernel (17 ms a step for an 8B model's r=16
-    # adapters in the default multi-tensor form, H200 profile); the plain path keeps the recipe's.
-    fused_adam = fused is not None and device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        parameters, lr=lora.learning_rate, weight_decay=settings.weight_decay, fused=True if fused_adam else None
-    )
-    total_steps = plan_steps(settings, len(examples))
-    warmup_steps = math.floor(settings.warmup_ratio * total_steps)
-    batches = micro_batches(len(examples), settings.batch_size, seed)
-    require_trainable_4bit_weights(model)
-    if fused is not None:
-        # Plan for the largest micro-batch this trial will see (the batch order is fixed by the seed).
-        upcoming = micro_batches(len(examples), settings.batch_size, seed)
-        most_tokens = max(
-            sum(len(examples[i].input_ids) for i in next(upcoming))
-            for _ in range(total_steps * settings.gradient_accumulation)
-        )
-
-        def make_plan() -> None:
-            plan = fused_path.plan_memory(
-                fused,
-                tokens_per_micro_batch=most_tokens,
-                dropout=lora.lora_dropout,
-                checkpointing=settings.gradient_checkpointing,
-                dequant_cache=settings.dequant_cache,
-                budget_gib=settings.memory_budget_gib,
-                device=device,
-                trainable_params=sum(p.numel() for p in parameters),
-            )
-            fused.apply_plan(plan)
-            compiled = ", compiled kernels" if fused.compiled else ""
-            log.info("fused path: %s%s", plan.describe(len(fused.layers)), compiled)
-
-        make_plan()
-
-    def forward_backward(micro: list[list[TokenizedExample]], loss_tokens: int) -> torch.Tensor:
-        summed = torch.zeros((), device=device)
-        for batch_examples in micro:
-            loss = micro_batch_loss(
-                model, fused, batch_examples, pad_id=pad_id, device=device, dtype=dtype, training=True
-            )
-            (loss / loss_tokens).backward()
-            summed += loss.detach()
-        return summed
-
-    model.train()
-    started = time.perf_counter()
-    with tqdm(total=total_steps, desc="train", unit="step", file=sys.stderr, ncols=100) as bar:
-        for step in range(total_steps):
-            if deadline is not None and time.time() > deadline:
-                raise TimeLimitReached(f"stopped after {step} of {total_steps} steps at the job's time limit")
-            learning_rate = lora.learning_rate * learning_rate_factor(
-                step, total_steps, warmup_steps, settings.scheduler
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate
-            micro = [[examples[i] for i in next(batches)] for _ in range(settings.gradient_accumulation)]
-            loss_tokens = sum(example.loss_tokens for batch in micro for example in batch)
-            try:
-                summed_loss = forward_backward(micro, loss_tokens)
-            except Exception as error:
-                if not fell_back_to_eager(fused, error):
-                    raise
-                # the same step again, with eager kernels and a plan for their memory
-                make_plan()
-                optimizer.zero_grad(set_to_none=True)
-                summed_loss = forward_backward(micro, loss_tokens)
-            progress.train_tokens += sum(len(example.input_ids) for batch in micro for example in batch)
-            step_loss = summed_loss.item() / loss_tokens  # the step's one host sync
-            if not math.isfinite(step_loss):
-                raise LossDiverged(f"loss became {'NaN' if math.isnan(step_loss) else 'inf'} at step {step + 1}")
-            if step == 0:
-                require_lora_gradients(model)
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.loss_curve.append(step_loss)
-            progress.train_time = time.perf_counter() - started
-            tokens_per_second = progress.train_tokens / progress.train_time
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
-            bar.update()
-            if (step + 1) % settings.log_every == 0 or step + 1 == total_steps:
-                bar.write(
-                    f"step {step + 1}/{total_steps} loss {step_loss:.4f} lr {learning_rate:.3g} "
-                    f"{tokens_per_second:.0f} tok/s",
-                    file=sys.stderr,
-                )
 
 
 @torch.no_grad()
@@ -314,8 +260,10 @@ def evaluate(
 ) -> float:
     """Mean cross-entropy per completion token over ``examples``.
 
-    Call it after training only: on the CPU, an eval forward of a 4-bit model before training
-    breaks the LoRA gradients (see ``require_trainable_4bit_weights``).
+    Safe in the middle of training, also for a 4-bit model on the CPU: ``load_base_model`` keeps
+    bitsandbytes from repacking its weights in this eval-mode no-grad forward
+    (``models.keep_4bit_weights_trainable``), and the fused path never calls bitsandbytes' forward.
+    The next ``train`` puts the model back in training mode.
     """
     model.eval()
     # Similar lengths side by side: less padding, same mean.
@@ -334,17 +282,189 @@ def evaluate(
     return summed_loss.item() / loss_tokens
 
 
+# ---- the optimizer step and the loop ---------------------------------------------------
+class Trainer:
+    """The LoRA weights of ``model``, their AdamW optimizer, and one optimizer step at a time.
+
+    ``fused``: train through the fused path (plan its memory first, ``fused.fit_memory(
+    trainer.memory_request())``); None: through the model's own forward. The data order and the
+    learning rate are functions of the step and ``seed``, so any step can come next (a resumed trial).
+    """
+
+    def __init__(
+        self,
+        model,
+        examples: Sequence[TokenizedExample],
+        settings: TrainingSettings,
+        lora: LoraHyperparameters,
+        *,
+        pad_id: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int,
+        fused: fused_path.FusedCausalLM | None = None,
+    ):
+        self.model, self.examples, self.settings, self.lora, self.fused = model, examples, settings, lora, fused
+        self.pad_id, self.device, self.dtype, self.seed = pad_id, device, dtype, seed
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        # The fused path also takes AdamW's fused CUDA kernel (17 ms a step for an 8B model's r=16
+        # adapters in the default multi-tensor form, H200 profile); the plain path keeps the recipe's.
+        fused_adam = fused is not None and device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.parameters,
+            lr=lora.learning_rate,
+            weight_decay=settings.weight_decay,
+            fused=True if fused_adam else None,
+        )
+        self.total_steps = plan_steps(settings, len(examples))
+        self.warmup_steps = math.floor(settings.warmup_ratio * self.total_steps)
+        self._batches: Iterator[list[int]] | None = None
+        self._next_step: int | None = None
+
+    def memory_request(self) -> fused_path.MemoryRequest:
+        """What the fused path must plan for: the largest micro-batch of the whole budget (the batch
+        order is fixed by the seed), so the plan holds for every step and every resumed job."""
+        settings = self.settings
+        upcoming = micro_batches(len(self.examples), settings.batch_size, self.seed)
+        most_tokens = max(
+            sum(len(self.examples[i].input_ids) for i in next(upcoming))
+            for _ in range(self.total_steps * settings.gradient_accumulation)
+        )
+        return fused_path.MemoryRequest(
+            tokens_per_micro_batch=most_tokens,
+            dropout=self.lora.lora_dropout,
+            checkpointing=settings.gradient_checkpointing,
+            dequant_cache=settings.dequant_cache,
+            budget_gib=settings.memory_budget_gib,
+            device=self.device,
+            trainable_params=sum(p.numel() for p in self.parameters),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = {name: p.detach().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
+        return {"lora": weights, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(state["lora"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _micro_batches(self, step: int) -> list[list[TokenizedExample]]:
+        accumulation = self.settings.gradient_accumulation
+        if self._next_step != step:
+            self._batches = micro_batches(len(self.examples), self.settings.batch_size, self.seed, step * accumulation)
+        self._next_step = step + 1
+        return [[self.examples[i] for i in next(self._batches)] for _ in range(accumulation)]
+
+    def _forward_backward(self, micro: list[list[TokenizedExample]], loss_tokens: int) -> torch.Tensor:
+        summed = torch.zeros((), device=self.device)
+        for batch_examples in micro:
+            loss = micro_batch_loss(
+                self.model,
+                self.fused,
+                batch_examples,
+                pad_id=self.pad_id,
+                device=self.device,
+                dtype=self.dtype,
+                training=True,
+            )
+            (loss / loss_tokens).backward()
+            summed += loss.detach()
+        return summed
+
+    def step(self, step: int, progress: Progress, *, check_gradients: bool = False) -> tuple[float, float]:
+        """Optimizer step ``step`` (0-based), recorded into ``progress``; returns its loss and learning rate.
+
+        ``check_gradients``: fail unless every LoRA weight got a gradient (the first step of a job,
+        and the first after an evaluation, where the CPU 4-bit trap would show).
+        """
+        started = time.perf_counter()
+        learning_rate = self.lora.learning_rate * learning_rate_factor(
+            step, self.total_steps, self.warmup_steps, self.settings.scheduler
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        micro = self._micro_batches(step)
+        loss_tokens = sum(example.loss_tokens for batch in micro for example in batch)
+        try:
+            summed_loss = self._forward_backward(micro, loss_tokens)
+        except Exception as error:
+            if not fell_back_to_eager(self.fused, error):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)  # the same step again, with eager kernels
+            summed_loss = self._forward_backward(micro, loss_tokens)
+        step_loss = summed_loss.item() / loss_tokens  # the step's one host sync
+        if not math.isfinite(step_loss):
+            raise LossDiverged(f"loss became {'NaN' if math.isnan(step_loss) else 'inf'} at step {step + 1}")
+        if check_gradients:
+            require_lora_gradients(self.model)
+        if self.settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        progress.loss_curve.append(step_loss)
+        progress.train_tokens += sum(len(example.input_ids) for batch in micro for example in batch)
+        progress.train_time += time.perf_counter() - started
+        return step_loss, learning_rate
+
+
+def progress_bar(total: int, initial: int) -> tqdm:
+    """A live bar on a terminal; none when stderr is a file (a job's log), where its carriage-return
+    redraws would fill the log with what the periodic step lines already say."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        ncols=100,
+        disable=not sys.stderr.isatty(),
+    )
+
+
+def train(
+    trainer: Trainer, progress: Progress, *, until_step: int | None = None, deadline: float | None = None
+) -> None:
+    """Train from step ``progress.steps`` up to ``until_step`` (None: the full budget), in place.
+
+    ``deadline`` (a ``time.time()`` value) stops the loop with ``TimeLimitReached`` once passed.
+    """
+    total = trainer.total_steps
+    stop = total if until_step is None else min(until_step, total)
+    first = progress.steps
+    require_trainable_4bit_weights(trainer.model)
+    trainer.model.train()
+    with progress_bar(total, first) as bar:
+        for step in range(first, stop):
+            if deadline is not None and time.time() > deadline:
+                raise TimeLimitReached(f"stopped after {step} of {total} steps at the job's time limit")
+            step_loss, learning_rate = trainer.step(step, progress, check_gradients=step == first)
+            tokens_per_second = progress.train_tokens / progress.train_time
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
+            bar.update()
+            if (step + 1) % trainer.settings.log_every == 0 or step + 1 == stop:
+                bar.write(
+                    f"step {step + 1}/{total} loss {step_loss:.4f} lr {learning_rate:.3g} {tokens_per_second:.0f} tok/s",
+                    file=sys.stderr,
+                )
+
+
 def save_adapter(model, target: Path) -> None:
-    """Save the LoRA adapter to ``target`` through a scratch folder, so it is complete or absent."""
+    """Save the LoRA adapter to ``target`` through a scratch folder, so it is complete or absent;
+    an adapter already there is moved aside first and removed after."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tag = uuid.uuid4().hex[:8]
+    scratch, previous = target.parent / f".{target.name}.{tag}.tmp", target.parent / f".{target.name}.{tag}.old"
     try:
         model.save_pretrained(scratch)
         if target.exists():
-            shutil.rmtree(target)
+            target.rename(previous)
         scratch.rename(target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 # ---- one trial -------------------------------------------------------------------------
@@ -395,6 +515,265 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}"
 
 
+@dataclass
+class Trial:
+    """One trial's inputs, resolved and checked: what ``prepare`` knows before any model loads."""
+
+    lora: LoraHyperparameters
+    settings: TrainingSettings
+    seed: int
+    model_path: str
+    revision: str | None
+    trust_remote_code: bool
+    output_dir: Path
+    data: PreparedData
+    device: torch.device
+    dtype: torch.dtype
+    use_fused: bool
+    checkpointing: bool
+    pad_id: int
+    train_set: list[TokenizedExample]
+    eval_set: list[TokenizedExample]
+    total_steps: int
+    stop_step: int  # where this job stops: until_step, or the full budget
+    identity: dict[str, Any]  # what a saved state must match (loratune.training.state)
+    state: dict[str, Any] | None  # the state saved by an earlier job of this trial
+
+
+def prepare(
+    hparams: Mapping[str, Any],
+    settings: TrainingSettings | Mapping[str, Any],
+    model_path: str,
+    data_dir: str | Path,
+    output_dir: str | Path,
+    seed: int,
+    *,
+    revision: str | None,
+    trust_remote_code: bool,
+    until_step: int | None,
+) -> Trial:
+    """Resolve the trial's settings, device and data, and read its saved state; raises on bad input."""
+    if not isinstance(settings, TrainingSettings):
+        settings = TrainingSettings(**settings)
+    lora, settings = resolve_trial(hparams, settings)
+    if until_step is not None and (isinstance(until_step, bool) or not isinstance(until_step, int) or until_step < 1):
+        raise ValueError(f"until_step: expected a step >= 1 or None, got {until_step!r}")
+    data = read_prepared(data_dir)
+    device = resolve_device(settings.device)
+    tokenizer = load_tokenizer(model_path, revision=revision, trust_remote_code=trust_remote_code)
+    train_set = [e for e in tokenize_examples(tokenizer, data.train, settings.max_seq_length) if e.loss_tokens]
+    eval_set = [e for e in tokenize_examples(tokenizer, data.eval, settings.max_seq_length) if e.loss_tokens]
+    if not train_set:
+        raise ValueError(
+            f"training.max_seq_length: {settings.max_seq_length} tokens leave no completion token "
+            f"in any of the {len(data.train)} training examples"
+        )
+    total_steps = plan_steps(settings, len(train_set))
+    identity = saved.trial_identity(lora, settings, seed)
+    return Trial(
+        lora=lora,
+        settings=settings,
+        seed=seed,
+        model_path=model_path,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        output_dir=Path(output_dir),
+        data=data,
+        device=device,
+        dtype=resolve_compute_dtype(settings.compute_dtype, device),
+        use_fused=choose_fused(settings, model_path, revision=revision, trust_remote_code=trust_remote_code),
+        checkpointing=(
+            device.type == "cuda" if settings.gradient_checkpointing == "auto" else settings.gradient_checkpointing
+        ),
+        pad_id=tokenizer.pad_token_id,
+        train_set=train_set,
+        eval_set=eval_set,
+        total_steps=total_steps,
+        stop_step=total_steps if until_step is None else min(until_step, total_steps),
+        identity=identity,
+        state=saved.read_state(output_dir, identity),
+    )
+
+
+def start_record(trial: Trial, started_at: str) -> TrialMetrics:
+    """The metrics known before training: what was asked for, on what, from which data."""
+    settings, data = trial.settings, trial.data
+    return TrialMetrics(
+        eval_tokens=sum(e.loss_tokens for e in trial.eval_set),
+        max_steps=trial.total_steps,
+        n_train_examples=len(trial.train_set),
+        n_eval_examples=len(trial.eval_set),
+        device=trial.device.type,
+        gpu_name=torch.cuda.get_device_name(trial.device) if trial.device.type == "cuda" else None,
+        quantization=settings.quantization,
+        compute_dtype=str(trial.dtype).removeprefix("torch."),
+        gradient_checkpointing=trial.checkpointing if not trial.use_fused else settings.gradient_checkpointing,
+        fused_kernels=trial.use_fused,
+        started_at=trial.state["progress"]["segments"][0]["started_at"] if trial.state else started_at,
+        hparams=asdict(trial.lora),
+        settings=asdict(settings),
+        provenance={
+            **model_fingerprint(trial.model_path),
+            "dataset_sha256": data.manifest.get("data_sha256"),
+            "dataset_source_sha256": data.manifest.get("source_sha256"),
+            "libraries": _library_versions(),
+            "seed": trial.seed,
+            "hostname": socket.gethostname(),
+        },
+    )
+
+
+def setup(trial: Trial, metrics: TrialMetrics) -> Trainer:
+    """Load the base model, add fresh LoRA adapters, plan the fused path's memory, build the
+    optimizer, and continue from the trial's saved state if it has one."""
+    from transformers import set_seed
+    from transformers.utils import logging as transformers_logging
+
+    settings = trial.settings
+    if not sys.stderr.isatty():  # a job's log: no "Loading weights" redraws either (see progress_bar)
+        transformers_logging.disable_progress_bar()
+    set_seed(trial.seed)
+    model = load_base_model(
+        trial.model_path,
+        quantization=settings.quantization,
+        dtype=trial.dtype,
+        device=trial.device,
+        gradient_checkpointing=trial.checkpointing,
+        fused=trial.use_fused,
+        revision=trial.revision,
+        trust_remote_code=trial.trust_remote_code,
+    )
+    model = add_lora(
+        model,
+        rank=trial.lora.lora_rank,
+        alpha=trial.lora.lora_alpha,
+        dropout=trial.lora.lora_dropout,
+        target_modules=settings.target_modules,
+    )
+    metrics.trainable_params, metrics.total_params = model.get_nb_trainable_parameters()
+    fused = None
+    if trial.use_fused:
+        fused = fused_path.FusedCausalLM(model, compile=resolve_compile(settings, trial.device))
+    trainer = Trainer(
+        model,
+        trial.train_set,
+        settings,
+        trial.lora,
+        pad_id=trial.pad_id,
+        device=trial.device,
+        dtype=trial.dtype,
+        seed=trial.seed,
+        fused=fused,
+    )
+    if fused is not None:
+        plan = fused.fit_memory(trainer.memory_request())
+        log.info("fused path: %s%s", plan.describe(len(fused.layers)), ", compiled kernels" if fused.compiled else "")
+    if trial.state is not None:
+        trainer.load_state_dict(trial.state["training"])
+        saved.restore_rng(trial.state["rng"])
+        log.info("continuing from the state saved at step %d", len(trial.state["progress"]["loss_curve"]))
+    return trainer
+
+
+def train_and_evaluate(
+    trial: Trial, trainer: Trainer, progress: Progress, *, deadline: float | None, segment: dict[str, Any]
+) -> None:
+    """Train up to ``trial.stop_step``, evaluating at each evaluation step on the way and at the
+    stop; after each evaluation, keep the adapter if it is the one ``select`` keeps, and save the
+    state unless the budget is done. Out of time, save the state where training stopped."""
+    settings = trial.settings
+    stops = [
+        s for s in evaluation_steps(trial.total_steps, settings.eval_every) if progress.steps < s < trial.stop_step
+    ]
+    if progress.steps < trial.stop_step:
+        stops.append(trial.stop_step)
+    for stop in stops:
+        try:
+            train(trainer, progress, until_step=stop, deadline=deadline)
+        except TimeLimitReached:
+            if progress.steps > 0:
+                save_trial_state(trial, trainer, progress, segment)
+            raise
+        eval_loss = None
+        if trial.eval_set:
+            eval_loss = evaluate(
+                trainer.model,
+                trial.eval_set,
+                settings.eval_batch_size,
+                pad_id=trial.pad_id,
+                device=trial.device,
+                dtype=trial.dtype,
+                fused=trainer.fused,
+            )
+        point = {
+            "step": stop,
+            "eval_loss": eval_loss,
+            "train_loss": sum(progress.loss_curve) / progress.steps,
+            "train_time": progress.train_time,
+        }
+        progress.curve.append(point)
+        log.info(
+            "step %d/%d: held-out loss %s", stop, trial.total_steps, "-" if eval_loss is None else f"{eval_loss:.4f}"
+        )
+        if settings.keep_adapter and progress.selected(settings.select) is point:
+            save_adapter(trainer.model, trial.output_dir / "adapter")
+        if stop < trial.total_steps:
+            save_trial_state(trial, trainer, progress, segment)
+    if progress.steps >= trial.total_steps:
+        saved.remove_state(trial.output_dir)
+
+
+def save_trial_state(trial: Trial, trainer: Trainer, progress: Progress, segment: dict[str, Any]) -> None:
+    """Save the state with this job counted as a finished segment, as a later job will see it."""
+    done = {**asdict(progress), "segments": progress.segments + [close_segment(segment, progress)]}
+    saved.save_state(trial.output_dir, identity=trial.identity, training=trainer.state_dict(), progress=done)
+
+
+def open_segment(progress: Progress, started_at: str, clock: float) -> dict[str, Any]:
+    """This job's share of the trial, from its start (``clock``, a ``time.perf_counter()``) and
+    ``progress`` as the job found it; ``close_segment`` measures it."""
+    return {
+        "started_at": started_at,
+        "from_step": progress.steps,
+        "train_time_before": progress.train_time,
+        "clock": clock,
+    }
+
+
+def close_segment(segment: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    return {
+        "started_at": segment["started_at"],
+        "from_step": segment["from_step"],
+        "to_step": progress.steps,
+        "train_time": progress.train_time - segment["train_time_before"],
+        "job_time": time.perf_counter() - segment["clock"],
+    }
+
+
+def record(trial: Trial, metrics: TrialMetrics, progress: Progress, segment: dict[str, Any]) -> dict[str, Any]:
+    """Fill in what training measured; the objective values come from the step ``select`` picks."""
+    segments = progress.segments + [close_segment(segment, progress)]
+    metrics.steps = progress.steps
+    metrics.loss_curve = list(progress.loss_curve)
+    metrics.curve = [dict(point) for point in progress.curve]
+    metrics.segments = segments
+    metrics.train_tokens = progress.train_tokens
+    metrics.total_train_time = progress.train_time
+    metrics.job_time = sum(s["job_time"] for s in segments)
+    metrics.peak_memory_gib = peak_memory_gib(trial.device)
+    chosen = progress.selected(trial.settings.select)
+    if metrics.status == "ok" and chosen is not None:
+        upto = progress.loss_curve[: chosen["step"]]
+        tail = max(1, math.ceil(0.1 * len(upto)))
+        metrics.best_step = chosen["step"]
+        metrics.eval_loss = chosen["eval_loss"]
+        metrics.train_loss = chosen["train_loss"]
+        metrics.final_train_loss = sum(upto[-tail:]) / tail
+        metrics.train_time = chosen["train_time"]
+        metrics.tokens_per_second = progress.train_tokens / progress.train_time
+    return metrics.as_dict()
+
+
 def run_trial(
     hparams: Mapping[str, Any],
     settings: TrainingSettings | Mapping[str, Any],
@@ -406,170 +785,84 @@ def run_trial(
     revision: str | None = None,
     trust_remote_code: bool = False,
     deadline: float | None = None,
+    until_step: int | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``model_path`` with LoRA ``hparams`` on the data in ``data_dir``; return the metrics.
+    """Fine-tune ``model_path`` with LoRA ``hparams`` on the data in ``data_dir``; return the metrics
+    (the fields of ``TrialMetrics``).
 
-    ``deadline`` (a ``time.time()`` value, e.g. a Slurm job's end minus a margin) stops training
-    when passed; the trial is then recorded as failed rather than killed unrecorded.
+    The trial continues from its state in ``output_dir``/state if an earlier job saved one, and
+    trains up to ``until_step`` (None: the full budget; the LR schedule always spans the full
+    budget, so a trial stopped there is a prefix of the full run). ``deadline`` (a ``time.time()``
+    value, e.g. a Slurm job's end minus a margin) stops training when passed; the trial is then
+    recorded as failed, with its state saved, rather than killed unrecorded.
 
     ``hparams`` holds ``lora_rank``, ``lora_alpha``, ``learning_rate`` and optionally
     ``lora_dropout``; a key named like a training setting overrides it for this trial. The
     adapter goes to ``output_dir``/adapter when ``settings.keep_adapter``. ``revision`` and
-    ``trust_remote_code`` apply to a hub model. Raises on bad settings or data; a failure of
-    the training itself comes back as ``status: failed``.
+    ``trust_remote_code`` apply to a hub model. Raises on bad settings, data or saved state; a
+    failure of the training itself comes back as ``status: failed``.
     """
-    job_started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if not isinstance(settings, TrainingSettings):
-        settings = TrainingSettings(**settings)
-    lora, settings = resolve_trial(hparams, settings)
-    data = read_prepared(data_dir)
-    device = resolve_device(settings.device)
-    dtype = resolve_compute_dtype(settings.compute_dtype, device)
-    use_fused = choose_fused(settings, model_path, revision=revision, trust_remote_code=trust_remote_code)
-    checkpointing = (
-        device.type == "cuda" if settings.gradient_checkpointing == "auto" else settings.gradient_checkpointing
+    clock = time.perf_counter()
+    trial = prepare(
+        hparams,
+        settings,
+        model_path,
+        data_dir,
+        output_dir,
+        seed,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        until_step=until_step,
     )
-    tokenizer = load_tokenizer(model_path, revision=revision, trust_remote_code=trust_remote_code)
-    train_set = [e for e in tokenize_examples(tokenizer, data.train, settings.max_seq_length) if e.loss_tokens]
-    eval_set = [e for e in tokenize_examples(tokenizer, data.eval, settings.max_seq_length) if e.loss_tokens]
-    if not train_set:
-        raise ValueError(
-            f"training.max_seq_length: {settings.max_seq_length} tokens leave no completion token "
-            f"in any of the {len(data.train)} training examples"
-        )
-    metrics: dict[str, Any] = {
-        "status": "failed",
-        "error": None,
-        "train_loss": None,
-        "final_train_loss": None,
-        "eval_loss": None,
-        "train_time": None,
-        "job_time": None,
-        "tokens_per_second": None,
-        "train_tokens": 0,
-        "eval_tokens": sum(e.loss_tokens for e in eval_set),
-        "steps": 0,
-        "peak_memory_gib": None,
-        "trainable_params": None,
-        "total_params": None,
-        "n_train_examples": len(train_set),
-        "n_eval_examples": len(eval_set),
-        "device": device.type,
-        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "quantization": settings.quantization,
-        "compute_dtype": str(dtype).removeprefix("torch."),
-        "gradient_checkpointing": checkpointing if not use_fused else settings.gradient_checkpointing,
-        "fused_kernels": use_fused,
-        "memory_plan": None,
-        "started_at": started_at,
-        "hparams": asdict(lora),
-        "settings": asdict(settings),
-        "loss_curve": [],
-        "provenance": {
-            **model_fingerprint(model_path),
-            "dataset_sha256": data.manifest.get("data_sha256"),
-            "dataset_source_sha256": data.manifest.get("source_sha256"),
-            "libraries": _library_versions(),
-            "seed": seed,
-            "hostname": socket.gethostname(),
-        },
-    }
+    metrics = start_record(trial, started_at)
+    progress = Progress(**trial.state["progress"]) if trial.state else Progress()
+    segment = open_segment(progress, started_at, clock)
     log.info(
-        "trial: %s on %s (%s, %s), %d train / %d eval examples",
-        asdict(lora),
-        device,
-        settings.quantization,
-        metrics["compute_dtype"],
-        len(train_set),
-        len(eval_set),
+        "trial: %s on %s (%s, %s), %d train / %d eval examples, steps %d to %d of %d",
+        metrics.hparams,
+        trial.device,
+        trial.settings.quantization,
+        metrics.compute_dtype,
+        len(trial.train_set),
+        len(trial.eval_set),
+        progress.steps,
+        trial.stop_step,
+        trial.total_steps,
     )
-    progress = Progress()
-    model = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    trainer = None
+    if trial.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trial.device)
     try:
-        from transformers import set_seed
-
-        set_seed(seed)
-        model = load_base_model(
-            model_path,
-            quantization=settings.quantization,
-            dtype=dtype,
-            device=device,
-            gradient_checkpointing=checkpointing,
-            fused=use_fused,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-        )
-        model = add_lora(
-            model,
-            rank=lora.lora_rank,
-            alpha=lora.lora_alpha,
-            dropout=lora.lora_dropout,
-            target_modules=settings.target_modules,
-        )
-        metrics["trainable_params"], metrics["total_params"] = model.get_nb_trainable_parameters()
-        fused = None
-        if use_fused:
-            fused = fused_path.FusedCausalLM(model, compile=resolve_compile(settings, device))
-        train(
-            model,
-            train_set,
-            settings,
-            lora,
-            pad_id=tokenizer.pad_token_id,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            progress=progress,
-            deadline=deadline,
-            fused=fused,
-        )
-        if fused is not None:
-            plan = fused.plan
-            metrics["gradient_checkpointing"] = len(plan.checkpointed) > 0
-            metrics["memory_plan"] = {
-                "checkpointed_layers": len(plan.checkpointed),
-                "layers": len(fused.layers),
-                "dequant_cache": plan.dequant_cache,
-                "budget_gib": plan.budget_gib,
-                "compiled": fused.compiled,
-            }
-        if eval_set:
-            metrics["eval_loss"] = evaluate(
-                model,
-                eval_set,
-                settings.eval_batch_size,
-                pad_id=tokenizer.pad_token_id,
-                device=device,
-                dtype=dtype,
-                fused=fused,
-            )
-        if settings.keep_adapter:
-            save_adapter(model, Path(output_dir) / "adapter")
-        curve = progress.loss_curve
-        tail = max(1, math.ceil(0.1 * len(curve)))
-        metrics.update(
-            status="ok",
-            train_loss=sum(curve) / len(curve),
-            final_train_loss=sum(curve[-tail:]) / tail,
-            train_time=progress.train_time,
-            tokens_per_second=progress.train_tokens / progress.train_time,
-        )
+        trainer = setup(trial, metrics)
+        train_and_evaluate(trial, trainer, progress, deadline=deadline, segment=segment)
+        if trainer.fused is not None:
+            metrics.gradient_checkpointing = len(trainer.fused.plan.checkpointed) > 0
+            metrics.memory_plan = describe_plan(trainer.fused)
+        metrics.status = "ok"
     except Exception as error:  # the trial failed; the study goes on (see the module docstring)
         log.error("trial failed:\n%s", traceback.format_exc())
-        metrics["status"], metrics["error"] = "failed", _one_line(error)
+        metrics.status, metrics.error = "failed", _one_line(error)
+        if isinstance(error, LossDiverged):
+            # Continued exactly, it would diverge at the same step: nothing to go on from, and no
+            # adapter of a failed trial to mistake for a result. Other failures (the time limit,
+            # memory, a node) keep both, so a job submitted again continues.
+            saved.remove_state(trial.output_dir)
+            shutil.rmtree(trial.output_dir / "adapter", ignore_errors=True)
     finally:
-        metrics.update(
-            steps=len(progress.loss_curve),
-            loss_curve=list(progress.loss_curve),
-            train_tokens=progress.train_tokens,
-            peak_memory_gib=peak_memory_gib(device),
-        )
-        del model
+        del trainer
         gc.collect()
-        if device.type == "cuda":
+        if trial.device.type == "cuda":
             torch.cuda.empty_cache()
-    metrics["job_time"] = time.perf_counter() - job_started
-    return metrics
+    return record(trial, metrics, progress, segment)
+
+
+def describe_plan(fused: fused_path.FusedCausalLM) -> dict[str, Any]:
+    plan = fused.plan
+    return {
+        "checkpointed_layers": len(plan.checkpointed),
+        "layers": len(fused.layers),
+        "dequant_cache": plan.dequant_cache,
+        "budget_gib": plan.budget_gib,
+        "compiled": fused.compiled,
+    }

@@ -1,0 +1,126 @@
+"""The fused model: a Llama-family forward and backward over peft's LoRA weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from loratune.training.fused.attention import PackedBatch, attention
+from loratune.training.fused.kernels import Kernels, is_compile_error, make_kernels
+from loratune.training.fused.lora_linear import make_group
+from loratune.training.fused.loss import chunked_cross_entropy
+from loratune.training.fused.memory import MemoryPlan, MemoryRequest, plan_memory
+from loratune.training.fused.support import inner_model, unsupported_reason
+
+
+class Layer:
+    def __init__(self, layer, dtype: torch.dtype, config):
+        self.norm_in = layer.input_layernorm.weight
+        self.norm_post = layer.post_attention_layernorm.weight
+        self.eps = float(config.rms_norm_eps)
+        self.qkv = make_group(layer.self_attn, ("q_proj", "k_proj", "v_proj"), dtype)
+        self.o = make_group(layer.self_attn, ("o_proj",), dtype)
+        self.gate_up = make_group(layer.mlp, ("gate_proj", "up_proj"), dtype)
+        self.down = make_group(layer.mlp, ("down_proj",), dtype)
+        self.groups = (self.qkv, self.o, self.gate_up, self.down)
+
+    def forward(self, hidden, cos, sin, batch: PackedBatch, kernels: Kernels, shape, training: bool):
+        heads, kv_heads, head_dim, intermediate = shape
+        qkv = self.qkv(hidden, training, kernels, lambda u: kernels.rms_norm(u, self.norm_in, self.eps))
+        q, k, v = kernels.split_rotary(qkv, cos, sin, heads, kv_heads, head_dim)
+        hidden = kernels.residual_add(hidden, self.o(attention(q, k, v, batch), training, kernels))
+        gate_up = self.gate_up(hidden, training, kernels, lambda u: kernels.rms_norm(u, self.norm_post, self.eps))
+        return kernels.residual_add(
+            hidden, self.down(gate_up, training, kernels, lambda u: kernels.swiglu(u, intermediate))
+        )
+
+
+class FusedCausalLM:
+    """Loss of a (peft-wrapped) Llama-family model through the fused path; see the module docstring."""
+
+    def __init__(self, model, *, compile: bool = False, residual_dtype: torch.dtype = torch.float32):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"training.fused_kernels: cannot fuse this model: {reason}")
+        self.model = model
+        inner = inner_model(model)
+        config = inner.config
+        self.config = config
+        self.embed = inner.model.embed_tokens.weight
+        self.dtype = self.embed.dtype
+        self.norm = inner.model.norm.weight
+        self.eps = float(config.rms_norm_eps)
+        self.lm_head = inner.lm_head.weight
+        self.rotary_emb = inner.model.rotary_emb
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.shape = (heads, config.num_key_value_heads, head_dim, config.intermediate_size)
+        self.layers = [Layer(layer, self.dtype, config) for layer in inner.model.layers]
+        self.kernels = make_kernels(compile)
+        self.compiled = compile
+        # The residual stream (and its gradient) stays fp32, as the plain QLoRA recipe keeps it: in
+        # bf16, 30 layers of rounded adds doubled the LoRA gradients' error (SmolLM2, tests).
+        self.residual_dtype = residual_dtype
+        self.plan = MemoryPlan(checkpointed=frozenset(), dequant_cache=False)
+        self.memory_request: MemoryRequest | None = None
+
+    def fall_back_to_eager(self, error: BaseException) -> bool:
+        """After ``error``: if it is a failure of torch.compile's own machinery (no C compiler on
+        the node, say), switch to the eager kernels (same results), plan memory again for them (they
+        keep more intermediates) and return True; for any other error, or kernels already eager,
+        return False."""
+        if not self.compiled or not is_compile_error(error):
+            return False
+        self.kernels = make_kernels(False)
+        self.compiled = False
+        if self.memory_request is not None:
+            self.fit_memory(self.memory_request)
+        return True
+
+    @property
+    def quantized(self) -> bool:
+        return any(group.weights.quantized for layer in self.layers for group in layer.groups)
+
+    def fit_memory(self, request: MemoryRequest) -> MemoryPlan:
+        """Plan memory for ``request`` and apply the plan; the request is kept for a re-plan."""
+        self.memory_request = request
+        self.apply_plan(plan_memory(self, request))
+        return self.plan
+
+    def apply_plan(self, plan: MemoryPlan) -> None:
+        self.plan = plan
+        for layer in self.layers:
+            for group in layer.groups:
+                group.weights.keep_dequantized(plan.dequant_cache)
+
+    def activation_bytes_per_token(self, dropout: float) -> int:
+        """Bytes the backward pass keeps per token and layer when the layer is not checkpointed."""
+        heads, kv_heads, head_dim, intermediate = self.shape
+        hidden, kv = self.config.hidden_size, kv_heads * head_dim
+        q = heads * head_dim
+        size = torch.finfo(self.dtype).bits // 8
+        residual = torch.finfo(self.residual_dtype).bits // 8
+        # The two residual-stream inputs of the norm prologues, q, k, v, the attention output,
+        # gate|up (the SwiGLU prologue's input); each LoRA input's dropout mask (a byte each).
+        elements = 2 * q + 2 * kv + 2 * intermediate
+        extra = 2 * hidden * residual
+        if dropout > 0:
+            extra += 2 * hidden + q + intermediate
+        return elements * size + extra + 64
+
+    def loss(self, batch: PackedBatch, *, training: bool) -> torch.Tensor:
+        """Summed cross-entropy over ``batch.targets`` (the caller divides by the count)."""
+        hidden = F.embedding(batch.input_ids, self.embed).to(self.residual_dtype)
+        cos, sin = self.rotary_emb(hidden, batch.position_ids[None])
+        cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        checkpointed = self.plan.checkpointed if training and torch.is_grad_enabled() else frozenset()
+        for index, layer in enumerate(self.layers):
+            if index in checkpointed:
+                hidden = torch.utils.checkpoint.checkpoint(
+                    layer.forward, hidden, cos, sin, batch, self.kernels, self.shape, training, use_reentrant=False
+                )
+            else:
+                hidden = layer.forward(hidden, cos, sin, batch, self.kernels, self.shape, training)
+        hidden = self.kernels.rms_norm(hidden, self.norm, self.eps)
+        return chunked_cross_entropy(hidden, self.lm_head.to(self.dtype), batch.targets)
