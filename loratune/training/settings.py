@@ -1,7 +1,9 @@
 """Typed configs of the training backend: the model, the dataset, and the per-trial settings.
 
-Each dataclass mirrors one section of the study config (``model``, ``dataset``, ``training``)
-and validates itself in ``__post_init__``, so a bad value fails when the config is read, with
+Each dataclass is one section of the study config (``model``, ``dataset``, ``training``): the
+config schema's entries for it (type, default, ``help`` as description, ``choices`` as enum) are
+generated from its fields (``loratune.config.load_schema``), so a new field is one edit here. It
+validates itself in ``__post_init__``, so a bad value fails when the config is read, with
 a one-line message that starts with the config field. The LoRA hyperparameters a study
 searches over arrive separately, per trial, as ``hparams`` (see ``resolve_trial``).
 """
@@ -95,7 +97,10 @@ class DatasetSpec:
     )
     format: str = field(
         default="auto",
-        metadata={"help": "auto (from the record fields), self_instruct, prompt_completion, alpaca, text or chat."},
+        metadata={
+            "help": "auto (from the record fields), self_instruct, prompt_completion, alpaca, text or chat.",
+            "choices": DATASET_FORMATS,
+        },
     )
     eval_fraction: float = field(
         default=0.1,
@@ -135,7 +140,8 @@ class TrainingSettings:
         default="nf4",
         metadata={
             "help": "nf4: QLoRA (4-bit NF4 base weights, double quantization); none: plain LoRA on "
-            "16-bit base weights."
+            "16-bit base weights.",
+            "choices": QUANTIZATIONS,
         },
     )
     target_modules: tuple[str, ...] | str = field(
@@ -159,7 +165,10 @@ class TrainingSettings:
     batch_size: int = field(default=4, metadata={"help": "Examples per micro-batch."})
     gradient_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per example; longer ones are cut at the end."})
-    scheduler: str = field(default="cosine", metadata={"help": "Learning-rate schedule: cosine, linear or constant."})
+    scheduler: str = field(
+        default="cosine",
+        metadata={"help": "Learning-rate schedule: cosine, linear or constant.", "choices": SCHEDULERS},
+    )
     warmup_ratio: float = field(
         default=0.05, metadata={"help": "Share of the steps spent raising the learning rate linearly to its peak."}
     )
@@ -206,13 +215,16 @@ class TrainingSettings:
         default="auto",
         metadata={
             "help": "Dtype of the base weights and matmuls: bfloat16, float32, or auto (bfloat16 where "
-            "the device supports it)."
+            "the device supports it).",
+            "choices": COMPUTE_DTYPES,
         },
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Examples per batch of the held-out evaluation."})
     keep_adapter: bool = field(default=False, metadata={"help": "Save the trained LoRA adapter under <trial>/adapter."})
     log_every: int = field(default=10, metadata={"help": "Write a log line every N steps."})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cuda or cpu."})
+    device: str = field(
+        default="auto", metadata={"help": "auto (CUDA when available), cuda or cpu.", "choices": DEVICES}
+    )
 
     def __post_init__(self) -> None:
         _choose("training.quantization", self.quantization, QUANTIZATIONS)
