@@ -20,12 +20,13 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from loratune.ledger import PILOT
 from loratune.space import SearchSpace, SpaceError
 
 __all__ = ["ConfigError", "Study", "dataclass_schema", "load_schema", "validate_config", "ARM_NAME_PATTERN"]
 
 ARM_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9-]*"
-RESERVED_ARM_NAMES = {"pilot", "trials", "data", "plots", "gptune_db"}
+RESERVED_ARM_NAMES = {PILOT, "trials", "data", "plots", "gptune_db"}
 # Numeric metrics that every qlora trial records in its metrics.json: the possible objectives.
 TRIAL_METRICS = (
     "train_loss", "final_train_loss", "eval_loss", "train_time", "job_time",

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Container, Iterable, Mapping
 
 import numpy as np
 
 from loratune.space import SearchSpace
 
-__all__ = ["DESIGNS", "pilot_design", "grid_points", "spread_subset"]
+__all__ = ["DESIGNS", "pilot_design", "grid_points", "spread_subset", "unlisted_points"]
 
 DESIGNS = ("random_sets", "random", "lhs", "grid")
 
@@ -149,11 +149,20 @@ def _distinct_draws(space: SearchSpace, n: int, draw, rng: np.random.Generator) 
             if len(found) < n:
                 found.setdefault(space.key(point), point)
         stalled = stalled + 1 if len(found) == before else 0
-        if space.cardinality is not None and space.cardinality <= _LISTABLE and stalled >= 3:
-            rest = [p for p in space.all_points() if space.key(p) not in found]
-            for index in rng.permutation(len(rest))[: n - len(found)]:
-                found[space.key(rest[index])] = rest[index]
+        if stalled >= 3:
+            for point in unlisted_points(space, found, n - len(found), rng):
+                found[space.key(point)] = point
     return list(found.values())
+
+
+def unlisted_points(space: SearchSpace, taken: Container[tuple], count: int, rng: np.random.Generator) -> list[Point]:
+    """Up to ``count`` points of a finite space whose keys are not in ``taken``, in a seeded
+    random order: where a sampler's draws stop finding new points, the space is nearly
+    exhausted, so the rest is listed. Nothing for a space too large to list."""
+    if space.cardinality is None or space.cardinality > _LISTABLE:
+        return []
+    rest = [p for p in space.all_points() if space.key(p) not in taken]
+    return [rest[index] for index in rng.permutation(len(rest))[:count]]
 
 
 def _grid_design(space: SearchSpace, n: int, seed: int) -> list[Point]:

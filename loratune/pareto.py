@@ -13,12 +13,18 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from loratune.ledger import ID_COLUMNS, PILOT, require_columns
+
 __all__ = [
     "REFERENCE",
     "SENSES",
     "to_minimization",
     "non_dominated",
     "pareto_front",
+    "ALL_ARMS",
+    "arms_in_order",
+    "front_label",
+    "arm_fronts",
     "hypervolume",
     "best_subset_hypervolumes",
     "normalization_bounds",
@@ -28,7 +34,8 @@ __all__ = [
 
 SENSES = ("min", "max")
 REFERENCE = 1.1
-PILOT_ARM = "pilot"
+# The ``front`` of ``arm_fronts`` that holds every arm of a seed together: the study's Pareto set.
+ALL_ARMS = "all arms"
 
 
 def to_minimization(Y, senses: Sequence[str]) -> np.ndarray:
@@ -87,6 +94,38 @@ def pareto_front(df: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFram
     Y = to_minimization(_objective_values(ok, objectives), list(objectives.values()))
     front = ok[non_dominated(Y)] if len(ok) else ok
     return front.sort_values(next(iter(objectives)), kind="stable")
+
+
+def arms_in_order(arms: Sequence[str]) -> list[str]:
+    """The pilot first, then the arms as they first appear: the order of every figure and curve."""
+    return [PILOT] + [a for a in pd.unique(pd.Series(arms, dtype=object)) if a != PILOT]
+
+
+def front_label(arm: str) -> str:
+    """The name of the front an arm reaches: its own trials with its seed's pilot."""
+    return PILOT if arm == PILOT else f"{PILOT} + {arm}"
+
+
+def arm_fronts(trials: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFrame:
+    """The fronts a study's figures and tables show, as plain rows: per seed (ascending), the
+    front of all arms together (``front`` is ``ALL_ARMS``; a trial two arms proposed counts once,
+    credited to its first row, the pilot's where it is one), then the pilot's front and the
+    front of pilot + each arm (``front`` is ``front_label(arm)``), arms in ``arms_in_order``.
+
+    ``trials`` is the study's tidy table (``ledger.collect_trials``); the result holds its
+    front rows, each sorted as ``pareto_front`` sorts them, with the column ``front`` added.
+    """
+    require_columns(trials, [*ID_COLUMNS, "status", *objectives], "arm_fronts' trials table")
+    arms = arms_in_order(trials["arm"])
+    parts = []
+    for _, per_seed in trials.groupby("seed", sort=True):
+        parts.append(pareto_front(per_seed.drop_duplicates("trial_id"), objectives).assign(front=ALL_ARMS))
+        for arm in arms:
+            members = per_seed[per_seed["arm"].isin({PILOT, arm})]
+            parts.append(pareto_front(members, objectives).assign(front=front_label(arm)))
+    if not parts:
+        return trials.assign(front=pd.Series(dtype=object))
+    return pd.concat(parts, ignore_index=True)
 
 
 def hypervolume(Y_min, ref) -> float:
@@ -192,10 +231,7 @@ def hypervolume_curves(
     the whole table, so that arms and seeds share one scale), and measured against ``ref`` in
     that normalized space (default ``REFERENCE`` in every objective).
     """
-    required = ["seed", "arm", "round", "trial_id"]
-    missing = [c for c in required if c not in trials.columns]
-    if missing:
-        raise ValueError(f"hypervolume_curves: the trials table lacks column(s) {missing}")
+    require_columns(trials, ID_COLUMNS, "hypervolume_curves' trials table")
     # Positions, not the caller's index labels, tie each row to its ok flag and values.
     trials = trials.reset_index(drop=True)
     ok_all = _ok_mask(trials, objectives)
@@ -209,11 +245,10 @@ def hypervolume_curves(
 
     rows = []
     for seed, per_seed in trials.groupby("seed", sort=True):
-        pilot = per_seed[per_seed["arm"] == PILOT_ARM]
-        arms = [PILOT_ARM] + [a for a in pd.unique(per_seed["arm"]) if a != PILOT_ARM]
-        for arm in arms:
+        pilot = per_seed[per_seed["arm"] == PILOT]
+        for arm in arms_in_order(per_seed["arm"]):
             own = per_seed[per_seed["arm"] == arm].sort_values("round", kind="stable")
-            sequence = pilot if arm == PILOT_ARM else pd.concat([pilot, own])
+            sequence = pilot if arm == PILOT else pd.concat([pilot, own])
             positions = sequence.index.to_numpy()
             volumes = _running_hypervolume(Y_all[positions], ok_all[positions], ref)
             for n_trials, volume in enumerate(volumes, start=1):

@@ -1,4 +1,4 @@
-"""The history ledger: atomic files, exact table round trips, histories, GPTune's JSON format."""
+"""The history ledger: exact table round trips (written atomically), histories, GPTune's JSON format."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from loratune import ledger
+from loratune import files, ledger
 from loratune.benchmarks import evaluate
 from loratune.designs import pilot_design
 from loratune.space import SearchSpace
 from conftest import STUDY_SPACE
+from test_files import leftovers
 
 OBJECTIVES = {"train_loss": "min", "train_time": "min"}
 # Large adapters with a large alpha "run out of memory", so every study has failed trials.
@@ -39,7 +40,7 @@ def run_trial(space: SearchSpace, seed: int, point: dict, objectives: dict, tria
         record.update(status="ok", error=None)
         record.update(evaluate("zdt1" if len(objectives) == 2 else "dtlz2", space, point, objectives, seed))
     path = trials_dir / f"seed{seed}" / "trials" / trial_id / "metrics.json"
-    ledger.atomic_write_json(path, record)
+    files.atomic_write_json(path, record)
     return path
 
 
@@ -85,40 +86,7 @@ def make_study(root: Path, seeds=(0,), arms=("gptune", "random"), objectives=OBJ
     return space, finals
 
 
-# ---- atomic files ----------------------------------------------------------------------
-def test_atomic_write_json_sorts_keys_indents_and_writes_nan_as_null(tmp_path):
-    path = tmp_path / "deep" / "er" / "x.json"
-    ledger.atomic_write_json(path, {"b": float("nan"), "a": [np.int64(3), np.float64(0.5), np.bool_(True)],
-                                    "c": {"z": float("inf"), "y": None}})
-    assert path.read_text() == (
-        '{\n  "a": [\n    3,\n    0.5,\n    true\n  ],\n  "b": null,\n'
-        '  "c": {\n    "y": null,\n    "z": null\n  }\n}\n'
-    )
-
-
-def _leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
-
-
-def test_failed_json_write_leaves_the_old_file(tmp_path):
-    path = tmp_path / "metrics.json"
-    ledger.atomic_write_json(path, {"status": "ok"})
-    with pytest.raises(TypeError):
-        ledger.atomic_write_json(path, {"status": "ok", "bad": object()})
-    assert json.loads(path.read_text()) == {"status": "ok"}
-    assert _leftovers(tmp_path) == []
-
-
-def test_write_failing_midway_leaves_the_old_file_and_no_temporary(tmp_path):
-    path = tmp_path / "report.html"
-    ledger.atomic_write_text(path, "old report")
-    # The encoder fails on the lone surrogate after the temporary file has been created.
-    with pytest.raises(UnicodeEncodeError):
-        ledger.atomic_write_text(path, "new report " * 10_000 + "\ud800")
-    assert path.read_text() == "old report"
-    assert _leftovers(tmp_path) == []
-
-
+# ---- tables ----------------------------------------------------------------------------
 def test_table_whose_serialization_raises_leaves_the_old_table(tmp_path):
     class Unprintable:
         def __str__(self):
@@ -130,10 +98,9 @@ def test_table_whose_serialization_raises_leaves_the_old_table(tmp_path):
     with pytest.raises(RuntimeError, match="cannot format"):
         ledger.write_table(pd.DataFrame({"trial_id": ["b"], "x": [Unprintable()]}), path)
     assert path.read_bytes() == before
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
-# ---- tables ----------------------------------------------------------------------------
 def test_table_round_trip_keeps_parameter_types_and_text(tmp_path):
     space = study_space()
     point = space.snap({"lora_rank": 64, "lora_alpha": 16, "learning_rate": 0.000316})
@@ -339,7 +306,7 @@ def test_gptune_db_round_trips(tmp_path):
     pd.testing.assert_frame_equal(ledger.from_gptune_db(db), history)
 
     # Through the file the workflow writes (sorted keys): same table, columns alphabetical.
-    ledger.atomic_write_json(tmp_path / "random.json", db)
+    files.atomic_write_json(tmp_path / "random.json", db)
     back = ledger.from_gptune_db(json.loads((tmp_path / "random.json").read_text()))
     pd.testing.assert_frame_equal(back, history, check_like=True)
     assert back["lora_alpha"].dtype.kind == "i"

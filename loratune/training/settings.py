@@ -16,6 +16,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from loratune.files import plain_scalar
+
 BUILTIN_MODELS = ("builtin:smollm2-135m",)
 BUILTIN_DATASETS = ("builtin:instructions",)
 DATASET_FORMATS = ("auto", "self_instruct", "prompt_completion", "alpaca", "text", "chat")
@@ -295,11 +297,6 @@ _LORA_FIELDS = tuple(f.name for f in dataclasses.fields(LoraHyperparameters))
 _SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSettings))
 
 
-def _native(value: Any) -> Any:
-    # numpy scalars from a pandas row would otherwise leak into dataclasses and JSON.
-    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
-
-
 def resolve_trial(
     hparams: Mapping[str, Any], settings: TrainingSettings
 ) -> tuple[LoraHyperparameters, TrainingSettings]:
@@ -314,6 +311,6 @@ def resolve_trial(
     missing = [name for name in ("lora_rank", "lora_alpha", "learning_rate") if name not in hparams]
     if missing:
         raise ValueError(f"hparams: missing {missing}")
-    lora = LoraHyperparameters(**{k: _native(v) for k, v in hparams.items() if k in _LORA_FIELDS})
-    overrides = {k: _native(v) for k, v in hparams.items() if k in _SETTING_FIELDS}
+    lora = LoraHyperparameters(**{k: plain_scalar(v) for k, v in hparams.items() if k in _LORA_FIELDS})
+    overrides = {k: plain_scalar(v) for k, v in hparams.items() if k in _SETTING_FIELDS}
     return lora, dataclasses.replace(settings, **overrides) if overrides else settings
