@@ -221,12 +221,14 @@ def test_arm_fronts_give_per_seed_the_study_front_then_pilot_and_pilot_plus_each
         arm_fronts(trials.drop(columns="status"), OBJECTIVES)
 
 
-def test_arm_fronts_credit_a_trial_two_arms_proposed_once_to_the_pilot():
+def test_arm_fronts_count_a_trial_two_arms_proposed_once_in_the_study_front():
     trials = _trials()
-    shared = trials[(trials.seed == 0) & (trials.trial_id == "p1")].assign(arm="random", round=1)
+    shared = trials[(trials.seed == 0) & (trials.trial_id == "g3")].assign(arm="random", round=3)
     fronts = arm_fronts(pd.concat([trials, shared]), OBJECTIVES)
-    study_front = fronts[(fronts.seed == 0) & (fronts.front == ALL_ARMS)]
-    assert study_front.loc[study_front.trial_id == "p1", "arm"].tolist() == ["pilot"]
+    seed0 = fronts[fronts.seed == 0]
+    # Credited to its first row (gptune's); each arm's own front still has it.
+    assert seed0.loc[seed0.front == ALL_ARMS, ["trial_id", "arm"]].values.tolist() == [["g3", "gptune"]]
+    assert seed0.loc[seed0.front == "pilot + random", "trial_id"].tolist() == ["g3"]
 
 
 def test_best_subset_hypervolumes_match_brute_force():
