@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from loratune.designs import DESIGNS
 from loratune.ledger import PILOT
 from loratune.space import SearchSpace, SpaceError
 
@@ -40,11 +41,13 @@ class ConfigError(ValueError):
 
 def load_schema() -> dict:
     """The config schema: ``schemas/config.schema.yaml`` with the ``model``, ``dataset`` and
-    ``training`` sections' fields generated from their dataclasses (``_dataclass_sections``)."""
+    ``training`` sections' fields generated from their dataclasses (``_dataclass_sections``) and
+    the pilot designs from ``loratune.designs.DESIGNS``."""
     text = resources.files("loratune").joinpath("schemas/config.schema.yaml").read_text()
     schema = yaml.safe_load(text)
     for section, cls in _dataclass_sections().items():
         schema["properties"][section].update(dataclass_schema(cls))
+    schema["properties"]["pilot"]["properties"]["design"]["enum"] = list(DESIGNS)
     return schema
 
 

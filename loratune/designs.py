@@ -17,7 +17,7 @@ from loratune.space import SearchSpace
 
 __all__ = ["DESIGNS", "pilot_design", "grid_points", "spread_subset", "unlisted_points"]
 
-DESIGNS = ("random_sets", "random", "lhs", "grid")
+DESIGNS = ("random_sets", "random", "lhs", "scipy_lhs", "grid")
 
 # A float space is uncountable in principle, but snapping to a few digits makes it finite; a
 # sampler that finds nothing new for this many batches in a row has in effect exhausted it.
@@ -46,6 +46,7 @@ def pilot_design(space: SearchSpace, n: int, method: str, seed: int) -> list[Poi
         "random_sets": _draw_levels,
         "random": _draw_uniform,
         "lhs": _draw_latin_hypercube,
+        "scipy_lhs": _draw_scipy_latin_hypercube,
     }[method]
     return _distinct_draws(space, n, lambda count: draw(space, count, rng), rng)
 
@@ -136,6 +137,15 @@ def _draw_latin_hypercube(space: SearchSpace, count: int, rng: np.random.Generat
     strata = np.stack([rng.permutation(count) for _ in range(space.dim)], axis=1)
     U = (strata + rng.random((count, space.dim))) / count
     return [space.from_unit(u) for u in U]
+
+
+def _draw_scipy_latin_hypercube(space: SearchSpace, count: int, rng: np.random.Generator) -> list[Point]:
+    """scipy's Latin hypercube (``scipy.stats.qmc.LatinHypercube``, random pairing of the
+    strata), drawn from ``rng``. A design of its own beside ``lhs``, whose draws every recorded
+    seed's trials depend on."""
+    from scipy.stats import qmc
+
+    return [space.from_unit(u) for u in qmc.LatinHypercube(d=space.dim, rng=rng).random(count)]
 
 
 def _distinct_draws(space: SearchSpace, n: int, draw, rng: np.random.Generator) -> list[Point]:

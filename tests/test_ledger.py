@@ -22,10 +22,6 @@ OBJECTIVES = {"train_loss": "min", "train_time": "min"}
 OOM_RANK = 160
 
 
-def study_space() -> SearchSpace:
-    return SearchSpace.from_config(STUDY_SPACE)
-
-
 def run_trial(space: SearchSpace, seed: int, point: dict, objectives: dict, trials_dir: Path) -> Path:
     """Write a trial's metrics.json the way a trial job records it (benchmark backend)."""
     trial_id = space.trial_id(point)
@@ -70,7 +66,7 @@ def make_study(root: Path, seeds=(0,), arms=("gptune", "random"), objectives=OBJ
     The arms' proposals are space-filling designs of their own seed, minus what the history
     holds: real, snapped, distinct points, without depending on the proposers.
     """
-    space = study_space()
+    space = SearchSpace.from_config(STUDY_SPACE)
     finals = []
     for seed in seeds:
         pilot = pilot_design(space, pilot_n, "random_sets", seed)
@@ -101,8 +97,8 @@ def test_table_whose_serialization_raises_leaves_the_old_table(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_table_round_trip_keeps_parameter_types_and_text(tmp_path):
-    space = study_space()
+def test_table_round_trip_keeps_parameter_types_and_text(tmp_path, study_space):
+    space = study_space
     point = space.snap({"lora_rank": 64, "lora_alpha": 16, "learning_rate": 0.000316})
     table = pd.DataFrame([
         {"seed": 0, "arm": "pilot", "round": 0, "trial_id": space.trial_id(point), **point,
@@ -175,8 +171,8 @@ def test_history_joins_proposals_with_their_metrics(tmp_path):
     assert len(set(history.columns)) == len(history.columns)
 
 
-def test_missing_status_means_ok_and_scalars_only():
-    space = study_space()
+def test_missing_status_means_ok_and_scalars_only(study_space):
+    space = study_space
     point = space.snap({"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-3})
     proposals = pd.DataFrame([{"seed": 1, "arm": "pilot", "round": 0, "trial_id": space.trial_id(point), **point}])
     metrics = {space.trial_id(point): {"train_loss": 2.5, "curve": [3.0, 2.5], "provenance": {"a": 1},
@@ -188,8 +184,8 @@ def test_missing_status_means_ok_and_scalars_only():
     assert row["seed"] == 1 and row["lora_rank"] == 8  # the proposal's values win
 
 
-def test_build_history_rejects_inconsistent_input():
-    space = study_space()
+def test_build_history_rejects_inconsistent_input(study_space):
+    space = study_space
     points = pilot_design(space, 3, "random_sets", 0)
     ids = [space.trial_id(p) for p in points]
     proposals = pd.DataFrame([{"seed": 0, "arm": "pilot", "round": 0, "trial_id": t, **p}
@@ -209,8 +205,8 @@ def test_build_history_rejects_inconsistent_input():
         ledger.build_history(history.drop(columns="lora_dropout"), again, metrics)
 
 
-def test_empty_round_keeps_the_history(tmp_path):
-    space = study_space()
+def test_empty_round_keeps_the_history(tmp_path, study_space):
+    space = study_space
     points = pilot_design(space, 2, "random_sets", 0)
     proposals = pd.DataFrame([{"seed": 0, "arm": "pilot", "round": 0, "trial_id": space.trial_id(p), **p}
                               for p in points])
@@ -313,8 +309,8 @@ def test_gptune_db_round_trips(tmp_path):
     assert math.isnan(back.loc[back["status"] == "failed", "train_loss"].iloc[0])
 
 
-def test_gptune_db_errors_are_clear():
-    space = study_space()
+def test_gptune_db_errors_are_clear(study_space):
+    space = study_space
     history = pd.DataFrame(columns=["seed", "arm", "round", "trial_id", *space.names, "status"])
     with pytest.raises(ValueError, match=r"history \(objectives\): lacks column\(s\) \['train_loss'"):
         ledger.to_gptune_db(history, space, OBJECTIVES, "x")
