@@ -1,5 +1,8 @@
 """The ``loratune`` command: what a study's files say about it, without running Snakemake.
 
+``loratune schema`` prints the config schema as the workflow validates with it (the
+``model``, ``dataset`` and ``training`` fields generated from their dataclasses).
+
 ``loratune status [--configfile X] [-d WORKDIR]`` reads the config as the workflow does, then
 the study's files under ``WORKDIR/<results_dir>/<study>/`` (the layout in ARCHITECTURE.md): each
 round's ``proposals.tsv`` names its trials, each trial's ``metrics.json`` its outcome. A trial
@@ -15,8 +18,9 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+import yaml
 
-from loratune.config import ConfigError, Study, load_config
+from loratune.config import ConfigError, Study, load_config, load_schema
 from loratune.ledger import PILOT, proposed_trial_ids, read_metrics
 
 __all__ = ["STATUS_COLUMNS", "main", "study_status", "format_status"]
@@ -73,16 +77,20 @@ def format_status(study: Study, table: pd.DataFrame) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loratune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="loratune", description="A study's state and its config schema, without running Snakemake.")
     commands = parser.add_subparsers(dest="command", required=True)
     status = commands.add_parser("status", help="trials done, pending, failed, stopped per seed, arm and round")
     status.add_argument("--configfile", default="config/config.yaml", help="the study's config (as for snakemake)")
     status.add_argument("-d", "--directory", default=".", help="the working directory the workflow ran in")
+    commands.add_parser("schema", help="print the config schema: every field with its type, default and description")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
+    if arguments.command == "schema":
+        sys.stdout.write(yaml.safe_dump(load_schema(), sort_keys=False, width=100))
+        return 0
     if not Path(arguments.configfile).is_file():
         print(f"loratune: --configfile: no such file: {arguments.configfile}", file=sys.stderr)
         return 2

@@ -10,10 +10,11 @@ import sys
 import tomllib
 
 import pytest
+import yaml
 from conftest import REPO, load_test_config, run_workflow, write_config
 
 from loratune.cli import main, study_status
-from loratune.config import load_config
+from loratune.config import load_config, load_schema
 
 CONFIG = load_test_config("tiny_benchmark.yaml")
 OUT = f"results/{CONFIG['study']}"
@@ -34,6 +35,13 @@ def rows_by_round(table):
 def test_pyproject_command_is_this_main():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"loratune": "loratune.cli:main"}
+
+
+def test_schema_prints_the_generated_sections(capsys):
+    assert main(["schema"]) == 0
+    schema = yaml.safe_load(capsys.readouterr().out)
+    assert schema == load_schema()
+    assert schema["properties"]["training"]["properties"]["batch_size"]["default"] == 4
 
 
 def test_status_of_a_finished_study_counts_every_round_done(finished):

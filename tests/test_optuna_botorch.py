@@ -180,6 +180,17 @@ def test_optuna_gp_uses_fewer_qmc_samples_for_large_three_objective_fronts(objec
     assert_valid_new(space, proposals, history, 2)
 
 
+def test_optunas_gp_sampler_has_the_private_qmc_sample_count_we_set():
+    """``qmc_samples`` sets GPSampler._n_qmc_samples_ehvi, which Optuna does not promise to keep:
+    pyproject pins optuna to the releases that have it, and this fails first on one that renames it
+    (the proposer would then warn and fall back to Optuna's own count)."""
+    import optuna
+
+    sampler = optuna.samplers.GPSampler(seed=0)
+    assert isinstance(getattr(sampler, "_n_qmc_samples_ehvi", None), int)
+    assert sampler._n_qmc_samples_ehvi == 128  # the "Optuna's 128" of the qmc_samples option
+
+
 def test_optuna_gp_deterministic_option_runs_the_model(space):
     history = history_of(space, pilot_design(space, 8, "lhs", seed=1))
     made = make_proposer("optuna", space, TWO, seed=3, sampler="gp", deterministic=True)
