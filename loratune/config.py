@@ -224,10 +224,9 @@ def _check_arms(config: dict) -> tuple[Arm, ...]:
 def _check_training(config: dict) -> None:
     if config["backend"] != "qlora":
         return
-    from loratune.training import DatasetSpec, ModelSpec, TrainingSettings
-    from loratune.training.settings import resolve_trial
+    from loratune.training.settings import TrainingSettings, resolve_trial
 
-    for key, cls in (("model", ModelSpec), ("dataset", DatasetSpec), ("training", TrainingSettings)):
+    for key, cls in _dataclass_sections().items():
         try:
             cls(**config[key])
         except ValueError as error:

@@ -37,7 +37,7 @@ FAST = {
     "gptune": ("gptune", {"population_size": 16, "generations": 10, "gp_restarts": 1}),
     "botorch": ("botorch", {"num_restarts": 2, "raw_samples": 64, "mc_samples": 32}),
     "optuna-tpe": ("optuna", {"sampler": "tpe"}),
-    "optuna-gp": ("optuna", {"sampler": "gp"}),
+    "optuna-gp": ("optuna", {"sampler": "gp", "qmc_samples": 16}),
     "optuna-nsga2": ("optuna", {"sampler": "nsga2", "population_size": 4}),
 }
 PROPOSERS = tuple(FAST)
