@@ -209,6 +209,7 @@ def random_new_points(
             chosen.append(point)
             if len(chosen) == n:
                 return chosen
+    # The draws stopped finding new points: a finite space is nearly exhausted, so list the rest.
     for point in unlisted_points(space, taken, n - len(chosen), rng):
         taken.add(space.key(point))
         chosen.append(point)
