@@ -83,7 +83,10 @@ def measure() -> list[dict]:
                 pg_hv = pygmo.hypervolume(Y).compute(ref)
                 ours_nd = non_dominated(Y)
                 row = {
-                    "m": m, "n": n, "kind": kind, "front": int(ours_nd.sum()),
+                    "m": m,
+                    "n": n,
+                    "kind": kind,
+                    "front": int(ours_nd.sum()),
                     "hv_rel_diff_moocore": abs(moo_hv - ours_hv) / ours_hv,
                     "hv_rel_diff_pygmo": abs(pg_hv - ours_hv) / ours_hv,
                     # Ours keeps every copy of a front point; moocore's keep_weakly does the same.
@@ -122,7 +125,9 @@ def edge_cases() -> list[str]:
     ref = np.array([1.0, 1.0])
     lines = []
     with_nan = np.array([[0.2, 0.5], [np.nan, 0.1], [0.5, 0.2]])
-    lines.append(f"NaN row: ours hypervolume {hypervolume(with_nan, ref):.6g}, non_dominated {non_dominated(with_nan).tolist()}")
+    lines.append(
+        f"NaN row: ours hypervolume {hypervolume(with_nan, ref):.6g}, non_dominated {non_dominated(with_nan).tolist()}"
+    )
     for name, call in (
         ("moocore.hypervolume", lambda: moocore.hypervolume(with_nan, ref=ref)),
         ("moocore.is_nondominated", lambda: moocore.is_nondominated(with_nan, keep_weakly=True).tolist()),

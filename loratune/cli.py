@@ -77,7 +77,9 @@ def format_status(study: Study, table: pd.DataFrame) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loratune", description="A study's state and its config schema, without running Snakemake.")
+    parser = argparse.ArgumentParser(
+        prog="loratune", description="A study's state and its config schema, without running Snakemake."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     status = commands.add_parser("status", help="trials done, pending, failed, stopped per seed, arm and round")
     status.add_argument("--configfile", default="config/config.yaml", help="the study's config (as for snakemake)")

@@ -66,7 +66,7 @@ def _type_schema(annotation: Any, where: str) -> dict:
     names, schema = [], {}
     for option in options:
         if typing.get_origin(option) in (tuple, list):
-            (item, *_) = typing.get_args(option)
+            item, *_ = typing.get_args(option)
             names.append("array")
             schema["items"] = _type_schema(item, where)
         elif option in _JSON_TYPES:

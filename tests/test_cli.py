@@ -92,16 +92,18 @@ def test_the_command_line_runs_and_a_bad_config_gives_one_line(finished, tmp_pat
     workdir, configfile = finished
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "loratune.cli", "status"]
-    done = subprocess.run([*command, "--configfile", str(configfile), "-d", str(workdir)],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [*command, "--configfile", str(configfile), "-d", str(workdir)], capture_output=True, text=True, env=env
+    )
     assert done.returncode == 0, done.stderr
     assert "rounds not proposed yet: 0" in done.stdout
     bad = write_config(tmp_path / "bad.yaml", {**CONFIG, "training": {"lerning_rate": 1e-4}})
     refused = subprocess.run([*command, "--configfile", str(bad)], capture_output=True, text=True, env=env)
     assert refused.returncode == 2
-    assert refused.stderr.splitlines() == [
-        refused.stderr.strip()
-    ] and refused.stderr.startswith("loratune: config error: training.lerning_rate: unknown setting")
-    missing = subprocess.run([*command, "--configfile", str(tmp_path / "none.yaml")],
-                             capture_output=True, text=True, env=env)
+    assert refused.stderr.splitlines() == [refused.stderr.strip()] and refused.stderr.startswith(
+        "loratune: config error: training.lerning_rate: unknown setting"
+    )
+    missing = subprocess.run(
+        [*command, "--configfile", str(tmp_path / "none.yaml")], capture_output=True, text=True, env=env
+    )
     assert missing.returncode == 2 and missing.stderr.startswith("loratune: --configfile: no such file")

@@ -47,8 +47,11 @@ def test_a_field_added_to_a_dataclass_reaches_the_schema_with_no_other_edit():
         select: str = dataclasses.field(default="best", metadata={"help": "best or last.", "choices": ("best", "last")})
 
     properties = dataclass_schema(Extended)["properties"]
-    assert properties["eval_every"] == {"type": ["integer", "null"], "description": "Evaluate every N steps.",
-                                        "default": None}
+    assert properties["eval_every"] == {
+        "type": ["integer", "null"],
+        "description": "Evaluate every N steps.",
+        "default": None,
+    }
     assert properties["select"]["enum"] == ["best", "last"] and properties["select"]["default"] == "best"
 
 
@@ -87,7 +90,10 @@ def test_a_bad_value_in_a_dataclass_section_is_refused_for_the_benchmark_backend
 
 
 def test_the_shipped_configs_validate_with_the_generated_schema():
-    for path in [REPO / "config" / "config.yaml", *sorted((REPO / "config" / "experiments").glob("*.yaml")),
-                 *sorted((REPO / "tests" / "configs").glob("*.yaml"))]:
+    for path in [
+        REPO / "config" / "config.yaml",
+        *sorted((REPO / "config" / "experiments").glob("*.yaml")),
+        *sorted((REPO / "tests" / "configs").glob("*.yaml")),
+    ]:
         study = load_config(path)
         assert study.config["training"]["batch_size"] >= 1, path

@@ -13,8 +13,10 @@ from loratune import files
 
 def test_atomic_write_json_sorts_keys_indents_and_writes_nan_as_null(tmp_path):
     path = tmp_path / "deep" / "er" / "x.json"
-    files.atomic_write_json(path, {"b": float("nan"), "a": [np.int64(3), np.float64(0.5), np.bool_(True)],
-                                    "c": {"z": float("inf"), "y": None}})
+    files.atomic_write_json(
+        path,
+        {"b": float("nan"), "a": [np.int64(3), np.float64(0.5), np.bool_(True)], "c": {"z": float("inf"), "y": None}},
+    )
     assert path.read_text() == (
         '{\n  "a": [\n    3,\n    0.5,\n    true\n  ],\n  "b": null,\n'
         '  "c": {\n    "y": null,\n    "z": null\n  }\n}\n'
