@@ -25,7 +25,7 @@ dry-run: setup
 	$(VENV)/bin/snakemake --profile profiles/local -n
 
 plots: setup
-	$(VENV)/bin/snakemake --profile profiles/local -R plot_pareto plot_hypervolume plot_pareto_table
+	$(VENV)/bin/snakemake --profile profiles/local -R plot_pareto plot_hypervolume plot_pareto_set
 
 test: setup
 	$(PY) -m pytest -q

@@ -60,6 +60,7 @@ from loratune.pareto import (  # noqa: E402
     normalize,
     to_minimization,
 )
+from loratune.plots import rgba  # noqa: E402
 from loratune.proposers import make_proposer  # noqa: E402
 from loratune.space import SearchSpace  # noqa: E402
 
@@ -613,7 +614,7 @@ def figure(curves: pd.DataFrame, summary: pd.DataFrame, plan: Plan, arms: list[s
                     x=np.concatenate([x, x[::-1]]),
                     y=np.concatenate([stats[0.75].to_numpy(), stats[0.25].to_numpy()[::-1]]),
                     fill="toself",
-                    fillcolor=_rgba(color, 0.12),
+                    fillcolor=rgba(color, 0.12),
                     line={"width": 0},
                     hoverinfo="skip",
                     showlegend=False,
@@ -646,12 +647,6 @@ def figure(curves: pd.DataFrame, summary: pd.DataFrame, plan: Plan, arms: list[s
         f"{plan.seeds} seeds (pilot {plan.pilot}, batches of {plan.batch})",
     )
     return fig
-
-
-def _rgba(color: str, alpha: float) -> str:
-    color = color.lstrip("#")
-    r, g, b = (int(color[i : i + 2], 16) for i in (0, 2, 4))
-    return f"rgba({r},{g},{b},{alpha})"
 
 
 # ---- proposal time with a long history ------------------------------------------------------

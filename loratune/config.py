@@ -8,7 +8,10 @@ before any job starts and says what to fix.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from importlib import resources
@@ -17,13 +20,15 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from loratune.designs import DESIGNS
+from loratune.ledger import PILOT
 from loratune.space import SearchSpace, SpaceError
 from loratune.training.metrics import OBJECTIVE_METRICS
 
-__all__ = ["ConfigError", "Study", "load_schema", "validate_config", "ARM_NAME_PATTERN"]
+__all__ = ["ConfigError", "Study", "dataclass_schema", "load_schema", "validate_config", "ARM_NAME_PATTERN"]
 
 ARM_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9-]*"
-RESERVED_ARM_NAMES = {"pilot", "trials", "data", "plots", "gptune_db"}
+RESERVED_ARM_NAMES = {PILOT, "trials", "data", "plots", "gptune_db"}
 # Numeric metrics that every qlora trial records in its metrics.json: the possible objectives.
 TRIAL_METRICS = OBJECTIVE_METRICS
 
@@ -33,8 +38,64 @@ class ConfigError(ValueError):
 
 
 def load_schema() -> dict:
+    """The config schema: ``schemas/config.schema.yaml`` with the ``model``, ``dataset`` and
+    ``training`` sections' fields generated from their dataclasses (``_dataclass_sections``) and
+    the pilot designs from ``loratune.designs.DESIGNS``."""
     text = resources.files("loratune").joinpath("schemas/config.schema.yaml").read_text()
-    return yaml.safe_load(text)
+    schema = yaml.safe_load(text)
+    for section, cls in _dataclass_sections().items():
+        schema["properties"][section].update(dataclass_schema(cls))
+    schema["properties"]["pilot"]["properties"]["design"]["enum"] = list(DESIGNS)
+    return schema
+
+
+def _dataclass_sections() -> dict[str, type]:
+    from loratune.training.settings import DatasetSpec, ModelSpec, TrainingSettings
+
+    return {"model": ModelSpec, "dataset": DatasetSpec, "training": TrainingSettings}
+
+
+_JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
+
+
+def _type_schema(annotation: Any, where: str) -> dict:
+    """JSON-Schema ``type`` (and ``items``) of a field annotation: scalars, ``X | None``, ``tuple[str, ...]``."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    names, schema = [], {}
+    for option in options:
+        if typing.get_origin(option) in (tuple, list):
+            item, *_ = typing.get_args(option)
+            names.append("array")
+            schema["items"] = _type_schema(item, where)
+        elif option in _JSON_TYPES:
+            names.append(_JSON_TYPES[option])
+        else:
+            raise TypeError(f"{where}: no JSON-Schema type for the annotation {option!r}")
+    return {"type": names[0] if len(names) == 1 else names, **schema}
+
+
+def _jsonable_default(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def dataclass_schema(cls: type) -> dict:
+    """The JSON-Schema of a config section from its dataclass: per field its type, default,
+    ``metadata["help"]`` as description and ``metadata["choices"]`` as enum; no other keys."""
+    hints = typing.get_type_hints(cls)
+    properties = {}
+    for spec in dataclasses.fields(cls):
+        where = f"{cls.__name__}.{spec.name}"
+        if "help" not in spec.metadata:
+            raise TypeError(f"{where}: a config field needs metadata={{'help': ...}}")
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if default is dataclasses.MISSING:
+            raise TypeError(f"{where}: a config field needs a default")
+        entry = {**_type_schema(hints[spec.name], where), "description": spec.metadata["help"]}
+        if "choices" in spec.metadata:
+            entry["enum"] = list(spec.metadata["choices"])
+        entry["default"] = _jsonable_default(default)
+        properties[spec.name] = entry
+    return {"type": "object", "additionalProperties": False, "properties": properties}
 
 
 def _fill_defaults(instance: Any, schema: Mapping[str, Any]) -> None:
@@ -55,6 +116,16 @@ def _fill_defaults(instance: Any, schema: Mapping[str, Any]) -> None:
 
 def _field(path) -> str:
     return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _error_line(error: jsonschema.ValidationError) -> str:
+    """One line that starts with the field: an unknown key (a typo) is named itself."""
+    known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict) and known:
+        unknown = sorted(name for name in error.instance if name not in known)
+        if unknown:
+            return f"{_field([*error.absolute_path, unknown[0]])}: unknown setting; choose from {sorted(known)}"
+    return f"{_field(error.absolute_path)}: {error.message}"
 
 
 @dataclass(frozen=True)
@@ -151,16 +222,11 @@ def _check_arms(config: dict) -> tuple[Arm, ...]:
 def _check_training(config: dict) -> None:
     if config["backend"] != "qlora":
         return
-    from loratune.training import DatasetSpec, ModelSpec, TrainingSettings
-    from loratune.training.settings import resolve_trial
+    from loratune.training.settings import TrainingSettings, resolve_trial
 
-    for key, cls in (("model", ModelSpec), ("dataset", DatasetSpec), ("training", TrainingSettings)):
+    for key, cls in _dataclass_sections().items():
         try:
             cls(**config[key])
-        except TypeError as error:
-            unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-            field = f"{key}.{unknown.group(1)}" if unknown else key
-            raise ConfigError(f"{field}: unknown setting") from None
         except ValueError as error:
             message = str(error)
             raise ConfigError(message if message.startswith(f"{key}.") else f"{key}: {message}") from None
@@ -188,8 +254,7 @@ def validate_config(config: dict) -> Study:
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
-        error = errors[0]
-        raise ConfigError(f"{_field(error.absolute_path)}: {error.message}")
+        raise ConfigError(_error_line(errors[0]))
     try:
         space = SearchSpace.from_config(config["search_space"])
     except SpaceError as error:

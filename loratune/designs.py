@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Container, Iterable, Mapping
 
 import numpy as np
 
 from loratune.space import SearchSpace
 
-__all__ = ["DESIGNS", "pilot_design", "grid_points", "spread_subset"]
+__all__ = ["DESIGNS", "pilot_design", "grid_points", "spread_subset", "unlisted_points"]
 
-DESIGNS = ("random_sets", "random", "lhs", "grid")
+DESIGNS = ("random_sets", "random", "lhs", "scipy_lhs", "grid")
 
 # A float space is uncountable in principle, but snapping to a few digits makes it finite; a
 # sampler that finds nothing new for this many batches in a row has in effect exhausted it.
@@ -46,6 +46,7 @@ def pilot_design(space: SearchSpace, n: int, method: str, seed: int) -> list[Poi
         "random_sets": _draw_levels,
         "random": _draw_uniform,
         "lhs": _draw_latin_hypercube,
+        "scipy_lhs": _draw_scipy_latin_hypercube,
     }[method]
     return _distinct_draws(space, n, lambda count: draw(space, count, rng), rng)
 
@@ -138,6 +139,15 @@ def _draw_latin_hypercube(space: SearchSpace, count: int, rng: np.random.Generat
     return [space.from_unit(u) for u in U]
 
 
+def _draw_scipy_latin_hypercube(space: SearchSpace, count: int, rng: np.random.Generator) -> list[Point]:
+    """scipy's Latin hypercube (``scipy.stats.qmc.LatinHypercube``, random pairing of the
+    strata), drawn from ``rng``. A design of its own beside ``lhs``, whose draws every recorded
+    seed's trials depend on."""
+    from scipy.stats import qmc
+
+    return [space.from_unit(u) for u in qmc.LatinHypercube(d=space.dim, rng=rng).random(count)]
+
+
 def _distinct_draws(space: SearchSpace, n: int, draw, rng: np.random.Generator) -> list[Point]:
     """Draw batches until ``n`` distinct points; in a finite space, fill the last few from the
     points not yet drawn rather than wait for a sampler to hit them by chance."""
@@ -149,11 +159,20 @@ def _distinct_draws(space: SearchSpace, n: int, draw, rng: np.random.Generator) 
             if len(found) < n:
                 found.setdefault(space.key(point), point)
         stalled = stalled + 1 if len(found) == before else 0
-        if space.cardinality is not None and space.cardinality <= _LISTABLE and stalled >= 3:
-            rest = [p for p in space.all_points() if space.key(p) not in found]
-            for index in rng.permutation(len(rest))[: n - len(found)]:
-                found[space.key(rest[index])] = rest[index]
+        if stalled >= 3:
+            for point in unlisted_points(space, found, n - len(found), rng):
+                found[space.key(point)] = point
     return list(found.values())
+
+
+def unlisted_points(space: SearchSpace, taken: Container[tuple], count: int, rng: np.random.Generator) -> list[Point]:
+    """Up to ``count`` points of a finite space whose keys are not in ``taken``, in a seeded
+    random order: where a sampler's draws stop finding new points, the space is nearly
+    exhausted, so the rest is listed. Nothing for a space too large to list."""
+    if space.cardinality is None or space.cardinality > _LISTABLE:
+        return []
+    rest = [p for p in space.all_points() if space.key(p) not in taken]
+    return [rest[index] for index in rng.permutation(len(rest))[:count]]
 
 
 def _grid_design(space: SearchSpace, n: int, seed: int) -> list[Point]:

@@ -5,15 +5,14 @@ stay strings), and floats are written with Python's shortest round-trip repr, so
 read back has exactly the value and kind it was written with: rank 16 stays the integer 16,
 a learning rate of 0.000316 stays that float.
 
-Every file is written atomically (a temporary file in the same directory, fsync, rename), so a
-job killed mid-write leaves the previous version or the new one, never half a table: a
-Snakemake rerun then sees either a missing output or a complete one.
+Every table is written atomically (``loratune.files``): a job killed mid-write leaves the
+previous version or the new one, never half a table.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-import math
 import os
 import uuid
 from datetime import datetime, timezone
@@ -24,14 +23,16 @@ import numpy as np
 import pandas as pd
 
 from loratune import __version__
+from loratune.files import atomic_write_text, jsonable
 from loratune.space import SearchSpace
 
 __all__ = [
     "ID_COLUMNS",
-    "atomic_write_text",
-    "atomic_write_json",
+    "PILOT",
     "write_table",
     "read_table",
+    "proposed_trial_ids",
+    "require_columns",
     "read_metrics",
     "build_history",
     "collect_trials",
@@ -41,7 +42,8 @@ __all__ = [
 
 # The columns that say which trial a row is and where it came from, in table order.
 ID_COLUMNS = ("seed", "arm", "round", "trial_id")
-PILOT_ARM = "pilot"
+# The arm name of every seed's shared pilot (round 0); no configured arm may take it.
+PILOT = "pilot"
 # GPTune files every evaluation under a task; our studies tune one task, so every evaluation
 # carries the same one-point task parameter.
 GPTUNE_TASK = {"task": 0.0}
@@ -50,57 +52,7 @@ GPTUNE_TASK = {"task": 0.0}
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "loratune:trial")
 
 
-# ---- atomic files ----------------------------------------------------------------------
-def _fsync_directory(directory: Path) -> None:
-    # The rename lives in the directory entry; without this a power cut may undo it.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` so that readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    # os.open with 0o666 lets the umask decide the mode, as for a plain open().
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON values: numpy scalars unwrapped, non-finite floats as null."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is pd.NA or value is pd.NaT:
-        return None
-    return value
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON (sorted keys, indent 2, NaN as null), atomically."""
-    # Serialize fully before touching the disk: a value JSON cannot hold raises here.
-    text = json.dumps(_jsonable(obj), sort_keys=True, indent=2, allow_nan=False) + "\n"
-    atomic_write_text(path, text)
-
-
+# ---- tables and metrics -----------------------------------------------------------------
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write ``df`` as a TSV table with a header, atomically."""
     text = df.to_csv(sep="\t", index=False, na_rep="", lineterminator="\n")
@@ -117,6 +69,13 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         raise ValueError(f"{path}: empty file, expected a table with a header line") from None
     except pd.errors.ParserError as bad:
         raise ValueError(f"{path}: not a valid TSV table ({str(bad).strip()})") from None
+
+
+def proposed_trial_ids(path: str | os.PathLike) -> list[str]:
+    """The trial ids of a proposals table, in order; plain ``csv``, as cheap as a Snakemake
+    input function must be."""
+    with open(path, newline="") as handle:
+        return [row["trial_id"] for row in csv.DictReader(handle, delimiter="\t")]
 
 
 def read_metrics(path: str | os.PathLike) -> dict:
@@ -165,7 +124,8 @@ def _settle_types(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _require_columns(table: pd.DataFrame, required: Iterable[str], what: str) -> None:
+def require_columns(table: pd.DataFrame, required: Iterable[str], what: str) -> None:
+    """Raise a one-line error naming ``what`` and the columns it lacks."""
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise ValueError(f"{what}: lacks column(s) {missing}; it has {list(table.columns)}")
@@ -196,10 +156,10 @@ def build_history(
     proposed trial needs an entry in ``metrics_by_trial``. A metrics ``status`` that is missing
     means ``ok``.
     """
-    _require_columns(proposals, ID_COLUMNS, "proposals")
+    require_columns(proposals, ID_COLUMNS, "proposals")
     params = _param_columns(proposals)
     if previous is not None:
-        _require_columns(previous, (*ID_COLUMNS, "status"), "previous history")
+        require_columns(previous, (*ID_COLUMNS, "status"), "previous history")
         if _param_columns(previous) != params:
             raise ValueError(
                 f"previous history has parameters {_param_columns(previous)}, "
@@ -246,7 +206,7 @@ def collect_trials(histories: Iterable[pd.DataFrame]) -> pd.DataFrame:
     parts = []
     params: list[str] = []
     for history in histories:
-        _require_columns(history, (*ID_COLUMNS, "status"), "history")
+        require_columns(history, (*ID_COLUMNS, "status"), "history")
         params += [p for p in _param_columns(history) if p not in params]
         is_pilot = history["round"] == 0
         own = history.loc[~is_pilot]
@@ -260,10 +220,10 @@ def collect_trials(histories: Iterable[pd.DataFrame]) -> pd.DataFrame:
                     f"{pilot_source[seed]}"
                 )
         parts.append(own)
-    pilot_rows = [p.assign(arm=PILOT_ARM) for p in pilots.values()]
+    pilot_rows = [p.assign(arm=PILOT) for p in pilots.values()]
     trials = _settle_types(pd.concat([*pilot_rows, *parts], ignore_index=True))
 
-    arm_order = {PILOT_ARM: -1}
+    arm_order = {PILOT: -1}
     for arm in trials["arm"]:
         arm_order.setdefault(arm, len(arm_order))
     # A stable sort keeps each round's trials in the order they were proposed.
@@ -276,17 +236,6 @@ def collect_trials(histories: Iterable[pd.DataFrame]) -> pd.DataFrame:
 
 
 # ---- GPTune's JSON history database --------------------------------------------------
-def _native(value: Any) -> Any:
-    """A JSON-ready Python value; missing (NaN) becomes None."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is pd.NA:
-        return None
-    return value
-
-
 def _gptune_time(timestamp: Any) -> dict[str, int] | None:
     """GPTune's ``time`` record (a ``time.struct_time`` as a dict), in UTC."""
     if timestamp is None:
@@ -332,13 +281,13 @@ def to_gptune_db(
     the trial's ``finished_at`` (UTC) when the metrics have it. Objective values are not
     rounded to 6 digits as GPTune does, so the export loses nothing.
     """
-    _require_columns(history, (*ID_COLUMNS, *space.tunable_names), "history")
-    _require_columns(history, list(objectives), "history (objectives)")
+    require_columns(history, (*ID_COLUMNS, *space.tunable_names), "history")
+    require_columns(history, list(objectives), "history (objectives)")
     parameter_columns = set(space.names)
     software = {"loratune": {"version_split": [int(p) for p in __version__.split(".")[:3]]}}
     evaluations = []
     for row in history.to_dict("records"):
-        row = {k: _native(v) for k, v in row.items()}
+        row = {k: jsonable(v) for k, v in row.items()}
         row["status"] = row.get("status") or "ok"
         results = {name: row[name] for name in objectives}
         document = {

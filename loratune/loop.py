@@ -15,13 +15,12 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from loratune import ledger
+from loratune import files, ledger
 from loratune.config import Study
 from loratune.designs import pilot_design
+from loratune.ledger import PILOT
 
 log = logging.getLogger("loratune")
-
-PILOT = "pilot"
 
 
 def round_seed(seed: int, arm: str, round_: int) -> int:
@@ -114,7 +113,7 @@ def aggregate(
 def export_gptune_db(study: Study, history_path: str | Path, output: str | Path, arm: str, seed: int) -> dict:
     history = ledger.read_table(history_path)
     database = ledger.to_gptune_db(history, study.space, study.objectives, f"{study.name}-{arm}-seed{seed}")
-    ledger.atomic_write_json(output, database)
+    files.atomic_write_json(output, database)
     return database
 
 
@@ -131,11 +130,11 @@ def plot_hypervolume(curves_path: str | Path, output: str | Path) -> None:
     plots.write_html(plots.hypervolume_figure(ledger.read_table(curves_path)), output)
 
 
-def plot_pareto_table(study: Study, trials_path: str | Path, output: str | Path) -> None:
+def plot_pareto_set(study: Study, trials_path: str | Path, output: str | Path) -> None:
     from loratune import plots
 
     trials = ledger.read_table(trials_path)
-    plots.write_html(plots.pareto_table_figure(trials, study.objectives, study.space), output)
+    plots.write_html(plots.pareto_set_figure(trials, study.objectives, study.space), output)
 
 
 def summary_text(study: Study, front: pd.DataFrame, report_path: str | Path) -> str:
@@ -166,10 +165,10 @@ def write_report(
         [
             ("Pareto fronts", plots.pareto_figure(trials, study.objectives, study.space)),
             ("Hypervolume against trials", plots.hypervolume_figure(curves)),
-            ("Pareto set", plots.pareto_table_figure(trials, study.objectives, study.space)),
+            ("Pareto set", plots.pareto_set_figure(trials, study.objectives, study.space)),
         ],
     )
-    ledger.atomic_write_text(output, html)
+    files.atomic_write_text(output, html)
     summary = summary_text(study, front, output)
-    ledger.atomic_write_text(Path(output).parent / "summary.txt", summary)
+    files.atomic_write_text(Path(output).parent / "summary.txt", summary)
     return summary

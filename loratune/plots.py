@@ -19,14 +19,16 @@ from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from loratune import ledger
-from loratune.pareto import PILOT_ARM, normalization_bounds, pareto_front, to_minimization
+from loratune.files import atomic_write_text
+from loratune.ledger import ID_COLUMNS, PILOT, require_columns
+from loratune.pareto import arm_fronts, arms_in_order, front_label, normalization_bounds, to_minimization
 from loratune.space import SearchSpace
 
 __all__ = [
     "pareto_figure",
     "hypervolume_figure",
-    "pareto_table_figure",
+    "pareto_set_figure",
+    "rgba",
     "write_html",
     "report_html",
 ]
@@ -42,16 +44,11 @@ PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
 def _arm_colors(arms: Sequence[str]) -> dict[str, str]:
     """Pilot dark grey, arms the D3 palette in order, so every figure agrees on colours."""
-    colors = {PILOT_ARM: PILOT_COLOR}
+    colors = {PILOT: PILOT_COLOR}
     for arm in arms:
         if arm not in colors:
             colors[arm] = ARM_COLORS[(len(colors) - 1) % len(ARM_COLORS)]
     return colors
-
-
-def _arms_in_order(arms: pd.Series) -> list[str]:
-    """The pilot first, then the arms as they first appear."""
-    return [PILOT_ARM] + [a for a in pd.unique(arms) if a != PILOT_ARM]
 
 
 def _axis_title(name: str, sense: str) -> str:
@@ -73,12 +70,6 @@ def _check_objectives(objectives: Mapping[str, str], what: str, allowed: Sequenc
             f"{what}: needs {' or '.join(map(str, allowed))} objectives, "
             f"got {len(objectives)} ({list(objectives)})"
         )
-
-
-def _require_columns(table: pd.DataFrame, required: Sequence[str], what: str) -> None:
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise ValueError(f"{what}: the table lacks column(s) {missing}; it has {list(table.columns)}")
 
 
 def _hover_text(row: Mapping[str, Any], objectives: Mapping[str, str], space: SearchSpace) -> str:
@@ -145,13 +136,14 @@ def pareto_figure(
     front points ringed. Failed trials are grey crosses.
     """
     _check_objectives(objectives, "pareto_figure", (2, 3))
-    _require_columns(trials, [*ledger.ID_COLUMNS, "status", *objectives], "pareto_figure")
+    require_columns(trials, [*ID_COLUMNS, "status", *objectives], "pareto_figure's trials table")
     three_d = len(objectives) == 3
     names = list(objectives)
     trials = trials.reset_index(drop=True)
     positions, failed = _display_positions(trials, objectives)
     hover = np.array([_hover_text(row, objectives, space) for row in trials.to_dict("records")])
-    arms = _arms_in_order(trials["arm"])
+    fronts = arm_fronts(trials, objectives)
+    arms = arms_in_order(trials["arm"])
     colors = _arm_colors(arms)
     seeds = sorted(pd.unique(trials["seed"]))
     rows, cols = _grid(len(seeds))
@@ -209,11 +201,9 @@ def pareto_figure(
                 row=row,
                 col=col,
             )
-        per_seed = trials[in_seed]
         for arm in arms:
-            members = per_seed[per_seed["arm"].isin({PILOT_ARM, arm})]
-            front = pareto_front(members, objectives)
-            label = "front: pilot" if arm == PILOT_ARM else f"front: pilot + {arm}"
+            front = fronts[(fronts["seed"] == seed) & (fronts["front"] == front_label(arm))]
+            label = f"front: {front_label(arm)}"
             style = dict(name=label, legendgroup=label, showlegend=first, hoverinfo="skip")
             if three_d:
                 x, y, z = (front[n].to_numpy(dtype=float) for n in names)
@@ -225,7 +215,7 @@ def pareto_figure(
                 trace = go.Scatter(
                     x=front[names[0]], y=front[names[1]], mode="lines",
                     line=dict(shape=step_shape, color=colors[arm], width=2,
-                              dash="dash" if arm == PILOT_ARM else "solid"),
+                              dash="dash" if arm == PILOT else "solid"),
                     **style,
                 )
             fig.add_trace(trace, row=row, col=col)
@@ -251,7 +241,8 @@ def pareto_figure(
     return fig
 
 
-def _rgba(color: str, alpha: float) -> str:
+def rgba(color: str, alpha: float) -> str:
+    """A "#rrggbb" colour at opacity ``alpha``: the bands of hypervolume figures (here and in bench/)."""
     red, green, blue = (int(color[i : i + 2], 16) for i in (1, 3, 5))
     return f"rgba({red}, {green}, {blue}, {alpha})"
 
@@ -263,19 +254,19 @@ def hypervolume_figure(curves: pd.DataFrame) -> go.Figure:
 
     ``curves`` is ``pareto.hypervolume_curves``'s table (arm, seed, n_trials, hypervolume).
     """
-    _require_columns(curves, ["arm", "seed", "n_trials", "hypervolume"], "hypervolume_figure")
+    require_columns(curves, ["arm", "seed", "n_trials", "hypervolume"], "hypervolume_figure's curves table")
     if curves.empty:
         raise ValueError("hypervolume_figure: no hypervolume values to draw")
-    arms = _arms_in_order(curves["arm"])
+    arms = arms_in_order(curves["arm"])
     colors = _arm_colors(arms)
-    pilot = curves[curves["arm"] == PILOT_ARM]
+    pilot = curves[curves["arm"] == PILOT]
     # Every arm's curve repeats the pilot's up to its end; drawn from there on, the arms
     # separate visibly from the shared start.
     pilot_end = pilot["n_trials"].max() if len(pilot) else 0
     fig = go.Figure()
     for arm in arms:
         per_arm = curves[curves["arm"] == arm]
-        if arm != PILOT_ARM:
+        if arm != PILOT:
             per_arm = per_arm[per_arm["n_trials"] >= pilot_end]
         if per_arm.empty:
             continue
@@ -291,7 +282,7 @@ def hypervolume_figure(curves: pd.DataFrame) -> go.Figure:
                 x=np.concatenate([n, n[::-1]]),
                 y=np.concatenate([spread["max"], spread["min"][::-1]]),
                 fill="toself",
-                fillcolor=_rgba(color, 0.18),
+                fillcolor=rgba(color, 0.18),
                 mode="lines",
                 line=dict(width=0),
                 hoverinfo="skip",
@@ -307,7 +298,7 @@ def hypervolume_figure(curves: pd.DataFrame) -> go.Figure:
                 mode="lines",
                 name=arm,
                 legendgroup=arm,
-                line=dict(color=color, width=2, dash="dash" if arm == PILOT_ARM else "solid"),
+                line=dict(color=color, width=2, dash="dash" if arm == PILOT else "solid"),
                 customdata=spread[["min", "max", "count"]].to_numpy(),
                 hovertemplate=(
                     f"{html.escape(arm)}: %{{x}} trials<br>median %{{y:.4g}}"
@@ -316,7 +307,7 @@ def hypervolume_figure(curves: pd.DataFrame) -> go.Figure:
                 ),
             )
         )
-        if arm == PILOT_ARM:
+        if arm == PILOT:
             last = spread.iloc[-1]
             fig.add_trace(
                 go.Scatter(
@@ -340,25 +331,16 @@ def hypervolume_figure(curves: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def pareto_table_figure(
+def pareto_set_figure(
     trials: pd.DataFrame, objectives: Mapping[str, str], space: SearchSpace
 ) -> go.Figure:
     """The Pareto set as a table: per seed, the front of all arms together, then the front of
-    pilot + each arm; a row's ``found by`` names the arm whose trial it is.
+    pilot + each arm (``pareto.arm_fronts``); a row's ``found by`` names the arm whose trial it is.
 
     ``trials`` is the study's tidy table; a trial two arms both proposed counts once.
     """
-    _require_columns(trials, [*ledger.ID_COLUMNS, "status", *objectives], "pareto_table_figure")
-    arms = _arms_in_order(trials["arm"])
-    parts = []
-    for seed, per_seed in trials.groupby("seed", sort=True):
-        # collect_trials lists the pilot first, so a shared point is credited to the pilot.
-        everything = per_seed.drop_duplicates("trial_id")
-        parts.append(pareto_front(everything, objectives).assign(front="all arms"))
-        for arm in arms[1:]:
-            members = per_seed[per_seed["arm"].isin({PILOT_ARM, arm})]
-            parts.append(pareto_front(members, objectives).assign(front=f"pilot + {arm}"))
-    table = pd.concat(parts, ignore_index=True)
+    fronts = arm_fronts(trials, objectives)
+    table = fronts[fronts["front"] != front_label(PILOT)].reset_index(drop=True)
 
     params = space.tunable_names
     headers = ["seed", "front", "trial id", "found by", "round", *params,
@@ -396,7 +378,7 @@ def write_html(fig: go.Figure, path: str | os.PathLike) -> None:
         div_id=_div_id(os.path.splitext(os.path.basename(path))[0]),
         config=PLOTLY_CONFIG,
     )
-    ledger.atomic_write_text(path, page)
+    atomic_write_text(path, page)
 
 
 def report_html(title: str, sections: Sequence[tuple[str, go.Figure | str]]) -> str:

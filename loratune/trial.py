@@ -15,7 +15,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from loratune import ledger
+from loratune import files
 from loratune.config import Study
 
 log = logging.getLogger("loratune")
@@ -117,7 +117,7 @@ def run_trial_job(
     }
     for name in study.objectives:
         record.setdefault(name, None)
-    ledger.atomic_write_json(metrics_path, record)
+    files.atomic_write_json(metrics_path, record)
     if record["status"] != "ok":
         log.warning("trial %s recorded as failed: %s", trial_id, record.get("error"))
     return record

@@ -12,8 +12,6 @@ rule aggregate_trials:
     log:
         f"{OUT}/logs/aggregate_trials.log",
     localrule: True
-    conda:
-        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/aggregate_trials.py"
 
@@ -26,7 +24,5 @@ rule export_gptune_db:
     log:
         f"{OUT}/logs/seed{{seed}}/{{arm}}/export_gptune_db.log",
     localrule: True
-    conda:
-        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/export_gptune_db.py"

@@ -1,10 +1,10 @@
-import csv
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir)))
 
 from loratune.config import ARM_NAME_PATTERN, ConfigError, validate_config
+from loratune.ledger import PILOT, proposed_trial_ids
 
 try:
     STUDY = validate_config(config)
@@ -19,26 +19,27 @@ MODEL_MARKER = f"resources/models/{STUDY.model_slug}.json"
 wildcard_constraints:
     seed=r"\d+",
     round=r"\d+",
-    arm="|".join(["pilot", *ARMS]),
+    arm="|".join([PILOT, *ARMS]),
     trial=STUDY.space.trial_id_pattern,
 
 
 def get_previous_history(wildcards):
     """History an arm's round sees: the pilot's for round 1, else its own previous round's."""
-    if wildcards.arm == "pilot":
+    if wildcards.arm == PILOT:
         return []
     previous = int(wildcards.round) - 1
-    arm = "pilot" if previous == 0 else wildcards.arm
+    arm = PILOT if previous == 0 else wildcards.arm
     return f"{OUT}/seed{wildcards.seed}/{arm}/round{previous}/history.tsv"
 
 
 def get_round_metrics(wildcards):
     """metrics.json of every trial the round proposed (known once its checkpoint has run)."""
-    step = checkpoints.sample_pilot if wildcards.arm == "pilot" else checkpoints.propose
+    step = checkpoints.sample_pilot if wildcards.arm == PILOT else checkpoints.propose
     proposals = step.get(**wildcards).output.proposals
-    with open(proposals) as handle:
-        trial_ids = [row["trial_id"] for row in csv.DictReader(handle, delimiter="\t")]
-    return [f"{OUT}/seed{wildcards.seed}/trials/{t}/metrics.json" for t in trial_ids]
+    return [
+        f"{OUT}/seed{wildcards.seed}/trials/{t}/metrics.json"
+        for t in proposed_trial_ids(proposals)
+    ]
 
 
 def get_trial_inputs(wildcards):
@@ -56,7 +57,7 @@ def get_final_histories(wildcards=None):
     """Each arm's history after its last round (the pilot's where an arm has no rounds)."""
     paths = []
     for seed in STUDY.seeds:
-        paths.append(f"{OUT}/seed{seed}/pilot/round0/history.tsv")
+        paths.append(f"{OUT}/seed{seed}/{PILOT}/round0/history.tsv")
         for arm in STUDY.arms:
             if arm.rounds > 0:
                 paths.append(
@@ -69,12 +70,12 @@ def get_gptune_databases(wildcards=None):
     return [
         f"{OUT}/gptune_db/seed{seed}/{arm}.json"
         for seed in STUDY.seeds
-        for arm in ["pilot", *[a.name for a in STUDY.arms if a.rounds > 0]]
+        for arm in [PILOT, *[a.name for a in STUDY.arms if a.rounds > 0]]
     ]
 
 
 def get_final_history(wildcards):
-    rounds = 0 if wildcards.arm == "pilot" else STUDY.arm(wildcards.arm).rounds
+    rounds = 0 if wildcards.arm == PILOT else STUDY.arm(wildcards.arm).rounds
     return f"{OUT}/seed{wildcards.seed}/{wildcards.arm}/round{rounds}/history.tsv"
 
 

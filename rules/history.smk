@@ -8,7 +8,5 @@ rule update_history:
     log:
         f"{OUT}/logs/seed{{seed}}/{{arm}}/update_history_round{{round}}.log",
     localrule: True
-    conda:
-        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/update_history.py"

@@ -3,8 +3,6 @@ checkpoint sample_pilot:
         proposals=f"{OUT}/seed{{seed}}/pilot/round0/proposals.tsv",
     log:
         f"{OUT}/logs/seed{{seed}}/pilot/sample_pilot.log",
-    conda:
-        "../workflow/envs/loratune.yaml"
     resources:
         mem_mb=1000,
         runtime=10,

@@ -10,8 +10,6 @@ rule plot_pareto:
     log:
         f"{OUT}/logs/plot_pareto.log",
     localrule: True
-    conda:
-        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/plot_pareto.py"
 
@@ -28,13 +26,11 @@ rule plot_hypervolume:
     log:
         f"{OUT}/logs/plot_hypervolume.log",
     localrule: True
-    conda:
-        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/plot_hypervolume.py"
 
 
-rule plot_pareto_table:
+rule plot_pareto_set:
     input:
         trials=f"{OUT}/trials.tsv",
     output:
@@ -44,12 +40,10 @@ rule plot_pareto_table:
             category="Pareto fronts",
         ),
     log:
-        f"{OUT}/logs/plot_pareto_table.log",
+        f"{OUT}/logs/plot_pareto_set.log",
     localrule: True
-    conda:
-        "../workflow/envs/loratune.yaml"
     script:
-        "../workflow/scripts/plot_pareto_table.py"
+        "../workflow/scripts/plot_pareto_set.py"
 
 
 rule write_report:
@@ -66,8 +60,6 @@ rule write_report:
     log:
         f"{OUT}/logs/write_report.log",
     localrule: True
-    conda:
-        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/write_report.py"
 

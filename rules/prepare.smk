@@ -5,8 +5,6 @@ rule prepare_model:
     log:
         f"logs/prepare_model/{STUDY.model_slug}.log",
     localrule: True
-    conda:
-        "../workflow/envs/loratune.yaml"
     resources:
         mem_mb=8000,
         runtime=60,
@@ -23,8 +21,6 @@ rule prepare_dataset:
         manifest=f"{OUT}/data/manifest.json",
     log:
         f"{OUT}/logs/prepare_dataset.log",
-    conda:
-        "../workflow/envs/loratune.yaml"
     resources:
         mem_mb=4000,
         runtime=30,

@@ -10,8 +10,6 @@ checkpoint propose:
     wildcard_constraints:
         arm="|".join(ARMS),
         round=r"[1-9]\d*",
-    conda:
-        "../workflow/envs/loratune.yaml"
     resources:
         mem_mb=4000,
         runtime=30,

@@ -7,8 +7,6 @@ rule train_trial:
         f"{OUT}/seed{{seed}}/trials/{{trial}}/train.log",
     benchmark:
         f"{OUT}/seed{{seed}}/trials/{{trial}}/benchmark.tsv"
-    conda:
-        "../workflow/envs/loratune.yaml"
     resources:
         gpu=get_trial_gpus,
         mem_mb=config["resources"]["mem_mb"],

@@ -25,6 +25,14 @@ STUDY_SPACE = {
 }
 
 
+@pytest.fixture(scope="session")
+def study_space():
+    """``STUDY_SPACE`` as a ``SearchSpace`` (immutable, so one per session)."""
+    from loratune.space import SearchSpace
+
+    return SearchSpace.from_config(STUDY_SPACE)
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

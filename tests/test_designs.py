@@ -4,19 +4,16 @@ import pytest
 
 from loratune.designs import DESIGNS, grid_points, pilot_design, spread_subset
 from loratune.space import SearchSpace
+from conftest import STUDY_SPACE as STUDY
 
-STUDY = {
-    "lora_rank": {"type": "int", "low": 4, "high": 256, "step": 4},
-    "lora_alpha": {"type": "choice", "values": [4, 8, 16, 32, 64, 128, 256]},
-    "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
-    "lora_dropout": {"type": "fixed", "value": 0.05},
-}
 ALPHAS = (4, 8, 16, 32, 64, 128, 256)
+# lhs seed 0 on the study space, as drawn at 3c44d3a (before scipy_lhs existed).
+LHS_SEED0 = ["r240_a256_lr0.00404", "r64_a32_lr8.61e-05", "r156_a4_lr0.00072"]
 
 
 @pytest.fixture
-def space() -> SearchSpace:
-    return SearchSpace.from_config(STUDY)
+def space(study_space) -> SearchSpace:
+    return study_space
 
 
 def assert_valid(space, points):
@@ -88,9 +85,10 @@ def test_random_is_log_uniform_in_a_log_parameter(space):
     assert 0.45 < below < 0.55  # the geometric midpoint of 1e-5..1e-2 splits the draws
 
 
+@pytest.mark.parametrize("method", ["lhs", "scipy_lhs"])
 @pytest.mark.parametrize("n, seed", [(12, 0), (7, 1), (30, 2)])
-def test_lhs_puts_one_point_in_every_slice_of_every_axis(space, n, seed):
-    points = pilot_design(space, n, "lhs", seed=seed)
+def test_lhs_puts_one_point_in_every_slice_of_every_axis(space, n, seed, method):
+    points = pilot_design(space, n, method, seed=seed)
     U = space.to_unit_rows(points)
     # The learning rate is continuous up to 3 digits: exactly one point per slice.
     assert sorted(np.floor(U[:, 2] * n).astype(int)) == list(range(n))
@@ -100,6 +98,12 @@ def test_lhs_puts_one_point_in_every_slice_of_every_axis(space, n, seed):
     slices = np.arange(n)
     assert np.all(ranks >= slices / n - half_step - 1e-12)
     assert np.all(ranks <= (slices + 1) / n + half_step + 1e-12)
+
+
+def test_lhs_keeps_the_recorded_trials_and_scipy_lhs_is_its_own_design(space):
+    # Every recorded study's pilot depends on lhs's draws: seed 0 of the study space, as it was.
+    assert [space.trial_id(p) for p in pilot_design(space, 3, "lhs", seed=0)] == LHS_SEED0
+    assert pilot_design(space, 3, "scipy_lhs", seed=0) != pilot_design(space, 3, "lhs", seed=0)
 
 
 def test_grid_points_of_the_study_space(space):

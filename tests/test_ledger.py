@@ -1,4 +1,4 @@
-"""The history ledger: atomic files, exact table round trips, histories, GPTune's JSON format."""
+"""The history ledger: exact table round trips (written atomically), histories, GPTune's JSON format."""
 
 from __future__ import annotations
 
@@ -10,19 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from loratune import ledger
+from loratune import files, ledger
 from loratune.benchmarks import evaluate
 from loratune.designs import pilot_design
 from loratune.space import SearchSpace
 from conftest import STUDY_SPACE
+from test_files import leftovers
 
 OBJECTIVES = {"train_loss": "min", "train_time": "min"}
 # Large adapters with a large alpha "run out of memory", so every study has failed trials.
 OOM_RANK = 160
-
-
-def study_space() -> SearchSpace:
-    return SearchSpace.from_config(STUDY_SPACE)
 
 
 def run_trial(space: SearchSpace, seed: int, point: dict, objectives: dict, trials_dir: Path) -> Path:
@@ -39,7 +36,7 @@ def run_trial(space: SearchSpace, seed: int, point: dict, objectives: dict, tria
         record.update(status="ok", error=None)
         record.update(evaluate("zdt1" if len(objectives) == 2 else "dtlz2", space, point, objectives, seed))
     path = trials_dir / f"seed{seed}" / "trials" / trial_id / "metrics.json"
-    ledger.atomic_write_json(path, record)
+    files.atomic_write_json(path, record)
     return path
 
 
@@ -69,7 +66,7 @@ def make_study(root: Path, seeds=(0,), arms=("gptune", "random"), objectives=OBJ
     The arms' proposals are space-filling designs of their own seed, minus what the history
     holds: real, snapped, distinct points, without depending on the proposers.
     """
-    space = study_space()
+    space = SearchSpace.from_config(STUDY_SPACE)
     finals = []
     for seed in seeds:
         pilot = pilot_design(space, pilot_n, "random_sets", seed)
@@ -85,40 +82,7 @@ def make_study(root: Path, seeds=(0,), arms=("gptune", "random"), objectives=OBJ
     return space, finals
 
 
-# ---- atomic files ----------------------------------------------------------------------
-def test_atomic_write_json_sorts_keys_indents_and_writes_nan_as_null(tmp_path):
-    path = tmp_path / "deep" / "er" / "x.json"
-    ledger.atomic_write_json(path, {"b": float("nan"), "a": [np.int64(3), np.float64(0.5), np.bool_(True)],
-                                    "c": {"z": float("inf"), "y": None}})
-    assert path.read_text() == (
-        '{\n  "a": [\n    3,\n    0.5,\n    true\n  ],\n  "b": null,\n'
-        '  "c": {\n    "y": null,\n    "z": null\n  }\n}\n'
-    )
-
-
-def _leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
-
-
-def test_failed_json_write_leaves_the_old_file(tmp_path):
-    path = tmp_path / "metrics.json"
-    ledger.atomic_write_json(path, {"status": "ok"})
-    with pytest.raises(TypeError):
-        ledger.atomic_write_json(path, {"status": "ok", "bad": object()})
-    assert json.loads(path.read_text()) == {"status": "ok"}
-    assert _leftovers(tmp_path) == []
-
-
-def test_write_failing_midway_leaves_the_old_file_and_no_temporary(tmp_path):
-    path = tmp_path / "report.html"
-    ledger.atomic_write_text(path, "old report")
-    # The encoder fails on the lone surrogate after the temporary file has been created.
-    with pytest.raises(UnicodeEncodeError):
-        ledger.atomic_write_text(path, "new report " * 10_000 + "\ud800")
-    assert path.read_text() == "old report"
-    assert _leftovers(tmp_path) == []
-
-
+# ---- tables ----------------------------------------------------------------------------
 def test_table_whose_serialization_raises_leaves_the_old_table(tmp_path):
     class Unprintable:
         def __str__(self):
@@ -130,12 +94,11 @@ def test_table_whose_serialization_raises_leaves_the_old_table(tmp_path):
     with pytest.raises(RuntimeError, match="cannot format"):
         ledger.write_table(pd.DataFrame({"trial_id": ["b"], "x": [Unprintable()]}), path)
     assert path.read_bytes() == before
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
-# ---- tables ----------------------------------------------------------------------------
-def test_table_round_trip_keeps_parameter_types_and_text(tmp_path):
-    space = study_space()
+def test_table_round_trip_keeps_parameter_types_and_text(tmp_path, study_space):
+    space = study_space
     point = space.snap({"lora_rank": 64, "lora_alpha": 16, "learning_rate": 0.000316})
     table = pd.DataFrame([
         {"seed": 0, "arm": "pilot", "round": 0, "trial_id": space.trial_id(point), **point,
@@ -208,8 +171,8 @@ def test_history_joins_proposals_with_their_metrics(tmp_path):
     assert len(set(history.columns)) == len(history.columns)
 
 
-def test_missing_status_means_ok_and_scalars_only():
-    space = study_space()
+def test_missing_status_means_ok_and_scalars_only(study_space):
+    space = study_space
     point = space.snap({"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-3})
     proposals = pd.DataFrame([{"seed": 1, "arm": "pilot", "round": 0, "trial_id": space.trial_id(point), **point}])
     metrics = {space.trial_id(point): {"train_loss": 2.5, "curve": [3.0, 2.5], "provenance": {"a": 1},
@@ -221,8 +184,8 @@ def test_missing_status_means_ok_and_scalars_only():
     assert row["seed"] == 1 and row["lora_rank"] == 8  # the proposal's values win
 
 
-def test_build_history_rejects_inconsistent_input():
-    space = study_space()
+def test_build_history_rejects_inconsistent_input(study_space):
+    space = study_space
     points = pilot_design(space, 3, "random_sets", 0)
     ids = [space.trial_id(p) for p in points]
     proposals = pd.DataFrame([{"seed": 0, "arm": "pilot", "round": 0, "trial_id": t, **p}
@@ -242,8 +205,8 @@ def test_build_history_rejects_inconsistent_input():
         ledger.build_history(history.drop(columns="lora_dropout"), again, metrics)
 
 
-def test_empty_round_keeps_the_history(tmp_path):
-    space = study_space()
+def test_empty_round_keeps_the_history(tmp_path, study_space):
+    space = study_space
     points = pilot_design(space, 2, "random_sets", 0)
     proposals = pd.DataFrame([{"seed": 0, "arm": "pilot", "round": 0, "trial_id": space.trial_id(p), **p}
                               for p in points])
@@ -339,15 +302,15 @@ def test_gptune_db_round_trips(tmp_path):
     pd.testing.assert_frame_equal(ledger.from_gptune_db(db), history)
 
     # Through the file the workflow writes (sorted keys): same table, columns alphabetical.
-    ledger.atomic_write_json(tmp_path / "random.json", db)
+    files.atomic_write_json(tmp_path / "random.json", db)
     back = ledger.from_gptune_db(json.loads((tmp_path / "random.json").read_text()))
     pd.testing.assert_frame_equal(back, history, check_like=True)
     assert back["lora_alpha"].dtype.kind == "i"
     assert math.isnan(back.loc[back["status"] == "failed", "train_loss"].iloc[0])
 
 
-def test_gptune_db_errors_are_clear():
-    space = study_space()
+def test_gptune_db_errors_are_clear(study_space):
+    space = study_space
     history = pd.DataFrame(columns=["seed", "arm", "round", "trial_id", *space.names, "status"])
     with pytest.raises(ValueError, match=r"history \(objectives\): lacks column\(s\) \['train_loss'"):
         ledger.to_gptune_db(history, space, OBJECTIVES, "x")

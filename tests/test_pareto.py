@@ -5,7 +5,10 @@ import pandas as pd
 import pytest
 
 from loratune.pareto import (
+    ALL_ARMS,
     REFERENCE,
+    arm_fronts,
+    arms_in_order,
     best_subset_hypervolumes,
     hypervolume,
     hypervolume_curves,
@@ -192,6 +195,40 @@ def test_hypervolume_curves_accept_explicit_bounds_and_reference():
         hypervolume_curves(trials.drop(columns="round"), OBJECTIVES)
     failed = hypervolume_curves(trials.assign(status="failed"), OBJECTIVES)
     assert (failed["hypervolume"] == 0).all()
+
+
+def test_arm_fronts_give_per_seed_the_study_front_then_pilot_and_pilot_plus_each_arm():
+    trials = _trials()
+    fronts = arm_fronts(trials, OBJECTIVES)
+    assert arms_in_order(trials["arm"]) == ["pilot", "gptune", "random"]
+    labels = [ALL_ARMS, "pilot", "pilot + gptune", "pilot + random"]
+    assert list(fronts.drop_duplicates(["seed", "front"])[["seed", "front"]].itertuples(index=False)) == [
+        (seed, label) for seed in (0, 1) for label in labels
+    ]
+    seed0 = fronts[fronts.seed == 0]
+    members = {label: list(seed0[seed0.front == label]["trial_id"]) for label in labels}
+    # Sorted by the first objective; g3 dominates every other trial, r2 only p2.
+    assert members == {
+        ALL_ARMS: ["g3"],
+        "pilot": ["p1", "p2", "p0"],
+        "pilot + gptune": ["g3"],
+        "pilot + random": ["p1", "r2", "p0"],
+    }
+    # The front rows are the trials' rows: every column kept, plus ``front``.
+    assert set(fronts.columns) == {*trials.columns, "front"}
+    assert seed0.loc[seed0.trial_id == "g3", "train_loss"].tolist() == [0.2] * 2
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['status'\]"):
+        arm_fronts(trials.drop(columns="status"), OBJECTIVES)
+
+
+def test_arm_fronts_count_a_trial_two_arms_proposed_once_in_the_study_front():
+    trials = _trials()
+    shared = trials[(trials.seed == 0) & (trials.trial_id == "g3")].assign(arm="random", round=3)
+    fronts = arm_fronts(pd.concat([trials, shared]), OBJECTIVES)
+    seed0 = fronts[fronts.seed == 0]
+    # Credited to its first row (gptune's); each arm's own front still has it.
+    assert seed0.loc[seed0.front == ALL_ARMS, ["trial_id", "arm"]].values.tolist() == [["g3", "gptune"]]
+    assert seed0.loc[seed0.front == "pilot + random", "trial_id"].tolist() == ["g3"]
 
 
 def test_best_subset_hypervolumes_match_brute_force():

@@ -164,9 +164,9 @@ def test_hypervolume_figure_shows_median_band_and_end_of_pilot(two_seeds):
     assert list(pilot_line.x) == list(range(1, pilot_end + 1))
 
 
-def test_pareto_table_lists_the_front_of_all_arms_and_of_each(two_seeds):
+def test_pareto_set_lists_the_front_of_all_arms_and_of_each(two_seeds):
     space, trials = two_seeds
-    fig = plots.pareto_table_figure(trials, OBJECTIVES, space)
+    fig = plots.pareto_set_figure(trials, OBJECTIVES, space)
     (table,) = fig.data
     headers = [h.replace("<b>", "").replace("</b>", "") for h in table.header.values]
     assert headers == ["seed", "front", "trial id", "found by", "round", "lora_rank", "lora_alpha",
@@ -206,7 +206,7 @@ def test_report_embeds_plotly_once_with_every_section(two_seeds):
         [
             ("Pareto fronts", plots.pareto_figure(trials, OBJECTIVES, space)),
             ("Hypervolume", plots.hypervolume_figure(hypervolume_curves(trials, OBJECTIVES))),
-            ("Pareto set", plots.pareto_table_figure(trials, OBJECTIVES, space)),
+            ("Pareto set", plots.pareto_set_figure(trials, OBJECTIVES, space)),
             ("Notes", "losses < 2 & times in s"),
         ],
     )

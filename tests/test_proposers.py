@@ -1,7 +1,8 @@
-"""The proposer contract, for every registered proposer: new, distinct, snapped points,
-deterministic for a seed, failed trials never proposed again, finite spaces exhausted
-gracefully, one-line errors. GPTune runs here with a small search to stay fast; its
-learning is tested in test_gptune.py."""
+"""The proposer contract, for every registered proposer (Optuna with each of its samplers):
+new, distinct, snapped points, deterministic for a seed, failed trials never proposed again,
+finite spaces exhausted gracefully, one-line errors. The model-based proposers run here with
+small searches to stay fast; their learning is tested in test_gptune.py and
+test_optuna_botorch.py."""
 
 from __future__ import annotations
 
@@ -28,18 +29,23 @@ TINY_SPACE = {
     "lora_dropout": {"type": "fixed", "value": 0.0},
 }
 OBJECTIVES = {"train_loss": "min", "train_time": "min"}
-# The proposers held to the contract here, with options that keep the tests fast (GPTune's
-# defaults are exercised in test_gptune.py). A proposer added to the registry joins this.
-FAST_OPTIONS = {
-    "random": {},
-    "grid": {},
-    "gptune": {"population_size": 16, "generations": 10, "gp_restarts": 1},
+# Every registered proposer held to the contract, by arm name: (proposer, options that keep the
+# tests fast). A proposer added to the registry must join this (see the registry test).
+FAST = {
+    "random": ("random", {}),
+    "grid": ("grid", {}),
+    "gptune": ("gptune", {"population_size": 16, "generations": 10, "gp_restarts": 1}),
+    "botorch": ("botorch", {"num_restarts": 2, "raw_samples": 64, "mc_samples": 32}),
+    "optuna-tpe": ("optuna", {"sampler": "tpe"}),
+    "optuna-gp": ("optuna", {"sampler": "gp", "qmc_samples": 16}),
+    "optuna-nsga2": ("optuna", {"sampler": "nsga2", "population_size": 4}),
 }
-PROPOSERS = tuple(FAST_OPTIONS)
+PROPOSERS = tuple(FAST)
 
 
-def proposer(name, space, seed=0, objectives=OBJECTIVES):
-    return make_proposer(name, space=space, objectives=objectives, seed=seed, **FAST_OPTIONS[name])
+def proposer(arm, space, seed=0, objectives=OBJECTIVES):
+    name, options = FAST[arm]
+    return make_proposer(name, space=space, objectives=objectives, seed=seed, **options)
 
 
 def objective_values(space, point):
@@ -51,11 +57,6 @@ def objective_values(space, point):
 def make_history(space, points, status="ok"):
     rows = [{**p, **objective_values(space, p), "status": status} for p in points]
     return pd.DataFrame(rows)
-
-
-@pytest.fixture(scope="module")
-def study_space():
-    return SearchSpace.from_config(STUDY_SPACE)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def assert_valid_new(space, proposals, history, n):
 
 
 def test_registry_names_every_proposer_without_importing_them():
-    assert set(PROPOSERS) <= set(AVAILABLE_PROPOSERS)
+    assert {name for name, _ in FAST.values()} == set(AVAILABLE_PROPOSERS)
     code = (
         "import sys\n"
         "from loratune import SearchSpace, make_proposer\n"

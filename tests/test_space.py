@@ -5,18 +5,13 @@ import numpy as np
 import pytest
 
 from loratune.space import ChoiceParam, FloatParam, IntParam, SearchSpace, SpaceError
+from conftest import STUDY_SPACE as STUDY
 
-STUDY = {
-    "lora_rank": {"type": "int", "low": 4, "high": 256, "step": 4},
-    "lora_alpha": {"type": "choice", "values": [4, 8, 16, 32, 64, 128, 256]},
-    "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
-    "lora_dropout": {"type": "fixed", "value": 0.05},
-}
 
 
 @pytest.fixture
-def space() -> SearchSpace:
-    return SearchSpace.from_config(STUDY)
+def space(study_space) -> SearchSpace:
+    return study_space
 
 
 def test_from_config_builds_the_study_space(space):

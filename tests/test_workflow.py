@@ -132,10 +132,17 @@ def test_bad_config_fails_before_any_job_with_one_line(tmp_path, field, corrupt)
     assert not (tmp_path / "results").exists()
 
 
+# The rules have no conda: or container: directive on purpose (README, "Using it": GPTune's flat
+# sdist needs the pip environment), so this is the one lint a rule may get.
+NO_SOFTWARE_LINT = "Specify a conda environment or container for each rule."
+
+
 def test_lint_and_format():
     lint = subprocess.run([SNAKEMAKE, "--lint", "-s", str(REPO / "Snakefile")], cwd=REPO,
                           capture_output=True, text=True)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
+    report = lint.stdout + lint.stderr
+    lints = [line.strip()[2:].rstrip(":") for line in report.splitlines() if line.startswith("    * ")]
+    assert lint.returncode == 0 or (lints and set(lints) == {NO_SOFTWARE_LINT}), report
     snakefmt = str(Path(SNAKEMAKE).with_name("snakefmt"))
     files = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "rules").glob("*.smk")))]
     fmt = subprocess.run([snakefmt, "--check", *files], capture_output=True, text=True)

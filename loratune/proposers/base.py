@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from loratune.designs import spread_subset
+from loratune.designs import spread_subset, unlisted_points
 from loratune.pareto import SENSES, non_dominated, to_minimization
 from loratune.space import SearchSpace
 
@@ -59,8 +59,6 @@ AVAILABLE_PROPOSERS: tuple[str, ...] = tuple(_REGISTRY)
 LARGE_FRONT = 16
 # Random top-up draws this many candidates per missing point before it lists a finite space.
 _DRAWS_PER_POINT = 50
-# A finite space up to this size is listed when random draws stop finding new points.
-_LISTABLE = 1_000_000
 
 
 def validate_objectives(objectives: Any) -> dict[str, str]:
@@ -211,12 +209,10 @@ def random_new_points(
             chosen.append(point)
             if len(chosen) == n:
                 return chosen
-    # Draws stopped finding new points: a finite space is nearly exhausted, so list the rest.
-    if space.cardinality is not None and space.cardinality <= _LISTABLE:
-        rest = [p for p in space.all_points() if space.key(p) not in taken]
-        for index in rng.permutation(len(rest))[: n - len(chosen)]:
-            taken.add(space.key(rest[index]))
-            chosen.append(rest[index])
+    # The draws stopped finding new points: a finite space is nearly exhausted, so list the rest.
+    for point in unlisted_points(space, taken, n - len(chosen), rng):
+        taken.add(space.key(point))
+        chosen.append(point)
     return chosen
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from loratune import ledger
+from loratune.files import atomic_write_json, atomic_write_text
 from loratune.training.settings import DATASET_FORMATS, DatasetSpec
 
 IGNORE_INDEX = -100  # label of a token without loss (prompt, padding): torch's cross_entropy default
@@ -392,9 +392,9 @@ def prepare_dataset(spec: DatasetSpec, out_dir: str | Path) -> dict[str, Any]:
         "loratune_version": __version__,
     }
     out_dir = Path(out_dir)
-    ledger.atomic_write_text(out_dir / "train.jsonl", train_text)
-    ledger.atomic_write_text(out_dir / "eval.jsonl", eval_text)
-    ledger.atomic_write_json(out_dir / "manifest.json", manifest)
+    atomic_write_text(out_dir / "train.jsonl", train_text)
+    atomic_write_text(out_dir / "eval.jsonl", eval_text)
+    atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from loratune import ledger
+from loratune.files import atomic_write_json
 from loratune.training.data import sha256_file
 from loratune.training.settings import ModelSpec
 
@@ -95,7 +95,7 @@ def _cached_conversion(gguf_path: Path, target: Path, source: str) -> str:
     scratch = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         convert_gguf(gguf_path, scratch)
-        ledger.atomic_write_json(
+        atomic_write_json(
             scratch / SOURCE_FILE,
             {"source": source, "gguf_file": gguf_path.name, "gguf_sha256": gguf_sha256, "dtype": "bfloat16"},
         )
@@ -173,7 +173,7 @@ def model_fingerprint(model_path: str) -> dict[str, Any]:
             lines = "".join(f"{path.name} {h}\n" for path, h in zip(weights, hashes))
             sha256 = hashlib.sha256(lines.encode()).hexdigest() if weights else None
         try:
-            ledger.atomic_write_json(folder / FINGERPRINT_FILE, {"files": stamp, "sha256": sha256})
+            atomic_write_json(folder / FINGERPRINT_FILE, {"files": stamp, "sha256": sha256})
         except OSError:  # a read-only model folder: correct, just slower next time
             pass
     source = _read_source(folder)

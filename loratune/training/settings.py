@@ -1,7 +1,9 @@
 """Typed configs of the training backend: the model, the dataset, and the per-trial settings.
 
-Each dataclass mirrors one section of the study config (``model``, ``dataset``, ``training``)
-and validates itself in ``__post_init__``, so a bad value fails when the config is read, with
+Each dataclass is one section of the study config (``model``, ``dataset``, ``training``): the
+config schema's entries for it (type, default, ``help`` as description, ``choices`` as enum) are
+generated from its fields (``loratune.config.load_schema``), so a new field is one edit here. It
+validates itself in ``__post_init__``, so a bad value fails when the config is read, with
 a one-line message that starts with the config field. The LoRA hyperparameters a study
 searches over arrive separately, per trial, as ``hparams`` (see ``resolve_trial``).
 """
@@ -13,6 +15,8 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from loratune.files import plain_scalar
 
 BUILTIN_MODELS = ("builtin:smollm2-135m",)
 BUILTIN_DATASETS = ("builtin:instructions",)
@@ -97,7 +101,10 @@ class DatasetSpec:
     )
     format: str = field(
         default="auto",
-        metadata={"help": "auto (from the record fields), self_instruct, prompt_completion, alpaca, text or chat."},
+        metadata={
+            "help": "auto (from the record fields), self_instruct, prompt_completion, alpaca, text or chat.",
+            "choices": DATASET_FORMATS,
+        },
     )
     eval_fraction: float = field(
         default=0.1,
@@ -137,7 +144,8 @@ class TrainingSettings:
         default="nf4",
         metadata={
             "help": "nf4: QLoRA (4-bit NF4 base weights, double quantization); none: plain LoRA on "
-            "16-bit base weights."
+            "16-bit base weights.",
+            "choices": QUANTIZATIONS,
         },
     )
     target_modules: tuple[str, ...] | str = field(
@@ -161,7 +169,10 @@ class TrainingSettings:
     batch_size: int = field(default=4, metadata={"help": "Examples per micro-batch."})
     gradient_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per example; longer ones are cut at the end."})
-    scheduler: str = field(default="cosine", metadata={"help": "Learning-rate schedule: cosine, linear or constant."})
+    scheduler: str = field(
+        default="cosine",
+        metadata={"help": "Learning-rate schedule: cosine, linear or constant.", "choices": SCHEDULERS},
+    )
     warmup_ratio: float = field(
         default=0.05, metadata={"help": "Share of the steps spent raising the learning rate linearly to its peak."}
     )
@@ -208,13 +219,16 @@ class TrainingSettings:
         default="auto",
         metadata={
             "help": "Dtype of the base weights and matmuls: bfloat16, float32, or auto (bfloat16 where "
-            "the device supports it)."
+            "the device supports it).",
+            "choices": COMPUTE_DTYPES,
         },
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Examples per batch of the held-out evaluation."})
     keep_adapter: bool = field(default=False, metadata={"help": "Save the trained LoRA adapter under <trial>/adapter."})
     log_every: int = field(default=10, metadata={"help": "Write a log line every N steps."})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cuda or cpu."})
+    device: str = field(
+        default="auto", metadata={"help": "auto (CUDA when available), cuda or cpu.", "choices": DEVICES}
+    )
     eval_every: int | None = field(
         default=None,
         metadata={
@@ -226,7 +240,8 @@ class TrainingSettings:
         default="best",
         metadata={
             "help": "Which evaluated step gives the trial's objective values and kept adapter: best (lowest "
-            "eval_loss along the curve) or last."
+            "eval_loss along the curve) or last.",
+            "choices": SELECTIONS,
         },
     )
 
@@ -302,11 +317,6 @@ _LORA_FIELDS = tuple(f.name for f in dataclasses.fields(LoraHyperparameters))
 _SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSettings))
 
 
-def _native(value: Any) -> Any:
-    # numpy scalars from a pandas row would otherwise leak into dataclasses and JSON.
-    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
-
-
 def resolve_trial(
     hparams: Mapping[str, Any], settings: TrainingSettings
 ) -> tuple[LoraHyperparameters, TrainingSettings]:
@@ -321,6 +331,6 @@ def resolve_trial(
     missing = [name for name in ("lora_rank", "lora_alpha", "learning_rate") if name not in hparams]
     if missing:
         raise ValueError(f"hparams: missing {missing}")
-    lora = LoraHyperparameters(**{k: _native(v) for k, v in hparams.items() if k in _LORA_FIELDS})
-    overrides = {k: _native(v) for k, v in hparams.items() if k in _SETTING_FIELDS}
+    lora = LoraHyperparameters(**{k: plain_scalar(v) for k, v in hparams.items() if k in _LORA_FIELDS})
+    overrides = {k: plain_scalar(v) for k, v in hparams.items() if k in _SETTING_FIELDS}
     return lora, dataclasses.replace(settings, **overrides) if overrides else settings

@@ -4,7 +4,7 @@ log_to_file(snakemake.log[0])
 
 from pathlib import Path
 
-from loratune.ledger import atomic_write_json
+from loratune.files import atomic_write_json
 from loratune.training import ModelSpec, prepare_model
 
 spec = ModelSpec(**snakemake.params.model)
