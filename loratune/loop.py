@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from loratune import ledger
-from loratune.config import Study
+from loratune.config import Arm, Study
 from loratune.designs import pilot_design
+from loratune.space import SearchSpace
 
 log = logging.getLogger("loratune")
 
@@ -47,22 +48,33 @@ def sample_pilot(study: Study, seed: int, output: str | Path) -> pd.DataFrame:
     return frame
 
 
+def next_proposals(
+    space: SearchSpace,
+    objectives: Mapping[str, str],
+    arm: Arm,
+    history: pd.DataFrame | None,
+    seed: int,
+    round_: int,
+    n: int | None = None,
+) -> list[dict]:
+    """The points ``arm`` proposes for round ``round_`` of study seed ``seed``: a pure step
+    (no files), shared by the workflow's propose job and the benchmarks, so both run the same
+    code. The proposer is seeded by ``round_seed``; ``n`` defaults to the arm's batch size (a
+    benchmark's last round may ask for fewer)."""
+    from loratune.proposers import make_proposer
+
+    proposer = make_proposer(
+        arm.proposer, space=space, objectives=objectives, seed=round_seed(seed, arm.name, round_), **arm.options
+    )
+    return proposer.propose(history, n=arm.batch_size if n is None else n)
+
+
 def propose_round(
     study: Study, arm_name: str, seed: int, round_: int, history_path: str | Path, output: str | Path
 ) -> pd.DataFrame:
-    from loratune.proposers import make_proposer
-
-    arm = study.arm(arm_name)
     history = ledger.read_table(history_path)
-    proposer = make_proposer(
-        arm.proposer,
-        space=study.space,
-        objectives=study.objectives,
-        seed=round_seed(seed, arm_name, round_),
-        **arm.options,
-    )
     started = time.perf_counter()
-    points = proposer.propose(history, n=arm.batch_size)
+    points = next_proposals(study.space, study.objectives, study.arm(arm_name), history, seed, round_)
     frame = proposals_frame(study, points, seed, arm_name, round_)
     ledger.write_table(frame, output)
     log.info(
