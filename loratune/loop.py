@@ -18,6 +18,7 @@ import pandas as pd
 from loratune import ledger
 from loratune.config import Arm, Study
 from loratune.designs import pilot_design
+from loratune.early_stopping import STOPPED, promotion
 from loratune.space import SearchSpace
 
 log = logging.getLogger("loratune")
@@ -91,16 +92,89 @@ def update_history(
     proposals_path: str | Path,
     metrics_paths: Iterable[str | Path],
     output: str | Path,
+    outcomes_path: str | Path | None = None,
 ) -> pd.DataFrame:
+    """The arm's history through this round. With early stopping, ``outcomes_path`` (the round's
+    last promoted.tsv) says which trials stopped at a rung: their metrics are those of the
+    highest rung they reached, and their status becomes ``stopped`` (a failed one stays failed)."""
     proposals = ledger.read_table(proposals_path)
     metrics = {}
     for path in metrics_paths:
         record = ledger.read_metrics(path)
-        metrics[Path(path).parent.name] = record
+        metrics[record.get("trial_id") or Path(path).parent.name] = record
+    if outcomes_path:
+        outcomes = ledger.read_table(outcomes_path)
+        for trial_id in outcomes.loc[~outcomes["promoted"].astype(bool), "trial_id"]:
+            if (metrics[trial_id].get("status") or "ok") == "ok":
+                metrics[trial_id] = {**metrics[trial_id], "status": STOPPED}
     previous = ledger.read_table(previous_path) if previous_path else None
     history = ledger.build_history(previous, proposals, metrics)
     ledger.write_table(history, output)
     return history
+
+
+def rung_candidates(proposals_path: str | Path, previous_path: str | Path | None) -> list[str]:
+    """The trials that train to a rung: every proposal for rung 0, else those the previous
+    rung promoted (read from its promoted.tsv), in proposal order."""
+    if not previous_path:
+        return [str(t) for t in ledger.read_table(proposals_path)["trial_id"]]
+    previous = ledger.read_table(previous_path)
+    latest = previous["rung"] == previous["rung"].max()
+    return [str(t) for t in previous.loc[latest & previous["promoted"].astype(bool), "trial_id"]]
+
+
+def promote_rung(
+    study: Study,
+    arm_name: str,
+    rung: int,
+    proposals_path: str | Path,
+    previous_path: str | Path | None,
+    metrics_paths: Iterable[str | Path],
+    output: str | Path,
+) -> pd.DataFrame:
+    """After rung ``rung`` of a round: which of its trials go on to the next rung.
+
+    Writes one row per trial of the round at the highest rung it reached so far (trials that
+    stopped earlier are copied from ``previous_path``): trial_id, rung, step, status, the
+    objectives as measured there, front, crowding and promoted (see ``early_stopping.promotion``).
+    """
+    schedule = study.arm(arm_name).early_stopping
+    step = study.rung_steps(arm_name)[rung]
+    candidates = rung_candidates(proposals_path, previous_path)
+    records = {}
+    for path in metrics_paths:
+        record = ledger.read_metrics(path)
+        records[record.get("trial_id") or Path(path).parent.parent.name] = record
+    missing = [t for t in candidates if t not in records]
+    if missing:
+        raise ValueError(f"rung {rung} of {arm_name}: no metrics for trial(s) {missing}")
+    results = pd.DataFrame(
+        [
+            {
+                "trial_id": t,
+                "rung": rung,
+                "step": step,
+                "status": records[t].get("status") or "ok",
+                **{name: records[t].get(name) for name in study.objectives},
+            }
+            for t in candidates
+        ],
+        columns=["trial_id", "rung", "step", "status", *study.objectives],
+    )
+    decided = promotion(results, study.objectives, schedule.n_keep(len(candidates)))
+    if previous_path:
+        earlier = ledger.read_table(previous_path)
+        earlier = earlier[~earlier["trial_id"].astype(str).isin(candidates)]
+        decided = pd.concat([earlier, decided], ignore_index=True)
+    order = {t: i for i, t in enumerate(ledger.read_table(proposals_path)["trial_id"].astype(str))}
+    decided = decided.sort_values("trial_id", key=lambda ids: ids.astype(str).map(order), kind="stable")
+    ledger.write_table(decided, output)
+    promoted = decided.loc[(decided["rung"] == rung) & decided["promoted"].astype(bool), "trial_id"]
+    log.info(
+        "%s rung %d (step %d): %d of %d trials go on: %s",
+        arm_name, rung, step, len(promoted), len(candidates), ", ".join(map(str, promoted)),
+    )
+    return decided
 
 
 def aggregate(

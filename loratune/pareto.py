@@ -31,7 +31,7 @@ SENSES = ("min", "max")
 # Cost columns of a hypervolume curve -> the trial metric each one adds up: every trial's
 # training seconds and steps (stopped and failed ones included, as far as they got), so arms
 # with and without early stopping compare at equal cost.
-COST_COLUMNS = {"train_seconds": "train_time", "train_steps": "steps"}
+COST_COLUMNS = {"train_seconds": "train_seconds", "train_steps": "steps"}
 REFERENCE = 1.1
 PILOT_ARM = "pilot"
 

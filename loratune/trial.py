@@ -33,13 +33,18 @@ def _environment() -> dict:
     }
 
 
-def _evaluate_benchmark(study: Study, hparams: dict, seed: int) -> dict:
-    from loratune.benchmarks import evaluate
+def _evaluate_benchmark(study: Study, hparams: dict, seed: int, until_step: int | None) -> dict:
+    """The benchmark's answer after ``until_step`` steps (None: the full budget), with the
+    learning curve and cost (steps, train_seconds) a real trial records."""
+    from loratune.benchmarks import evaluate, problem_from_config
+    from loratune.config import step_budget
 
     bench = study.config["benchmark"]
+    budget = step_budget(study.config)
     metrics = evaluate(
-        bench["problem"], study.space, hparams, study.objectives, seed=seed, noise=bench["noise"],
-        memory_limit_gib=bench["memory_limit_gib"],
+        problem_from_config(bench), study.space, hparams, study.objectives, seed=seed, noise=bench["noise"],
+        memory_limit_gib=bench["memory_limit_gib"], step=until_step or budget, max_steps=budget,
+        select=study.config["training"].get("select", "best"),
     )
     return {"status": "ok", "error": None, **metrics}
 
@@ -53,17 +58,20 @@ def _deadline(runtime_minutes: float | None, started: float) -> float | None:
 
 
 def _evaluate_qlora(
-    study: Study, hparams: dict, seed: int, model_path: str, data_dir: str, out_dir: Path, deadline: float | None
+    study: Study, hparams: dict, seed: int, model_path: str, data_dir: str, out_dir: Path, deadline: float | None,
+    until_step: int | None,
 ) -> dict:
     from loratune.training import TrainingSettings, run_trial
 
     settings = TrainingSettings(**study.config["training"])
     model = study.config["model"]
+    # A rung trains up to its step from the trial's saved state; the full budget is the plain call.
+    rung = {"until_step": until_step} if until_step is not None else {}
     return run_trial(
         hparams=hparams, settings=settings, model_path=model_path, data_dir=data_dir,
         output_dir=str(out_dir), seed=seed,
         revision=model.get("revision"), trust_remote_code=model.get("trust_remote_code", False),
-        deadline=deadline,
+        deadline=deadline, **rung,
     )
 
 
@@ -75,11 +83,15 @@ def run_trial_job(
     model_path: str | None = None,
     data_dir: str | None = None,
     runtime_minutes: float | None = None,
+    until_step: int | None = None,
+    trial_dir: str | Path | None = None,
 ) -> dict:
     """Evaluate one trial with the study's backend and write its metrics.json atomically.
 
     ``runtime_minutes`` is the job's wall-time limit: training stops early enough before it to
     record the trial as failed ("time limit") instead of being killed without a record.
+    ``until_step``: train only up to this rung (early stopping), keeping the training state in
+    ``trial_dir`` (default: the folder of ``metrics_path``) so that the next rung continues it.
     """
     from loratune.devices import claim_gpu
 
@@ -92,9 +104,10 @@ def run_trial_job(
         log.info("trial %s (seed %d) on %s: %s", trial_id, seed, device or "cpu", study.space.describe(hparams))
         try:
             if study.config["backend"] == "benchmark":
-                metrics = _evaluate_benchmark(study, hparams, seed)
+                metrics = _evaluate_benchmark(study, hparams, seed, until_step)
             else:
-                metrics = _evaluate_qlora(study, hparams, seed, model_path, data_dir, metrics_path.parent, deadline)
+                out_dir = Path(trial_dir) if trial_dir is not None else metrics_path.parent
+                metrics = _evaluate_qlora(study, hparams, seed, model_path, data_dir, out_dir, deadline, until_step)
         except Exception as error:  # a crashed trial is a result, not a crash of the study
             log.error("trial %s failed:\n%s", trial_id, traceback.format_exc())
             metrics = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
@@ -112,6 +125,9 @@ def run_trial_job(
     }
     for name in study.objectives:
         record.setdefault(name, None)
+    # The training seconds this trial consumed (a stopped or resumed one included), for the cost axis.
+    curve = record.get("curve") or []
+    record.setdefault("train_seconds", curve[-1].get("train_time") if curve else record.get("train_time"))
     ledger.atomic_write_json(metrics_path, record)
     if record["status"] != "ok":
         log.warning("trial %s recorded as failed: %s", trial_id, record.get("error"))

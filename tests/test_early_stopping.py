@@ -122,11 +122,11 @@ def test_hypervolume_curves_add_up_the_cost_of_every_trial_stopped_ones_included
         (0, "es", 1, "f1", None, None, "failed", None, None),  # failed before recording any cost
         (0, "es", 1, "o1", 0.1, 0.1, "ok", 11.0, 100),
     ]
-    columns = ["seed", "arm", "round", "trial_id", "loss", "cost", "status", "train_time", "steps"]
+    columns = ["seed", "arm", "round", "trial_id", "loss", "cost", "status", "train_seconds", "steps"]
     curves = hypervolume_curves(pd.DataFrame(rows, columns=columns), TWO)
     es = curves[curves.arm == "es"]
     assert es["train_seconds"].tolist() == [10.0, 22.0, 23.5, 23.5, 34.5]
     assert es["train_steps"].tolist() == [100, 200, 210, 210, 310]
     assert es["hypervolume"].iloc[2] == es["hypervolume"].iloc[1] < es["hypervolume"].iloc[4]
-    bare = hypervolume_curves(pd.DataFrame(rows, columns=columns).drop(columns=["train_time", "steps"]), TWO)
+    bare = hypervolume_curves(pd.DataFrame(rows, columns=columns).drop(columns=["train_seconds", "steps"]), TWO)
     assert bare["train_seconds"].isna().all() and bare["hypervolume"].tolist() == curves["hypervolume"].tolist()
