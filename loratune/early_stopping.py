@@ -24,14 +24,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from loratune.pareto import non_dominated, to_minimization
 
-__all__ = ["EarlyStopping", "crowding_distance", "non_dominated_fronts", "promotion", "STOPPED"]
+__all__ = [
+    "EarlyStopping",
+    "crowding_distance",
+    "non_dominated_fronts",
+    "promotion",
+    "rung_results",
+    "successive_halving",
+    "STOPPED",
+]
 
 # The status of a trial that successive halving stopped at a rung before the full budget.
 STOPPED = "stopped"
@@ -152,3 +160,45 @@ def promotion(results: pd.DataFrame, objectives: Mapping[str, str], n_keep: int)
         left -= len(chosen)
     table["front"], table["crowding"], table["promoted"] = front, crowding, promoted
     return table
+
+
+def rung_results(records: Mapping[str, Mapping[str, Any]], objectives: Mapping[str, str], rung: int, step: int):
+    """A rung's trials as ``promotion`` reads them, from their metrics records (by trial id)."""
+    rows = [
+        {
+            "trial_id": trial_id,
+            "rung": rung,
+            "step": step,
+            "status": record.get("status") or "ok",
+            **{name: record.get(name) for name in objectives},
+        }
+        for trial_id, record in records.items()
+    ]
+    return pd.DataFrame(rows, columns=["trial_id", "rung", "step", "status", *objectives])
+
+
+def successive_halving(
+    trial_ids: Sequence[str],
+    schedule: EarlyStopping,
+    max_steps: int,
+    objectives: Mapping[str, str],
+    train: Callable[[str, int], Mapping[str, Any]],
+) -> dict[str, dict]:
+    """One round's rungs in one process (what the workflow's train_rung and promote jobs do
+    through files; benchmarks use this): ``train(trial_id, step)`` gives a trial's metrics
+    after ``step`` steps. Returns each trial's metrics at the highest rung it reached, with
+    status ``stopped`` where it was not promoted past a rung (a failed one stays failed)."""
+    steps = schedule.rung_steps(max_steps)
+    alive = list(trial_ids)
+    outcome: dict[str, dict] = {}
+    for rung, step in enumerate(steps):
+        records = {trial_id: dict(train(trial_id, step)) for trial_id in alive}
+        outcome.update(records)
+        if rung == len(steps) - 1:
+            break
+        decided = promotion(rung_results(records, objectives, rung, step), objectives, schedule.n_keep(len(alive)))
+        alive = decided.loc[decided["promoted"], "trial_id"].tolist()
+        for trial_id in decided.loc[~decided["promoted"], "trial_id"]:
+            if (outcome[trial_id].get("status") or "ok") == "ok":
+                outcome[trial_id]["status"] = STOPPED
+    return {trial_id: outcome[trial_id] for trial_id in trial_ids}

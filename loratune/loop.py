@@ -18,7 +18,7 @@ import pandas as pd
 from loratune import ledger
 from loratune.config import Arm, Study
 from loratune.designs import pilot_design
-from loratune.early_stopping import STOPPED, promotion
+from loratune.early_stopping import STOPPED, promotion, rung_results
 from loratune.space import SearchSpace
 
 log = logging.getLogger("loratune")
@@ -57,17 +57,20 @@ def next_proposals(
     seed: int,
     round_: int,
     n: int | None = None,
+    stopped: str | None = None,
 ) -> list[dict]:
     """The points ``arm`` proposes for round ``round_`` of study seed ``seed``: a pure step
     (no files), shared by the workflow's propose job and the benchmarks, so both run the same
     code. The proposer is seeded by ``round_seed``; ``n`` defaults to the arm's batch size (a
-    benchmark's last round may ask for fewer)."""
+    benchmark's last round may ask for fewer); ``stopped`` says how trials stopped at a rung
+    are fitted (``proposers.base.STOPPED_FITS``; default ``STOPPED_FIT``)."""
     from loratune.proposers import make_proposer
+    from loratune.proposers.base import STOPPED_FIT, fitting_history
 
     proposer = make_proposer(
         arm.proposer, space=space, objectives=objectives, seed=round_seed(seed, arm.name, round_), **arm.options
     )
-    return proposer.propose(history, n=arm.batch_size if n is None else n)
+    return proposer.propose(fitting_history(history, stopped or STOPPED_FIT), n=arm.batch_size if n is None else n)
 
 
 def propose_round(
@@ -148,19 +151,7 @@ def promote_rung(
     missing = [t for t in candidates if t not in records]
     if missing:
         raise ValueError(f"rung {rung} of {arm_name}: no metrics for trial(s) {missing}")
-    results = pd.DataFrame(
-        [
-            {
-                "trial_id": t,
-                "rung": rung,
-                "step": step,
-                "status": records[t].get("status") or "ok",
-                **{name: records[t].get(name) for name in study.objectives},
-            }
-            for t in candidates
-        ],
-        columns=["trial_id", "rung", "step", "status", *study.objectives],
-    )
+    results = rung_results({t: records[t] for t in candidates}, study.objectives, rung, step)
     decided = promotion(results, study.objectives, schedule.n_keep(len(candidates)))
     if previous_path:
         earlier = ledger.read_table(previous_path)
