@@ -651,12 +651,12 @@ class CurveTable:
     def check(self, space: SearchSpace, objectives: Mapping[str, str]) -> None:
         """Raise the one-line error a study with this table would meet in its first trial."""
         table = self.rows()
-        runs, _ = self.points(space)
+        self.points(space)  # the parameter columns, and a measured point inside the space
         unknown = [name for name in objectives if name not in self.metric_names or name in space.names]
         if unknown:
             metrics = [m for m in self.metric_names if m not in space.names]
             raise ValueError(f"{self.what}: objective(s) {unknown} are not metric columns; it has {metrics}")
-        if len(runs) == 0 or table["max_steps"].nunique() != 1:
+        if table["max_steps"].nunique() != 1:
             raise ValueError(f"{self.what}: every row needs one and the same max_steps (the step budget)")
 
     @property

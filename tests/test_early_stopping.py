@@ -130,3 +130,47 @@ def test_hypervolume_curves_add_up_the_cost_of_every_trial_stopped_ones_included
     assert es["hypervolume"].iloc[2] == es["hypervolume"].iloc[1] < es["hypervolume"].iloc[4]
     bare = hypervolume_curves(pd.DataFrame(rows, columns=columns).drop(columns=["train_seconds", "steps"]), TWO)
     assert bare["train_seconds"].isna().all() and bare["hypervolume"].tolist() == curves["hypervolume"].tolist()
+
+
+def test_arm_schedules_are_checked_with_the_config():
+    from conftest import STUDY_SPACE
+    from loratune.config import ConfigError, validate_config
+
+    def config(early_stopping, **training):
+        return {
+            "backend": "benchmark",
+            "benchmark": {"problem": "lora_surrogate"},
+            "objectives": {"eval_loss": "min"},
+            "search_space": STUDY_SPACE,
+            "training": training,
+            "arms": {"es": {"proposer": "random", "batch_size": 9, "early_stopping": early_stopping}},
+        }
+
+    study = validate_config(config({"rungs": [0.111, 0.333, 1.0], "keep": 0.334}, max_steps=90))
+    assert study.rung_steps("es") == [10, 30, 90] and study.arm("es").early_stopping.n_keep(9) == 3
+    assert validate_config(config(None)).arm("es").early_stopping is None
+    with pytest.raises(ConfigError, match=r"^arms.es.early_stopping.rungs: the last rung must be 1.0"):
+        validate_config(config({"rungs": [0.5], "keep": 0.5}))
+    with pytest.raises(ConfigError, match=r"^arms.es.early_stopping.rungs: .* same step"):
+        validate_config(config({"rungs": [0.1, 0.2, 1.0], "keep": 0.5}, max_steps=5))
+    with pytest.raises(ConfigError, match=r"^arms.es.early_stopping: rungs are fractions of training.max_steps"):
+        validate_config(config({"rungs": [0.5, 1.0], "keep": 0.5}, max_steps=None))
+
+
+def test_successive_halving_in_one_process_trains_each_rung_once():
+    from loratune.early_stopping import successive_halving
+
+    final_loss = {"a": 1.0, "b": 0.5, "c": 2.0, "d": 0.7}
+    calls = []
+
+    def train(trial_id, step):
+        calls.append((trial_id, step))
+        if trial_id == "c":
+            return {"status": "failed", "loss": None, "cost": None}
+        return {"status": "ok", "loss": final_loss[trial_id] + 10 / step, "cost": 1.0}
+
+    schedule = EarlyStopping.from_config({"rungs": [0.25, 0.5, 1.0], "keep": 0.5})
+    outcome = successive_halving(["a", "b", "c", "d"], schedule, 40, {"loss": "min"}, train)
+    assert calls == [("a", 10), ("b", 10), ("c", 10), ("d", 10), ("b", 20), ("d", 20), ("b", 40)]
+    assert {t: r["status"] for t, r in outcome.items()} == {"a": "stopped", "b": "ok", "c": "failed", "d": "stopped"}
+    assert outcome["d"]["loss"] == 0.7 + 10 / 20  # its highest rung

@@ -115,7 +115,8 @@ def split_history(
     """Snap every row of ``history``; keep the ok rows for fitting and all rows as taken.
 
     A row is failed when its ``status`` (if there is that column) is not "ok" or when an
-    objective is missing or not finite. A column that a non-empty history lacks is an error:
+    objective is missing or not finite; a trial early stopping stopped at a rung (``stopped``)
+    is kept out of the fit the same way unless ``fitting_history`` made it a result. A column that a non-empty history lacks is an error:
     a misspelt objective would otherwise turn every trial into a silent failure.
     """
     names = list(objectives)
