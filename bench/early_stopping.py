@@ -34,6 +34,7 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -191,7 +192,9 @@ def add_hypervolume(events: pd.DataFrame, problems: dict[str, Problem], space: S
         names = list(problem.objectives)
         for _, run in per_problem.groupby(["proposer", "variant", "seed"], sort=False):
             run = run.copy()
-            Y = to_minimization(run[[f"value_{n}" for n in names]].to_numpy(dtype=float), list(problem.objectives.values()))
+            Y = to_minimization(
+                run[[f"value_{n}" for n in names]].to_numpy(dtype=float), list(problem.objectives.values())
+            )
             run["hv"] = scale.ratios(Y)
             parts.append(run)
     return pd.concat(parts, ignore_index=True)
@@ -218,15 +221,17 @@ def goal(curves: pd.DataFrame, variant: str = "es", grid_points: int = 200) -> p
         fractions, grids = [], []
         total = float(np.median(full.groupby("seed")["seconds"].max()))
         grid = np.linspace(0, total, grid_points + 1)[1:]
+        trivial = 0
         for seed, run in full.groupby("seed"):
             target, seconds = run["hv"].iloc[-1], run["seconds"].iloc[-1]
             mine = es[es["seed"] == seed]
-            own = mine[(mine["round"] > 0) & (mine["hv"] >= target - 1e-12)]
-            reached = own["seconds"].min() if len(own) else np.inf
-            if mine.loc[mine["round"] == 0, "hv"].max() >= target - 1e-12:
-                reached = 0.0  # the pilot already had it
-            fractions.append(reached / seconds)
             grids.append((hv_at(mine, grid), hv_at(run, grid)))
+            if run.loc[run["round"] == 0, "hv"].max() >= target - 1e-12:
+                trivial += 1  # the arm without added nothing to its pilot: any arm "reaches" it at 0 s
+                continue
+            own = mine[(mine["round"] > 0) & (mine["hv"] >= target - 1e-12)]
+            fractions.append((own["seconds"].min() if len(own) else np.inf) / seconds)
+        fractions = fractions or [np.nan]
         es_median = np.median([g[0] for g in grids], axis=0)
         full_median = np.median([g[1] for g in grids], axis=0)
         gap = es_median - full_median
@@ -236,12 +241,14 @@ def goal(curves: pd.DataFrame, variant: str = "es", grid_points: int = 200) -> p
                 "problem": problem,
                 "proposer": proposer,
                 "variant": variant,
-                "seeds": len(fractions),
+                "seeds": len(grids),
+                "trivial": trivial,
                 "fraction_median": float(np.median(fractions)),
                 # "nearest": a seed that never reaches the target counts as infinity, not NaN.
                 "fraction_q1": float(np.percentile(fractions, 25, method="nearest")),
                 "fraction_q3": float(np.percentile(fractions, 75, method="nearest")),
                 "reached": int(np.isfinite(fractions).sum()),
+                "counted": len(grids) - trivial,
                 "final_hv_full": float(np.median(full.groupby("seed")["hv"].last())),
                 "final_hv_es": float(np.median(es.groupby("seed")["hv"].last())),
                 "worst_gap": float(gap.min()),
@@ -264,18 +271,19 @@ def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapse
         f"rungs {args.rungs} keeping {args.keep}, until it has spent as many training seconds as 'full' "
         "(the round that crosses it completes). HV: hypervolume of the trials that trained their full budget, over "
         "the true front's. 'fraction': seconds 'es' needs to reach 'full''s final HV / seconds 'full' spent, median "
-        "[quartiles] over seeds (goal: <= 0.333; 'inf': not reached within the budget). 'below': share of the "
+        "[quartiles] over the seeds where 'full' improved on its pilot ('counted'; in the others the target is the "
+        "pilot's own HV, reached at 0 s) (goal: <= 0.333; 'inf': not reached within the budget). 'below': share of the "
         "cost axis (0..full's median seconds, 200 points) where the median 'es' curve is below the median 'full' "
         "curve, and up to which fraction of the axis; 'worst gap' the largest deficit in HV.",
         "",
-        "| problem | proposer | variant | fraction | reached | HV full | HV es | below (until) | worst gap |",
+        "| problem | proposer | variant | fraction | reached / counted | HV full | HV es | below (until) | worst gap |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for _, row in table.iterrows():
         out.append(
             f"| {row['problem']} | {row['proposer']}{' (default)' if row['proposer'] == DEFAULT_PROPOSER else ''} | "
             f"{row['variant']} | {row['fraction_median']:.3f} [{row['fraction_q1']:.3f}-{row['fraction_q3']:.3f}] | "
-            f"{row['reached']}/{row['seeds']} | {row['final_hv_full']:.3f} | {row['final_hv_es']:.3f} | "
+            f"{row['reached']}/{row['counted']} | {row['final_hv_full']:.3f} | {row['final_hv_es']:.3f} | "
             f"{row['below_share']:.0%} ({row['below_until']:.2f}) | {row['worst_gap']:+.3f} |"
         )
     out += ["", "## The goal, for the default proposer", ""]
@@ -285,7 +293,11 @@ def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapse
         out.append(
             f"- {row['problem']}: {row['fraction_median']:.3f} of the seconds "
             f"({'meets' if meets else 'misses'} <= 1/3); at equal seconds "
-            + ("never below" if never else f"BELOW on {row['below_share']:.0%} of the axis, up to {row['below_until']:.2f}")
+            + (
+                "never below"
+                if never
+                else f"BELOW on {row['below_share']:.0%} of the axis, up to {row['below_until']:.2f}"
+            )
         )
     return "\n".join(out)
 
@@ -304,10 +316,18 @@ def make_table(path: Path, max_steps: int, evaluations: int) -> None:
                 diverges = point["learning_rate"] * alpha / rank > 0.016
                 for step in range(every, max_steps + 1, every):
                     metrics = evaluate(
-                        "lora_surrogate", space, point, {"eval_loss": "min"}, step=step, max_steps=max_steps, select="last"
+                        "lora_surrogate",
+                        space,
+                        point,
+                        {"eval_loss": "min"},
+                        step=step,
+                        max_steps=max_steps,
+                        select="last",
                     )
                     row = {**point, "step": step, "max_steps": max_steps, "status": "ok"}
-                    row.update({k: metrics[k] for k in ("eval_loss", "train_loss", "trainable_params", "peak_memory_gib")})
+                    row.update(
+                        {k: metrics[k] for k in ("eval_loss", "train_loss", "trainable_params", "peak_memory_gib")}
+                    )
                     row["train_time"] = metrics["train_seconds"]
                     if diverges and step >= max_steps // 3:
                         rows.append({**row, "eval_loss": None, "train_loss": None, "status": "diverged"})
@@ -315,7 +335,9 @@ def make_table(path: Path, max_steps: int, evaluations: int) -> None:
                     rows.append(row)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(f"wrote {len(rows)} rows ({len(rows) and len({(r['lora_rank'], r['lora_alpha'], r['learning_rate']) for r in rows})} runs) to {path}")
+    print(
+        f"wrote {len(rows)} rows ({len(rows) and len({(r['lora_rank'], r['lora_alpha'], r['learning_rate']) for r in rows})} runs) to {path}"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -337,6 +359,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="output path without suffix (default: by commit)")
     parser.add_argument("--make-table", type=Path, default=None, help="write a synthetic table there and exit")
+    parser.add_argument(
+        "--render-only", action="store_true", help="re-write the .md from the .tsv of an earlier run at --out (no runs)"
+    )
+    parser.add_argument(
+        "--elapsed-min", type=float, default=float("nan"), help="with --render-only: the runs' wall time"
+    )
     return parser.parse_args(argv)
 
 
@@ -345,7 +373,9 @@ def main(argv=None) -> None:
     if args.make_table:
         make_table(args.make_table, args.max_steps, 9)
         return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     out = args.out or RESULTS / f"early_stopping_{commit}"
     two = {"zdt1": TWO, "zdt2": TWO, "dtlz2": TWO, "lora_surrogate": TABLE_OBJECTIVES}
     problems = {name: Problem(name, name, two[name], args.max_steps) for name in filter(None, args.problems.split(","))}
@@ -362,6 +392,13 @@ def main(argv=None) -> None:
         "keep": args.keep,
         "max_rounds": 50,
     }
+    command = " ".join([".venv/bin/python bench/early_stopping.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.render_only:
+        command = command.replace(" --render-only", "").split(" --elapsed-min")[0]
+        ran = re.search(r"early_stopping_([0-9a-f]{7,})", out.name)
+        commit = f"{ran.group(1)} (report re-rendered at {commit})" if ran else commit
+        report(pd.read_csv(out.with_suffix(".tsv"), sep="\t"), fits, args, command, 60 * args.elapsed_min, commit, out)
+        return
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     chatter = out.with_name(out.name + "_workers.log")
@@ -389,9 +426,12 @@ def main(argv=None) -> None:
     space = SearchSpace.from_config(SPACE)
     curves = add_hypervolume(pd.DataFrame(events), problems, space)
     curves.to_csv(out.with_suffix(".tsv"), sep="\t", index=False)
+    report(curves, fits, args, command, elapsed, commit, out)
+
+
+def report(curves: pd.DataFrame, fits: list[str], args, command: str, elapsed: float, commit: str, out: Path) -> None:
     table = pd.concat([goal(curves, v) for v in ["es", *fits]], ignore_index=True)
     table = table.sort_values(["problem", "proposer", "variant"], kind="stable")
-    command = " ".join([".venv/bin/python bench/early_stopping.py", *(sys.argv[1:] if argv is None else argv)])
     text = markdown(table, args, command, elapsed, commit)
     out.with_suffix(".md").write_text(text + "\n")
     print(text, flush=True)
