@@ -47,8 +47,9 @@ def test_the_workflow_step_proposes_what_the_pure_step_does(tmp_path):
 
 @pytest.mark.parametrize("stopped", ["full_budget", "highest_rung"])
 def test_stopped_trials_are_never_proposed_again(stopped):
-    space = SearchSpace.from_config({"lora_rank": {"type": "choice", "values": [4, 8, 16]},
-                                     "lora_alpha": {"type": "choice", "values": [4, 8]}})
+    space = SearchSpace.from_config(
+        {"lora_rank": {"type": "choice", "values": [4, 8, 16]}, "lora_alpha": {"type": "choice", "values": [4, 8]}}
+    )
     taken = [{"lora_rank": r, "lora_alpha": a} for r in (4, 8, 16) for a in (4, 8)][:5]
     history = pd.concat([history_of(space, taken[:2]), history_of(space, taken[2:], status="stopped")])
     arm = Arm("r", "random", 1, 1, {})
