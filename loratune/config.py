@@ -21,11 +21,14 @@ import jsonschema
 import yaml
 
 from loratune.designs import DESIGNS
+from loratune.early_stopping import EarlyStopping
 from loratune.ledger import PILOT
 from loratune.space import SearchSpace, SpaceError
 from loratune.training.metrics import OBJECTIVE_METRICS
 
-__all__ = ["ConfigError", "Study", "dataclass_schema", "load_schema", "validate_config", "ARM_NAME_PATTERN"]
+__all__ = [
+    "ConfigError", "Study", "dataclass_schema", "load_schema", "step_budget", "validate_config", "ARM_NAME_PATTERN",
+]
 
 ARM_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9-]*"
 RESERVED_ARM_NAMES = {PILOT, "trials", "data", "plots", "gptune_db"}
@@ -135,6 +138,7 @@ class Arm:
     rounds: int
     batch_size: int
     options: dict
+    early_stopping: EarlyStopping | None = None  # None: every trial trains its full budget
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,10 @@ class Study:
         """The model's name as one file-name component (a hub id holds a slash)."""
         return re.sub(r"[^A-Za-z0-9._-]+", "-", self.config["model"]["name"]).strip("-.")
 
+    def rung_steps(self, arm_name: str) -> list[int]:
+        """The step each rung of an arm with early stopping ends at (checked by validate_config)."""
+        return self.arm(arm_name).early_stopping.rung_steps(step_budget(self.config))
+
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
             if arm.name == name:
@@ -172,8 +180,18 @@ def _check_objectives(config: dict, space: SearchSpace) -> None:
         from loratune.benchmarks import PROBLEMS
 
         problem = config["benchmark"]["problem"]
+        if problem == "table":
+            from loratune.benchmarks import problem_from_config
+
+            try:
+                problem_from_config(config["benchmark"]).check(space, objectives)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+            if config["benchmark"]["memory_limit_gib"] is not None:
+                raise ConfigError("benchmark.memory_limit_gib: only lora_surrogate models memory, not 'table'")
+            return
         if problem not in PROBLEMS:
-            raise ConfigError(f"benchmark.problem: unknown {problem!r}; choose one of {sorted(PROBLEMS)}")
+            raise ConfigError(f"benchmark.problem: unknown {problem!r}; choose one of {sorted([*PROBLEMS, 'table'])}")
         metric_names = getattr(PROBLEMS[problem], "metric_names", None)
         if config["benchmark"]["memory_limit_gib"] is not None and problem != "lora_surrogate":
             raise ConfigError(f"benchmark.memory_limit_gib: only lora_surrogate models memory, not {problem!r}")
@@ -215,8 +233,34 @@ def _check_arms(config: dict) -> tuple[Arm, ...]:
             check_options(spec["proposer"], spec["options"])
         except ValueError as error:
             raise ConfigError(f"arms.{name}.options: {error}") from None
-        arms.append(Arm(name, spec["proposer"], spec["rounds"], spec["batch_size"], dict(spec["options"])))
+        early_stopping = None
+        if spec.get("early_stopping") is not None:
+            try:
+                field = f"arms.{name}.early_stopping"
+                early_stopping = EarlyStopping.from_config(spec["early_stopping"], field=field)
+                budget = step_budget(config)
+                if budget is None:
+                    raise ValueError(
+                        f"{field}: rungs are fractions of training.max_steps, which must be set (not null)"
+                    )
+                early_stopping.rung_steps(budget, field=f"{field}.rungs")
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+        arms.append(
+            Arm(name, spec["proposer"], spec["rounds"], spec["batch_size"], dict(spec["options"]), early_stopping)
+        )
     return tuple(arms)
+
+
+def step_budget(config: dict) -> int | None:
+    """A trial's full step budget, which rungs are fractions of: a learning-curve table's own
+    ``max_steps`` for the table problem, else ``training.max_steps`` (None: derived from epochs
+    and the data, so not known before the data is prepared)."""
+    if config["backend"] == "benchmark" and config["benchmark"]["problem"] == "table":
+        from loratune.benchmarks import problem_from_config
+
+        return problem_from_config(config["benchmark"]).max_steps
+    return config["training"].get("max_steps")
 
 
 def _check_training(config: dict) -> None:

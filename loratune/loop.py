@@ -16,9 +16,11 @@ import numpy as np
 import pandas as pd
 
 from loratune import files, ledger
-from loratune.config import Study
+from loratune.config import Arm, Study
 from loratune.designs import pilot_design
+from loratune.early_stopping import STOPPED, promotion, rung_results
 from loratune.ledger import PILOT
+from loratune.space import SearchSpace
 
 log = logging.getLogger("loratune")
 
@@ -46,22 +48,36 @@ def sample_pilot(study: Study, seed: int, output: str | Path) -> pd.DataFrame:
     return frame
 
 
+def next_proposals(
+    space: SearchSpace,
+    objectives: Mapping[str, str],
+    arm: Arm,
+    history: pd.DataFrame | None,
+    seed: int,
+    round_: int,
+    n: int | None = None,
+    stopped: str | None = None,
+) -> list[dict]:
+    """The points ``arm`` proposes for round ``round_`` of study seed ``seed``: a pure step
+    (no files), shared by the workflow's propose job and the benchmarks, so both run the same
+    code. The proposer is seeded by ``round_seed``; ``n`` defaults to the arm's batch size (a
+    benchmark's last round may ask for fewer); ``stopped`` says how trials stopped at a rung
+    are fitted (``proposers.base.STOPPED_FITS``; default ``STOPPED_FIT``)."""
+    from loratune.proposers import make_proposer
+    from loratune.proposers.base import STOPPED_FIT, fitting_history
+
+    proposer = make_proposer(
+        arm.proposer, space=space, objectives=objectives, seed=round_seed(seed, arm.name, round_), **arm.options
+    )
+    return proposer.propose(fitting_history(history, stopped or STOPPED_FIT), n=arm.batch_size if n is None else n)
+
+
 def propose_round(
     study: Study, arm_name: str, seed: int, round_: int, history_path: str | Path, output: str | Path
 ) -> pd.DataFrame:
-    from loratune.proposers import make_proposer
-
-    arm = study.arm(arm_name)
     history = ledger.read_table(history_path)
-    proposer = make_proposer(
-        arm.proposer,
-        space=study.space,
-        objectives=study.objectives,
-        seed=round_seed(seed, arm_name, round_),
-        **arm.options,
-    )
     started = time.perf_counter()
-    points = proposer.propose(history, n=arm.batch_size)
+    points = next_proposals(study.space, study.objectives, study.arm(arm_name), history, seed, round_)
     frame = proposals_frame(study, points, seed, arm_name, round_)
     ledger.write_table(frame, output)
     log.info(
@@ -78,16 +94,77 @@ def update_history(
     proposals_path: str | Path,
     metrics_paths: Iterable[str | Path],
     output: str | Path,
+    outcomes_path: str | Path | None = None,
 ) -> pd.DataFrame:
+    """The arm's history through this round. With early stopping, ``outcomes_path`` (the round's
+    last promoted.tsv) says which trials stopped at a rung: their metrics are those of the
+    highest rung they reached, and their status becomes ``stopped`` (a failed one stays failed)."""
     proposals = ledger.read_table(proposals_path)
     metrics = {}
     for path in metrics_paths:
         record = ledger.read_metrics(path)
-        metrics[Path(path).parent.name] = record
+        metrics[record.get("trial_id") or Path(path).parent.name] = record
+    if outcomes_path:
+        outcomes = ledger.read_table(outcomes_path)
+        for trial_id in outcomes.loc[~outcomes["promoted"].astype(bool), "trial_id"]:
+            if (metrics[trial_id].get("status") or "ok") == "ok":
+                metrics[trial_id] = {**metrics[trial_id], "status": STOPPED}
     previous = ledger.read_table(previous_path) if previous_path else None
     history = ledger.build_history(previous, proposals, metrics)
     ledger.write_table(history, output)
     return history
+
+
+def rung_candidates(proposals_path: str | Path, previous_path: str | Path | None) -> list[str]:
+    """The trials that train to a rung: every proposal for rung 0, else those the previous
+    rung promoted (read from its promoted.tsv), in proposal order."""
+    if not previous_path:
+        return [str(t) for t in ledger.read_table(proposals_path)["trial_id"]]
+    previous = ledger.read_table(previous_path)
+    latest = previous["rung"] == previous["rung"].max()
+    return [str(t) for t in previous.loc[latest & previous["promoted"].astype(bool), "trial_id"]]
+
+
+def promote_rung(
+    study: Study,
+    arm_name: str,
+    rung: int,
+    proposals_path: str | Path,
+    previous_path: str | Path | None,
+    metrics_paths: Iterable[str | Path],
+    output: str | Path,
+) -> pd.DataFrame:
+    """After rung ``rung`` of a round: which of its trials go on to the next rung.
+
+    Writes one row per trial of the round at the highest rung it reached so far (trials that
+    stopped earlier are copied from ``previous_path``): trial_id, rung, step, status, the
+    objectives as measured there, front, crowding and promoted (see ``early_stopping.promotion``).
+    """
+    schedule = study.arm(arm_name).early_stopping
+    step = study.rung_steps(arm_name)[rung]
+    candidates = rung_candidates(proposals_path, previous_path)
+    records = {}
+    for path in metrics_paths:
+        record = ledger.read_metrics(path)
+        records[record.get("trial_id") or Path(path).parent.parent.name] = record
+    missing = [t for t in candidates if t not in records]
+    if missing:
+        raise ValueError(f"rung {rung} of {arm_name}: no metrics for trial(s) {missing}")
+    results = rung_results({t: records[t] for t in candidates}, study.objectives, rung, step)
+    decided = promotion(results, study.objectives, schedule.n_keep(len(candidates)))
+    if previous_path:
+        earlier = ledger.read_table(previous_path)
+        earlier = earlier[~earlier["trial_id"].astype(str).isin(candidates)]
+        decided = pd.concat([earlier, decided], ignore_index=True)
+    order = {t: i for i, t in enumerate(ledger.read_table(proposals_path)["trial_id"].astype(str))}
+    decided = decided.sort_values("trial_id", key=lambda ids: ids.astype(str).map(order), kind="stable")
+    ledger.write_table(decided, output)
+    promoted = decided.loc[(decided["rung"] == rung) & decided["promoted"].astype(bool), "trial_id"]
+    log.info(
+        "%s rung %d (step %d): %d of %d trials go on: %s",
+        arm_name, rung, step, len(promoted), len(candidates), ", ".join(map(str, promoted)),
+    )
+    return decided
 
 
 def aggregate(

@@ -38,9 +38,14 @@ __all__ = [
     "normalization_bounds",
     "normalize",
     "hypervolume_curves",
+    "COST_COLUMNS",
 ]
 
 SENSES = ("min", "max")
+# Cost columns of a hypervolume curve -> the trial metric each one adds up: every trial's
+# training seconds and steps (stopped and failed ones included, as far as they got), so arms
+# with and without early stopping compare at equal cost.
+COST_COLUMNS = {"train_seconds": "train_seconds", "train_steps": "steps"}
 REFERENCE = 1.1
 # The ``front`` of ``arm_fronts`` that holds every arm of a seed together: the study's Pareto set.
 ALL_ARMS = "all arms"
@@ -208,7 +213,9 @@ def hypervolume_curves(
     bounds: tuple[Sequence[float], Sequence[float]] | None = None,
     ref: Sequence[float] | None = None,
 ) -> pd.DataFrame:
-    """Hypervolume after each trial, per seed and arm: columns arm, seed, n_trials, hypervolume.
+    """Hypervolume after each trial, per seed and arm: columns arm, seed, n_trials, hypervolume,
+    then the cumulative cost so far (``COST_COLUMNS``: train_seconds, train_steps; a trial
+    without the metric adds 0, a table without the column gives NaN).
 
     An arm's curve runs through its seed's pilot trials (arm ``pilot``, in table order) and
     then the arm's own trials in round order; the pilot also gets a curve of its own. Failed
@@ -228,6 +235,12 @@ def hypervolume_curves(
         bounds = normalization_bounds(trials, objectives)
     if bounds is not None:
         Y_all = normalize(Y_all, *bounds)
+    cost_all = {}
+    for name, metric in COST_COLUMNS.items():
+        if metric in trials.columns:
+            cost_all[name] = pd.to_numeric(trials[metric], errors="coerce").fillna(0.0).to_numpy(dtype=float)
+        else:
+            cost_all[name] = np.full(len(trials), np.nan)
 
     rows = []
     for seed, per_seed in trials.groupby("seed", sort=True):
@@ -237,9 +250,11 @@ def hypervolume_curves(
             sequence = pilot if arm == PILOT else pd.concat([pilot, own])
             positions = sequence.index.to_numpy()
             volumes = _running_hypervolume(Y_all[positions], ok_all[positions], ref)
-            for n_trials, volume in enumerate(volumes, start=1):
-                rows.append({"arm": arm, "seed": seed, "n_trials": n_trials, "hypervolume": volume})
-    return pd.DataFrame(rows, columns=["arm", "seed", "n_trials", "hypervolume"])
+            spent = {name: np.cumsum(cost_all[name][positions]) for name in COST_COLUMNS}
+            for k, volume in enumerate(volumes):
+                cost = {name: spent[name][k] for name in COST_COLUMNS}
+                rows.append({"arm": arm, "seed": seed, "n_trials": k + 1, "hypervolume": volume, **cost})
+    return pd.DataFrame(rows, columns=["arm", "seed", "n_trials", "hypervolume", *COST_COLUMNS])
 
 
 def _running_hypervolume(Y: np.ndarray, ok: np.ndarray, ref) -> list[float]:

@@ -33,13 +33,18 @@ def _environment() -> dict:
     }
 
 
-def _evaluate_benchmark(study: Study, hparams: dict, seed: int) -> dict:
-    from loratune.benchmarks import evaluate
+def _evaluate_benchmark(study: Study, hparams: dict, seed: int, until_step: int | None) -> dict:
+    """The benchmark's answer after ``until_step`` steps (None: the full budget), with the
+    learning curve and cost (steps, train_seconds) a real trial records."""
+    from loratune.benchmarks import evaluate, problem_from_config
+    from loratune.config import step_budget
 
     bench = study.config["benchmark"]
+    budget = step_budget(study.config)
     metrics = evaluate(
-        bench["problem"], study.space, hparams, study.objectives, seed=seed, noise=bench["noise"],
-        memory_limit_gib=bench["memory_limit_gib"],
+        problem_from_config(bench), study.space, hparams, study.objectives, seed=seed, noise=bench["noise"],
+        memory_limit_gib=bench["memory_limit_gib"], step=until_step or budget, max_steps=budget,
+        select=study.config["training"].get("select", "best"),
     )
     return {"status": "ok", "error": None, **metrics}
 
@@ -77,12 +82,14 @@ def run_trial_job(
     data_dir: str | None = None,
     runtime_minutes: float | None = None,
     until_step: int | None = None,
+    trial_dir: str | Path | None = None,
 ) -> dict:
     """Evaluate one trial with the study's backend and write its metrics.json atomically.
 
     ``runtime_minutes`` is the job's wall-time limit: training stops early enough before it to
     record the trial as failed ("time limit") instead of being killed without a record.
-    ``until_step`` stops a qlora trial at that step (a rung), its state saved to continue later.
+    ``until_step``: train only up to this rung (early stopping), keeping the training state in
+    ``trial_dir`` (default: the folder of ``metrics_path``) so that the next rung continues it.
     """
     from loratune.devices import claim_gpu
 
@@ -95,11 +102,10 @@ def run_trial_job(
         log.info("trial %s (seed %d) on %s: %s", trial_id, seed, device or "cpu", study.space.describe(hparams))
         try:
             if study.config["backend"] == "benchmark":
-                metrics = _evaluate_benchmark(study, hparams, seed)
+                metrics = _evaluate_benchmark(study, hparams, seed, until_step)
             else:
-                metrics = _evaluate_qlora(
-                    study, hparams, seed, model_path, data_dir, metrics_path.parent, deadline, until_step
-                )
+                out_dir = Path(trial_dir) if trial_dir is not None else metrics_path.parent
+                metrics = _evaluate_qlora(study, hparams, seed, model_path, data_dir, out_dir, deadline, until_step)
         except Exception as error:  # a crashed trial is a result, not a crash of the study
             log.error("trial %s failed:\n%s", trial_id, traceback.format_exc())
             metrics = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
@@ -117,6 +123,12 @@ def run_trial_job(
     }
     for name in study.objectives:
         record.setdefault(name, None)
+    # The training seconds this trial consumed (a stopped or resumed one included), for the cost axis.
+    curve = record.get("curve") or []
+    record.setdefault(
+        "train_seconds",
+        record.get("total_train_time") or (curve[-1].get("train_time") if curve else record.get("train_time")),
+    )
     files.atomic_write_json(metrics_path, record)
     if record["status"] != "ok":
         log.warning("trial %s recorded as failed: %s", trial_id, record.get("error"))

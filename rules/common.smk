@@ -4,7 +4,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir)))
 
 from loratune.config import ARM_NAME_PATTERN, ConfigError, validate_config
-from loratune.ledger import PILOT, proposed_trial_ids
+from loratune.ledger import PILOT, proposed_trial_ids, read_table
+from loratune.loop import rung_candidates
 
 try:
     STUDY = validate_config(config)
@@ -34,6 +35,8 @@ def get_previous_history(wildcards):
 
 def get_round_metrics(wildcards):
     """metrics.json of every trial the round proposed (known once its checkpoint has run)."""
+    if uses_early_stopping(wildcards.arm):  # rules/early_stopping.smk
+        return get_rung_round_metrics(wildcards)
     step = checkpoints.sample_pilot if wildcards.arm == PILOT else checkpoints.propose
     proposals = step.get(**wildcards).output.proposals
     return [
@@ -85,3 +88,63 @@ def get_final_outputs():
         f"{OUT}/report.html",
         *get_gptune_databases(),
     ]
+
+
+# ---- early stopping: input functions of rules/early_stopping.smk -----------------------
+
+
+def uses_early_stopping(arm):
+    """Whether an arm stops trials at rungs (a single rung [1.0] is an ordinary arm)."""
+    if arm == "pilot":
+        return False
+    schedule = STUDY.arm(arm).early_stopping
+    return schedule is not None and len(schedule.rungs) > 1
+
+
+def get_rung_inputs(wildcards):
+    """The proposals, the previous rung's promoted.tsv and the metrics at this rung's step."""
+    proposals = checkpoints.propose.get(
+        seed=wildcards.seed, arm=wildcards.arm, round=wildcards.round
+    ).output.proposals
+    rung = int(wildcards.rung)
+    previous = []
+    if rung > 0:
+        previous = checkpoints.promote.get(
+            **{**wildcards, "rung": str(rung - 1)}
+        ).output.promoted
+    step = STUDY.rung_steps(wildcards.arm)[rung]
+    return {
+        "proposals": proposals,
+        "previous": previous,
+        "metrics": [
+            f"{OUT}/seed{wildcards.seed}/trials/{t}/step{step}/metrics.json"
+            for t in rung_candidates(proposals, previous or None)
+        ],
+    }
+
+
+def get_last_promotion(wildcards):
+    """The round's last promoted.tsv: every trial at the highest rung it reached."""
+    last = len(STUDY.arm(wildcards.arm).early_stopping.rungs) - 2
+    return checkpoints.promote.get(**{**wildcards, "rung": str(last)}).output.promoted
+
+
+def get_round_outcomes(wildcards):
+    return get_last_promotion(wildcards) if uses_early_stopping(wildcards.arm) else []
+
+
+def get_rung_round_metrics(wildcards):
+    """metrics.json of each trial of the round at its highest rung: the full-budget one for
+    trials promoted past the last rung, the rung's for stopped ones."""
+    outcomes = read_table(get_last_promotion(wildcards))
+    steps = STUDY.rung_steps(wildcards.arm)
+    paths = []
+    for row in outcomes.itertuples(index=False):
+        trial = f"{OUT}/seed{wildcards.seed}/trials/{row.trial_id}"
+        reached_last = row.promoted and row.rung == len(steps) - 2
+        paths.append(
+            f"{trial}/metrics.json"
+            if reached_last
+            else f"{trial}/step{row.step}/metrics.json"
+        )
+    return paths

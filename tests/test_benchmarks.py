@@ -90,12 +90,8 @@ def test_dtlz2_points_lie_on_or_outside_the_unit_sphere(space, sample):
 
 
 def test_known_front_hypervolumes():
-    assert hypervolume(true_front("zdt1", 2, 4001), reference_point("zdt1", 2)) == pytest.approx(
-        121 - 1 / 3, abs=1e-3
-    )
-    assert hypervolume(true_front("zdt2", 2, 4001), reference_point("zdt2", 2)) == pytest.approx(
-        121 - 2 / 3, abs=1e-3
-    )
+    assert hypervolume(true_front("zdt1", 2, 4001), reference_point("zdt1", 2)) == pytest.approx(121 - 1 / 3, abs=1e-3)
+    assert hypervolume(true_front("zdt2", 2, 4001), reference_point("zdt2", 2)) == pytest.approx(121 - 2 / 3, abs=1e-3)
     assert hypervolume(true_front("dtlz2", 2, 4001), reference_point("dtlz2", 2)) == pytest.approx(
         1.21 - math.pi / 4, abs=1e-3
     )
@@ -223,3 +219,163 @@ def test_surrogate_memory_limit_fails_large_ranks(space):
         evaluate("lora_surrogate", space, point(256, 32, 2e-4), TWO, memory_limit_gib=30)
     with pytest.raises(ValueError, match="benchmark.memory_limit_gib: .* lora_surrogate only"):
         evaluate("zdt1", space, point(256, 32, 2e-4), TWO, memory_limit_gib=30)
+
+
+# ---- learning curves: the table problem and the synthetic curves ---------------------------
+import json  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from loratune.benchmarks import CurveTable, problem_from_config, synthetic_curve  # noqa: E402
+from loratune.config import ConfigError, validate_config  # noqa: E402
+
+CURVE_SPACE = {
+    "lora_rank": {"type": "int", "low": 4, "high": 16, "step": 4},
+    "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+}
+# Four measured runs of 30 steps, evaluated at 10, 20, 30: A improves to the end, B overfits
+# (best at 20), C diverges at step 20, D was measured twice (seeds 0 and 1).
+CURVES = {
+    ("A", 4, 1e-4, 0): [(2.0, 2.5), (1.5, 2.0), (1.2, 1.8)],
+    ("B", 16, 1e-2, 0): [(1.4, 1.9), (1.1, 1.5), (1.3, 1.2)],
+    ("C", 16, 1e-4, 0): [(1.8, 2.2), (float("nan"), float("nan"))],
+    ("D", 4, 1e-2, 0): [(1.5, 2.0), (1.4, 1.8), (1.35, 1.7)],
+    ("D", 4, 1e-2, 1): [(1.6, 2.1), (1.5, 1.9), (1.45, 1.8)],
+}
+
+
+def curve_rows():
+    rows = []
+    for (_, rank, lr, seed), evaluations in CURVES.items():
+        for k, (eval_loss, train_loss) in enumerate(evaluations, start=1):
+            rows.append(
+                {
+                    "lora_rank": rank,
+                    "learning_rate": lr,
+                    "seed": seed,
+                    "step": 10 * k,
+                    "max_steps": 30,
+                    "eval_loss": eval_loss,
+                    "train_loss": train_loss,
+                    "train_time": 5.0 * k + rank / 4,
+                    "trainable_params": 1000 * rank,
+                    "peak_memory_gib": 1.0 + rank / 16,
+                    "status": "ok" if math.isfinite(eval_loss) else "diverged",
+                }
+            )
+    return rows
+
+
+@pytest.fixture(params=["jsonl", "tsv"])
+def curve_table(tmp_path, request) -> CurveTable:
+    path = tmp_path / f"curves.{request.param}"
+    if request.param == "jsonl":
+        path.write_text("".join(json.dumps(row).replace("NaN", "null") + "\n" for row in curve_rows()))
+    else:
+        pd.DataFrame(curve_rows()).to_csv(path, sep="\t", index=False, na_rep="")
+    return CurveTable(str(path))
+
+
+@pytest.fixture
+def curve_space() -> SearchSpace:
+    return SearchSpace.from_config(CURVE_SPACE)
+
+
+def ask(table, space, rank, lr, step=None, select="best", seed=0):
+    return evaluate(
+        table,
+        space,
+        {"lora_rank": rank, "learning_rate": lr},
+        {"eval_loss": "min"},
+        seed=seed,
+        step=step,
+        select=select,
+    )
+
+
+def test_a_point_not_in_the_table_gets_its_nearest_measured_point(curve_table, curve_space):
+    # Rank 8 is a third of the way from 4 to 16 in unit coordinates, lr 1.5e-4 near 1e-4: run A.
+    near = ask(curve_table, curve_space, 8, 1.5e-4)
+    assert near["eval_loss"] == 1.2 and near["trainable_params"] == 4000
+    # Rank 12 with lr 8e-3: nearest is B (rank 16, lr 1e-2).
+    assert ask(curve_table, curve_space, 12, 8e-3)["trainable_params"] == 16000
+
+
+def test_a_rung_is_answered_by_the_largest_measured_step_at_or_below_it(curve_table, curve_space):
+    at25 = ask(curve_table, curve_space, 4, 1e-4, step=25)
+    assert (at25["eval_loss"], at25["steps"], at25["train_seconds"]) == (1.5, 20, 11.0)
+    assert [point["step"] for point in at25["curve"]] == [10, 20]
+    with pytest.raises(ValueError, match=r"^benchmark.path: .* no evaluation at or before step 9"):
+        ask(curve_table, curve_space, 4, 1e-4, step=9)
+
+
+def test_select_best_takes_the_best_rows_values_and_last_the_rung_row(curve_table, curve_space):
+    best = ask(curve_table, curve_space, 16, 1e-2, step=30, select="best")
+    # The best evaluation (step 20) with that row's other columns; the cost is what was spent.
+    assert (best["eval_loss"], best["train_loss"], best["train_time"], best["best_step"]) == (1.1, 1.5, 14.0, 20)
+    assert (best["steps"], best["train_seconds"]) == (30, 19.0)
+    last = ask(curve_table, curve_space, 16, 1e-2, step=30, select="last")
+    assert (last["eval_loss"], last["train_loss"], last["best_step"]) == (1.3, 1.2, 30)
+    assert ask(curve_table, curve_space, 16, 1e-2) == best  # no step: the full budget
+
+
+def test_a_diverged_row_fails_the_trial_from_that_step_on(curve_table, curve_space):
+    early = ask(curve_table, curve_space, 16, 1e-4, step=10)
+    assert early["eval_loss"] == 1.8 and "status" not in early
+    late = ask(curve_table, curve_space, 16, 1e-4, step=30)
+    assert late["status"] == "failed" and "diverged at step 20" in late["error"]
+    assert (late["steps"], late["train_seconds"]) == (20, 14.0) and "eval_loss" not in late
+
+
+def test_repeats_of_a_point_are_picked_by_the_seed(curve_table, curve_space):
+    assert ask(curve_table, curve_space, 4, 1e-2, seed=0)["eval_loss"] == 1.35
+    assert ask(curve_table, curve_space, 4, 1e-2, seed=1)["eval_loss"] == 1.45
+    assert ask(curve_table, curve_space, 4, 1e-2, seed=2)["eval_loss"] == 1.35
+
+
+def table_config(path, objectives):
+    return {
+        "backend": "benchmark",
+        "benchmark": {"problem": "table", "path": str(path)},
+        "objectives": objectives,
+        "search_space": dict(CURVE_SPACE),
+        "arms": {"es": {"proposer": "random", "early_stopping": {"rungs": [0.34, 0.67, 1.0], "keep": 0.5}}},
+    }
+
+
+def test_table_configs_are_checked_naming_benchmark_path(tmp_path, curve_table):
+    study = validate_config(table_config(curve_table.path, {"eval_loss": "min", "peak_memory_gib": "min"}))
+    assert study.rung_steps("es") == [10, 20, 30]
+    with pytest.raises(ConfigError, match=r"^benchmark.path: .*nowhere.jsonl: no such learning-curve table$"):
+        validate_config(table_config(tmp_path / "nowhere.jsonl", {"eval_loss": "min"}))
+    with pytest.raises(ConfigError, match=r"^benchmark.path: .* objective\(s\) \['tokens'\] are not metric columns"):
+        validate_config(table_config(curve_table.path, {"tokens": "min"}))
+    lacking = tmp_path / "lacking.tsv"
+    pd.DataFrame(curve_rows()).drop(columns=["train_time"]).to_csv(lacking, sep="\t", index=False)
+    with pytest.raises(ConfigError, match=r"^benchmark.path: .*lacking.tsv: lacks column\(s\) \['train_time'\]$"):
+        validate_config(table_config(lacking, {"eval_loss": "min"}))
+    with pytest.raises(ConfigError, match=r"^benchmark.path: the table problem needs"):
+        validate_config(table_config("", {"eval_loss": "min"}))
+    assert isinstance(problem_from_config({"problem": "table", "path": curve_table.path}), CurveTable)
+
+
+def test_synthetic_curves_fall_then_rise_for_high_learning_rates(space):
+    low, high = 0.0, 1.0
+    fractions = np.linspace(0.05, 1.0, 20)
+    low_curve = [synthetic_curve(t, low) for t in fractions]
+    high_curve = [synthetic_curve(t, high) for t in fractions]
+    assert np.all(np.diff(low_curve) < 0) and low_curve[-1] == 0.0  # improves to the end
+    turn = int(np.argmin(high_curve))
+    assert 0 < turn < len(fractions) - 1 and high_curve[-1] > 0.2  # falls, then overfits
+    # At the full budget with select best, an analytic problem answers its own (known-front) values.
+    for rank, alpha, lr in [(4, 16, 1e-5), (128, 64, 1e-2), (64, 8, 3e-4)]:
+        plain = evaluate("zdt1", space, point(rank, alpha, lr), TWO)
+        full = evaluate("zdt1", space, point(rank, alpha, lr), TWO, step=50, max_steps=50)
+        assert {k: full[k] for k in TWO} == pytest.approx(plain)
+        assert full["train_seconds"] == 50.0 and full["steps"] == 50
+    last = evaluate("zdt1", space, point(128, 64, 1e-2), TWO, step=50, max_steps=50, select="last")
+    assert last["train_loss"] > evaluate("zdt1", space, point(128, 64, 1e-2), TWO)["train_loss"]
+    # Early on, a low learning rate looks worse than a high one of the same values.
+    early_low = evaluate("lora_surrogate", space, point(16, 16, 1e-5), {"eval_loss": "min"}, step=5, max_steps=50)
+    final_low = evaluate("lora_surrogate", space, point(16, 16, 1e-5), {"eval_loss": "min"})
+    assert early_low["eval_loss"] > final_low["eval_loss"] and early_low["train_time"] < final_low["train_time"]

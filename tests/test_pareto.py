@@ -147,7 +147,7 @@ def _trials() -> pd.DataFrame:
 def test_hypervolume_curves_start_with_the_pilot_and_never_decrease():
     trials = _trials()
     curves = hypervolume_curves(trials, OBJECTIVES)
-    assert list(curves.columns) == ["arm", "seed", "n_trials", "hypervolume"]
+    assert list(curves.columns) == ["arm", "seed", "n_trials", "hypervolume", "train_seconds", "train_steps"]
     assert set(map(tuple, curves[["seed", "arm"]].drop_duplicates().to_numpy())) == {
         (s, a) for s in (0, 1) for a in ("pilot", "random", "gptune")
     }

@@ -35,6 +35,9 @@ __all__ = [
     "random_new_points",
     "space_filling_new_points",
     "split_history",
+    "fitting_history",
+    "STOPPED_FITS",
+    "STOPPED_FIT",
     "validate_objectives",
 ]
 
@@ -57,6 +60,14 @@ AVAILABLE_PROPOSERS: tuple[str, ...] = tuple(_REGISTRY)
 # grows with the front, gives way to a cheaper one (botorch: qLogNParEGO; optuna's GP sampler:
 # fewer QMC samples). Measured with 200 trials and 76 non-dominated: 31.6 s and 16.5 s otherwise.
 LARGE_FRONT = 16
+# How a proposer uses the trials early stopping stopped at a rung (status "stopped", objectives
+# as measured at the highest rung reached): "full_budget" fits only trials that trained their
+# whole budget (as BOHB's model does) and keeps the stopped ones as taken points; "highest_rung"
+# fits every trial at its highest rung as if it were final. A stopped point is never proposed
+# again either way. The default is the one bench/early_stopping.py measured to be better
+# (bench/results/early_stopping_*.md).
+STOPPED_FITS = ("full_budget", "highest_rung")
+STOPPED_FIT = "full_budget"
 # Random top-up draws this many candidates per missing point before it lists a finite space.
 _DRAWS_PER_POINT = 50
 
@@ -85,13 +96,25 @@ class History:
     evaluated: list[Point]  # every row, failed ones included: never to be proposed again
 
 
+def fitting_history(history: pd.DataFrame | None, stopped: str = STOPPED_FIT) -> pd.DataFrame | None:
+    """The history a proposer is given: with ``stopped="highest_rung"`` the stopped rows count
+    as results (status ok); with ``"full_budget"`` they stay ``stopped``, which ``split_history``
+    keeps out of the fit and in the taken points, like a failure."""
+    if stopped not in STOPPED_FITS:
+        raise ValueError(f"stopped: must be one of {list(STOPPED_FITS)}, got {stopped!r}")
+    if history is None or stopped == "full_budget" or "status" not in history.columns:
+        return history
+    return history.assign(status=history["status"].replace("stopped", "ok"))
+
+
 def split_history(
     space: SearchSpace, objectives: Mapping[str, str], history: pd.DataFrame | None
 ) -> History:
     """Snap every row of ``history``; keep the ok rows for fitting and all rows as taken.
 
     A row is failed when its ``status`` (if there is that column) is not "ok" or when an
-    objective is missing or not finite. A column that a non-empty history lacks is an error:
+    objective is missing or not finite; a trial early stopping stopped at a rung (``stopped``)
+    is kept out of the fit the same way unless ``fitting_history`` made it a result. A column that a non-empty history lacks is an error:
     a misspelt objective would otherwise turn every trial into a silent failure.
     """
     names = list(objectives)

@@ -8,6 +8,7 @@ from pathlib import Path
 from loratune.config import validate_config
 from loratune.trial import run_trial_job
 
+rung = "step" in snakemake.wildcards.keys()
 model_path = None
 if "model" in snakemake.input.keys():
     with open(snakemake.input.model) as handle:
@@ -21,4 +22,7 @@ run_trial_job(
     model_path=model_path,
     data_dir=str(Path(snakemake.input.data).parent) if "data" in snakemake.input.keys() else None,
     runtime_minutes=snakemake.resources.get("runtime"),
+    # train_rung (rules/early_stopping.smk): train to the rung's step, state in the trial's folder.
+    until_step=int(snakemake.wildcards.step) if rung else None,
+    trial_dir=Path(snakemake.output.metrics).parent.parent if rung else None,
 )

@@ -9,4 +9,5 @@ update_history(
     proposals_path=snakemake.input.proposals,
     metrics_paths=snakemake.input.metrics,
     output=snakemake.output.history,
+    outcomes_path=snakemake.input.outcomes or None,
 )

@@ -1,0 +1,441 @@
+"""Early stopping: how many training seconds successive halving saves, per proposer.
+
+Each proposer runs twice per seed after the same Latin-hypercube pilot (trained to the full
+budget, its cost shared and left out): without early stopping (rounds of ``--batch`` trials
+trained to the full budget, ``--trials`` in all) and with it (rounds of ``--es-batch`` trials
+through the rungs ``--rungs``, keeping ``--keep``, until it has spent as many training seconds
+as the arm without). Every trial is answered by ``loratune.benchmarks.evaluate(..., step=...)``
+(the ``table`` problem for measured learning-curve tables, the synthetic curves for the analytic
+problems), proposals come from ``loratune.loop.next_proposals`` and the rungs from
+``loratune.early_stopping.successive_halving`` -- the pipeline's own code.
+
+Hypervolume counts trials that trained their full budget (as ``pareto.hypervolume_curves``),
+normalized by the problem's true front (a table's: its measured runs at the full budget), and is
+read against the arm's own cumulative training seconds. The goal check (issue 13): the seconds
+the early-stopping arm needs to reach the hypervolume the arm without reaches at its full
+budget, as a fraction of that arm's seconds (median over seeds; <= 1/3 meets the goal), and
+whether at equal seconds its median curve is ever below.
+
+Run from the repository root (synthetic problems, about 10 minutes on 2 cores):
+
+    .venv/bin/python bench/early_stopping.py --tables bench/data/surrogate_curves.jsonl
+
+``--make-table PATH`` writes a synthetic learning-curve table from lora_surrogate (for
+development, until measured tables exist) and exits.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Mapping  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.efficiency.problems import SPACE  # noqa: E402
+from bench.efficiency.runner import Scale, _quiet_worker  # noqa: E402
+from loratune.benchmarks import CurveTable, evaluate, get_problem, true_front  # noqa: E402
+from loratune.config import Arm  # noqa: E402
+from loratune.designs import pilot_design  # noqa: E402
+from loratune.early_stopping import STOPPED, EarlyStopping, successive_halving  # noqa: E402
+from loratune.loop import next_proposals  # noqa: E402
+from loratune.pareto import pareto_front, to_minimization  # noqa: E402
+from loratune.space import SearchSpace  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+DEFAULT_PROPOSER = "optuna-gp"
+PROPOSERS = {
+    "random": ("random", {}),
+    "optuna-gp": ("optuna", {"sampler": "gp"}),
+    "optuna-tpe": ("optuna", {"sampler": "tpe"}),
+    "botorch": ("botorch", {}),
+    "gptune": ("gptune", {}),
+}
+# The objectives of the tables (a loss and a cost the hyperparameters move) and of the surrogate.
+TABLE_OBJECTIVES = {"eval_loss": "min", "trainable_params": "min"}
+TWO = {"f1": "min", "f2": "min"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    problem: str  # a name of loratune.benchmarks, or a table path
+    objectives: Mapping[str, str]
+    max_steps: int  # the synthetic problems' budget (a table has its own)
+
+    def spec(self):
+        return CurveTable(self.problem) if self.problem.endswith((".jsonl", ".json", ".tsv")) else self.problem
+
+    def budget(self) -> int:
+        spec = self.spec()
+        return spec.max_steps if isinstance(spec, CurveTable) else self.max_steps
+
+    def answer(self, space: SearchSpace, point: dict, step: int, seed: int) -> dict:
+        return evaluate(self.spec(), space, point, self.objectives, seed=seed, step=step, max_steps=self.budget())
+
+    def front(self, space: SearchSpace) -> np.ndarray:
+        """The true front in minimization space: analytic, a table's measured runs, or (the
+        surrogate) the front of 4000 random points, all at the full budget."""
+        spec = get_problem(self.spec())
+        if isinstance(spec, CurveTable):
+            points, _ = spec.points(space)
+            candidates = [space.snap(p) for p in points.to_dict("records")]
+        elif self.problem == "lora_surrogate":
+            candidates = pilot_design(space, 4000, "random", 0)
+        else:
+            return true_front(self.problem, len(self.objectives), 2001)
+        rows = pd.DataFrame([{"status": "ok", **self.answer(space, p, self.budget(), 0)} for p in candidates])
+        front = pareto_front(rows, self.objectives)
+        return to_minimization(front[list(self.objectives)].to_numpy(dtype=float), list(self.objectives.values()))
+
+
+@dataclass(frozen=True)
+class Task:
+    problem: Problem
+    proposer: str
+    variant: str  # "full" (no early stopping), "es" (default fit of stopped trials) or "es-<fit>"
+    seed: int
+    args: dict  # the plan (pickles into the workers)
+
+
+def run_task(task: Task) -> list[dict]:
+    """Every training segment of one run: the arm's own cumulative seconds and steps after it,
+    and the full-budget values of a trial it completed (NaN otherwise)."""
+    plan = task.args
+    space = SearchSpace.from_config(SPACE)
+    problem = task.problem
+    budget = problem.budget()
+    names = list(problem.objectives)
+    proposer, options = PROPOSERS[task.proposer]
+    history: list[dict] = []
+    events: list[dict] = []
+    spent = {"seconds": 0.0, "steps": 0}
+
+    def record(point: dict, metrics: Mapping[str, Any], round_: int) -> None:
+        history.append({**point, **{n: metrics.get(n) for n in names}, "status": metrics.get("status") or "ok"})
+
+    for point in pilot_design(space, plan["pilot"], "lhs", task.seed):
+        metrics = problem.answer(space, point, budget, task.seed)
+        record(point, metrics, 0)
+        events.append(_event(task, 0, metrics, names, spent, own=False))
+
+    if task.variant == "full":
+        arm = Arm(task.proposer, proposer, 0, plan["batch"], options)
+        for round_ in range(1, plan["trials"] // plan["batch"] + 1):
+            for point in next_proposals(space, problem.objectives, arm, pd.DataFrame(history), task.seed, round_):
+                metrics = problem.answer(space, point, budget, task.seed)
+                record(point, metrics, round_)
+                events.append(_event(task, round_, metrics, names, spent))
+        return events
+
+    schedule = EarlyStopping.from_config({"rungs": plan["rungs"], "keep": plan["keep"]})
+    fit = task.variant.removeprefix("es-") if task.variant != "es" else None
+    arm = Arm(f"{task.proposer}-es", proposer, 0, plan["es_batch"], options, schedule)
+    round_ = 0
+    while spent["seconds"] < plan["seconds_cap"][task.seed] and round_ < plan["max_rounds"]:
+        round_ += 1
+        points = next_proposals(space, problem.objectives, arm, pd.DataFrame(history), task.seed, round_, stopped=fit)
+        by_id = {space.trial_id(p): p for p in points}
+        trained: dict[str, float] = {}
+
+        def train(trial_id: str, step: int) -> dict:
+            metrics = problem.answer(space, by_id[trial_id], step, task.seed)
+            events.append(_event(task, round_, metrics, names, spent, before=trained.get(trial_id, 0.0)))
+            trained[trial_id] = metrics["train_seconds"]
+            return metrics
+
+        outcome = successive_halving(list(by_id), schedule, budget, problem.objectives, train)
+        for trial_id, metrics in outcome.items():
+            record(by_id[trial_id], metrics, round_)
+    return events
+
+
+def _event(task, round_, metrics, names, spent, before: float = 0.0, own: bool = True) -> dict:
+    """One training segment; a resumed trial adds only the seconds past its last rung."""
+    if own:
+        spent["seconds"] += float(metrics["train_seconds"]) - before
+        spent["steps"] = spent["steps"] + int(metrics["steps"])
+    complete = (metrics.get("status") or "ok") == "ok" and metrics["steps"] == metrics["max_steps"]
+    return {
+        "problem": task.problem.name,
+        "proposer": task.proposer,
+        "variant": task.variant,
+        "seed": task.seed,
+        "round": round_,
+        "seconds": spent["seconds"],
+        **{f"value_{n}": (metrics[n] if complete else np.nan) for n in names},
+    }
+
+
+def add_hypervolume(events: pd.DataFrame, problems: dict[str, Problem], space: SearchSpace) -> pd.DataFrame:
+    parts = []
+    for name, per_problem in events.groupby("problem", sort=False):
+        problem = problems[name]
+        scale = Scale.of(problem.front(space))
+        names = list(problem.objectives)
+        for _, run in per_problem.groupby(["proposer", "variant", "seed"], sort=False):
+            run = run.copy()
+            Y = to_minimization(
+                run[[f"value_{n}" for n in names]].to_numpy(dtype=float), list(problem.objectives.values())
+            )
+            run["hv"] = scale.ratios(Y)
+            parts.append(run)
+    return pd.concat(parts, ignore_index=True)
+
+
+def hv_at(run: pd.DataFrame, seconds: np.ndarray) -> np.ndarray:
+    """The run's hypervolume once it has spent each of ``seconds`` (a step function)."""
+    own = run[run["round"] > 0]
+    base = run.loc[run["round"] == 0, "hv"].max()
+    index = np.searchsorted(own["seconds"].to_numpy(), seconds, side="right") - 1
+    values = own["hv"].to_numpy()
+    return np.where(index >= 0, values[np.clip(index, 0, None)], base)
+
+
+def goal(curves: pd.DataFrame, variant: str = "es", grid_points: int = 200) -> pd.DataFrame:
+    """Per problem and proposer: the median fraction of the no-early-stopping arm's seconds the
+    ``variant`` arm needs to reach that arm's final hypervolume, and the worst gap of its
+    median curve at equal seconds."""
+    rows = []
+    for (problem, proposer), per in curves.groupby(["problem", "proposer"], sort=False):
+        full, es = per[per["variant"] == "full"], per[per["variant"] == variant]
+        if es.empty:
+            continue
+        fractions, grids = [], []
+        total = float(np.median(full.groupby("seed")["seconds"].max()))
+        grid = np.linspace(0, total, grid_points + 1)[1:]
+        trivial = 0
+        for seed, run in full.groupby("seed"):
+            target, seconds = run["hv"].iloc[-1], run["seconds"].iloc[-1]
+            mine = es[es["seed"] == seed]
+            grids.append((hv_at(mine, grid), hv_at(run, grid)))
+            if run.loc[run["round"] == 0, "hv"].max() >= target - 1e-12:
+                trivial += 1  # the arm without added nothing to its pilot: any arm "reaches" it at 0 s
+                continue
+            own = mine[(mine["round"] > 0) & (mine["hv"] >= target - 1e-12)]
+            fractions.append((own["seconds"].min() if len(own) else np.inf) / seconds)
+        fractions = fractions or [np.nan]
+        es_median = np.median([g[0] for g in grids], axis=0)
+        full_median = np.median([g[1] for g in grids], axis=0)
+        gap = es_median - full_median
+        below = grid[gap < -1e-12]
+        rows.append(
+            {
+                "problem": problem,
+                "proposer": proposer,
+                "variant": variant,
+                "seeds": len(grids),
+                "trivial": trivial,
+                "fraction_median": float(np.median(fractions)),
+                # "nearest": a seed that never reaches the target counts as infinity, not NaN.
+                "fraction_q1": float(np.percentile(fractions, 25, method="nearest")),
+                "fraction_q3": float(np.percentile(fractions, 75, method="nearest")),
+                "reached": int(np.isfinite(fractions).sum()),
+                "counted": len(grids) - trivial,
+                "final_hv_full": float(np.median(full.groupby("seed")["hv"].last())),
+                "final_hv_es": float(np.median(es.groupby("seed")["hv"].last())),
+                "worst_gap": float(gap.min()),
+                "below_share": float(len(below) / len(grid)),
+                "below_until": float(below.max() / total) if len(below) else 0.0,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapsed: float, commit: str) -> str:
+    out = [
+        "# Early stopping: training seconds to the same hypervolume",
+        "",
+        f"Command: `{command}` at commit {commit} ({elapsed / 60:.1f} min wall clock, {os.cpu_count()} cores).",
+        "",
+        f"Protocol: {args.seeds} seeds; per seed a Latin-hypercube pilot of {args.pilot} trials (full budget, "
+        f"shared, its cost left out). Without early stopping ('full'): {args.trials} trials in rounds of "
+        f"{args.batch}, each trained to the full budget. With it ('es'): rounds of {args.es_batch} trials through "
+        f"rungs {args.rungs} keeping {args.keep}, until it has spent as many training seconds as 'full' "
+        "(the round that crosses it completes). HV: hypervolume of the trials that trained their full budget, over "
+        "the true front's. 'fraction': seconds 'es' needs to reach 'full''s final HV / seconds 'full' spent, median "
+        "[quartiles] over the seeds where 'full' improved on its pilot ('counted'; in the others the target is the "
+        "pilot's own HV, reached at 0 s) (goal: <= 0.333; 'inf': not reached within the budget). 'below': share of the "
+        "cost axis (0..full's median seconds, 200 points) where the median 'es' curve is below the median 'full' "
+        "curve, and up to which fraction of the axis; 'worst gap' the largest deficit in HV.",
+        "",
+        "| problem | proposer | variant | fraction | reached / counted | HV full | HV es | below (until) | worst gap |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _, row in table.iterrows():
+        out.append(
+            f"| {row['problem']} | {row['proposer']}{' (default)' if row['proposer'] == DEFAULT_PROPOSER else ''} | "
+            f"{row['variant']} | {row['fraction_median']:.3f} [{row['fraction_q1']:.3f}-{row['fraction_q3']:.3f}] | "
+            f"{row['reached']}/{row['counted']} | {row['final_hv_full']:.3f} | {row['final_hv_es']:.3f} | "
+            f"{row['below_share']:.0%} ({row['below_until']:.2f}) | {row['worst_gap']:+.3f} |"
+        )
+    out += ["", "## The goal, for the default proposer", ""]
+    for _, row in table[(table["proposer"] == DEFAULT_PROPOSER) & (table["variant"] == "es")].iterrows():
+        meets = row["fraction_median"] <= 1 / 3 + 1e-9
+        never = row["below_share"] == 0
+        out.append(
+            f"- {row['problem']}: {row['fraction_median']:.3f} of the seconds "
+            f"({'meets' if meets else 'misses'} <= 1/3); at equal seconds "
+            + (
+                "never below"
+                if never
+                else f"BELOW on {row['below_share']:.0%} of the axis, up to {row['below_until']:.2f}"
+            )
+        )
+    return "\n".join(out)
+
+
+def make_table(path: Path, max_steps: int, evaluations: int) -> None:
+    """A learning-curve table from lora_surrogate's synthetic curves (select last: the raw curve),
+    on a rank x alpha x lr grid; runs whose effective step lr * alpha / rank exceeds 0.016 diverge
+    at a third of the budget (the row where the loss went non-finite)."""
+    space = SearchSpace.from_config(SPACE)
+    every = max_steps // evaluations
+    rows = []
+    for rank in (4, 8, 16, 32, 64, 128, 256):
+        for alpha in (4, 16, 64, 256):
+            for lr in np.geomspace(1e-5, 1e-2, 7):
+                point = space.snap({"lora_rank": rank, "lora_alpha": alpha, "learning_rate": float(lr)})
+                diverges = point["learning_rate"] * alpha / rank > 0.016
+                for step in range(every, max_steps + 1, every):
+                    metrics = evaluate(
+                        "lora_surrogate",
+                        space,
+                        point,
+                        {"eval_loss": "min"},
+                        step=step,
+                        max_steps=max_steps,
+                        select="last",
+                    )
+                    row = {**point, "step": step, "max_steps": max_steps, "status": "ok"}
+                    row.update(
+                        {k: metrics[k] for k in ("eval_loss", "train_loss", "trainable_params", "peak_memory_gib")}
+                    )
+                    row["train_time"] = metrics["train_seconds"]
+                    if diverges and step >= max_steps // 3:
+                        rows.append({**row, "eval_loss": None, "train_loss": None, "status": "diverged"})
+                        break
+                    rows.append(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(
+        f"wrote {len(rows)} rows ({len(rows) and len({(r['lora_rank'], r['lora_alpha'], r['learning_rate']) for r in rows})} runs) to {path}"
+    )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--pilot", type=int, default=6, help="pilot trials per seed (default 6, the workflow's)")
+    parser.add_argument("--trials", type=int, default=12, help="full-budget trials of the arm without (default 12)")
+    parser.add_argument("--batch", type=int, default=3, help="its trials per round (default 3)")
+    parser.add_argument("--es-batch", type=int, default=9, help="trials per round with early stopping (default 9)")
+    parser.add_argument("--rungs", type=json.loads, default=[0.111, 0.333, 1.0], help="JSON list (default the issue's)")
+    parser.add_argument("--keep", type=float, default=0.334)
+    parser.add_argument("--max-steps", type=int, default=90, help="the synthetic problems' step budget")
+    parser.add_argument("--problems", default="zdt1,dtlz2,lora_surrogate", help="synthetic-curve problems")
+    parser.add_argument("--tables", default="", help="comma-separated learning-curve tables (JSONL/TSV)")
+    parser.add_argument("--proposers", default="random,optuna-gp,optuna-tpe", help="of " + ",".join(PROPOSERS))
+    parser.add_argument(
+        "--fits", default="highest_rung", help="other fits of stopped trials to measure for model-based proposers"
+    )
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="output path without suffix (default: by commit)")
+    parser.add_argument("--make-table", type=Path, default=None, help="write a synthetic table there and exit")
+    parser.add_argument(
+        "--render-only", action="store_true", help="re-write the .md from the .tsv of an earlier run at --out (no runs)"
+    )
+    parser.add_argument(
+        "--elapsed-min", type=float, default=float("nan"), help="with --render-only: the runs' wall time"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.make_table:
+        make_table(args.make_table, args.max_steps, 9)
+        return
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    out = args.out or RESULTS / f"early_stopping_{commit}"
+    two = {"zdt1": TWO, "zdt2": TWO, "dtlz2": TWO, "lora_surrogate": TABLE_OBJECTIVES}
+    problems = {name: Problem(name, name, two[name], args.max_steps) for name in filter(None, args.problems.split(","))}
+    for path in filter(None, args.tables.split(",")):
+        problems[Path(path).stem] = Problem(Path(path).stem, path, TABLE_OBJECTIVES, args.max_steps)
+    proposers = args.proposers.split(",")
+    fits = [f"es-{f}" for f in filter(None, args.fits.split(","))]
+    plan = {
+        "pilot": args.pilot,
+        "trials": args.trials,
+        "batch": args.batch,
+        "es_batch": args.es_batch,
+        "rungs": args.rungs,
+        "keep": args.keep,
+        "max_rounds": 50,
+    }
+    command = " ".join([".venv/bin/python bench/early_stopping.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.render_only:
+        command = command.replace(" --render-only", "").split(" --elapsed-min")[0]
+        ran = re.search(r"early_stopping_([0-9a-f]{7,})", out.name)
+        commit = f"{ran.group(1)} (report re-rendered at {commit})" if ran else commit
+        report(pd.read_csv(out.with_suffix(".tsv"), sep="\t"), fits, args, command, 60 * args.elapsed_min, commit, out)
+        return
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    chatter = out.with_name(out.name + "_workers.log")
+    chatter.parent.mkdir(parents=True, exist_ok=True)
+    chatter.write_text("")
+    events: list[dict] = []
+    with context.Pool(args.workers, initializer=_quiet_worker, initargs=(str(chatter),)) as pool:
+        # The arms without early stopping first: their seconds cap the early-stopping arms.
+        full = [Task(p, q, "full", s, plan) for p in problems.values() for q in proposers for s in range(args.seeds)]
+        for done, result in enumerate(pool.imap_unordered(run_task, full), start=1):
+            events += result
+        print(f"{len(full)} runs without early stopping: {time.perf_counter() - started:.0f} s", flush=True)
+        spent = pd.DataFrame(events).groupby(["problem", "proposer", "seed"])["seconds"].max()
+        staged = []
+        for p in problems.values():
+            for q in proposers:
+                cap = {s: float(spent[(p.name, q, s)]) for s in range(args.seeds)}
+                variants = ["es"] + (fits if q != "random" else [])
+                staged += [Task(p, q, v, s, {**plan, "seconds_cap": cap}) for v in variants for s in range(args.seeds)]
+        for done, result in enumerate(pool.imap_unordered(run_task, staged), start=1):
+            events += result
+            if done % 20 == 0:
+                print(f"[{done}/{len(staged)}] early-stopping runs, {time.perf_counter() - started:.0f} s", flush=True)
+    elapsed = time.perf_counter() - started
+    space = SearchSpace.from_config(SPACE)
+    curves = add_hypervolume(pd.DataFrame(events), problems, space)
+    curves.to_csv(out.with_suffix(".tsv"), sep="\t", index=False)
+    report(curves, fits, args, command, elapsed, commit, out)
+
+
+def report(curves: pd.DataFrame, fits: list[str], args, command: str, elapsed: float, commit: str, out: Path) -> None:
+    table = pd.concat([goal(curves, v) for v in ["es", *fits]], ignore_index=True)
+    table = table.sort_values(["problem", "proposer", "variant"], kind="stable")
+    text = markdown(table, args, command, elapsed, commit)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

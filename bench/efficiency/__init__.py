@@ -1,0 +1,1 @@
+"""The search-efficiency benchmark as modules: problems, one run (runner), the report."""

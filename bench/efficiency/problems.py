@@ -1,0 +1,100 @@
+"""The benchmark problems the search-efficiency benches run: a problem of
+``loratune.benchmarks`` with the objectives, noise and search space it is run with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from loratune.benchmarks import LoraTable, TabulatedTrialFailed, evaluate, get_problem, true_front
+from loratune.pareto import to_minimization
+from loratune.space import SearchSpace
+
+# The study's search space (config/experiments): rank on a step of 4, alpha from powers of
+# two, the learning rate on a log scale.
+SPACE = {
+    "lora_rank": {"type": "int", "low": 4, "high": 256, "step": 4},
+    "lora_alpha": {"type": "choice", "values": [4, 8, 16, 32, 64, 128, 256]},
+    "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+}
+
+
+@dataclass(frozen=True)
+class BenchProblem:
+    """A problem of ``loratune.benchmarks`` with the objectives and noise it is run with."""
+
+    name: str
+    problem: str
+    objectives: Mapping[str, str]
+    noise: float = 0.0
+    about: str = ""
+    # The search space, when not the study's (SPACE).
+    space_config: Mapping[str, Any] | None = None
+
+    @property
+    def space(self) -> SearchSpace:
+        return SearchSpace.from_config(self.space_config or SPACE)
+
+    def skip_reason(self) -> str | None:
+        spec = get_problem(self.problem)
+        if isinstance(spec, LoraTable) and not spec.available():
+            return f"no measured grid at {spec.path} (measure it on a GPU first)"
+        return None
+
+    def front(self, space: SearchSpace) -> np.ndarray:
+        """Points of the true Pareto front, in minimization space."""
+        spec = get_problem(self.problem)
+        if isinstance(spec, LoraTable):
+            return spec.true_front(space, self.objectives)
+        m = len(self.objectives)
+        return true_front(self.problem, m, 2001 if m == 2 else 5000)
+
+    def observe(self, space: SearchSpace, point: dict, seed: int) -> tuple[dict | None, np.ndarray | None]:
+        """(what the proposer sees, the noise-free values in minimization space); both None
+        for a failed trial."""
+        try:
+            observed = evaluate(self.problem, space, point, self.objectives, seed=seed, noise=self.noise)
+        except TabulatedTrialFailed:
+            return None, None
+        truth = observed if self.noise == 0 else evaluate(self.problem, space, point, self.objectives)
+        values = [truth[name] for name in self.objectives]
+        return {name: observed[name] for name in self.objectives}, to_minimization(
+            [values], list(self.objectives.values())
+        )[0]
+
+
+TWO = {"f1": "min", "f2": "min"}
+BENCH_PROBLEMS = {
+    p.name: p
+    for p in (
+        BenchProblem("zdt1", "zdt1", TWO, about="ZDT1, convex front; f1 = rank, distance in alpha and lr"),
+        BenchProblem("zdt2", "zdt2", TWO, about="ZDT2, concave front"),
+        BenchProblem(
+            "dtlz2", "dtlz2", TWO, about="DTLZ2, 2 objectives: a quarter-circle front in the middle of alpha and lr"
+        ),
+        BenchProblem(
+            "zdt1_noisy", "zdt1", TWO, noise=0.1, about="ZDT1 observed with N(0, 0.1^2) noise, scored noise-free"
+        ),
+        BenchProblem(
+            "lora_table",
+            "lora_table",
+            {"eval_loss": "min", "train_time": "min"},
+            about="measured SmolLM2-135M runs (bench/data/lora_grid.tsv, 4 x 4 x 4), answered by the nearest "
+            "grid point: a proposal between grid levels repeats a measured run",
+        ),
+        BenchProblem(
+            "lora_table_grid",
+            "lora_table",
+            {"eval_loss": "min", "train_time": "min"},
+            about="the same measured runs, searched over the grid's own levels only (64 points), so that no "
+            "trial repeats a measured run",
+            space_config={
+                "lora_rank": {"type": "choice", "values": [4, 16, 64, 256]},
+                "lora_alpha": {"type": "choice", "values": [4, 16, 64, 256]},
+                "learning_rate": {"type": "choice", "values": [1e-5, 1e-4, 1e-3, 1e-2]},
+            },
+        ),
+    )
+}

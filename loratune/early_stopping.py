@@ -1,0 +1,204 @@
+"""Multi-objective successive halving inside a round: rungs, and who goes on to the next one.
+
+An arm with ``early_stopping: {rungs: [f_0, ..., 1.0], keep: k}`` trains its round's trials to
+the first rung (``f_0`` of the step budget), keeps the best fraction ``k`` of them (at least
+one), trains those to the next rung, and so on; a trial that is not promoted stops where it is
+and is recorded with status ``stopped`` (its curve and its cost so far included).
+
+"Best" with several objectives is by non-dominated sorting: whole fronts are kept in order, and
+inside the front that does not fit, the trials with the largest crowding distance (NSGA-II's
+diversity measure) go on, so the promoted set spreads along the front instead of clustering.
+Values are compared as measured at the rung: a cost such as ``train_time`` is the cost so far,
+which is what the rung says about the full run when cost grows with steps. A trial that failed
+or diverged (status not ``ok``, or an objective that is not finite) is never promoted: it stops
+at once.
+
+The learning-rate schedule always spans the full step budget (``loratune.training``), so a trial
+stopped at a rung is exactly the prefix of its full run and a promoted trial continues it; it is
+*not* a short trial with a schedule compressed into the rung's steps. Early decisions therefore
+judge the run that would be finished, at the cost of a high learning rate still at its peak at
+an early rung (with a cosine schedule, the loss at rung 0 is the loss before any decay).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from loratune.pareto import non_dominated, to_minimization
+
+__all__ = [
+    "EarlyStopping",
+    "crowding_distance",
+    "non_dominated_fronts",
+    "promotion",
+    "rung_results",
+    "successive_halving",
+    "STOPPED",
+]
+
+# The status of a trial that successive halving stopped at a rung before the full budget.
+STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Rungs as fractions of the step budget (increasing, in (0, 1], the last 1.0) and the
+    fraction of a rung's trials promoted to the next one."""
+
+    rungs: tuple[float, ...]
+    keep: float
+
+    @classmethod
+    def from_config(cls, spec: Mapping[str, Any], field: str = "early_stopping") -> "EarlyStopping":
+        """Checked settings; a bad value raises a one-line ``ValueError`` naming ``field``."""
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{field}: must be a mapping {{rungs: [...], keep: ...}}, got {spec!r}")
+        unknown = sorted(set(spec) - {"rungs", "keep"})
+        if unknown:
+            raise ValueError(f"{field}: unknown setting(s) {unknown}; expected rungs and keep")
+        rungs, keep = spec.get("rungs"), spec.get("keep")
+        if not isinstance(rungs, Sequence) or isinstance(rungs, str) or not rungs:
+            raise ValueError(f"{field}.rungs: must be a non-empty list of fractions of the step budget, got {rungs!r}")
+        for value in rungs:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"{field}.rungs: every rung must be a fraction in (0, 1], got {value!r}")
+        if any(b <= a for a, b in zip(rungs, rungs[1:])):
+            raise ValueError(f"{field}.rungs: must increase, got {list(rungs)}")
+        if rungs[-1] != 1:
+            raise ValueError(f"{field}.rungs: the last rung must be 1.0 (the full budget), got {rungs[-1]!r}")
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep < 1:
+            raise ValueError(f"{field}.keep: must be a fraction in (0, 1), got {keep!r}")
+        return cls(tuple(float(r) for r in rungs), float(keep))
+
+    def rung_steps(self, max_steps: int, field: str = "early_stopping.rungs") -> list[int]:
+        """The step each rung ends at for a budget of ``max_steps``; the last is ``max_steps``.
+        Rungs that round to the same step would train nothing between them: an error."""
+        steps = [max(1, int(round(fraction * max_steps))) for fraction in self.rungs]
+        steps[-1] = int(max_steps)
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(
+                f"{field}: {list(self.rungs)} of {max_steps} steps gives rungs at steps {steps}; "
+                "two rungs end at the same step (fewer rungs or more steps)"
+            )
+        return steps
+
+    def n_keep(self, n: int) -> int:
+        """How many of ``n`` trials at a rung go on: the ``keep`` fraction rounded down, at least one."""
+        return max(1, int(math.floor(self.keep * n + 1e-9))) if n else 0
+
+
+def non_dominated_fronts(Y_min: np.ndarray) -> list[np.ndarray]:
+    """Row indices of ``Y_min`` by non-dominated front (front 0 first), each in row order.
+    Rows with a non-finite value are in no front."""
+    Y = np.array(Y_min, dtype=float, ndmin=2)
+    remaining = np.flatnonzero(np.isfinite(Y).all(axis=1))
+    fronts = []
+    while len(remaining):
+        mask = non_dominated(Y[remaining])
+        fronts.append(remaining[mask])
+        remaining = remaining[~mask]
+    return fronts
+
+
+def crowding_distance(Y_min: np.ndarray) -> np.ndarray:
+    """NSGA-II's crowding distance of each row within the set ``Y_min``: per objective, the
+    extreme rows get infinity and the others the gap between their neighbours, divided by the
+    objective's range in the set; summed over objectives. An objective that does not vary
+    adds nothing."""
+    Y = np.array(Y_min, dtype=float, ndmin=2)
+    n = len(Y)
+    distance = np.zeros(n)
+    if n <= 2:
+        return np.full(n, np.inf)
+    for column in Y.T:
+        order = np.argsort(column, kind="stable")
+        span = column[order[-1]] - column[order[0]]
+        if span <= 0:
+            continue
+        distance[order[0]] = distance[order[-1]] = np.inf
+        distance[order[1:-1]] += (column[order[2:]] - column[order[:-2]]) / span
+    return distance
+
+
+def promotion(results: pd.DataFrame, objectives: Mapping[str, str], n_keep: int) -> pd.DataFrame:
+    """Which trials of a rung go on to the next one.
+
+    ``results`` has one row per trial at the rung: ``trial_id``, ``status`` and the objective
+    columns as measured at the rung. Returns it (in the same order) with ``front`` (0 is the
+    best; missing for a trial that failed), ``crowding`` (within its front) and ``promoted``:
+    whole fronts in order while they fit into ``n_keep``, then the largest crowding distances
+    of the next front (ties: the earlier row).
+    """
+    missing = [c for c in ("trial_id", "status", *objectives) if c not in results.columns]
+    if missing:
+        raise ValueError(f"promotion: the rung's results lack column(s) {missing}")
+    table = results.reset_index(drop=True).copy()
+    values = table[list(objectives)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    Y = to_minimization(values.reshape(len(table), len(objectives)), list(objectives.values()))
+    alive = (table["status"].astype(str) == "ok").to_numpy() & np.isfinite(Y).all(axis=1)
+    Y[~alive] = np.nan  # a failed or diverged trial is in no front: it stops here
+    front = np.full(len(table), np.nan)
+    crowding = np.full(len(table), np.nan)
+    promoted = np.zeros(len(table), dtype=bool)
+    left = int(n_keep)
+    for rank, members in enumerate(non_dominated_fronts(Y)):
+        distances = crowding_distance(Y[members])
+        front[members], crowding[members] = rank, distances
+        if left <= 0:
+            continue
+        if len(members) <= left:
+            chosen = members
+        else:
+            # Largest crowding first; a stable sort keeps row order among equal distances.
+            chosen = members[np.argsort(-distances, kind="stable")[:left]]
+        promoted[chosen] = True
+        left -= len(chosen)
+    table["front"], table["crowding"], table["promoted"] = front, crowding, promoted
+    return table
+
+
+def rung_results(records: Mapping[str, Mapping[str, Any]], objectives: Mapping[str, str], rung: int, step: int):
+    """A rung's trials as ``promotion`` reads them, from their metrics records (by trial id)."""
+    rows = [
+        {
+            "trial_id": trial_id,
+            "rung": rung,
+            "step": step,
+            "status": record.get("status") or "ok",
+            **{name: record.get(name) for name in objectives},
+        }
+        for trial_id, record in records.items()
+    ]
+    return pd.DataFrame(rows, columns=["trial_id", "rung", "step", "status", *objectives])
+
+
+def successive_halving(
+    trial_ids: Sequence[str],
+    schedule: EarlyStopping,
+    max_steps: int,
+    objectives: Mapping[str, str],
+    train: Callable[[str, int], Mapping[str, Any]],
+) -> dict[str, dict]:
+    """One round's rungs in one process (what the workflow's train_rung and promote jobs do
+    through files; benchmarks use this): ``train(trial_id, step)`` gives a trial's metrics
+    after ``step`` steps. Returns each trial's metrics at the highest rung it reached, with
+    status ``stopped`` where it was not promoted past a rung (a failed one stays failed)."""
+    steps = schedule.rung_steps(max_steps)
+    alive = list(trial_ids)
+    outcome: dict[str, dict] = {}
+    for rung, step in enumerate(steps):
+        records = {trial_id: dict(train(trial_id, step)) for trial_id in alive}
+        outcome.update(records)
+        if rung == len(steps) - 1:
+            break
+        decided = promotion(rung_results(records, objectives, rung, step), objectives, schedule.n_keep(len(alive)))
+        alive = decided.loc[decided["promoted"], "trial_id"].tolist()
+        for trial_id in decided.loc[~decided["promoted"], "trial_id"]:
+            if (outcome[trial_id].get("status") or "ok") == "ok":
+                outcome[trial_id]["status"] = STOPPED
+    return {trial_id: outcome[trial_id] for trial_id in trial_ids}

@@ -1,0 +1,176 @@
+"""Successive halving's rules: rung schedules, non-dominated fronts, crowding and promotion."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from loratune.early_stopping import EarlyStopping, crowding_distance, non_dominated_fronts, promotion
+
+TWO = {"loss": "min", "cost": "min"}
+
+
+def rung_results(rows):
+    return pd.DataFrame([{"trial_id": t, "status": s, "loss": loss, "cost": cost} for t, s, loss, cost in rows])
+
+
+# A hand-made rung: A, B, C, D are front 0; E and F front 1 (B dominates E, C dominates F); G
+# front 2; H failed. In front 0 (f1 range 5, f2 range 4) the extremes A and D are infinitely
+# crowded, B = (3-1)/5 + (5-2)/4 = 1.15 and C = (6-2)/5 + (3-1)/4 = 1.3.
+KNOWN = [
+    ("A", "ok", 1.0, 5.0),
+    ("B", "ok", 2.0, 3.0),
+    ("C", "ok", 3.0, 2.0),
+    ("D", "ok", 6.0, 1.0),
+    ("E", "ok", 3.0, 4.0),
+    ("F", "ok", 4.0, 3.0),
+    ("G", "ok", 7.0, 7.0),
+    ("H", "failed", None, None),
+]
+
+
+def test_fronts_and_crowding_of_a_known_rung():
+    table = promotion(rung_results(KNOWN), TWO, n_keep=3)
+    assert table["front"].tolist()[:7] == [0, 0, 0, 0, 1, 1, 2]
+    assert math.isnan(table["front"].iloc[7])
+    front0 = table["crowding"].iloc[:4].tolist()
+    assert front0[0] == math.inf and front0[3] == math.inf
+    assert front0[1] == pytest.approx(1.15) and front0[2] == pytest.approx(1.3)
+
+
+@pytest.mark.parametrize(
+    "n_keep, expected",
+    [
+        (1, {"A"}),  # A and D tie at infinity: the earlier row
+        (2, {"A", "D"}),
+        (3, {"A", "D", "C"}),  # C is less crowded than B
+        (4, {"A", "B", "C", "D"}),
+        (5, {"A", "B", "C", "D", "E"}),  # E and F tie (both extremes of front 1): the earlier row
+        (7, {"A", "B", "C", "D", "E", "F", "G"}),
+        (8, {"A", "B", "C", "D", "E", "F", "G"}),  # the failed trial never goes on
+    ],
+)
+def test_promotion_keeps_whole_fronts_then_the_most_spread(n_keep, expected):
+    table = promotion(rung_results(KNOWN), TWO, n_keep=n_keep)
+    assert set(table.loc[table["promoted"], "trial_id"]) == expected
+
+
+def test_a_diverged_trial_stops_at_once_even_with_status_ok():
+    rows = [("A", "ok", float("nan"), 1.0), ("B", "ok", 2.0, 2.0), ("C", "diverged", 0.1, 0.1)]
+    table = promotion(rung_results(rows), TWO, n_keep=2)
+    assert table["promoted"].tolist() == [False, True, False]
+
+
+def test_one_objective_promotes_the_lowest_values_with_ties_by_row_order():
+    rows = [("A", "ok", 3.0, 0), ("B", "ok", 1.0, 0), ("C", "ok", 2.0, 0), ("D", "ok", 1.0, 0)]
+    table = promotion(rung_results(rows), {"loss": "min"}, n_keep=2)
+    assert table.loc[table["promoted"], "trial_id"].tolist() == ["B", "D"]
+    table = promotion(rung_results(rows), {"loss": "min"}, n_keep=1)
+    assert table.loc[table["promoted"], "trial_id"].tolist() == ["B"]
+    assert table["front"].tolist() == [2, 0, 1, 0]
+
+
+def test_max_objectives_are_compared_negated():
+    rows = [("A", "ok", 1.0, 10.0), ("B", "ok", 1.0, 20.0)]
+    table = promotion(rung_results(rows), {"loss": "min", "cost": "max"}, n_keep=1)
+    assert table.loc[table["promoted"], "trial_id"].tolist() == ["B"]
+
+
+def test_crowding_of_equal_points_and_small_sets():
+    assert crowding_distance(np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])).tolist() == [0.0, 0.0, 0.0]
+    assert crowding_distance(np.array([[1.0, 2.0], [2.0, 1.0]])).tolist() == [math.inf, math.inf]
+    fronts = non_dominated_fronts(np.array([[1.0, 1.0], [1.0, 1.0], [2.0, 2.0], [np.nan, 0.0]]))
+    assert [f.tolist() for f in fronts] == [[0, 1], [2]]
+
+
+def test_rung_steps_and_keep_counts():
+    schedule = EarlyStopping.from_config({"rungs": [0.111, 0.333, 1.0], "keep": 0.334})
+    assert schedule.rung_steps(90) == [10, 30, 90]
+    assert [schedule.n_keep(n) for n in (9, 3, 1, 0)] == [3, 1, 1, 0]
+    assert EarlyStopping.from_config({"rungs": [1.0], "keep": 0.5}).rung_steps(7) == [7]
+    with pytest.raises(ValueError, match=r"^early_stopping.rungs: .* same step"):
+        schedule.rung_steps(4)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"rungs": [0.5, 0.25, 1.0], "keep": 0.5}, r"^arms.a.early_stopping.rungs: must increase"),
+        ({"rungs": [0.25, 0.5], "keep": 0.5}, r"^arms.a.early_stopping.rungs: the last rung must be 1.0"),
+        ({"rungs": [0.0, 1.0], "keep": 0.5}, r"^arms.a.early_stopping.rungs: every rung must be a fraction"),
+        ({"rungs": [0.5, 1.5], "keep": 0.5}, r"^arms.a.early_stopping.rungs: every rung must be a fraction"),
+        ({"rungs": [], "keep": 0.5}, r"^arms.a.early_stopping.rungs: must be a non-empty list"),
+        ({"rungs": [0.5, 1.0], "keep": 1.0}, r"^arms.a.early_stopping.keep: must be a fraction in \(0, 1\)"),
+        ({"rungs": [0.5, 1.0], "keep": 0.5, "eta": 3}, r"^arms.a.early_stopping: unknown setting"),
+    ],
+)
+def test_bad_schedules_name_the_field(spec, message):
+    with pytest.raises(ValueError, match=message):
+        EarlyStopping.from_config(spec, field="arms.a.early_stopping")
+
+
+def test_hypervolume_curves_add_up_the_cost_of_every_trial_stopped_ones_included():
+    from loratune.pareto import hypervolume_curves
+
+    rows = [
+        (0, "pilot", 0, "p0", 0.5, 0.5, "ok", 10.0, 100),
+        (0, "pilot", 0, "p1", 0.2, 0.9, "ok", 12.0, 100),
+        (0, "es", 1, "s1", 0.9, 0.1, "stopped", 1.5, 10),  # stopped at a rung: costs, adds no volume
+        (0, "es", 1, "f1", None, None, "failed", None, None),  # failed before recording any cost
+        (0, "es", 1, "o1", 0.1, 0.1, "ok", 11.0, 100),
+    ]
+    columns = ["seed", "arm", "round", "trial_id", "loss", "cost", "status", "train_seconds", "steps"]
+    curves = hypervolume_curves(pd.DataFrame(rows, columns=columns), TWO)
+    es = curves[curves.arm == "es"]
+    assert es["train_seconds"].tolist() == [10.0, 22.0, 23.5, 23.5, 34.5]
+    assert es["train_steps"].tolist() == [100, 200, 210, 210, 310]
+    assert es["hypervolume"].iloc[2] == es["hypervolume"].iloc[1] < es["hypervolume"].iloc[4]
+    bare = hypervolume_curves(pd.DataFrame(rows, columns=columns).drop(columns=["train_seconds", "steps"]), TWO)
+    assert bare["train_seconds"].isna().all() and bare["hypervolume"].tolist() == curves["hypervolume"].tolist()
+
+
+def test_arm_schedules_are_checked_with_the_config():
+    from conftest import STUDY_SPACE
+    from loratune.config import ConfigError, validate_config
+
+    def config(early_stopping, **training):
+        return {
+            "backend": "benchmark",
+            "benchmark": {"problem": "lora_surrogate"},
+            "objectives": {"eval_loss": "min"},
+            "search_space": STUDY_SPACE,
+            "training": training,
+            "arms": {"es": {"proposer": "random", "batch_size": 9, "early_stopping": early_stopping}},
+        }
+
+    study = validate_config(config({"rungs": [0.111, 0.333, 1.0], "keep": 0.334}, max_steps=90))
+    assert study.rung_steps("es") == [10, 30, 90] and study.arm("es").early_stopping.n_keep(9) == 3
+    assert validate_config(config(None)).arm("es").early_stopping is None
+    with pytest.raises(ConfigError, match=r"^arms.es.early_stopping.rungs: the last rung must be 1.0"):
+        validate_config(config({"rungs": [0.5], "keep": 0.5}))
+    with pytest.raises(ConfigError, match=r"^arms.es.early_stopping.rungs: .* same step"):
+        validate_config(config({"rungs": [0.1, 0.2, 1.0], "keep": 0.5}, max_steps=5))
+    with pytest.raises(ConfigError, match=r"^arms.es.early_stopping: rungs are fractions of training.max_steps"):
+        validate_config(config({"rungs": [0.5, 1.0], "keep": 0.5}, max_steps=None))
+
+
+def test_successive_halving_in_one_process_trains_each_rung_once():
+    from loratune.early_stopping import successive_halving
+
+    final_loss = {"a": 1.0, "b": 0.5, "c": 2.0, "d": 0.7}
+    calls = []
+
+    def train(trial_id, step):
+        calls.append((trial_id, step))
+        if trial_id == "c":
+            return {"status": "failed", "loss": None, "cost": None}
+        return {"status": "ok", "loss": final_loss[trial_id] + 10 / step, "cost": 1.0}
+
+    schedule = EarlyStopping.from_config({"rungs": [0.25, 0.5, 1.0], "keep": 0.5})
+    outcome = successive_halving(["a", "b", "c", "d"], schedule, 40, {"loss": "min"}, train)
+    assert calls == [("a", 10), ("b", 10), ("c", 10), ("d", 10), ("b", 20), ("d", 20), ("b", 40)]
+    assert {t: r["status"] for t, r in outcome.items()} == {"a": "stopped", "b": "ok", "c": "failed", "d": "stopped"}
+    assert outcome["d"]["loss"] == 0.7 + 10 / 20  # its highest rung
