@@ -431,8 +431,12 @@ def run_trial(
         device.type == "cuda" if settings.gradient_checkpointing == "auto" else settings.gradient_checkpointing
     )
     tokenizer = load_tokenizer(model_path, revision=revision, trust_remote_code=trust_remote_code)
-    train_set = [e for e in tokenize_examples(tokenizer, data.train, settings.max_seq_length) if e.loss_tokens]
-    eval_set = [e for e in tokenize_examples(tokenizer, data.eval, settings.max_seq_length) if e.loss_tokens]
+    train_set = [
+        e for e in tokenize_examples(tokenizer, data.train, settings.max_seq_length, data.template) if e.loss_tokens
+    ]
+    eval_set = [
+        e for e in tokenize_examples(tokenizer, data.eval, settings.max_seq_length, data.template) if e.loss_tokens
+    ]
     if not train_set:
         raise ValueError(
             f"training.max_seq_length: {settings.max_seq_length} tokens leave no completion token "
