@@ -43,11 +43,14 @@ class Example:
     An instruction also has ``messages`` (user, assistant) for the model's chat template; its
     prompt/completion are the fixed ``### Instruction:`` rendering. A conversation (chat data)
     has only ``messages`` (prompt and completion empty): every assistant message is learned.
+    ``choices``: the labels of a classification task (self-instruct's is_classification), for
+    the multiple-choice evaluation; training ignores them.
     """
 
     prompt: str
     completion: str
     messages: tuple[Message, ...] = ()
+    choices: tuple[str, ...] = ()
 
     @property
     def is_conversation(self) -> bool:
@@ -280,9 +283,9 @@ def _completion(record: dict, key: str, where: str, fmt: str) -> str:
     return text
 
 
-def _instruction(instruction: str, context: str, answer: str) -> Example:
+def _instruction(instruction: str, context: str, answer: str, choices: tuple[str, ...] = ()) -> Example:
     messages = (("user", instruction_message(instruction, context)), ("assistant", answer))
-    return Example(instruction_prompt(instruction, context), answer, messages)
+    return Example(instruction_prompt(instruction, context), answer, messages, choices)
 
 
 def _self_instruct(record: dict, where: str) -> list[Example]:
@@ -290,14 +293,17 @@ def _self_instruct(record: dict, where: str) -> list[Example]:
     instances = record.get("instances")
     if not isinstance(instances, list) or not instances:
         raise ValueError(f"dataset.path: {where}: field 'instances' must be a non-empty list (format self_instruct)")
-    examples = []
+    pairs = []
     for number, instance in enumerate(instances, start=1):
         place = f"{where} instance {number}"
         if not isinstance(instance, dict):
             raise ValueError(f"dataset.path: {place}: expected an object with input and output")
         context = _text(instance, "input", place, "self_instruct", required=False)
-        examples.append(_instruction(instruction, context, _completion(instance, "output", place, "self_instruct")))
-    return examples
+        pairs.append((context, _completion(instance, "output", place, "self_instruct")))
+    # A classification task's labels are the answers its instances give (two at least to choose from).
+    labels = tuple(sorted({answer for _, answer in pairs})) if record.get("is_classification") is True else ()
+    choices = labels if len(labels) >= 2 else ()
+    return [_instruction(instruction, context, answer, choices) for context, answer in pairs]
 
 
 def _alpaca(record: dict, where: str) -> list[Example]:
@@ -396,6 +402,8 @@ def _record(example: Example) -> dict[str, Any]:
     record: dict[str, Any] = {"prompt": example.prompt, "completion": example.completion}
     if example.messages:
         record["messages"] = [{"role": role, "content": content} for role, content in example.messages]
+    if example.choices:
+        record["choices"] = list(example.choices)
     return record
 
 
@@ -454,6 +462,7 @@ def _read_examples(path: Path) -> list[Example]:
             record["prompt"],
             record["completion"],
             tuple((m["role"], m["content"]) for m in record.get("messages", ())),
+            tuple(record.get("choices", ())),
         )
         for record in _read_jsonl(path)
     ]
