@@ -6,6 +6,7 @@ rounds < r. Each step reads its inputs, computes, and writes its outputs atomica
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
@@ -79,12 +80,26 @@ def update_history(
     proposals_path: str | Path,
     metrics_paths: Iterable[str | Path],
     output: str | Path,
+    evaluation_paths: Iterable[str | Path] = (),
+    objectives: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
+    """The history through this round; a trial's lm-eval metrics (its evaluation.json beside its
+    metrics.json) join its row as ``lm_eval.<task>.<metric>`` columns, NaN where evaluation failed."""
+    from loratune.evaluation import harness
+
     proposals = ledger.read_table(proposals_path)
     metrics = {}
     for path in metrics_paths:
         record = ledger.read_metrics(path)
         metrics[Path(path).parent.name] = record
+    for path in evaluation_paths:
+        evaluation = json.loads(Path(path).read_text(encoding="utf-8"))
+        trial = Path(path).parent.name
+        metrics[trial] = {
+            **metrics[trial],
+            **harness.flatten(evaluation, objectives or {}),
+            "evaluation_status": evaluation.get("status"),
+        }
     previous = ledger.read_table(previous_path) if previous_path else None
     history = ledger.build_history(previous, proposals, metrics)
     ledger.write_table(history, output)

@@ -3,6 +3,7 @@ rule update_history:
         proposals=f"{OUT}/seed{{seed}}/{{arm}}/round{{round}}/proposals.tsv",
         previous=get_previous_history,
         metrics=get_round_metrics,
+        evaluations=get_round_evaluations,
     output:
         history=f"{OUT}/seed{{seed}}/{{arm}}/round{{round}}/history.tsv",
     log:

@@ -101,7 +101,9 @@ def _run(model_path: Path, adapter_dir: Path, data_dir: Path, evaluation: Mappin
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="loratune-tasks-") as scratch:
         builtin = write_builtin_tasks(evaluation["tasks"], data.eval, scratch, chat=chat)
-        include = [scratch] + ([str(Path(evaluation["include_path"]).expanduser())] if evaluation["include_path"] else [])
+        include = [scratch] + (
+            [str(Path(evaluation["include_path"]).expanduser())] if evaluation["include_path"] else []
+        )
         output = lm_eval.simple_evaluate(
             model="hf",
             model_args={
@@ -147,4 +149,26 @@ def flatten(record: Mapping[str, Any], objectives: Mapping[str, str]) -> dict[st
     return values
 
 
-__all__ = ["BUILTIN_TASKS", "evaluate_adapter", "flatten", "metric_column", "parse_metric_column"]
+def evaluate_trial(
+    metrics_path: str | Path,
+    model_path: str | Path,
+    data_dir: str | Path,
+    evaluation: Mapping[str, Any],
+    output: str | Path,
+    *,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate the adapter of the trial whose metrics.json is ``metrics_path`` and write its
+    evaluation.json to ``output``. A failed trial has no adapter worth scoring: its evaluation
+    is recorded as failed without running lm-eval."""
+    from loratune import ledger
+
+    trial = ledger.read_metrics(metrics_path)
+    if (trial.get("status") or "ok") != "ok":
+        record = {"status": "failed", "error": f"the trial did not train ({trial.get('status')})", "lm_eval": {}}
+    else:
+        record = evaluate_adapter(
+            model_path, Path(metrics_path).parent / "adapter", data_dir, evaluation, device=device
+        )
+    ledger.atomic_write_json(output, record)
+    return record

@@ -47,7 +47,9 @@ class BuiltinTask:
 BUILTIN_TASKS = {
     task.name: task
     for task in (
-        BuiltinTask("loratune_instruct", {"exact_match": "max", "chrf": "max"}, "held-out instructions: generated answers"),
+        BuiltinTask(
+            "loratune_instruct", {"exact_match": "max", "chrf": "max"}, "held-out instructions: generated answers"
+        ),
         BuiltinTask("loratune_classify", {"acc": "max"}, "held-out classification instructions: multiple choice"),
         BuiltinTask("loratune_last_word", {"acc": "max", "perplexity": "min"}, "held-out text: its last word"),
     )
@@ -177,7 +179,11 @@ def _builtin_config(task: str, data_file: Path, chat: bool) -> dict[str, Any]:
             "doc_to_text": question,
             "doc_to_target": "{{answer}}",
             "target_delimiter": "",
-            "generation_kwargs": {"until": list(_STOP_SEQUENCES), "max_gen_toks": MAX_ANSWER_TOKENS, "do_sample": False},
+            "generation_kwargs": {
+                "until": list(_STOP_SEQUENCES),
+                "max_gen_toks": MAX_ANSWER_TOKENS,
+                "do_sample": False,
+            },
             "metric_list": [
                 {
                     "metric": "exact_match",
@@ -225,7 +231,9 @@ def write_builtin_tasks(
             continue
         docs = _documents(task, examples)
         if not docs:
-            raise TaskError(f"evaluation.tasks: {task} has no document in the held-out split (it needs {BUILTIN_TASKS[task].help})")
+            raise TaskError(
+                f"evaluation.tasks: {task} has no document in the held-out split (it needs {BUILTIN_TASKS[task].help})"
+            )
         docs_text = "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
         data_file = folder / f"{task}.jsonl"
         ledger.atomic_write_text(data_file, docs_text)
@@ -234,3 +242,12 @@ def write_builtin_tasks(
         portable = {**config, "dataset_kwargs": {"data_sha256": hashlib.sha256(docs_text.encode()).hexdigest()}}
         fingerprints[task] = hashlib.sha256(json.dumps(portable, sort_keys=True).encode()).hexdigest()
     return fingerprints
+
+
+def sync_task_config(path: str | Path, evaluation: Mapping[str, Any]) -> None:
+    """Write the fingerprint of ``evaluation`` to ``path`` unless it already holds it: its mtime
+    then changes exactly when the evaluation settings do (the workflow's rerun trigger)."""
+    text = json.dumps(task_config_fingerprint(evaluation), indent=1, sort_keys=True) + "\n"
+    path = Path(path)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        ledger.atomic_write_text(path, text)
