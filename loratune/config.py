@@ -88,7 +88,7 @@ class Study:
     @property
     def evaluates(self) -> bool:
         """Whether trials are evaluated by lm-eval (evaluation.tasks), after training."""
-        return self.config["backend"] == "qlora" and bool(self.config["evaluation"]["tasks"])
+        return self.config["backend"] == "qlora" and bool(self.config.get("evaluation", {}).get("tasks"))
 
     @property
     def model_slug(self) -> str:

@@ -67,7 +67,7 @@ def test_a_valid_evaluation_config_passes_and_reports_its_metrics():
         ({"evaluation": {"tasks": ["hellaswag"]}}, r"^evaluation\.tasks\[0\]: unknown task 'hellaswag'"),
         (
             {"objectives": {"lm_eval.loratune_last_word.f1": "max"}},
-            r"^objectives\.lm_eval\.loratune_last_word\.f1: task loratune_last_word reports \['acc', 'perplexity'\]",
+            r"^objectives\.lm_eval\.loratune_last_word\.f1: task loratune_last_word reports \['perplexity', 'acc'\]",
         ),
         (
             {"objectives": {"lm_eval.loratune_instruct.chrf": "max"}},

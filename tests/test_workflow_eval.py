@@ -4,12 +4,12 @@ evaluated in its own job, and re-running evaluation retrains nothing."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from conftest import load_test_config, run_workflow, write_config
+from test_workflow_qlora import _alpaca
 from tiny_models import build_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -17,16 +17,10 @@ pytestmark = pytest.mark.slow
 OBJECTIVE = "lm_eval.loratune_instruct.chrf"
 
 
-def _alpaca(path: Path, n: int = 20) -> Path:
-    rows = [{"instruction": f"Repeat the word number {i}.", "input": "", "output": f"word {i}"} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def test_lm_eval_objective_runs_end_to_end_and_reevaluation_retrains_nothing(tmp_path):
     config = load_test_config("tiny_qlora.yaml")
     config["model"]["name"] = str(build_tiny_llama(tmp_path / "tiny-llama"))
-    config["dataset"]["path"] = str(_alpaca(tmp_path / "data.jsonl"))
+    config["dataset"]["path"] = str(_alpaca(tmp_path / "data.jsonl", n=20))
     config["objectives"] = {"eval_loss": "min", OBJECTIVE: "max"}
     # Two trials: one trains, one diverges (learning rate 1e30).
     config["search_space"]["lora_rank"] = {"type": "fixed", "value": 4}

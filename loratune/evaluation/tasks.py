@@ -40,18 +40,35 @@ _STOP_SEQUENCES = ("\n\n###", "###", "<|im_end|>")
 @dataclass(frozen=True)
 class BuiltinTask:
     name: str
-    metrics: dict[str, str]  # metric -> "max" or "min": what a better adapter does to it
+    metric_list: tuple[dict[str, Any], ...]  # lm-eval's metric_list of the task
     help: str
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(entry["metric"] for entry in self.metric_list)
+
+
+def _mean(metric: str, **options: Any) -> dict[str, Any]:
+    return {"metric": metric, "aggregation": "mean", "higher_is_better": True, **options}
 
 
 BUILTIN_TASKS = {
     task.name: task
     for task in (
         BuiltinTask(
-            "loratune_instruct", {"exact_match": "max", "chrf": "max"}, "held-out instructions: generated answers"
+            "loratune_instruct",
+            (
+                _mean("exact_match", ignore_case=True, ignore_punctuation=True),
+                {"metric": "chrf", "aggregation": "chrf", "higher_is_better": True},
+            ),
+            "held-out instructions: generated answers",
         ),
-        BuiltinTask("loratune_classify", {"acc": "max"}, "held-out classification instructions: multiple choice"),
-        BuiltinTask("loratune_last_word", {"acc": "max", "perplexity": "min"}, "held-out text: its last word"),
+        BuiltinTask("loratune_classify", (_mean("acc"),), "held-out classification instructions: multiple choice"),
+        BuiltinTask(
+            "loratune_last_word",
+            ({"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}, _mean("acc")),
+            "held-out text: its last word",
+        ),
     )
 }
 
@@ -172,6 +189,7 @@ def _builtin_config(task: str, data_file: Path, chat: bool) -> dict[str, Any]:
         "test_split": "test",
     }
     question = "{{user}}" if chat else "{{prompt}}"
+    metric_list = [dict(entry) for entry in BUILTIN_TASKS[task].metric_list]
     if task == "loratune_instruct":
         return {
             **source,
@@ -184,16 +202,7 @@ def _builtin_config(task: str, data_file: Path, chat: bool) -> dict[str, Any]:
                 "max_gen_toks": MAX_ANSWER_TOKENS,
                 "do_sample": False,
             },
-            "metric_list": [
-                {
-                    "metric": "exact_match",
-                    "aggregation": "mean",
-                    "higher_is_better": True,
-                    "ignore_case": True,
-                    "ignore_punctuation": True,
-                },
-                {"metric": "chrf", "aggregation": "chrf", "higher_is_better": True},
-            ],
+            "metric_list": metric_list,
         }
     if task == "loratune_classify":
         return {
@@ -203,7 +212,7 @@ def _builtin_config(task: str, data_file: Path, chat: bool) -> dict[str, Any]:
             "doc_to_choice": "{{choices}}",
             "doc_to_target": "{{label}}",
             "target_delimiter": "",  # both renderings end the prompt where the answer starts
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            "metric_list": metric_list,
         }
     # LAMBADA's scoring: the log-likelihood of " word" after the context; acc = it is the greedy continuation.
     return {
@@ -211,10 +220,7 @@ def _builtin_config(task: str, data_file: Path, chat: bool) -> dict[str, Any]:
         "output_type": "loglikelihood",
         "doc_to_text": "{{context}}",
         "doc_to_target": "{{' ' + word}}",
-        "metric_list": [
-            {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
-            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-        ],
+        "metric_list": metric_list,
     }
 
 
