@@ -442,3 +442,20 @@ def test_raw_prompt_completion_is_never_templated(smollm2_tokenizer):
     (templated,) = tokenize_examples(tok, [Example("Q: 2+2?\nA:", " 4")], 512, "chat")
     (plain,) = tokenize_examples(tok, [Example("Q: 2+2?\nA:", " 4")], 512, "alpaca")
     assert templated == plain and "<|im_start|>" not in tok.decode(templated.input_ids)
+
+
+def test_chat_templated_examples_pack_for_the_fused_path(smollm2_tokenizer, tmp_path):
+    import torch
+
+    from loratune.training.fused import pack
+
+    tok = smollm2_tokenizer
+    source = write_jsonl(tmp_path / "c.jsonl", [CONVERSATION])
+    _, (conversation,), _ = prepare(tmp_path / "c", source, eval_fraction=0.0)
+    _, instructions, _ = prepare(tmp_path / "a", write_jsonl(tmp_path / "a.jsonl", ALPACA), eval_fraction=0.0)
+    tokenized = tokenize_examples(tok, [conversation, *instructions], 512, "auto")
+    batch = pack(tokenized, torch.device("cpu"))
+    learned = batch.targets[batch.targets != IGNORE_INDEX].tolist()
+    # Position t predicts token t+1 of its own example: every learned token, each example's in turn.
+    assert learned == [t for example in tokenized for t in example.labels if t != IGNORE_INDEX]
+    assert tok.decode(learned) == "Hello.<|im_end|>Goodbye.<|im_end|>nedrag<|im_end|>Hello!<|im_end|>"

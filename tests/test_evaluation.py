@@ -17,8 +17,14 @@ from loratune.loop import update_history
 from loratune.training import DatasetSpec, ModelSpec, prepare_dataset, prepare_model, run_trial
 from conftest import STUDY_SPACE
 
-SETTINGS = {"quantization": "none", "max_steps": 1, "batch_size": 2, "max_seq_length": 64, "keep_adapter": True}
-SETTINGS_CPU = {**SETTINGS, "device": "cpu"}
+SETTINGS_CPU = {
+    "quantization": "none",
+    "max_steps": 1,
+    "batch_size": 2,
+    "max_seq_length": 64,
+    "keep_adapter": True,
+    "device": "cpu",
+}
 HPARAMS = {"lora_rank": 4, "lora_alpha": 8, "learning_rate": 1e-3}
 
 USER_TASK = {

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
-from loratune.evaluation.tasks import BUILTIN_TASKS, task_config_fingerprint, write_builtin_tasks
+from loratune.evaluation.tasks import task_config_fingerprint, write_builtin_tasks
 from loratune.training.data import read_prepared, resolve_template
 
 # Every library lm-eval loads through must stay off the network.
