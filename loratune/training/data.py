@@ -575,7 +575,8 @@ def _chat_template_tokens(tokenizer: Any, example: Example, where: str) -> Token
     for index, (role, content) in enumerate(example.messages):
         if role != "assistant" or not content:
             continue
-        prompt, through = encode(messages[:index], True), encode(messages[: index + 1], False)
+        through = ids if index == len(messages) - 1 else encode(messages[: index + 1], False)
+        prompt = encode(messages[:index], True)
         if ids[: len(through)] != through or through[: len(prompt)] != prompt:
             raise ValueError(
                 f"dataset.template: the model's chat template does not render {where} turn by turn "
