@@ -53,7 +53,7 @@ def get_round_evaluations(wildcards):
     if not STUDY.evaluates:
         return []
     return [
-        path.replace("/metrics.json", "/evaluation.json")
+        str(Path(path).with_name("evaluation.json"))
         for path in get_round_metrics(wildcards)
     ]
 
