@@ -159,6 +159,11 @@ class Study:
         return list(self.config["seeds"])
 
     @property
+    def evaluates(self) -> bool:
+        """Whether trials are evaluated by lm-eval (evaluation.tasks), after training."""
+        return self.config["backend"] == "qlora" and bool(self.config.get("evaluation", {}).get("tasks"))
+
+    @property
     def model_slug(self) -> str:
         """The model's name as one file-name component (a hub id holds a slash)."""
         return re.sub(r"[^A-Za-z0-9._-]+", "-", self.config["model"]["name"]).strip("-.")
@@ -208,11 +213,36 @@ def _check_objectives(config: dict, space: SearchSpace) -> None:
                         f"choose from {sorted(metric_names)}"
                     )
         return
+    reported = _check_evaluation(config)
     for name in objectives:
-        if name not in TRIAL_METRICS:
+        if name.startswith("lm_eval."):
+            task, _, metric = name.removeprefix("lm_eval.").rpartition(".")
+            if task not in reported:
+                raise ConfigError(
+                    f"objectives.{name}: task {task or name!r} is not in evaluation.tasks {sorted(reported)}"
+                )
+            if metric not in reported[task]:
+                raise ConfigError(f"objectives.{name}: task {task} reports {list(reported[task])}, not {metric!r}")
+        elif name not in TRIAL_METRICS:
             raise ConfigError(
-                f"objectives.{name}: not a recorded trial metric; choose from {sorted(TRIAL_METRICS)}"
+                f"objectives.{name}: not a recorded trial metric or lm_eval.<task>.<metric>; "
+                f"choose from {sorted(TRIAL_METRICS)}"
             )
+
+
+def _check_evaluation(config: dict) -> dict[str, tuple[str, ...]]:
+    """The metrics of each evaluation task; the tasks must exist and the adapters be kept."""
+    evaluation = config["evaluation"]
+    if not evaluation["tasks"]:
+        return {}
+    from loratune.evaluation.tasks import TaskError, task_metrics
+
+    if not config["training"].get("keep_adapter", False):
+        raise ConfigError("training.keep_adapter: evaluation.tasks evaluate each trial's adapter; set it to true")
+    try:
+        return task_metrics(evaluation["tasks"], evaluation["include_path"])
+    except TaskError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _check_arms(config: dict) -> tuple[Arm, ...]:

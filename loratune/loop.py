@@ -6,6 +6,7 @@ rounds < r. Each step reads its inputs, computes, and writes its outputs atomica
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
@@ -95,10 +96,16 @@ def update_history(
     metrics_paths: Iterable[str | Path],
     output: str | Path,
     outcomes_path: str | Path | None = None,
+    evaluation_paths: Iterable[str | Path] = (),
+    objectives: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """The arm's history through this round. With early stopping, ``outcomes_path`` (the round's
     last promoted.tsv) says which trials stopped at a rung: their metrics are those of the
-    highest rung they reached, and their status becomes ``stopped`` (a failed one stays failed)."""
+    highest rung they reached, and their status becomes ``stopped`` (a failed one stays failed).
+    A trial's lm-eval metrics (its evaluation.json beside its metrics.json) join its row as
+    ``lm_eval.<task>.<metric>`` columns, NaN where evaluation failed."""
+    from loratune.evaluation import harness
+
     proposals = ledger.read_table(proposals_path)
     metrics = {}
     for path in metrics_paths:
@@ -109,6 +116,14 @@ def update_history(
         for trial_id in outcomes.loc[~outcomes["promoted"].astype(bool), "trial_id"]:
             if (metrics[trial_id].get("status") or "ok") == "ok":
                 metrics[trial_id] = {**metrics[trial_id], "status": STOPPED}
+    for path in evaluation_paths:
+        evaluation = json.loads(Path(path).read_text(encoding="utf-8"))
+        trial = Path(path).parent.name
+        metrics[trial] = {
+            **metrics[trial],
+            **harness.flatten(evaluation, objectives or {}),
+            "evaluation_status": evaluation.get("status"),
+        }
     previous = ledger.read_table(previous_path) if previous_path else None
     history = ledger.build_history(previous, proposals, metrics)
     ledger.write_table(history, output)

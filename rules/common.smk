@@ -15,6 +15,13 @@ except ConfigError as error:
 OUT = f"{config['results_dir']}/{STUDY.name}"
 ARMS = [arm.name for arm in STUDY.arms]
 MODEL_MARKER = f"resources/models/{STUDY.model_slug}.json"
+# The evaluation settings as a file: rewritten (newer) only when they change, so that changing
+# the tasks re-runs evaluate_trial, and only it, under the mtime rerun trigger.
+TASK_CONFIG = f"{OUT}/evaluation/task_config.json"
+if STUDY.evaluates:
+    from loratune.evaluation.tasks import sync_task_config
+
+    sync_task_config(TASK_CONFIG, config["evaluation"])
 
 
 wildcard_constraints:
@@ -42,6 +49,16 @@ def get_round_metrics(wildcards):
     return [
         f"{OUT}/seed{wildcards.seed}/trials/{t}/metrics.json"
         for t in proposed_trial_ids(proposals)
+    ]
+
+
+def get_round_evaluations(wildcards):
+    """evaluation.json of every trial of the round, when objectives or tasks ask for lm-eval metrics."""
+    if not STUDY.evaluates:
+        return []
+    return [
+        str(Path(path).with_name("evaluation.json"))
+        for path in get_round_metrics(wildcards)
     ]
 
 

@@ -4,6 +4,7 @@ rule update_history:
         previous=get_previous_history,
         metrics=get_round_metrics,
         outcomes=get_round_outcomes,
+        evaluations=get_round_evaluations,
     output:
         history=f"{OUT}/seed{{seed}}/{{arm}}/round{{round}}/history.tsv",
     log:

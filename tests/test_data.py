@@ -18,8 +18,10 @@ from loratune.training.data import (
     Example,
     builtin_dataset_path,
     chat_prompt,
+    header_segments,
     instruction_prompt,
     read_prepared,
+    resolve_template,
     split_examples,
     tokenize_examples,
 )
@@ -51,8 +53,16 @@ def test_alpaca_jsonl_with_and_without_input(tmp_path):
     assert manifest["format"] == "alpaca"
     assert held_out == []
     assert train == [
-        Example("### Instruction:\nReverse the word.\n\n### Input:\ngarden\n\n### Response:\n", "nedrag"),
-        Example("### Instruction:\nSay hello.\n\n### Response:\n", "Hello!"),
+        Example(
+            "### Instruction:\nReverse the word.\n\n### Input:\ngarden\n\n### Response:\n",
+            "nedrag",
+            (("user", "Reverse the word.\n\ngarden"), ("assistant", "nedrag")),
+        ),
+        Example(
+            "### Instruction:\nSay hello.\n\n### Response:\n",
+            "Hello!",
+            (("user", "Say hello."), ("assistant", "Hello!")),
+        ),
     ]
 
 
@@ -85,23 +95,23 @@ def test_plain_text_has_an_empty_prompt(tmp_path):
     assert train == [Example("", "The first passage."), Example("", "The second passage.")]
 
 
-def test_chat_gives_one_example_per_assistant_turn(tmp_path):
-    conversation = {
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Bye"},
-            {"role": "assistant", "content": "Goodbye."},
-        ]
-    }
-    manifest, train, _ = prepare(tmp_path, write_jsonl(tmp_path / "c.jsonl", [conversation]), eval_fraction=0.0)
-    assert manifest["format"] == "chat"
-    assert [e.completion for e in train] == ["Hello.", "Goodbye."]
-    assert train[0].prompt == chat_prompt([("system", "Be brief."), ("user", "Hi")])
-    # The second answer is learned in the context of the first exchange.
-    assert "### Assistant:\nHello.\n\n### User:\nBye" in train[1].prompt
-    assert train[1].prompt.endswith("### Assistant:\n")
+CONVERSATION = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]
+}
+
+
+def test_chat_gives_one_example_per_conversation(tmp_path):
+    manifest, train, _ = prepare(tmp_path, write_jsonl(tmp_path / "c.jsonl", [CONVERSATION]), eval_fraction=0.0)
+    assert manifest["format"] == "chat" and manifest["template"] == "auto"
+    (example,) = train
+    assert example.is_conversation
+    assert example.messages == tuple((m["role"], m["content"]) for m in CONVERSATION["messages"])
 
 
 def test_json_csv_parquet_and_folders_read_the_same_records(tmp_path):
@@ -314,3 +324,138 @@ def test_collated_padding_has_no_loss_and_no_attention(tokenizer):
     assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
     assert (batch["attention_mask"][0, short:] == 0).all() and (batch["attention_mask"][0, :short] == 1).all()
     assert (batch["input_ids"][0, short:] == tokenizer.pad_token_id).all()
+
+
+def test_fixed_headers_render_a_conversation_once_with_every_answer_learned(tokenizer, tmp_path):
+    _, (example,), _ = prepare(tmp_path, write_jsonl(tmp_path / "c.jsonl", [CONVERSATION]), eval_fraction=0.0)
+    segments = header_segments(example, "alpaca")
+    assert [s.learned for s in segments] == [False, True, False, True]
+    assert segments[0].text == chat_prompt([("system", "Be brief."), ("user", "Hi")])
+    assert segments[2].text == "\n\n### User:\nBye\n\n### Assistant:\n"
+    (tokens,) = tokenize_examples(tokenizer, [example], 512, "alpaca")
+    learned = [t for t in tokens.labels if t != IGNORE_INDEX]
+    hello, goodbye = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("Hello.", "Goodbye."))
+    assert learned == hello + [tokenizer.eos_token_id] + goodbye + [tokenizer.eos_token_id]
+    # The whole conversation is one sequence: the prompt of the second answer is not encoded twice.
+    assert tokenizer.decode(tokens.input_ids).count("### User:") == 2
+
+
+def test_template_none_renders_instructions_without_headers(tokenizer, tmp_path):
+    _, (example,), _ = prepare(tmp_path, write_jsonl(tmp_path / "a.jsonl", ALPACA[:1]), eval_fraction=0.0)
+    assert [(s.text, s.learned) for s in header_segments(example, "none")] == [
+        ("Reverse the word.\n\ngarden\n", False),
+        ("nedrag", True),
+    ]
+
+
+def test_auto_without_a_chat_template_is_alpaca_and_chat_needs_one(tokenizer):
+    assert resolve_template("auto", tokenizer) == "alpaca"
+    with pytest.raises(ValueError, match=r"^dataset\.template: chat, but the model's tokenizer has no chat template"):
+        resolve_template("chat", tokenizer)
+    with pytest.raises(ValueError, match=r"^dataset\.template: unknown 'jinja'"):
+        DatasetSpec(template="jinja")
+
+
+# ---- the model's own chat template (the embedded SmolLM2's tokenizer) ---------------------
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from loratune.training.models import builtin_gguf_path
+
+    path = builtin_gguf_path("builtin:smollm2-135m")
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def learned_spans(tokens) -> list[list[int]]:
+    """The runs of consecutive learned labels."""
+    spans, current = [], []
+    for label in tokens.labels:
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(label)
+    return spans + ([current] if current else [])
+
+
+def test_chat_template_loss_covers_exactly_the_assistant_tokens(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    assert tok.chat_template and resolve_template("auto", tok) == "chat"
+    _, (example,), _ = prepare(tmp_path, write_jsonl(tmp_path / "a.jsonl", ALPACA[:1]), eval_fraction=0.0)
+    (tokens,) = tokenize_examples(tok, [example], 512, "auto")
+    messages = [{"role": "user", "content": "Reverse the word.\n\ngarden"}, {"role": "assistant", "content": "nedrag"}]
+    # The sequence is the model's own rendering, as it is used after training.
+    assert (
+        tokens.input_ids
+        == tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
+    (span,) = learned_spans(tokens)
+    assert tok.decode(span) == "nedrag<|im_end|>"
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert tokens.labels.index(span[0]) == len(tok(prompt, add_special_tokens=False)["input_ids"])
+
+
+def test_chat_template_multi_turn_learns_every_answer_in_one_example(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    _, (example,), _ = prepare(tmp_path, write_jsonl(tmp_path / "c.jsonl", [CONVERSATION]), eval_fraction=0.0)
+    (tokens,) = tokenize_examples(tok, [example], 512, "chat")
+    assert [tok.decode(span) for span in learned_spans(tokens)] == ["Hello.<|im_end|>", "Goodbye.<|im_end|>"]
+    text = tok.decode(tokens.input_ids)
+    assert text == tok.apply_chat_template(list(CONVERSATION["messages"]), tokenize=False)
+    assert text.count("Hi") == 1  # each prefix encoded once
+
+
+def test_generation_tags_give_the_same_mask_as_turn_by_turn_rendering(smollm2_tokenizer, tmp_path):
+    """A template that marks the assistant's text with {% generation %} uses the tokenizer's own mask."""
+    import copy
+
+    tagged = copy.deepcopy(smollm2_tokenizer)
+    tagged.chat_template = (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+        "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    _, (example,), _ = prepare(tmp_path, write_jsonl(tmp_path / "c.jsonl", [CONVERSATION]), eval_fraction=0.0)
+    (tokens,) = tokenize_examples(tagged, [example], 512, "chat")
+    assert [tagged.decode(span) for span in learned_spans(tokens)] == ["Hello.<|im_end|>", "Goodbye.<|im_end|>"]
+
+
+def test_alpaca_template_keeps_the_2024_tokens_with_a_chat_model(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    example = Example(
+        instruction_prompt("Reverse the word.", "garden"),
+        "nedrag",
+        (("user", "Reverse the word.\n\ngarden"), ("assistant", "nedrag")),
+    )
+    (tokens,) = tokenize_examples(tok, [example], 512, "alpaca")
+    prompt_ids = tok(example.prompt)["input_ids"]
+    answer = tok("nedrag", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tokens.input_ids == prompt_ids + answer
+    assert tokens.labels == [IGNORE_INDEX] * len(prompt_ids) + answer
+
+
+def test_raw_prompt_completion_is_never_templated(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    (templated,) = tokenize_examples(tok, [Example("Q: 2+2?\nA:", " 4")], 512, "chat")
+    (plain,) = tokenize_examples(tok, [Example("Q: 2+2?\nA:", " 4")], 512, "alpaca")
+    assert templated == plain and "<|im_start|>" not in tok.decode(templated.input_ids)
+
+
+def test_chat_templated_examples_pack_for_the_fused_path(smollm2_tokenizer, tmp_path):
+    import torch
+
+    from loratune.training.fused import pack
+
+    tok = smollm2_tokenizer
+    source = write_jsonl(tmp_path / "c.jsonl", [CONVERSATION])
+    _, (conversation,), _ = prepare(tmp_path / "c", source, eval_fraction=0.0)
+    _, instructions, _ = prepare(tmp_path / "a", write_jsonl(tmp_path / "a.jsonl", ALPACA), eval_fraction=0.0)
+    tokenized = tokenize_examples(tok, [conversation, *instructions], 512, "auto")
+    batch = pack(tokenized, torch.device("cpu"))
+    learned = batch.targets[batch.targets != IGNORE_INDEX].tolist()
+    # Position t predicts token t+1 of its own example: every learned token, each example's in turn.
+    assert learned == [t for example in tokenized for t in example.labels if t != IGNORE_INDEX]
+    assert tok.decode(learned) == "Hello.<|im_end|>Goodbye.<|im_end|>nedrag<|im_end|>Hello!<|im_end|>"

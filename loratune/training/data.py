@@ -1,22 +1,27 @@
-"""Fine-tuning data: read a source, normalize it to prompt/completion examples, hold out a split
-by content hash, and tokenize with a loss mask.
+"""Fine-tuning data: read a source, normalize it to examples, hold out a split by content hash,
+and tokenize with a loss mask.
 
-Every format becomes the same record, ``{"prompt", "completion"}``: the loss covers the
-completion (and the end-of-sequence token after it) only. Plain text has an empty prompt, so its
-loss covers every token. Prompts are rendered here, with a fixed model-independent template, so
-the prepared data (and its sha256) does not depend on which model a study tunes.
+Every format becomes the same record, ``{"prompt", "completion"}`` plus, for instruction- and
+chat-shaped data, the conversation as ``messages``: the loss covers the completion (and the
+end-of-sequence token after it) only. Plain text has an empty prompt, so its loss covers every
+token. The prepared data stays model-independent (its sha256 does not depend on which model a
+study tunes): ``prompt`` holds the fixed ``### Instruction:`` rendering, and the model's own chat
+template is applied to ``messages`` only when tokenizing, where the tokenizer is known
+(``dataset.template``, see ``resolve_template``). A conversation is one example whose loss
+covers every assistant turn.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from loratune.files import atomic_write_json, atomic_write_text
-from loratune.training.settings import DATASET_FORMATS, DatasetSpec
+from loratune.training.settings import DATASET_FORMATS, TEMPLATES, DatasetSpec
 
 IGNORE_INDEX = -100  # label of a token without loss (prompt, padding): torch's cross_entropy default
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -24,14 +29,32 @@ BUILTIN_FILES = {"builtin:instructions": "instructions.jsonl"}
 # Marker files of a folder written by datasets' save_to_disk (a Dataset or a DatasetDict).
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _CHAT_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+_NO_HEADERS = dict.fromkeys(_CHAT_HEADERS, "")
+# A template that marks the assistant's text itself (HF's return_assistant_tokens_mask needs it).
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+Message = tuple[str, str]  # (role, content)
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training example: the model reads ``prompt`` and learns to write ``completion``."""
+    """One training example.
+
+    Raw data (prompt_completion, text): the model reads ``prompt`` and learns ``completion``.
+    An instruction also has ``messages`` (user, assistant) for the model's chat template; its
+    prompt/completion are the fixed ``### Instruction:`` rendering. A conversation (chat data)
+    has only ``messages`` (prompt and completion empty): every assistant message is learned.
+    ``choices``: the labels of a classification task (self-instruct's is_classification), for
+    the multiple-choice evaluation; training ignores them.
+    """
 
     prompt: str
     completion: str
+    messages: tuple[Message, ...] = ()
+    choices: tuple[str, ...] = ()
+
+    @property
+    def is_conversation(self) -> bool:
+        return bool(self.messages) and not self.completion
 
 
 @dataclass(frozen=True)
@@ -48,6 +71,11 @@ class PreparedData:
     eval: list[Example]
     manifest: dict[str, Any]
 
+    @property
+    def template(self) -> str:
+        """``dataset.template`` of the study; data prepared before the setting existed used alpaca."""
+        return self.manifest.get("template", "alpaca")
+
 
 @dataclass(frozen=True)
 class TokenizedExample:
@@ -59,6 +87,14 @@ class TokenizedExample:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of rendered text; ``learned``: the loss covers it (an answer, followed by EOS)."""
+
+    text: str
+    learned: bool
+
+
 # ---- prompt templates ------------------------------------------------------------------
 def instruction_prompt(instruction: str, context: str = "") -> str:
     """The Alpaca-style prompt of an instruction with an optional input."""
@@ -67,7 +103,12 @@ def instruction_prompt(instruction: str, context: str = "") -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def chat_prompt(turns: Sequence[tuple[str, str]]) -> str:
+def instruction_message(instruction: str, context: str = "") -> str:
+    """The user's message of an instruction with an optional input, for a chat template."""
+    return f"{instruction}\n\n{context}" if context else instruction
+
+
+def chat_prompt(turns: Sequence[Message]) -> str:
     """The conversation so far, followed by the header the assistant's answer goes under."""
     history = "".join(f"{_CHAT_HEADERS[role]}{content}\n\n" for role, content in turns)
     return history + _CHAT_HEADERS["assistant"]
@@ -242,27 +283,33 @@ def _completion(record: dict, key: str, where: str, fmt: str) -> str:
     return text
 
 
+def _instruction(instruction: str, context: str, answer: str, choices: tuple[str, ...] = ()) -> Example:
+    messages = (("user", instruction_message(instruction, context)), ("assistant", answer))
+    return Example(instruction_prompt(instruction, context), answer, messages, choices)
+
+
 def _self_instruct(record: dict, where: str) -> list[Example]:
     instruction = _text(record, "instruction", where, "self_instruct")
     instances = record.get("instances")
     if not isinstance(instances, list) or not instances:
         raise ValueError(f"dataset.path: {where}: field 'instances' must be a non-empty list (format self_instruct)")
-    examples = []
+    pairs = []
     for number, instance in enumerate(instances, start=1):
         place = f"{where} instance {number}"
         if not isinstance(instance, dict):
             raise ValueError(f"dataset.path: {place}: expected an object with input and output")
         context = _text(instance, "input", place, "self_instruct", required=False)
-        examples.append(
-            Example(instruction_prompt(instruction, context), _completion(instance, "output", place, "self_instruct"))
-        )
-    return examples
+        pairs.append((context, _completion(instance, "output", place, "self_instruct")))
+    # A classification task's labels are the answers its instances give (two at least to choose from).
+    labels = tuple(sorted({answer for _, answer in pairs})) if record.get("is_classification") is True else ()
+    choices = labels if len(labels) >= 2 else ()
+    return [_instruction(instruction, context, answer, choices) for context, answer in pairs]
 
 
 def _alpaca(record: dict, where: str) -> list[Example]:
     instruction = _text(record, "instruction", where, "alpaca")
     context = _text(record, "input", where, "alpaca", required=False)
-    return [Example(instruction_prompt(instruction, context), _completion(record, "output", where, "alpaca"))]
+    return [_instruction(instruction, context, _completion(record, "output", where, "alpaca"))]
 
 
 def _prompt_completion(record: dict, where: str) -> list[Example]:
@@ -284,21 +331,21 @@ def _chat(record: dict, where: str) -> list[Example]:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"dataset.path: {where}: field 'messages' must be a non-empty list (format chat)")
-    turns: list[tuple[str, str]] = []
-    examples = []
+    turns: list[Message] = []
+    learned = 0  # turns up to the last non-empty answer: what follows it teaches nothing
     for number, message in enumerate(messages, start=1):
         place = f"{where} message {number}"
         role = message.get("role") if isinstance(message, dict) else None
         if role not in _CHAT_HEADERS:
             raise ValueError(f"dataset.path: {place}: role must be one of {list(_CHAT_HEADERS)}, got {role!r}")
         content = _text(message, "content", place, "chat")
-        # One example per assistant turn: the loss covers every answer, each seen with its context.
-        if role == "assistant" and content:
-            examples.append(Example(chat_prompt(turns), content))
         turns.append((role, content))
-    if not examples:
+        if role == "assistant" and content:
+            learned = len(turns)
+    if not learned:
         raise ValueError(f"dataset.path: {where}: no non-empty assistant message (format chat)")
-    return examples
+    # One example per conversation: the loss covers every answer, each prefix encoded once.
+    return [Example("", "", tuple(turns[:learned]))]
 
 
 _NORMALIZERS = {
@@ -322,7 +369,10 @@ def normalize(batches: Iterable[RecordBatch], fmt: str) -> list[Example]:
 # ---- the held-out split ----------------------------------------------------------------
 def held_out_score(example: Example, split_seed: int) -> float:
     """A number in [0, 1) fixed by the example's content: adding or reordering others never changes it."""
-    key = json.dumps([split_seed, example.prompt, example.completion], ensure_ascii=False)
+    # Content that the rendering does not change: an instruction's split is the same as before
+    # messages were stored, and a conversation is hashed by its messages.
+    content = [[list(m) for m in example.messages]] if example.is_conversation else []
+    key = json.dumps([split_seed, example.prompt, example.completion, *content], ensure_ascii=False)
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
@@ -348,10 +398,17 @@ def split_examples(
 
 
 # ---- prepared data on disk -------------------------------------------------------------
+def _record(example: Example) -> dict[str, Any]:
+    record: dict[str, Any] = {"prompt": example.prompt, "completion": example.completion}
+    if example.messages:
+        record["messages"] = [{"role": role, "content": content} for role, content in example.messages]
+    if example.choices:
+        record["choices"] = list(example.choices)
+    return record
+
+
 def _jsonl(examples: Iterable[Example]) -> str:
-    return "".join(
-        json.dumps({"prompt": e.prompt, "completion": e.completion}, ensure_ascii=False) + "\n" for e in examples
-    )
+    return "".join(json.dumps(_record(e), ensure_ascii=False) + "\n" for e in examples)
 
 
 def prepare_dataset(spec: DatasetSpec, out_dir: str | Path) -> dict[str, Any]:
@@ -382,6 +439,7 @@ def prepare_dataset(spec: DatasetSpec, out_dir: str | Path) -> dict[str, Any]:
         "split": spec.split,
         "eval_fraction": spec.eval_fraction,
         "split_seed": spec.split_seed,
+        "template": spec.template,
         "max_examples": spec.max_examples,
         "n_records": n_records,
         "n_examples": len(examples),
@@ -399,7 +457,15 @@ def prepare_dataset(spec: DatasetSpec, out_dir: str | Path) -> dict[str, Any]:
 
 
 def _read_examples(path: Path) -> list[Example]:
-    return [Example(record["prompt"], record["completion"]) for record in _read_jsonl(path)]
+    return [
+        Example(
+            record["prompt"],
+            record["completion"],
+            tuple((m["role"], m["content"]) for m in record.get("messages", ())),
+            tuple(record.get("choices", ())),
+        )
+        for record in _read_jsonl(path)
+    ]
 
 
 def read_prepared(data_dir: str | Path) -> PreparedData:
@@ -413,22 +479,133 @@ def read_prepared(data_dir: str | Path) -> PreparedData:
 
 
 # ---- tokenization ----------------------------------------------------------------------
-def tokenize_examples(tokenizer: Any, examples: Sequence[Example], max_seq_length: int) -> list[TokenizedExample]:
-    """Token ids and labels; the labels mask the prompt, so only the completion (and EOS) is learned.
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
-    The prompt gets the tokenizer's own special tokens (a BOS, for tokenizers that add one);
-    the completion is followed by EOS so the model learns to stop. Sequences are cut at
-    ``max_seq_length``; an example whose completion is cut away entirely has no loss tokens.
+
+def resolve_template(template: str, tokenizer: Any) -> str:
+    """The rendering ``dataset.template`` asks for with this tokenizer: chat, alpaca or none.
+
+    auto: the tokenizer's chat template when it has one, else the fixed headers (alpaca).
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"dataset.template: unknown {template!r}; choose one of {list(TEMPLATES)}")
+    if template == "auto":
+        return "chat" if has_chat_template(tokenizer) else "alpaca"
+    if template == "chat" and not has_chat_template(tokenizer):
+        raise ValueError("dataset.template: chat, but the model's tokenizer has no chat template; use auto or alpaca")
+    return template
+
+
+def header_segments(example: Example, template: str) -> list[Segment]:
+    """The text of an example under a fixed template (alpaca: ``###`` headers; none: no headers).
+
+    Raw data and alpaca-rendered instructions are their prompt and completion as prepared (the
+    2024 study's tokens). A conversation, or an instruction without headers, is rendered turn by
+    turn: each message is followed by a blank line (alpaca) or a newline (none), and every
+    assistant message is a learned segment of its own.
+    """
+    if not example.messages or (template == "alpaca" and not example.is_conversation):
+        return [Segment(example.prompt, False), Segment(example.completion, True)]
+    headers, separator = (_CHAT_HEADERS, "\n\n") if template == "alpaca" else (_NO_HEADERS, "\n")
+    segments, pending = [], ""
+    for role, content in example.messages:
+        if role == "assistant" and content:
+            segments += [Segment(pending + headers["assistant"], False), Segment(content, True)]
+            pending = separator
+        else:
+            pending += f"{headers[role]}{content}{separator}"
+    return segments
+
+
+def _tokenize_segments(tokenizer: Any, examples: Sequence[Example], template: str) -> list[TokenizedExample]:
+    # Batched: every segment of every example in two tokenizer calls. The first segment gets
+    # the tokenizer's own special tokens (a BOS, for tokenizers that add one); each learned
+    # segment is followed by EOS so the model learns to stop.
+    if not examples:
+        return []
+    rendered = [header_segments(example, template) for example in examples]
+    firsts = tokenizer([segments[0].text for segments in rendered], add_special_tokens=True)["input_ids"]
+    rest_texts = [segment.text for segments in rendered for segment in segments[1:]]
+    rest = iter(tokenizer(rest_texts, add_special_tokens=False)["input_ids"] if rest_texts else [])
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    tokenized = []
+    for segments, first in zip(rendered, firsts):
+        input_ids, labels = list(first), [IGNORE_INDEX] * len(first)
+        for segment in segments[1:]:
+            ids = list(next(rest))
+            if segment.learned:
+                ids += end
+                labels += ids
+            else:
+                labels += [IGNORE_INDEX] * len(ids)
+            input_ids += ids
+        tokenized.append(TokenizedExample(input_ids, labels))
+    return tokenized
+
+
+def _end_of_turn(tokenizer: Any, span: list[int]) -> list[int]:
+    """An assistant turn's tokens up to its template's end-of-turn token (``<|im_end|>``), without
+    the newline some templates put after it: the model generates the former, never the latter."""
+    special = set(tokenizer.all_special_ids)
+    last = max((i for i, token in enumerate(span) if token in special), default=None)
+    if last is not None and not tokenizer.decode(span[last + 1 :]).strip():
+        return span[: last + 1]
+    return span
+
+
+def _chat_template_tokens(tokenizer: Any, example: Example, where: str) -> TokenizedExample:
+    messages = [{"role": role, "content": content} for role, content in example.messages]
+    if _GENERATION_TAG.search(tokenizer.chat_template):
+        # The template marks the assistant's tokens itself.
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = list(encoded["input_ids"])
+        return TokenizedExample(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, encoded["assistant_masks"])])
+
+    def encode(turns: list[dict], prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
+
+    # Render the conversation up to each answer: the tokens an answer adds to its prompt are the
+    # answer's. Each rendering must be a token prefix of the whole, or the spans would be wrong.
+    ids = encode(messages, False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for index, (role, content) in enumerate(example.messages):
+        if role != "assistant" or not content:
+            continue
+        through = ids if index == len(messages) - 1 else encode(messages[: index + 1], False)
+        prompt = encode(messages[:index], True)
+        if ids[: len(through)] != through or through[: len(prompt)] != prompt:
+            raise ValueError(
+                f"dataset.template: the model's chat template does not render {where} turn by turn "
+                f"(message {index + 1} changes the tokens before it); use dataset.template: alpaca"
+            )
+        span = _end_of_turn(tokenizer, through[len(prompt) :])
+        labels[len(prompt) : len(prompt) + len(span)] = span
+    return TokenizedExample(ids, labels)
+
+
+def tokenize_examples(
+    tokenizer: Any, examples: Sequence[Example], max_seq_length: int, template: str = "alpaca"
+) -> list[TokenizedExample]:
+    """Token ids and labels; the labels mask everything but the answers, so only they are learned.
+
+    ``template`` is ``dataset.template`` (see ``resolve_template``). With the chat template, an
+    instruction or conversation is rendered as the model is used, and the loss covers exactly
+    each assistant message and the template's end-of-turn token; raw data (prompt/completion,
+    text) always keeps its own text. Otherwise ``header_segments`` renders it and each answer is
+    followed by EOS. Sequences are cut at ``max_seq_length``; an example whose answers are cut
+    away entirely has no loss tokens.
     """
     if not examples:
         return []
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
-    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
-    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rendering = resolve_template(template, tokenizer)
+    templated = [rendering == "chat" and bool(example.messages) for example in examples]
+    plain = iter(_tokenize_segments(tokenizer, [e for e, t in zip(examples, templated) if not t], rendering))
     tokenized = []
-    for prompt_ids, completion_ids in zip(prompts, completions):
-        answer = list(completion_ids) + end
-        input_ids = (list(prompt_ids) + answer)[:max_seq_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer)[:max_seq_length]
-        tokenized.append(TokenizedExample(input_ids, labels))
+    for number, (example, uses_template) in enumerate(zip(examples, templated), start=1):
+        whole = _chat_template_tokens(tokenizer, example, f"example {number}") if uses_template else next(plain)
+        tokenized.append(TokenizedExample(whole.input_ids[:max_seq_length], whole.labels[:max_seq_length]))
     return tokenized

@@ -21,6 +21,7 @@ from loratune.files import plain_scalar
 BUILTIN_MODELS = ("builtin:smollm2-135m",)
 BUILTIN_DATASETS = ("builtin:instructions",)
 DATASET_FORMATS = ("auto", "self_instruct", "prompt_completion", "alpaca", "text", "chat")
+TEMPLATES = ("auto", "chat", "alpaca", "none")
 QUANTIZATIONS = ("nf4", "none")
 SCHEDULERS = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -115,6 +116,16 @@ class DatasetSpec:
     )
     split_seed: int = field(default=0, metadata={"help": "Salt of the held-out split's hash."})
     split: str = field(default="train", metadata={"help": "Split to read from a hub dataset or a saved DatasetDict."})
+    template: str = field(
+        default="auto",
+        metadata={
+            "help": "How instruction and chat data are rendered for training and the held-out loss. auto: the "
+            "model's chat template when its tokenizer has one, else alpaca; chat: the model's chat template, the "
+            "loss on exactly the assistant's tokens and the end-of-turn token; alpaca: fixed '### Instruction:' / "
+            "'### User:' headers (the 2024 study's tokens); none: no headers, each message's text on its own "
+            "line. prompt_completion and text data are always used as they are."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
@@ -130,6 +141,7 @@ class DatasetSpec:
         object.__setattr__(self, "split_seed", _integer("dataset.split_seed", self.split_seed, 0))
         if not isinstance(self.split, str) or not self.split:
             raise ValueError(f"dataset.split: expected a split name, got {self.split!r}")
+        _choose("dataset.template", self.template, TEMPLATES)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ update_history(
     previous_path=snakemake.input.previous or None,
     proposals_path=snakemake.input.proposals,
     metrics_paths=snakemake.input.metrics,
+    evaluation_paths=snakemake.input.evaluations,
+    objectives=snakemake.config["objectives"],
     output=snakemake.output.history,
     outcomes_path=snakemake.input.outcomes or None,
 )

@@ -1,0 +1,25 @@
+# Task metrics of a trained adapter (lm-eval), in a job of its own after training: re-running it
+# (`-R evaluate_trial`, or new evaluation settings) retrains nothing.
+rule evaluate_trial:
+    input:
+        unpack(get_trial_inputs),
+        metrics=f"{OUT}/seed{{seed}}/trials/{{trial}}/metrics.json",
+        tasks=TASK_CONFIG,
+    output:
+        evaluation=f"{OUT}/seed{{seed}}/trials/{{trial}}/evaluation.json",
+    log:
+        f"{OUT}/seed{{seed}}/trials/{{trial}}/evaluate.log",
+    benchmark:
+        f"{OUT}/seed{{seed}}/trials/{{trial}}/evaluate_benchmark.tsv"
+    conda:
+        "../workflow/envs/loratune.yaml"
+    resources:
+        gpu=get_trial_gpus,
+        mem_mb=config["resources"]["mem_mb"],
+        runtime=config["resources"]["runtime"],
+        cpus_per_task=config["resources"]["cpus_per_trial"],
+    params:
+        evaluation=config["evaluation"],
+        device=config["training"].get("device", "auto"),
+    script:
+        "../workflow/scripts/evaluate_trial.py"

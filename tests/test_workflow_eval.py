@@ -1,0 +1,60 @@
+"""A study whose objectives include an lm-eval metric, through real Snakemake: each trial is
+evaluated in its own job, and re-running evaluation retrains nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import load_test_config, run_workflow, write_config
+from test_workflow_qlora import _alpaca
+from tiny_models import build_tiny_llama
+
+pytestmark = pytest.mark.slow
+
+OBJECTIVE = "lm_eval.loratune_instruct.chrf"
+
+
+def test_lm_eval_objective_runs_end_to_end_and_reevaluation_retrains_nothing(tmp_path):
+    config = load_test_config("tiny_qlora.yaml")
+    config["model"]["name"] = str(build_tiny_llama(tmp_path / "tiny-llama"))
+    config["dataset"]["path"] = str(_alpaca(tmp_path / "data.jsonl", n=20))
+    config["objectives"] = {"eval_loss": "min", OBJECTIVE: "max"}
+    # Two trials: one trains, one diverges (learning rate 1e30).
+    config["search_space"]["lora_rank"] = {"type": "fixed", "value": 4}
+    config["pilot"]["n"] = 2
+    config["arms"] = {"random": {"proposer": "random", "rounds": 0}}
+    config["evaluation"] = {"tasks": ["loratune_instruct"], "limit": 2, "batch_size": 2}
+    configfile = write_config(tmp_path / "config.yaml", config)
+    run_workflow(tmp_path, configfile)
+
+    out = tmp_path / "results" / "tiny-qlora"
+    trials = pd.read_csv(out / "trials.tsv", sep="\t")
+    assert len(trials) == 2
+    ok, failed = trials[trials.status == "ok"], trials[trials.status == "failed"]
+    # Every trained adapter was scored; a diverged trial has no adapter and a failed evaluation.
+    assert len(ok) >= 1 and ok[OBJECTIVE].notna().all() and (ok.evaluation_status == "ok").all()
+    assert failed[OBJECTIVE].isna().all() and (failed.evaluation_status == "failed").all()
+    assert "lm_eval.loratune_instruct.exact_match" in trials.columns
+    record = json.loads(next(out.glob(f"seed0/trials/{ok.trial_id.iloc[0]}/evaluation.json")).read_text())
+    assert record["lm_eval_version"] and len(record["task_config_sha256"]) == 64
+    assert record["n_documents"] == {"loratune_instruct": 2} and record["template"] == "alpaca"
+
+    trained = {p: p.stat().st_mtime_ns for p in out.glob("seed0/trials/*/*") if p.name in ("metrics.json", "train.log")}
+    evaluated = {p: p.stat().st_mtime_ns for p in out.glob("seed0/trials/*/evaluation.json")}
+    assert len(trained) == 4 and len(evaluated) == 2
+    run_workflow(tmp_path, configfile, "-R", "evaluate_trial")
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained
+    assert all(p.stat().st_mtime_ns > mtime for p, mtime in evaluated.items())
+
+    # New evaluation settings re-run evaluation, and again nothing trains.
+    evaluated = {p: p.stat().st_mtime_ns for p in evaluated}
+    config["evaluation"]["limit"] = 3
+    write_config(configfile, config)
+    run_workflow(tmp_path, configfile)
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained
+    assert all(p.stat().st_mtime_ns > mtime for p, mtime in evaluated.items())
+    record = json.loads(next(out.glob(f"seed0/trials/{ok.trial_id.iloc[0]}/evaluation.json")).read_text())
+    assert record["n_documents"] == {"loratune_instruct": 3}
