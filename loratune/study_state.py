@@ -357,7 +357,7 @@ def prepare_run(
 
     for path, problem, built in find_damage(study, out):
         what = "retraining that trial" if path.name == "metrics.json" else "rebuilding it"
-        messages.append(f"{path.relative_to(out.parent)}: {problem}; {what} and what is built from it")
+        messages.append(f"{path}: {problem}; {what}, then what is built from it")
         if not dry_run:
             _move_aside(out, [path, *built] if path.exists() else built, stamp)
 
@@ -368,7 +368,7 @@ def prepare_run(
         if not chosen:
             messages.append(f"retry_failed ({label}): no recorded failed trial matches")
         for path, reason, built in chosen:
-            messages.append(f"retry: {path.parent.relative_to(out.parent)} ({reason})")
+            messages.append(f"retry_failed: retraining {path.parent} ({reason})")
             if not dry_run:
                 _move_aside(out, [path, *built], stamp)
 
