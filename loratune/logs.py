@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -19,3 +20,14 @@ def log_to_file(path: str | Path) -> None:
         force=True,
     )
     logging.captureWarnings(True)
+
+
+@contextmanager
+def one_line_errors():
+    """End a step whose input is bad (a dataset, a model, named by their config field) with that
+    one line in its log instead of a traceback: the message already says what to fix."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        logging.getLogger("loratune").error("%s", error)
+        sys.exit(1)

@@ -83,7 +83,11 @@ def update_history(
     proposals = ledger.read_table(proposals_path)
     metrics = {}
     for path in metrics_paths:
-        record = ledger.read_metrics(path)
+        try:
+            record = ledger.read_metrics(path)
+        except (FileNotFoundError, ValueError) as error:
+            # Found at the start of a run, such a file moves aside and its trial trains again.
+            raise ValueError(f"{error}; run the study again to retrain that trial") from None
         metrics[Path(path).parent.name] = record
     previous = ledger.read_table(previous_path) if previous_path else None
     history = ledger.build_history(previous, proposals, metrics)
