@@ -57,9 +57,25 @@ SUPERSEDED = "superseded"
 HEAD_LOCK = "head.lock"
 # Snakemake invocations that only look: they must not change the study folder or take its lock.
 _LOOKING_FLAGS = {
-    "--dry-run", "--dryrun", "--summary", "-S", "--detailed-summary", "-D", "--lint", "--list", "-l",
-    "--list-target-rules", "--dag", "--rulegraph", "--filegraph", "--unlock", "--report", "--list-changes",
-    "--lc", "--list-untracked", "--lu",
+    "--dry-run",
+    "--dryrun",
+    "--summary",
+    "-S",
+    "--detailed-summary",
+    "-D",
+    "--lint",
+    "--list",
+    "-l",
+    "--list-target-rules",
+    "--dag",
+    "--rulegraph",
+    "--filegraph",
+    "--unlock",
+    "--report",
+    "--list-changes",
+    "--lc",
+    "--list-untracked",
+    "--lu",
 }
 # The one list of which config fields can change results. A field under HARMLESS_FIELDS cannot
 # (where files go, what a job may use); one under TRIAL_FIELDS changes every trial's result;
@@ -69,7 +85,13 @@ HARMLESS_FIELDS = ("resources", "results_dir")
 TRIAL_FIELDS = ("backend", "benchmark", "model", "dataset", "training", "search_space")
 # The study's tables, built from every history: rebuilt after any result-relevant change.
 STUDY_TABLES = (
-    "trials.tsv", "hypervolume.tsv", "pareto_set.tsv", "plots", "report.html", "summary.txt", "gptune_db",
+    "trials.tsv",
+    "hypervolume.tsv",
+    "pareto_set.tsv",
+    "plots",
+    "report.html",
+    "summary.txt",
+    "gptune_db",
 )
 PILOT = "pilot"
 

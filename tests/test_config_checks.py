@@ -64,9 +64,11 @@ def test_no_held_out_split_while_eval_loss_is_an_objective(qlora):
 
 @pytest.mark.parametrize(
     "bound, field",
-    [({"lora_rank": {"type": "int", "low": 0, "high": 64, "step": 4}}, "lora_rank"),
-     ({"learning_rate": {"type": "float", "low": -1e-3, "high": 1e-2}}, "learning_rate"),
-     ({"lora_alpha": {"type": "choice", "values": [8, 0, 32]}}, "lora_alpha")],
+    [
+        ({"lora_rank": {"type": "int", "low": 0, "high": 64, "step": 4}}, "lora_rank"),
+        ({"learning_rate": {"type": "float", "low": -1e-3, "high": 1e-2}}, "learning_rate"),
+        ({"lora_alpha": {"type": "choice", "values": [8, 0, 32]}}, "lora_alpha"),
+    ],
     ids=["rank-low-0", "negative-lr", "choice-0-in-the-middle"],
 )
 def test_bounds_are_checked_over_the_whole_range(qlora, bound, field):
@@ -93,8 +95,10 @@ def test_choice_values_that_print_the_same_are_refused():
 
 @pytest.mark.parametrize(
     "change, field",
-    [(lambda c: c["pilot"].update(n=12), "pilot.n: 12 trials asked for, but search_space has only 9"),
-     (lambda c: c["arms"]["random"].update(rounds=3), "arms.random: pilot.n + rounds x batch_size = 10"),],
+    [
+        (lambda c: c["pilot"].update(n=12), "pilot.n: 12 trials asked for, but search_space has only 9"),
+        (lambda c: c["arms"]["random"].update(rounds=3), "arms.random: pilot.n + rounds x batch_size = 10"),
+    ],
     ids=["pilot", "arm"],
 )
 def test_a_finite_space_smaller_than_the_study_needs_is_refused(change, field):
@@ -140,8 +144,12 @@ def test_non_utf8_data_names_the_file(tmp_path):
     from loratune.training import DatasetSpec, prepare_dataset
 
     data = tmp_path / "latin1.jsonl"
-    data.write_bytes(json.dumps({"instruction": "Café", "output": "ok"}, ensure_ascii=False).encode("utf-8").replace(b"\xc3\xa9", b"\xe9")
-                     + b"\n")
+    data.write_bytes(
+        json.dumps({"instruction": "Café", "output": "ok"}, ensure_ascii=False)
+        .encode("utf-8")
+        .replace(b"\xc3\xa9", b"\xe9")
+        + b"\n"
+    )
     with pytest.raises(ValueError, match=rf"^dataset.path: {data}: not UTF-8 text \(byte \d+\)"):
         prepare_dataset(DatasetSpec(path=str(data)), tmp_path / "out")
 

@@ -99,12 +99,16 @@ def test_the_resolved_config_is_recorded_at_the_start(finished):
     [
         (lambda c: c["pilot"].update(n=6), ["pilot.n: 4 -> 6"]),
         (lambda c: c["arms"]["random"].update(batch_size=3), ["arms.random.batch_size: 2 -> 3"]),
-        (lambda c: c["benchmark"].update(problem="zdt1", memory_limit_gib=None),
-         ['benchmark.problem: "lora_surrogate" -> "zdt1"', "benchmark.memory_limit_gib: 30 -> null"]),
+        (
+            lambda c: c["benchmark"].update(problem="zdt1", memory_limit_gib=None),
+            ['benchmark.problem: "lora_surrogate" -> "zdt1"', "benchmark.memory_limit_gib: 30 -> null"],
+        ),
         (lambda c: c["objectives"].update(eval_loss="max"), ['objectives.eval_loss: "min" -> "max"']),
         # Adding a parameter is refused here, not deep in propose ("history: no column ...").
-        (lambda c: c["search_space"].update(lora_dropout={"type": "float", "low": 0.0, "high": 0.2}),
-         ['search_space.lora_dropout.type: "fixed" -> "float"', "search_space.lora_dropout.high: (absent) -> 0.2"]),
+        (
+            lambda c: c["search_space"].update(lora_dropout={"type": "float", "low": 0.0, "high": 0.2}),
+            ['search_space.lora_dropout.type: "fixed" -> "float"', "search_space.lora_dropout.high: (absent) -> 0.2"],
+        ),
     ],
     ids=["pilot.n", "batch_size", "problem", "direction", "new-parameter"],
 )
@@ -163,8 +167,11 @@ def test_a_lost_and_a_truncated_metrics_file_retrain_only_their_trials(study):
     lost, truncated = (out / f"seed0/trials/{t}/metrics.json" for t in (pilot_trial, arm_trial))
     lost.unlink()
     truncated.write_text(truncated.read_text()[:40])
-    others = {k: v for k, v in _mtimes(study, "seed0/trials/*/metrics.json").items() if pilot_trial not in k
-              and arm_trial not in k}
+    others = {
+        k: v
+        for k, v in _mtimes(study, "seed0/trials/*/metrics.json").items()
+        if pilot_trial not in k and arm_trial not in k
+    }
     table = (out / "trials.tsv").stat().st_mtime_ns
 
     result = _rerun(study, CONFIG)
@@ -245,7 +252,9 @@ def test_a_duplicate_trial_job_waits_and_keeps_the_finished_metrics(tmp_path):
         f"atomic_write_json({str(metrics)!r}, {{'trial_id': {trial_id!r}, 'status': 'ok', 'eval_loss': 1.5}})\n"
     )
     first = subprocess.Popen(
-        [str(Path(SNAKEMAKE).with_name("python")), "-c", script], stdout=subprocess.PIPE, text=True,
+        [str(Path(SNAKEMAKE).with_name("python")), "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert first.stdout.readline().strip() == "locked"
@@ -265,20 +274,33 @@ def test_a_killed_head_does_not_train_the_orphan_trial_twice(tmp_path):
     config = yaml.safe_load((REPO / "tests/configs/tiny_qlora.yaml").read_text())
     config.update(
         study="killed",
-        search_space={**config["search_space"], "learning_rate": {"type": "fixed", "value": 1e-3},
-                      "lora_rank": {"type": "choice", "values": [4]}},
+        search_space={
+            **config["search_space"],
+            "learning_rate": {"type": "fixed", "value": 1e-3},
+            "lora_rank": {"type": "choice", "values": [4]},
+        },
         pilot={"design": "grid", "n": 1},
         arms={"random": {"proposer": "random", "rounds": 0, "batch_size": 1}},
     )
     config["training"].update(max_steps=400)
     config["model"]["name"] = str(build_tiny_llama(tmp_path / "tiny-llama"))
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}"}) + "\n"
-                            for i in range(20)))
+    data.write_text(
+        "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}"}) + "\n" for i in range(20))
+    )
     config["dataset"]["path"] = str(data)
     configfile = write_config(tmp_path / "config.yaml", config)
-    command = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(configfile),
-               "--profile", str(REPO / "profiles/local")]
+    command = [
+        SNAKEMAKE,
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        "--configfile",
+        str(configfile),
+        "--profile",
+        str(REPO / "profiles/local"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     head = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials = tmp_path / "results" / "killed" / "seed0" / "trials"
