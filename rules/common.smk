@@ -24,9 +24,13 @@ if workflow.is_main_process:
     LOOKING = study_state.only_looks(sys.argv)
     if not LOOKING:
         try:
-            HEAD_LOCK = study_state.hold_lock(f"{OUT}/{study_state.HEAD_LOCK}", wait=False)
+            HEAD_LOCK = study_state.hold_lock(
+                f"{OUT}/{study_state.HEAD_LOCK}", wait=False
+            )
         except BlockingIOError as error:
-            sys.exit(f"loratune: study {STUDY.name!r} is being run by another head ({error}); wait for it or stop it")
+            sys.exit(
+                f"loratune: study {STUDY.name!r} is being run by another head ({error}); wait for it or stop it"
+            )
     try:
         for line in study_state.prepare_run(
             STUDY, OUT, recompute=RECOMPUTE, retry_failed=RETRY_FAILED, dry_run=LOOKING
