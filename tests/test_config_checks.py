@@ -67,9 +67,9 @@ def test_no_held_out_split_while_eval_loss_is_an_objective(qlora):
     [
         ({"lora_rank": {"type": "int", "low": 0, "high": 64, "step": 4}}, "lora_rank"),
         ({"learning_rate": {"type": "float", "low": -1e-3, "high": 1e-2}}, "learning_rate"),
-        ({"lora_alpha": {"type": "choice", "values": [8, 0, 32]}}, "lora_alpha"),
+        ({"lora_alpha": {"type": "choice", "values": [0, 8, 16, 32, 64]}}, "lora_alpha"),
     ],
-    ids=["rank-low-0", "negative-lr", "choice-0-in-the-middle"],
+    ids=["rank-low-0", "negative-lr", "choice-0-at-the-low-end"],
 )
 def test_bounds_are_checked_over_the_whole_range(qlora, bound, field):
     qlora["search_space"].update(bound)

@@ -319,3 +319,32 @@ def test_a_killed_head_does_not_train_the_orphan_trial_twice(tmp_path):
     assert "waiting for it to finish" in text and "was finished by another job" in text
     assert "on cpu" not in text  # the rerun's job never started training
     assert json.loads((log.parent / "metrics.json").read_text())["status"] in ("ok", "failed")
+
+
+def test_a_full_disk_ends_a_step_with_one_line_on_its_stderr(tmp_path):
+    """A tmpfs that fills up: the step says so in one line where Snakemake shows it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        script = (
+            "from loratune.logs import log_to_file, one_line_errors\n"
+            "from loratune.ledger import atomic_write_text\n"
+            f"log_to_file({str(disk / 'train.log')!r})\n"
+            "with one_line_errors():\n"
+            f"    atomic_write_text({str(disk / 'metrics.json')!r}, 'x' * 10**6)\n"
+        )
+        result = subprocess.run(
+            [str(Path(SNAKEMAKE).with_name("python")), "-c", script],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loratune: disk full: "), result.stderr
+    assert "free space and run again" in lines[0]
