@@ -273,13 +273,13 @@ def validate_config(config: dict) -> Study:
     if results_dir.exists() and not results_dir.is_dir():
         raise ConfigError(f"results_dir: {config['results_dir']} is a file, not a folder")
     _check_space_values(config, space)
-    _check_space_size(config, space)
     overlap = set(config["objectives"]) & set(space.names)
     if overlap:
         raise ConfigError(f"objectives: {sorted(overlap)} are search-space parameters, not metrics")
     _check_objectives(config, space)
     arms = _check_arms(config)
     _check_training(config)
+    _check_space_size(config, space)
     return Study(config=config, space=space, objectives=dict(config["objectives"]), arms=arms)
 
 
