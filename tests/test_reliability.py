@@ -348,3 +348,30 @@ def test_a_full_disk_ends_a_step_with_one_line_on_its_stderr(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("loratune: disk full: "), result.stderr
     assert "free space and run again" in lines[0]
+
+
+# ---- the library on its own ------------------------------------------------------------------
+def test_every_config_field_has_one_scope():
+    from loratune.config import load_schema
+    from loratune.study_state import HARMLESS_FIELDS, change_scope
+
+    for name in load_schema()["properties"]:
+        scope = change_scope(f"{name}.x", "qlora")
+        assert (scope == "harmless") == (name in HARMLESS_FIELDS), name
+    assert change_scope("objectives.eval_loss", "benchmark") == "trials"
+    assert change_scope("objectives.eval_loss", "qlora") == "arms"
+    assert change_scope("arms.random.batch_size", "qlora") == "arm:random"
+    assert change_scope("a_field_added_later", "qlora") == "trials"  # unknown fields are never harmless
+
+
+def test_a_dry_run_reports_the_repairs_and_moves_nothing(study):
+    from loratune.config import validate_config
+    from loratune.study_state import prepare_run
+
+    out = _out(study)
+    (lost,) = list(out.glob("seed0/trials/*/metrics.json"))[:1]
+    lost.unlink()
+    before = _mtimes(study, "**/*")
+    lines = prepare_run(validate_config(copy.deepcopy(CONFIG)), out, dry_run=True)
+    assert any(line.startswith(f"{out / lost.relative_to(out)}: missing") for line in lines), lines
+    assert _mtimes(study, "**/*") == before and not (out / "superseded").exists()
