@@ -77,10 +77,10 @@ _LOOKING_FLAGS = {
     "--list-untracked",
     "--lu",
 }
-# The one list of which config fields can change results. A field under HARMLESS_FIELDS cannot
-# (where files go, what a job may use); one under TRIAL_FIELDS changes every trial's result;
-# every other field (seeds, objectives, pilot, arms, and any field added later unless listed
-# here) changes what the search computed from the trials.
+# The one list of which config fields can change results (``change_scope`` reads it). A field
+# under HARMLESS_FIELDS cannot (where files go, what a job may use); one under TRIAL_FIELDS
+# changes every trial's result; seeds, objectives, pilot and arms change what the search
+# computed from the trials; any other field (one added later) counts as changing every trial.
 HARMLESS_FIELDS = ("resources", "results_dir")
 TRIAL_FIELDS = ("backend", "benchmark", "model", "dataset", "training", "search_space")
 # The study's tables, built from every history: rebuilt after any result-relevant change.
