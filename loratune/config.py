@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 ARM_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9-]*"
+# Checked with re.fullmatch: the schema's ^...$ under re.search lets a trailing newline through.
+STUDY_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 RESERVED_ARM_NAMES = {PILOT, "trials", "data", "plots", "gptune_db"}
 # Numeric metrics that every qlora trial records in its metrics.json: the possible objectives.
 TRIAL_METRICS = OBJECTIVE_METRICS
@@ -313,12 +316,80 @@ def _check_training(config: dict) -> None:
     ):
         if is_local(name) and not Path(name).expanduser().exists():
             raise ConfigError(f"{field}: no such file or directory: {name}")
-    # Every trial must resolve to LoRA hyperparameters and settings: check one of them now.
+    _check_dataset_source(config["dataset"]["path"])
+    if "eval_loss" in config["objectives"] and config["dataset"]["eval_fraction"] == 0:
+        raise ConfigError("dataset.eval_fraction: 0 holds out no example, but eval_loss is an objective")
+    # Every trial must resolve to LoRA hyperparameters and settings: check the space's corners,
+    # its centre and every choice, not only the centre (a rank of 0 hides at the low end).
     space = SearchSpace.from_config(config["search_space"])
-    try:
-        resolve_trial(space.from_unit([0.5] * space.dim), TrainingSettings(**config["training"]))
-    except ValueError as error:
-        raise ConfigError(f"search_space: {str(error).removeprefix('hparams: ')}") from None
+    settings = TrainingSettings(**config["training"])
+    for point in _probe_points(space):
+        try:
+            resolve_trial(point, settings)
+        except ValueError as error:
+            raise ConfigError(f"search_space: {str(error).removeprefix('hparams: ')}") from None
+
+
+def _probe_points(space: SearchSpace) -> list[dict]:
+    """The lowest, highest and middle point of the space, and one point per choice value."""
+    points = [space.from_unit([u] * space.dim) for u in (0.0, 1.0, 0.5)]
+    centre = points[-1]
+    for param in space.tunable:
+        for level in param.levels or []:
+            points.append(space.snap({**centre, param.name: level}))
+    return points
+
+
+def _check_dataset_source(name: str) -> None:
+    """A dataset that is not a local file, folder or builtin must be a hub id the job can fetch."""
+    from loratune.training import data
+
+    path = Path(name).expanduser()
+    if name in data.BUILTIN_FILES:
+        return
+    if path.is_dir():
+        if not data.folder_holds_data(path):
+            raise ConfigError(f"dataset.path: {name} holds no {'/'.join(data.DATA_SUFFIXES)} file and no saved dataset")
+        return
+    if path.exists() or data.looks_like_local_path(name):
+        return
+    if "/" not in name:
+        raise ConfigError(
+            f"dataset.path: no such file or directory: {name} (a hub dataset id has the form owner/name)"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise ConfigError(f"dataset.path: {name} is not a local path and the hub is offline (HF_HUB_OFFLINE)")
+
+
+def _check_space_values(config: dict, space: SearchSpace) -> None:
+    """Distinct choice values that print alike would share a trial id (and a trial folder)."""
+    for param in space.tunable:
+        seen: dict[str, Any] = {}
+        for level in param.levels or []:
+            text = param.format(level)
+            if text in seen and seen[text] is not level:
+                raise ConfigError(
+                    f"search_space.{param.name}.values: {seen[text]!r} and {level!r} give the same trial id "
+                    f"{text!r}; keep one"
+                )
+            seen[text] = level
+
+
+def _check_space_size(config: dict, space: SearchSpace) -> None:
+    """A finite space must hold the distinct points the pilot and every arm will ask for."""
+    size = space.cardinality
+    if size is None:
+        return
+    pilot = config["pilot"]["n"]
+    if pilot > size:
+        raise ConfigError(f"pilot.n: {pilot} trials asked for, but search_space has only {size} distinct points")
+    for name, spec in config["arms"].items():
+        needed = pilot + spec["rounds"] * spec["batch_size"]
+        if needed > size:
+            raise ConfigError(
+                f"arms.{name}: pilot.n + rounds x batch_size = {needed} distinct trials, "
+                f"but search_space has only {size} points"
+            )
 
 
 def validate_config(config: dict) -> Study:
@@ -333,12 +404,19 @@ def validate_config(config: dict) -> Study:
         space = SearchSpace.from_config(config["search_space"])
     except SpaceError as error:
         raise ConfigError(str(error)) from None
+    if not re.fullmatch(STUDY_NAME_PATTERN, config["study"]):
+        raise ConfigError(f"study: {config['study']!r} must be letters, digits, _ . - (starting with a letter or digit)")
+    results_dir = Path(config["results_dir"]).expanduser()
+    if results_dir.exists() and not results_dir.is_dir():
+        raise ConfigError(f"results_dir: {config['results_dir']} is a file, not a folder")
+    _check_space_values(config, space)
     overlap = set(config["objectives"]) & set(space.names)
     if overlap:
         raise ConfigError(f"objectives: {sorted(overlap)} are search-space parameters, not metrics")
     _check_objectives(config, space)
     arms = _check_arms(config)
     _check_training(config)
+    _check_space_size(config, space)
     return Study(config=config, space=space, objectives=dict(config["objectives"]), arms=arms)
 
 

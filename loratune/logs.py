@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -19,3 +21,20 @@ def log_to_file(path: str | Path) -> None:
         force=True,
     )
     logging.captureWarnings(True)
+
+
+@contextmanager
+def one_line_errors():
+    """End a step whose input is bad (a dataset, a model, named by their config field) with that
+    one line in its log instead of a traceback: the message already says what to fix. A full
+    disk ends it with one line on the job's own stderr (writing the log would fail too)."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            # The log may sit on the full disk too: say it where Snakemake shows it.
+            message = f"loratune: disk full: {error.filename or error}; free space and run again"
+            print(message, file=sys.__stderr__, flush=True)
+            sys.exit(1)
+        logging.getLogger("loratune").error("%s", error)
+        sys.exit(1)

@@ -109,7 +109,11 @@ def update_history(
     proposals = ledger.read_table(proposals_path)
     metrics = {}
     for path in metrics_paths:
-        record = ledger.read_metrics(path)
+        try:
+            record = ledger.read_metrics(path)
+        except (FileNotFoundError, ValueError) as error:
+            # Found at the start of a run, such a file moves aside and its trial trains again.
+            raise ValueError(f"{error}; run the study again to retrain that trial") from None
         metrics[record.get("trial_id") or Path(path).parent.name] = record
     if outcomes_path:
         outcomes = ledger.read_table(outcomes_path)

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,12 +50,47 @@ def _evaluate_benchmark(study: Study, hparams: dict, seed: int, until_step: int 
     return {"status": "ok", "error": None, **metrics}
 
 
+TRIAL_LOCK = "trial.lock"
+
+
 def _deadline(runtime_minutes: float | None, started: float) -> float | None:
-    """When training must stop to leave the job time to evaluate and write its metrics."""
-    if not runtime_minutes:
+    """When training must stop to leave the job time to evaluate and write its metrics.
+
+    Only a Slurm job has a wall time that kills it; a local run has none, so it gets no deadline.
+    The margin is max(60 s, 10 %) of the runtime, but never more than half of it, so a short
+    runtime still trains.
+    """
+    if not runtime_minutes or not os.environ.get("SLURM_JOB_ID"):
         return None
     budget = runtime_minutes * 60
-    return started + budget - max(60.0, 0.1 * budget)
+    return started + budget - min(max(60.0, 0.1 * budget), 0.5 * budget)
+
+
+def _finished_record(metrics_path: Path, trial_id: str) -> dict | None:
+    """The metrics another job of this trial already wrote, if complete; else None."""
+    try:
+        record = ledger.read_metrics(metrics_path)
+    except (OSError, ValueError):
+        return None
+    return record if record.get("trial_id") == trial_id and "status" in record else None
+
+
+@contextmanager
+def _one_trainer(metrics_path: Path):
+    """Hold the trial's lock (a file in its folder, so it holds across working directories and
+    nodes sharing the file system) for the whole job; a duplicate job waits here."""
+    from loratune.study_state import hold_lock
+
+    lock_path = metrics_path.parent / TRIAL_LOCK
+    try:
+        handle = hold_lock(lock_path, wait=False)
+    except BlockingIOError as held:
+        log.warning("%s; waiting for it to finish", held)
+        handle = hold_lock(lock_path, wait=True)
+    try:
+        yield
+    finally:
+        handle.close()
 
 
 def _evaluate_qlora(
@@ -94,6 +130,25 @@ def run_trial_job(
     from loratune.devices import claim_gpu
 
     metrics_path = Path(metrics_path)
+    with _one_trainer(metrics_path):
+        finished = _finished_record(metrics_path, trial_id)
+        if finished is not None:
+            log.info("trial %s was finished by another job (%s); keeping its metrics", trial_id, finished.get("hostname"))
+            return finished
+        return _train_and_record(study, trial_id, seed, metrics_path, model_path, data_dir, runtime_minutes)
+
+
+def _train_and_record(
+    study: Study,
+    trial_id: str,
+    seed: int,
+    metrics_path: Path,
+    model_path: str | None,
+    data_dir: str | None,
+    runtime_minutes: float | None,
+) -> dict:
+    from loratune.devices import claim_gpu
+
     hparams = study.space.parse_trial_id(trial_id)
     started_at, started = _now(), time.perf_counter()
     deadline = _deadline(runtime_minutes, time.time())

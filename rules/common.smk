@@ -6,6 +6,11 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 from loratune.config import ARM_NAME_PATTERN, ConfigError, validate_config
 from loratune.ledger import PILOT, proposed_trial_ids, read_table
 from loratune.loop import rung_candidates
+from loratune import study_state
+
+# Switches of one run, not part of the study (given as --config recompute=true, retry_failed=...).
+RECOMPUTE = str(config.pop("recompute", False)).lower() in ("true", "yes", "1")
+RETRY_FAILED = config.pop("retry_failed", None)
 
 try:
     STUDY = validate_config(config)
@@ -13,6 +18,27 @@ except ConfigError as error:
     sys.exit(f"loratune: config error: {error}")
 
 OUT = f"{config['results_dir']}/{STUDY.name}"
+
+# Before any job: one head per study, and the study folder reconciled with this config
+# (changed config, lost or corrupt files, failed trials to retry): see loratune/study_state.py.
+if workflow.is_main_process:
+    LOOKING = study_state.only_looks(sys.argv)
+    if not LOOKING:
+        try:
+            HEAD_LOCK = study_state.hold_lock(
+                f"{OUT}/{study_state.HEAD_LOCK}", wait=False
+            )
+        except BlockingIOError as error:
+            sys.exit(
+                f"loratune: study {STUDY.name!r} is being run by another head ({error}); wait for it or stop it"
+            )
+    try:
+        for line in study_state.prepare_run(
+            STUDY, OUT, recompute=RECOMPUTE, retry_failed=RETRY_FAILED, dry_run=LOOKING
+        ):
+            print(f"loratune: {line}", file=sys.stderr)
+    except study_state.StudyStateError as error:
+        sys.exit(f"loratune: {error}")
 ARMS = [arm.name for arm in STUDY.arms]
 MODEL_MARKER = f"resources/models/{STUDY.model_slug}.json"
 # The evaluation settings as a file: rewritten (newer) only when they change, so that changing

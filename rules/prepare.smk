@@ -3,7 +3,7 @@ rule prepare_model:
     output:
         marker=MODEL_MARKER,
     log:
-        f"logs/prepare_model/{STUDY.model_slug}.log",
+        f"resources/logs/prepare_model/{STUDY.model_slug}.log",
     localrule: True
     resources:
         mem_mb=8000,

@@ -291,9 +291,10 @@ def test_a_passed_deadline_stops_training_as_a_failed_trial(tiny_model, data_dir
     assert metrics["eval_loss"] is None
 
 
-def test_the_job_time_limit_leaves_a_margin():
+def test_the_job_time_limit_leaves_a_margin(monkeypatch):
     from loratune.trial import _deadline
 
+    monkeypatch.setenv("SLURM_JOB_ID", "1")  # only a Slurm job has a wall time to stop before
     assert _deadline(None, 1000.0) is None
     assert _deadline(10, 1000.0) == 1000.0 + 600 - 60  # at least a minute to evaluate and record
     assert _deadline(600, 0.0) == 36000 - 3600  # a tenth of a long job

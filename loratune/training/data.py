@@ -175,7 +175,10 @@ _READERS = {
 
 
 def _read_file(path: Path) -> RecordBatch:
-    records = _READERS[path.suffix.lower()](path)
+    try:
+        records = _READERS[path.suffix.lower()](path)
+    except UnicodeDecodeError as bad:
+        raise ValueError(f"dataset.path: {path}: not UTF-8 text (byte {bad.start}); save it as UTF-8") from None
     for index, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise ValueError(f"dataset.path: {path} record {index}: expected an object, got {type(record).__name__}")
@@ -196,6 +199,13 @@ def _sha256_tree(folder: Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
+
+
+def folder_holds_data(folder: Path) -> bool:
+    """Whether a folder is a saved dataset or holds a data file (checked before any job)."""
+    if any((folder / marker).exists() for marker in _SAVED_DATASET_MARKERS):
+        return True
+    return any(p.is_file() and p.suffix.lower() in DATA_SUFFIXES for p in folder.iterdir())
 
 
 def _read_folder(folder: Path, split: str) -> list[RecordBatch]:
@@ -431,6 +441,11 @@ def prepare_dataset(spec: DatasetSpec, out_dir: str | Path) -> dict[str, Any]:
     train, evaluation = split_examples(examples, spec.eval_fraction, spec.split_seed)
     if not train:
         raise ValueError(f"dataset.path: {origin} leaves no training example (it has {len(examples)})")
+    if spec.eval_fraction > 0 and not evaluation:
+        raise ValueError(
+            f"dataset.eval_fraction: {spec.eval_fraction} of {len(examples)} example(s) in {origin} holds out none; "
+            f"give more examples or a larger fraction"
+        )
     train_text, eval_text = _jsonl(train), _jsonl(evaluation)
     manifest = {
         "path": spec.path,

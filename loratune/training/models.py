@@ -139,12 +139,19 @@ def download_hub_model(spec: ModelSpec, target: Path) -> str:
     checkpoints) once; the token comes from HF_TOKEN / HF_TOKEN_PATH, never from the config."""
     from huggingface_hub import snapshot_download
 
-    path = snapshot_download(
-        repo_id=spec.name,
-        revision=spec.revision,
-        local_dir=str(target),
-        ignore_patterns=["original/*", "*.pth", "*.gguf", "*.msgpack", "*.h5"],
-    )
+    try:
+        path = snapshot_download(
+            repo_id=spec.name,
+            revision=spec.revision,
+            local_dir=str(target),
+            ignore_patterns=["original/*", "*.pth", "*.gguf", "*.msgpack", "*.h5"],
+        )
+    except Exception as error:  # the hub client raises many types; the user needs the field and why
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"model.name: {spec.name!r} is no local path and could not be fetched from the hub "
+            f"({type(error).__name__}: {reason})"
+        ) from None
     return str(path)
 
 
