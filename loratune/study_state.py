@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from loratune import ledger
+from loratune.ledger import PILOT
 from loratune.config import Study
 
 __all__ = [
@@ -93,7 +94,7 @@ STUDY_TABLES = (
     "summary.txt",
     "gptune_db",
 )
-PILOT = "pilot"
+
 
 
 class StudyStateError(RuntimeError):
@@ -140,8 +141,8 @@ def change_scope(field_name: str, backend: str) -> str:
     if top == "objectives":
         # A benchmark trial computes only the objectives it is asked for; a real one records all.
         return "trials" if backend == "benchmark" else "arms"
-    if top == "pilot":
-        return "pilot"
+    if top == PILOT:
+        return PILOT
     if top == "arms" and rest:
         return f"arm:{rest.split('.')[0]}"
     if top == "seeds":
@@ -159,7 +160,7 @@ def _invalidated(out: Path, scopes: set[str]) -> list[Path]:
             if folder.name == "trials" or not folder.is_dir():
                 continue
             is_pilot = folder.name == PILOT
-            if "pilot" in scopes or ("arms" in scopes and not is_pilot) or f"arm:{folder.name}" in scopes:
+            if PILOT in scopes or ("arms" in scopes and not is_pilot) or f"arm:{folder.name}" in scopes:
                 paths.append(folder)
     return sorted(p for p in paths if p.exists())
 

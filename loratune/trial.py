@@ -76,12 +76,14 @@ def _finished_record(metrics_path: Path, trial_id: str) -> dict | None:
 
 
 @contextmanager
-def _one_trainer(metrics_path: Path):
+def _one_trainer(trial_dir: Path):
     """Hold the trial's lock (a file in its folder, so it holds across working directories and
-    nodes sharing the file system) for the whole job; a duplicate job waits here."""
+    nodes sharing the file system) for the whole job; a duplicate job waits here. Every job of a
+    trial (each rung of early stopping and the full budget) takes the one lock of the trial's
+    folder, since they continue one saved training state."""
     from loratune.study_state import hold_lock
 
-    lock_path = metrics_path.parent / TRIAL_LOCK
+    lock_path = trial_dir / TRIAL_LOCK
     try:
         handle = hold_lock(lock_path, wait=False)
     except BlockingIOError as held:
@@ -127,15 +129,17 @@ def run_trial_job(
     ``until_step``: train only up to this rung (early stopping), keeping the training state in
     ``trial_dir`` (default: the folder of ``metrics_path``) so that the next rung continues it.
     """
-    from loratune.devices import claim_gpu
 
     metrics_path = Path(metrics_path)
-    with _one_trainer(metrics_path):
+    trial_dir = Path(trial_dir) if trial_dir is not None else metrics_path.parent
+    with _one_trainer(trial_dir):
         finished = _finished_record(metrics_path, trial_id)
         if finished is not None:
             log.info("trial %s was finished by another job (%s); keeping its metrics", trial_id, finished.get("hostname"))
             return finished
-        return _train_and_record(study, trial_id, seed, metrics_path, model_path, data_dir, runtime_minutes)
+        return _train_and_record(
+            study, trial_id, seed, metrics_path, model_path, data_dir, runtime_minutes, until_step, trial_dir
+        )
 
 
 def _train_and_record(
@@ -146,6 +150,8 @@ def _train_and_record(
     model_path: str | None,
     data_dir: str | None,
     runtime_minutes: float | None,
+    until_step: int | None,
+    trial_dir: Path,
 ) -> dict:
     from loratune.devices import claim_gpu
 
@@ -159,8 +165,7 @@ def _train_and_record(
             if study.config["backend"] == "benchmark":
                 metrics = _evaluate_benchmark(study, hparams, seed, until_step)
             else:
-                out_dir = Path(trial_dir) if trial_dir is not None else metrics_path.parent
-                metrics = _evaluate_qlora(study, hparams, seed, model_path, data_dir, out_dir, deadline, until_step)
+                metrics = _evaluate_qlora(study, hparams, seed, model_path, data_dir, trial_dir, deadline, until_step)
         except Exception as error:  # a crashed trial is a result, not a crash of the study
             log.error("trial %s failed:\n%s", trial_id, traceback.format_exc())
             metrics = {"status": "failed", "error": f"{type(error).__name__}: {error}"}

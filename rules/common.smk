@@ -138,7 +138,7 @@ def get_final_outputs():
 
 def uses_early_stopping(arm):
     """Whether an arm stops trials at rungs (a single rung [1.0] is an ordinary arm)."""
-    if arm == "pilot":
+    if arm == PILOT:
         return False
     schedule = STUDY.arm(arm).early_stopping
     return schedule is not None and len(schedule.rungs) > 1
