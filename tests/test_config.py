@@ -6,9 +6,10 @@ import copy
 import dataclasses
 
 import pytest
+import yaml
 from conftest import REPO, load_test_config
 
-from loratune.config import ConfigError, dataclass_schema, load_config, load_schema, validate_config
+from loratune.config import ConfigError, dataclass_schema, load_schema, validate_config
 from loratune.training.settings import DatasetSpec, ModelSpec, TrainingSettings
 
 SECTIONS = {"model": ModelSpec, "dataset": DatasetSpec, "training": TrainingSettings}
@@ -95,5 +96,10 @@ def test_the_shipped_configs_validate_with_the_generated_schema():
         *sorted((REPO / "config" / "experiments").glob("*.yaml")),
         *sorted((REPO / "tests" / "configs").glob("*.yaml")),
     ]:
-        study = load_config(path)
+        config = yaml.safe_load(path.read_text())
+        # The tests fill these in with a tiny model and data of their own.
+        for section, key, builtin in (("model", "name", "builtin:smollm2-135m"), ("dataset", "path", "builtin:instructions")):
+            if config.get(section, {}).get(key) == "SET-BY-TEST":
+                config[section][key] = builtin
+        study = validate_config(config)
         assert study.config["training"]["batch_size"] >= 1, path
