@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from loratune import ledger
+from loratune import files, ledger
 from loratune.evaluation import evaluate_adapter
 from loratune.training import DatasetSpec, ModelSpec, TrainingSettings, prepare_dataset, prepare_model, run_trial
 
@@ -60,7 +60,7 @@ def main() -> None:
     record.pop("traceback", None)
     result["evaluation"] = {**record, "wall_time": time.perf_counter() - started, "limit": args.limit}
     print(json.dumps(result, indent=1))
-    ledger.atomic_write_json(args.out, result)
+    files.atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":

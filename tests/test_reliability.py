@@ -245,7 +245,7 @@ def test_a_duplicate_trial_job_waits_and_keeps_the_finished_metrics(tmp_path):
     script = (
         "import sys, time, copy\n"
         "from loratune.study_state import hold_lock\n"
-        "from loratune.ledger import atomic_write_json\n"
+        "from loratune.files import atomic_write_json\n"
         f"lock = hold_lock({str(metrics.parent / 'trial.lock')!r}, wait=True)\n"
         "print('locked', flush=True)\n"
         "time.sleep(3)\n"
