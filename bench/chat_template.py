@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from loratune import files, ledger
+from loratune import files
 from loratune.evaluation import evaluate_adapter
 from loratune.training import DatasetSpec, ModelSpec, TrainingSettings, prepare_dataset, prepare_model, run_trial
 
