@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, SNAKEMAKE, run_workflow, write_config
+from conftest import REPO, SNAKEMAKE, load_test_config, run_workflow, write_config
+from loratune.ledger import read_table
 
 STUDY = "reliable"
 CONFIG = {
@@ -160,12 +161,14 @@ def test_recompute_after_a_trial_setting_change_starts_over_and_keeps_the_old_re
 
 
 # ---- lost or corrupt files -----------------------------------------------------------------
-def test_a_lost_and_a_truncated_metrics_file_retrain_only_their_trials(study):
+def test_a_lost_metrics_file_retrains_and_a_truncated_one_is_restored_from_its_kept_record(study):
     out = _out(study)
     pilot_trial = pd.read_csv(out / "seed0/pilot/round0/proposals.tsv", sep="\t").trial_id[0]
     arm_trial = pd.read_csv(out / "seed0/random/round2/proposals.tsv", sep="\t").trial_id[0]
     lost, truncated = (out / f"seed0/trials/{t}/metrics.json" for t in (pilot_trial, arm_trial))
     lost.unlink()
+    (lost.parent / "finished.json").unlink()  # its kept record too: it must train again
+    original = json.loads(truncated.read_text())
     truncated.write_text(truncated.read_text()[:40])
     others = {
         k: v
@@ -178,8 +181,12 @@ def test_a_lost_and_a_truncated_metrics_file_retrain_only_their_trials(study):
     assert _trained(result) == sorted(str(p.relative_to(study)) for p in (lost, truncated))
     assert f"{lost.relative_to(study)}: missing; retraining that trial" in result.stderr
     assert f"{truncated.relative_to(study)}: not valid JSON" in result.stderr
+    # A truncated metrics.json whose kept record (finished.json) is intact is restored, not retrained.
+    assert f"restoring it from {truncated.with_name('finished.json')} (no training)" in result.stderr
+    assert json.loads(truncated.read_text()) == original
+    assert "restoring its metrics from" in (truncated.parent / "train.log").read_text()
     assert {k: v for k, v in _mtimes(study, "seed0/trials/*/metrics.json").items() if k in others} == others
-    assert json.loads(truncated.read_text())["trial_id"] == arm_trial
+    assert json.loads(lost.read_text())["trial_id"] == pilot_trial
     assert (out / "trials.tsv").stat().st_mtime_ns > table
     assert len(pd.read_csv(out / "trials.tsv", sep="\t")) == 8
     again = _rerun(study, CONFIG)
@@ -375,3 +382,101 @@ def test_a_dry_run_reports_the_repairs_and_moves_nothing(study):
     lines = prepare_run(validate_config(copy.deepcopy(CONFIG)), out, dry_run=True)
     assert any(line.startswith(f"{out / lost.relative_to(out)}: missing") for line in lines), lines
     assert _mtimes(study, "**/*") == before and not (out / "superseded").exists()
+
+
+# ---- early stopping: rung metrics and promotions -------------------------------------------
+RUNGS = "tiny-rungs"  # tests/configs/tiny_rungs.yaml: rungs at steps 10 and 20 of 40, 4 -> 2 -> 1 trials
+
+
+@pytest.fixture(scope="module")
+def finished_rungs(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("rungs")
+    run_workflow(workdir, write_config(workdir / "config.yaml", load_test_config("tiny_rungs.yaml")))
+    return workdir
+
+
+@pytest.fixture
+def rungs(finished_rungs, tmp_path) -> Path:
+    workdir = tmp_path / "rungs"
+    shutil.copytree(finished_rungs, workdir, symlinks=True)
+    (workdir / "results" / RUNGS / "head.lock").unlink(missing_ok=True)
+    return workdir
+
+
+def _jobs(result: subprocess.CompletedProcess, rule: str) -> list[str]:
+    """The output of every job of ``rule`` a run started."""
+    lines = (result.stdout + result.stderr).splitlines()
+    return sorted(
+        lines[i + 1].split("output:")[1].strip()
+        for i, line in enumerate(lines)
+        if line.strip() in (f"rule {rule}:", f"localrule {rule}:") and i + 1 < len(lines) and "output:" in lines[i + 1]
+    )
+
+
+def test_a_lost_rung_metrics_file_and_a_truncated_promotion_retrain_only_that_rung(rungs):
+    out = rungs / "results" / RUNGS
+    round_dir = out / "seed0/halving/round1"
+    stopped = read_table(round_dir / "rung0/promoted.tsv").query("not promoted").trial_id.iloc[0]
+    lost = out / f"seed0/trials/{stopped}/step10/metrics.json"
+    lost.unlink()
+    lost.with_name("finished.json").unlink()
+    promotion = round_dir / "rung1/promoted.tsv"
+    promotion.write_text(promotion.read_text()[:30])
+    pilot = _mtimes_of(out, "seed0/pilot/round0/*") | _mtimes_of(out, "seed0/random/round1/*")
+    config = load_test_config("tiny_rungs.yaml")
+
+    result = run_workflow(rungs, write_config(rungs / "config.yaml", config))
+    assert f"{lost.relative_to(rungs)}: missing; retraining that trial" in result.stderr
+    assert _jobs(result, "train_rung") == [str(lost.relative_to(rungs))]
+    assert _jobs(result, "train_trial") == [] and _jobs(result, "promote") == [
+        str((round_dir / f"rung{k}/promoted.tsv").relative_to(rungs)) for k in (0, 1)
+    ]
+    assert len(read_table(promotion)) == 4 and len(read_table(round_dir / "history.tsv")) == 7
+    assert _mtimes_of(out, "seed0/pilot/round0/*") | _mtimes_of(out, "seed0/random/round1/*") == pilot
+    again = run_workflow(rungs, rungs / "config.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_an_early_stopping_change_is_refused_then_recomputes_only_that_arm(rungs):
+    out = rungs / "results" / RUNGS
+    config = load_test_config("tiny_rungs.yaml")
+    config["arms"]["halving"]["early_stopping"]["keep"] = 0.75
+    refused = run_workflow(rungs, write_config(rungs / "config.yaml", config), check=False)
+    assert refused.returncode != 0 and "  arms.halving.early_stopping.keep: 0.5 -> 0.75\n" in refused.stderr
+    kept = _mtimes_of(out, "seed0/pilot/round0/*") | _mtimes_of(out, "seed0/random/round1/*")
+    rung_metrics = _mtimes_of(out, "seed0/trials/*/step*/metrics.json")
+
+    result = run_workflow(rungs, rungs / "config.yaml", "--config", "recompute=true")
+    assert "after the change of arms.halving.early_stopping.keep" in result.stderr
+    assert _mtimes_of(out, "seed0/pilot/round0/*") | _mtimes_of(out, "seed0/random/round1/*") == kept
+    # The arm's rounds are proposed again; rung files of trials it proposes again are reused.
+    assert list((out / "superseded").glob("*/seed0/halving/round1/rung0/promoted.tsv"))
+    assert all(_mtimes_of(out, "seed0/trials/*/step*/metrics.json").get(k, v) == v for k, v in rung_metrics.items())
+    assert (read_table(out / "seed0/halving/round1/rung0/promoted.tsv").promoted.sum()) == 3
+
+
+def _mtimes_of(out: Path, pattern: str) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.glob(pattern))}
+
+
+# ---- a config that dooms every trial fails once, before any trial --------------------------
+def test_every_example_longer_than_max_seq_length_fails_in_prepare_dataset(tmp_path):
+    from tiny_models import build_tiny_llama
+
+    config = load_test_config("tiny_qlora.yaml")
+    config["model"]["name"] = str(build_tiny_llama(tmp_path / "tiny-llama"))
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": f"Describe the garden number {i} in great detail.", "input": "", "output": "ok"})
+            + "\n"
+            for i in range(10)
+        )
+    )
+    config["dataset"]["path"] = str(data)
+    config["training"]["max_seq_length"] = 8  # the alpaca headers alone are longer
+    result = run_workflow(tmp_path, write_config(tmp_path / "config.yaml", config), check=False)
+    assert result.returncode != 0
+    log = (tmp_path / "results/tiny-qlora/logs/prepare_dataset.log").read_text().strip().splitlines()
+    assert len(log) == 1 and "training.max_seq_length: 8 tokens leave no answer token in any of the 8 training" in log[0]
+    assert not list((tmp_path / "results/tiny-qlora").glob("seed0/trials/*/train.log"))  # no trial started
