@@ -273,9 +273,9 @@ def test_a_duplicate_trial_job_waits_and_keeps_the_finished_metrics(tmp_path):
     assert json.loads(metrics.read_text())["eval_loss"] == 1.5
 
 
-def test_a_killed_head_does_not_train_the_orphan_trial_twice(tmp_path):
-    """kill -9 of the head while a trial trains, --unlock, rerun: the rerun's job of that trial
-    waits for the orphan and keeps its metrics instead of training beside it."""
+def _kill_the_head_while_a_trial_trains(tmp_path: Path, max_steps: int) -> tuple[list[str], dict, Path]:
+    """A one-trial QLoRA study whose head is killed (kill -9) once its trial trains: the
+    Snakemake command, its environment and the trial's train.log; the trial job goes on."""
     from tiny_models import build_tiny_llama
 
     config = yaml.safe_load((REPO / "tests/configs/tiny_qlora.yaml").read_text())
@@ -289,7 +289,7 @@ def test_a_killed_head_does_not_train_the_orphan_trial_twice(tmp_path):
         pilot={"design": "grid", "n": 1},
         arms={"random": {"proposer": "random", "rounds": 0, "batch_size": 1}},
     )
-    config["training"].update(max_steps=400)
+    config["training"].update(max_steps=max_steps)
     config["model"]["name"] = str(build_tiny_llama(tmp_path / "tiny-llama"))
     data = tmp_path / "data.jsonl"
     data.write_text(
@@ -314,18 +314,46 @@ def test_a_killed_head_does_not_train_the_orphan_trial_twice(tmp_path):
     deadline = time.monotonic() + 300
     while not any("trial " in p.read_text() for p in trials.glob("*/train.log")):
         assert time.monotonic() < deadline and head.poll() is None, "the trial never started"
-        time.sleep(0.5)
+        time.sleep(0.2)
     os.kill(head.pid, signal.SIGKILL)
     head.wait()
     (log,) = trials.glob("*/train.log")
     assert not (log.parent / "metrics.json").exists(), "the trial finished before the head was killed"
     subprocess.run([*command, "--unlock"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    return command, env, log
+
+
+def test_a_killed_head_does_not_train_the_orphan_trial_twice(tmp_path):
+    """kill -9 of the head while a trial trains, --unlock, rerun: the rerun's job of that trial
+    waits for the orphan and keeps its metrics instead of training beside it."""
+    command, env, log = _kill_the_head_while_a_trial_trains(tmp_path, max_steps=400)
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     text = log.read_text()
     assert "waiting for it to finish" in text and "was finished by another job" in text
     assert "on cpu" not in text  # the rerun's job never started training
     assert json.loads((log.parent / "metrics.json").read_text())["status"] in ("ok", "failed")
+
+
+def test_an_orphan_trial_that_finished_before_the_rerun_is_restored_not_retrained(tmp_path):
+    """kill -9 of the head while a trial trains, the orphan finishes, then the rerun: Snakemake's
+    --rerun-incomplete deletes the orphan's metrics.json, and the rerun's job restores it from the
+    trial's finished.json instead of training again."""
+    command, env, log = _kill_the_head_while_a_trial_trains(tmp_path, max_steps=40)
+    metrics = log.parent / "metrics.json"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and (log.parent / "finished.json").exists()):
+        assert time.monotonic() < deadline, "the orphan trial never finished"
+        time.sleep(0.2)
+    time.sleep(1)  # the orphan's job exits after writing its record
+    orphan = json.loads(metrics.read_text())
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "rule train_trial:" in rerun.stdout + rerun.stderr  # Snakemake did rerun the incomplete job
+    text = log.read_text()
+    assert "was finished by an earlier job" in text and "restoring its metrics from" in text
+    assert "on cpu" not in text  # no second training
+    assert json.loads(metrics.read_text()) == orphan
 
 
 def test_a_full_disk_ends_a_step_with_one_line_on_its_stderr(tmp_path):
@@ -478,5 +506,89 @@ def test_every_example_longer_than_max_seq_length_fails_in_prepare_dataset(tmp_p
     result = run_workflow(tmp_path, write_config(tmp_path / "config.yaml", config), check=False)
     assert result.returncode != 0
     log = (tmp_path / "results/tiny-qlora/logs/prepare_dataset.log").read_text().strip().splitlines()
-    assert len(log) == 1 and "training.max_seq_length: 8 tokens leave no answer token in any of the 8 training" in log[0]
+    assert (
+        len(log) == 1 and "training.max_seq_length: 8 tokens leave no answer token in any of the 8 training" in log[0]
+    )
     assert not list((tmp_path / "results/tiny-qlora").glob("seed0/trials/*/train.log"))  # no trial started
+
+
+# ---- evaluation files: checked, retried and recomputed without training ---------------------
+def _evaluated_study(tmp_path: Path, limit: int = 2):
+    """A one-round qlora study folder as the workflow leaves it: two trained trials, one scored
+    and one whose evaluation failed for lack of memory, the pilot's history and the tables."""
+    from loratune import files
+    from loratune.config import validate_config
+    from loratune.loop import update_history
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "Say 1.", "input": "", "output": "1"}) + "\n")
+    (tmp_path / "model").mkdir(exist_ok=True)
+    config = load_test_config("tiny_qlora.yaml")
+    config["model"]["name"] = str(tmp_path / "model")
+    config["dataset"]["path"] = str(data)
+    config["objectives"] = {"eval_loss": "min", "lm_eval.loratune_instruct.chrf": "max"}
+    config["evaluation"] = {"tasks": ["loratune_instruct"], "limit": limit}
+    config["arms"] = {"random": {"proposer": "random", "rounds": 0}}
+    study = validate_config(config)
+    out = tmp_path / "results" / study.name
+    round_dir = out / "seed0/pilot/round0"
+    ids = [study.space.trial_id({"lora_rank": r, "learning_rate": 1e-3}) for r in (4, 8)]
+    round_dir.mkdir(parents=True, exist_ok=True)
+    ledger_rows = pd.DataFrame([{"seed": 0, "arm": "pilot", "round": 0, "trial_id": t} for t in ids])
+    ledger_rows.to_csv(round_dir / "proposals.tsv", sep="\t", index=False)
+    scores = [
+        {"status": "ok", "error": None, "lm_eval": {"loratune_instruct": {"chrf": 40.0, "exact_match": 0.0}}},
+        {"status": "failed", "error": "OutOfMemoryError: CUDA out of memory", "lm_eval": {}},
+    ]
+    for trial_id, score in zip(ids, scores):
+        trial = out / "seed0/trials" / trial_id
+        files.atomic_write_json(trial / "metrics.json", {"trial_id": trial_id, "status": "ok", "eval_loss": 1.0})
+        files.atomic_write_json(trial / "evaluation.json", score)
+    update_history(
+        None,
+        round_dir / "proposals.tsv",
+        [out / f"seed0/trials/{t}/metrics.json" for t in ids],
+        round_dir / "history.tsv",
+        evaluation_paths=[out / f"seed0/trials/{t}/evaluation.json" for t in ids],
+        objectives=study.objectives,
+    )
+    shutil.copy(round_dir / "history.tsv", out / "trials.tsv")
+    return study, out, ids
+
+
+def test_a_corrupt_evaluation_and_a_failed_one_are_redone_without_retraining(tmp_path):
+    from loratune.study_state import prepare_run
+
+    study, out, (scored, failed) = _evaluated_study(tmp_path)
+    prepare_run(study, out)
+    metrics = {t: (out / f"seed0/trials/{t}/metrics.json").read_text() for t in (scored, failed)}
+    corrupt = out / f"seed0/trials/{scored}/evaluation.json"
+    corrupt.write_text('{"status": "ok", "lm_ev')
+    lines = prepare_run(study, out, retry_failed="OutOfMemoryError")
+    assert f"{corrupt}: not valid JSON" in lines[0] and "re-evaluating that trial (retraining nothing)" in lines[0]
+    assert lines[1] == f"retry_failed: re-evaluating {out / 'seed0/trials' / failed} (OutOfMemoryError)"
+    assert not corrupt.exists() and not (out / f"seed0/trials/{failed}/evaluation.json").exists()
+    assert not (out / "seed0/pilot/round0/history.tsv").exists() and not (out / "trials.tsv").exists()
+    # Training is kept: both metrics.json stay, so Snakemake runs only evaluate_trial for them.
+    assert {t: (out / f"seed0/trials/{t}/metrics.json").read_text() for t in metrics} == metrics
+    assert len(list((out / "superseded").glob("*/seed0/trials/*/evaluation.json"))) == 2
+
+
+def test_an_evaluation_change_re_evaluates_without_being_asked_and_keeps_training(tmp_path):
+    from loratune.config import validate_config
+    from loratune.study_state import prepare_run
+
+    study, out, ids = _evaluated_study(tmp_path)
+    prepare_run(study, out)
+    config = copy.deepcopy(study.config)
+    config["evaluation"]["limit"] = 3
+    changed = validate_config(config)
+    lines = prepare_run(changed, out)  # no recompute flag needed, no refusal
+    assert (
+        len(lines) == 1
+        and "re-evaluating every trial (retraining none) after the change of evaluation.limit" in lines[0]
+    )
+    assert (
+        not list(out.glob("seed0/trials/*/evaluation.json")) and len(list(out.glob("seed0/trials/*/metrics.json"))) == 2
+    )
+    assert not (out / "seed0/pilot/round0/history.tsv").exists()
