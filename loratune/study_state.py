@@ -8,10 +8,14 @@ is built:
 - the resolved config of the first run is kept as ``config.resolved.yaml``; a rerun with a
   config that changes results is refused with a field-by-field difference, unless the user opts
   in (``recompute``), in which case exactly the files the change invalidates move aside;
-- a missing or unreadable metrics.json or history.tsv is found, and it and the files built
-  from it move aside, so Snakemake rebuilds exactly that chain (retraining only that trial);
-- ``retry`` moves the metrics of failed trials (all, or those failed for given reasons) aside
-  with the same chain, so exactly those trials train again.
+- a change under ``evaluation`` re-evaluates every trial without being asked: the
+  evaluation.json files and the tables built from them move aside, no trial retrains;
+- a missing or unreadable metrics.json (a rung's ``step<k>/metrics.json`` too), promoted.tsv,
+  evaluation.json or history.tsv is found, and it and the files built from it move aside, so
+  Snakemake rebuilds exactly that chain (a metrics.json is restored from the trial's kept
+  ``finished.json`` when intact, else only that trial retrains; an evaluation re-scores);
+- ``retry`` moves the records of failed trials and failed evaluations (all, or those failed for
+  given reasons) aside with the same chain and their kept copies, so exactly those run again.
 
 Nothing is deleted: whatever moves aside goes to ``superseded/<time>/`` under the study folder,
 at the same relative path.
