@@ -48,13 +48,16 @@ def finished(tmp_path_factory) -> Path:
     return workdir
 
 
+def _copy_of(finished: Path, workdir: Path, name: str) -> Path:
+    """A copy of a finished study's working directory (timestamps kept), as its own."""
+    shutil.copytree(finished, workdir, symlinks=True)
+    (workdir / "results" / name / "head.lock").unlink(missing_ok=True)
+    return workdir
+
+
 @pytest.fixture
 def study(finished, tmp_path) -> Path:
-    """A copy of the finished study (timestamps kept), as its own working directory."""
-    workdir = tmp_path / "study"
-    shutil.copytree(finished, workdir, symlinks=True)
-    (workdir / "results" / STUDY / "head.lock").unlink(missing_ok=True)
-    return workdir
+    return _copy_of(finished, tmp_path / "study", STUDY)
 
 
 def _out(workdir: Path) -> Path:
@@ -425,10 +428,7 @@ def finished_rungs(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def rungs(finished_rungs, tmp_path) -> Path:
-    workdir = tmp_path / "rungs"
-    shutil.copytree(finished_rungs, workdir, symlinks=True)
-    (workdir / "results" / RUNGS / "head.lock").unlink(missing_ok=True)
-    return workdir
+    return _copy_of(finished_rungs, tmp_path / "rungs", RUNGS)
 
 
 def _jobs(result: subprocess.CompletedProcess, rule: str) -> list[str]:
