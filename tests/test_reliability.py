@@ -437,7 +437,9 @@ def _jobs(result: subprocess.CompletedProcess, rule: str) -> list[str]:
     return sorted(
         lines[i + 1].split("output:")[1].strip()
         for i, line in enumerate(lines)
-        if line.strip() in (f"rule {rule}:", f"localrule {rule}:") and i + 1 < len(lines) and "output:" in lines[i + 1]
+        if line.strip() in (f"{kind} {rule}:" for kind in ("rule", "localrule", "checkpoint", "localcheckpoint"))
+        and i + 1 < len(lines)
+        and "output:" in lines[i + 1]
     )
 
 
