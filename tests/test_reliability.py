@@ -339,9 +339,10 @@ def test_a_killed_head_does_not_train_the_orphan_trial_twice(tmp_path):
 
 
 def test_an_orphan_trial_that_finished_before_the_rerun_is_restored_not_retrained(tmp_path):
-    """kill -9 of the head while a trial trains, the orphan finishes, then the rerun: Snakemake's
-    --rerun-incomplete deletes the orphan's metrics.json, and the rerun's job restores it from the
-    trial's finished.json instead of training again."""
+    """kill -9 of the head while a trial trains, the orphan finishes, then the rerun: no second
+    training. Where Snakemake takes the job for incomplete (--rerun-incomplete deletes the
+    orphan's metrics.json), the rerun's job restores the record from the trial's finished.json;
+    a local job process of Snakemake 9 records its own completion, and the rerun keeps it."""
     command, env, log = _kill_the_head_while_a_trial_trains(tmp_path, max_steps=150)
     metrics = log.parent / "metrics.json"
     deadline = time.monotonic() + 300
@@ -352,10 +353,10 @@ def test_an_orphan_trial_that_finished_before_the_rerun_is_restored_not_retraine
     orphan = json.loads(metrics.read_text())
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "rule train_trial:" in rerun.stdout + rerun.stderr  # Snakemake did rerun the incomplete job
     text = log.read_text()
-    assert "was finished by an earlier job" in text and "restoring its metrics from" in text
-    assert "on cpu" not in text  # no second training
+    if "rule train_trial:" in rerun.stdout + rerun.stderr:
+        assert "was finished by an earlier job" in text and "restoring its metrics from" in text
+    assert text.count("on cpu:") <= 1  # the orphan's training, no second one
     assert json.loads(metrics.read_text()) == orphan
 
 
