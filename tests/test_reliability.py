@@ -276,6 +276,26 @@ def test_a_duplicate_trial_job_waits_and_keeps_the_finished_metrics(tmp_path):
     assert json.loads(metrics.read_text())["eval_loss"] == 1.5
 
 
+def test_a_trial_whose_metrics_were_deleted_is_restored_only_for_the_same_settings(tmp_path):
+    """What --rerun-incomplete leaves of a finished orphan: its finished.json without metrics.json.
+    The same trial, seed and settings restore it; another result-changing setting trains."""
+    from loratune.config import validate_config
+    from loratune.trial import run_trial_job
+
+    study = validate_config(copy.deepcopy(CONFIG))
+    trial_id = study.space.trial_id({"lora_rank": 8, "lora_alpha": 16, "learning_rate": 1e-4})
+    metrics = tmp_path / "trials" / trial_id / "metrics.json"
+    first = run_trial_job(study, trial_id, 0, metrics)
+    assert json.loads(metrics.with_name("finished.json").read_text())["record"] == json.loads(metrics.read_text())
+    metrics.unlink()
+    assert run_trial_job(study, trial_id, 0, metrics) == first == json.loads(metrics.read_text())
+    metrics.unlink()
+    noisy = validate_config(_changed(CONFIG, lambda c: c["benchmark"].update(noise=0.5)))
+    assert run_trial_job(noisy, trial_id, 0, metrics)["eval_loss"] != first["eval_loss"]
+    metrics.unlink()
+    assert run_trial_job(study, trial_id, 1, metrics)["seed"] == 1  # another seed trains too
+
+
 def _kill_the_head_while_a_trial_trains(tmp_path: Path, max_steps: int) -> tuple[list[str], dict, Path]:
     """A one-trial QLoRA study whose head is killed (kill -9) once its trial trains: the
     Snakemake command, its environment and the trial's train.log; the trial job goes on."""
