@@ -453,14 +453,13 @@ def rungs(finished_rungs, tmp_path) -> Path:
 
 
 def _jobs(result: subprocess.CompletedProcess, rule: str) -> list[str]:
-    """The output of every job of ``rule`` a run started."""
+    """The output of every job of ``rule`` a run started (its input line, if any, comes first)."""
     lines = (result.stdout + result.stderr).splitlines()
+    headers = {f"{kind} {rule}:" for kind in ("rule", "localrule", "checkpoint", "localcheckpoint")}
     return sorted(
-        lines[i + 1].split("output:")[1].strip()
+        next(follow.split("output:")[1].strip() for follow in lines[i + 1 : i + 4] if "output:" in follow)
         for i, line in enumerate(lines)
-        if line.strip() in (f"{kind} {rule}:" for kind in ("rule", "localrule", "checkpoint", "localcheckpoint"))
-        and i + 1 < len(lines)
-        and "output:" in lines[i + 1]
+        if line.strip() in headers
     )
 
 
