@@ -8,10 +8,14 @@ is built:
 - the resolved config of the first run is kept as ``config.resolved.yaml``; a rerun with a
   config that changes results is refused with a field-by-field difference, unless the user opts
   in (``recompute``), in which case exactly the files the change invalidates move aside;
-- a missing or unreadable metrics.json or history.tsv is found, and it and the files built
-  from it move aside, so Snakemake rebuilds exactly that chain (retraining only that trial);
-- ``retry`` moves the metrics of failed trials (all, or those failed for given reasons) aside
-  with the same chain, so exactly those trials train again.
+- a change under ``evaluation`` re-evaluates every trial without being asked: the
+  evaluation.json files and the tables built from them move aside, no trial retrains;
+- a missing or unreadable metrics.json (a rung's ``step<k>/metrics.json`` too), promoted.tsv,
+  evaluation.json or history.tsv is found, and it and the files built from it move aside, so
+  Snakemake rebuilds exactly that chain (a metrics.json is restored from the trial's kept
+  ``finished.json`` when intact, else only that trial retrains; an evaluation re-scores);
+- ``retry`` moves the records of failed trials and failed evaluations (all, or those failed for
+  given reasons) aside with the same chain and their kept copies, so exactly those run again.
 
 Nothing is deleted: whatever moves aside goes to ``superseded/<time>/`` under the study folder,
 at the same relative path.
@@ -32,9 +36,10 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from loratune import ledger
+from loratune import files, ledger
 from loratune.ledger import PILOT
 from loratune.config import Study
+from loratune.trial import finished_record_path, kept_record, record_key
 
 __all__ = [
     "RESOLVED_CONFIG",
@@ -42,6 +47,8 @@ __all__ = [
     "HEAD_LOCK",
     "HARMLESS_FIELDS",
     "TRIAL_FIELDS",
+    "EVALUATION_FIELDS",
+    "trial_settings",
     "StudyStateError",
     "config_differences",
     "change_scope",
@@ -84,6 +91,9 @@ _LOOKING_FLAGS = {
 # computed from the trials; any other field (one added later) counts as changing every trial.
 HARMLESS_FIELDS = ("resources", "results_dir")
 TRIAL_FIELDS = ("backend", "benchmark", "model", "dataset", "training", "search_space")
+# Fields that change only what lm-eval scores of each trained adapter: a change re-evaluates
+# every trial (the old evaluation.json move aside) and retrains nothing, without being asked.
+EVALUATION_FIELDS = ("evaluation",)
 # The study's tables, built from every history: rebuilt after any result-relevant change.
 STUDY_TABLES = (
     "trials.tsv",
@@ -94,7 +104,6 @@ STUDY_TABLES = (
     "summary.txt",
     "gptune_db",
 )
-
 
 
 class StudyStateError(RuntimeError):
@@ -132,10 +141,13 @@ def config_differences(old: Mapping, new: Mapping) -> list[tuple[str, Any, Any]]
 
 def change_scope(field_name: str, backend: str) -> str:
     """What a change of ``field_name`` invalidates: ``harmless``, ``trials`` (every trial),
-    ``pilot`` (the pilot and every arm), ``arm:<name>``, ``arms`` (every arm) or ``tables``."""
+    ``pilot`` (the pilot and every arm), ``arm:<name>`` (``arms.<name>.early_stopping`` too: the
+    arm's rounds and their promotions), ``arms`` (every arm), ``evaluations`` or ``tables``."""
     top, _, rest = field_name.partition(".")
     if top in HARMLESS_FIELDS:
         return "harmless"
+    if top in EVALUATION_FIELDS:
+        return "evaluations"
     if top in TRIAL_FIELDS:
         return "trials"
     if top == "objectives":
@@ -150,11 +162,19 @@ def change_scope(field_name: str, backend: str) -> str:
     return "trials"
 
 
+def trial_settings(config: Mapping) -> dict:
+    """The config fields whose change changes a trial's result: what a kept trial record must
+    have been computed with (``loratune.trial``)."""
+    return {name: value for name, value in config.items() if change_scope(name, config["backend"]) == "trials"}
+
+
 def _invalidated(out: Path, scopes: set[str]) -> list[Path]:
     """The files and folders of the study that the changes of ``scopes`` invalidate."""
     if "trials" in scopes:
         return sorted(p for p in out.iterdir() if p.name not in (SUPERSEDED, RESOLVED_CONFIG, HEAD_LOCK))
     paths = [out / name for name in STUDY_TABLES]
+    if "evaluations" in scopes:
+        paths += list(out.glob("seed*/trials/*/evaluation.json")) + list(out.glob("seed*/*/round*/history.tsv"))
     for seed_dir in out.glob("seed*"):
         for folder in seed_dir.iterdir():
             if folder.name == "trials" or not folder.is_dir():
@@ -204,6 +224,7 @@ class _Round:
     round: int
     folder: Path
     trial_ids: list[str] = field(default_factory=list)
+    rung_steps: list[int] = field(default_factory=list)  # early stopping: each rung's step, the last the budget
 
     @property
     def proposals(self) -> Path:
@@ -213,6 +234,9 @@ class _Round:
     def history(self) -> Path:
         return self.folder / "history.tsv"
 
+    def promoted(self, rung: int) -> Path:
+        return self.folder / f"rung{rung}" / "promoted.tsv"
+
 
 def _rounds(study: Study, out: Path) -> list[_Round]:
     """Every round of the study whose proposals exist, in loop order (pilot first)."""
@@ -221,6 +245,9 @@ def _rounds(study: Study, out: Path) -> list[_Round]:
         plan = [(PILOT, 0)] + [(arm.name, r) for arm in study.arms for r in range(1, arm.rounds + 1)]
         for arm, number in plan:
             entry = _Round(seed, arm, number, out / f"seed{seed}" / arm / f"round{number}")
+            schedule = None if arm == PILOT else study.arm(arm).early_stopping
+            if schedule is not None and len(schedule.rungs) > 1:
+                entry.rung_steps = study.rung_steps(arm)
             if entry.proposals.is_file():
                 with entry.proposals.open(newline="") as handle:
                     entry.trial_ids = [row["trial_id"] for row in csv.DictReader(handle, delimiter="\t")]
@@ -228,12 +255,14 @@ def _rounds(study: Study, out: Path) -> list[_Round]:
     return rounds
 
 
-def _metrics_path(out: Path, seed: int, trial_id: str) -> Path:
-    return out / f"seed{seed}" / "trials" / trial_id / "metrics.json"
+def _metrics_path(out: Path, seed: int, trial_id: str, step: int | None = None) -> Path:
+    trial = out / f"seed{seed}" / "trials" / trial_id
+    return (trial if step is None else trial / f"step{step}") / "metrics.json"
 
 
-def _metrics_problem(path: Path, trial_id: str) -> str | None:
-    """Why a metrics.json cannot be used (missing, unreadable, another trial's), or None."""
+def _record_problem(path: Path, trial_id: str | None = None) -> str | None:
+    """Why a metrics.json or evaluation.json cannot be used (missing, unreadable, another
+    trial's, unfinished), or None."""
     if not path.exists():
         return "missing"
     try:
@@ -242,6 +271,21 @@ def _metrics_problem(path: Path, trial_id: str) -> str | None:
         return str(error).removeprefix(f"{path}: ")
     if record.get("trial_id", trial_id) != trial_id or "status" not in record:
         return "not a finished trial record"
+    return None
+
+
+def _promoted_problem(path: Path, trial_ids: list[str]) -> str | None:
+    """Why a rung's promoted.tsv cannot be used (missing, unreadable, not the round's trials), or None."""
+    if not path.exists():
+        return "missing"
+    try:
+        table = ledger.read_table(path)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        return f"unreadable ({error})"
+    if not {"trial_id", "rung", "step", "promoted"} <= set(table.columns):
+        return "not a promotion table (no trial_id, rung, step and promoted columns)"
+    if sorted(map(str, table["trial_id"])) != sorted(dict.fromkeys(trial_ids)) or table["promoted"].isna().any():
+        return "incomplete (rows of its round are missing)"
     return None
 
 
@@ -274,9 +318,51 @@ def _downstream(study: Study, out: Path, entry: _Round, rounds: list[_Round]) ->
     return [r.history for r in chain] + [out / name for name in STUDY_TABLES]
 
 
+def _round_records(out: Path, entry: _Round) -> list[tuple[Path, str, list[Path], bool]]:
+    """(record, trial id, the round's files built from it, whether it is damaged) of every
+    metrics.json the round reads, rung by rung for early stopping, with each promoted.tsv as a
+    record of its own; a rung whose promotion is unreadable hides the rungs after it."""
+    records = []
+    candidates = list(dict.fromkeys(entry.trial_ids))
+    steps = entry.rung_steps or [None]
+    for rung, step in enumerate(steps):
+        last = rung == len(steps) - 1
+        promotions = [entry.promoted(k) for k in range(rung, len(steps) - 1)]
+        for trial_id in candidates:
+            path = _metrics_path(out, entry.seed, trial_id, None if last else step)
+            records.append((path, trial_id, promotions, _record_problem(path, trial_id) is not None))
+        if last:
+            break
+        promoted = entry.promoted(rung)
+        problem = _promoted_problem(promoted, entry.trial_ids)
+        records.append((promoted, "", promotions[1:], problem is not None))
+        if problem:
+            break
+        table = ledger.read_table(promoted)
+        latest = table["rung"] == table["rung"].max()
+        candidates = [str(t) for t in table.loc[latest & table["promoted"].astype(bool), "trial_id"]]
+    return records
+
+
+def _problem(path: Path, trial_id: str, entry: _Round) -> str | None:
+    if path.name == "promoted.tsv":
+        return _promoted_problem(path, entry.trial_ids)
+    return _record_problem(path, trial_id)
+
+
+def _evaluation_paths(out: Path, entry: _Round) -> list[tuple[Path, str]]:
+    """evaluation.json of each trial of the round that reached its full budget."""
+    return [
+        (path.with_name("evaluation.json"), trial_id)
+        for path, trial_id, _, _ in _round_records(out, entry)
+        if path.name == "metrics.json" and path.parent.name == trial_id
+    ]
+
+
 def find_damage(study: Study, out: str | Path) -> list[tuple[Path, str, list[Path]]]:
-    """(file, problem, files built from it) for every missing or unreadable metrics.json or
-    history.tsv of a round that the study's later files claim is complete."""
+    """(file, problem, files built from it) for every missing or unreadable metrics.json (a
+    rung's too), promoted.tsv, evaluation.json or history.tsv of a round that the study's later
+    files claim is complete."""
     out = Path(out)
     rounds = _rounds(study, out)
     damage = []
@@ -285,21 +371,28 @@ def find_damage(study: Study, out: str | Path) -> list[tuple[Path, str, list[Pat
         if not entry.proposals.is_file():
             continue
         downstream = _downstream(study, out, entry, rounds)
-        built = [p for p in downstream if p.exists()]
-        for trial_id in dict.fromkeys(entry.trial_ids):
-            path = _metrics_path(out, entry.seed, trial_id)
-            problem = _metrics_problem(path, trial_id)
-            # A missing metrics.json of a round nothing was built from yet is simply pending.
-            if problem and (problem != "missing" or built):
+        built_after_round = [p for p in downstream if p.exists()]
+        for path, trial_id, in_round, damaged in _round_records(out, entry):
+            if not damaged:
+                continue
+            built = [p for p in in_round if p.exists()] + built_after_round
+            problem = _problem(path, trial_id, entry)
+            # A missing file of a round nothing was built from yet is simply pending.
+            if problem != "missing" or built:
                 damage.append((path, problem, built))
+        if study.evaluates:
+            for path, trial_id in _evaluation_paths(out, entry):
+                problem = _record_problem(path, trial_id)
+                if problem and (problem != "missing" or built_after_round):
+                    damage.append((path, problem, built_after_round))
         base = 0 if entry.arm == PILOT else previous_rows.get((entry.seed, entry.arm if entry.round > 1 else PILOT))
         expected = None if base is None else base + len(entry.trial_ids)
         if entry.history.exists():
             problem = _history_problem(entry, expected)
             if problem:
-                damage.append((entry.history, problem, built))
-        elif [p for p in built if p != entry.history]:
-            damage.append((entry.history, "missing", built))
+                damage.append((entry.history, problem, built_after_round))
+        elif [p for p in built_after_round if p != entry.history]:
+            damage.append((entry.history, "missing", built_after_round))
         if expected is not None:
             previous_rows[(entry.seed, entry.arm)] = expected
     return damage
@@ -312,23 +405,39 @@ def failure_reason(record: Mapping) -> str:
 
 
 def select_failed(study: Study, out: str | Path, reasons: Iterable[str] | None) -> list[tuple[Path, str, list[Path]]]:
-    """(metrics.json, reason, files built from it) of each recorded failed trial whose reason is
-    in ``reasons`` (None: every failed trial)."""
+    """(record, reason, files built from it) of each recorded failed trial (a rung's
+    metrics.json too) and each failed evaluation.json of a trained trial, whose reason is in
+    ``reasons`` (None: every failure). The companions of a metrics.json (its kept record, its
+    evaluation) count among the files built from it."""
     out = Path(out)
     wanted = None if reasons is None else set(reasons)
     rounds = _rounds(study, out)
     chosen: dict[Path, tuple[str, list[Path]]] = {}
+
+    def consider(path: Path, trial_id: str, built: list[Path]) -> None:
+        if _record_problem(path, trial_id):
+            return
+        record = ledger.read_metrics(path)
+        reason = failure_reason(record)
+        if record.get("status") != "failed" or (wanted is not None and reason not in wanted):
+            return
+        _, dependents = chosen.get(path, (reason, []))
+        chosen[path] = (reason, dependents + built)
+
     for entry in rounds:
-        for trial_id in entry.trial_ids:
-            path = _metrics_path(out, entry.seed, trial_id)
-            if _metrics_problem(path, trial_id):
+        downstream = _downstream(study, out, entry, rounds)
+        for path, trial_id, in_round, _ in _round_records(out, entry):
+            if path.name != "metrics.json":
                 continue
-            record = ledger.read_metrics(path)
-            reason = failure_reason(record)
-            if record.get("status") != "failed" or (wanted is not None and reason not in wanted):
-                continue
-            _, dependents = chosen.get(path, (reason, []))
-            chosen[path] = (reason, dependents + _downstream(study, out, entry, rounds))
+            companions = [finished_record_path(path)] + ([path.with_name("evaluation.json")] * study.evaluates)
+            consider(path, trial_id, companions + in_round + downstream)
+        if study.evaluates:
+            for path, trial_id in _evaluation_paths(out, entry):
+                metrics = path.with_name("metrics.json")
+                # A failed trial's evaluation goes with its trial; a trained adapter's is retried alone.
+                trained = not _record_problem(metrics, trial_id) and ledger.read_metrics(metrics).get("status") == "ok"
+                if trained and metrics not in chosen:
+                    consider(path, trial_id, downstream)
     return [(path, reason, sorted(set(dependents))) for path, (reason, dependents) in chosen.items()]
 
 
@@ -340,6 +449,20 @@ def _retry_reasons(value: Any) -> list[str] | None:
 
 
 # ---- the run's start ---------------------------------------------------------------------
+def _repair(study: Study, path: Path) -> str:
+    """What the run does about a damaged file (moved aside with what is built from it)."""
+    if path.name == "evaluation.json":
+        return "re-evaluating that trial (retraining nothing)"
+    if path.name != "metrics.json":
+        return "rebuilding it"
+    trial_dir = path.parent.parent if path.parent.name.startswith("step") else path.parent
+    step = int(path.parent.name[4:]) if trial_dir != path.parent else None
+    key = record_key(study, trial_dir.name, int(trial_dir.parent.parent.name[4:]), step)
+    if kept_record(path, key) is not None:
+        return f"restoring it from {finished_record_path(path)} (no training)"
+    return "retraining that trial"
+
+
 def prepare_run(
     study: Study,
     out: str | Path,
@@ -361,25 +484,35 @@ def prepare_run(
     if stored_path.is_file():
         stored = yaml.safe_load(stored_path.read_text(encoding="utf-8")) or {}
         differences = config_differences(stored, resolved)
-        relevant = [(f, a, b) for f, a, b in differences if change_scope(f, resolved["backend"]) != "harmless"]
+        scoped = [(f, a, b, change_scope(f, resolved["backend"])) for f, a, b in differences]
+        relevant = [(f, a, b) for f, a, b, scope in scoped if scope not in ("harmless", "evaluations")]
+        verb = "would move" if dry_run else "moved"
         if relevant:
             lines = [f"{name}: {_show(old)} -> {_show(new)}" for name, old, new in relevant]
             if not recompute:
                 raise StudyStateError(_refusal(study, lines, out))
             scopes = {change_scope(f, resolved["backend"]) for f, _, _ in relevant}
             invalid = _invalidated(out, scopes)
-            verb = "would move" if dry_run else "moved"
             if not dry_run:
                 _move_aside(out, invalid, stamp)
             messages.append(
                 f"recompute: {verb} {len(invalid)} invalidated path(s) to {out / SUPERSEDED / stamp}/ "
                 f"after the change of {', '.join(f for f, _, _ in relevant)}"
             )
+        evaluation_changes = [f for f, _, _, scope in scoped if scope == "evaluations"]
+        if evaluation_changes and study.evaluates:
+            invalid = _invalidated(out, {"evaluations"})
+            if not dry_run:
+                _move_aside(out, invalid, stamp)
+            messages.append(
+                f"re-evaluating every trial (retraining none) after the change of {', '.join(evaluation_changes)}: "
+                f"{verb} {len(invalid)} evaluation file(s) and the tables built from them to {out / SUPERSEDED / stamp}/"
+            )
     elif out.exists() and any(out.glob("seed*/*/round*/proposals.tsv")):
         messages.append(f"note: {out} has results but no {RESOLVED_CONFIG} (an older loratune); recording this config")
 
     for path, problem, built in find_damage(study, out):
-        what = "retraining that trial" if path.name == "metrics.json" else "rebuilding it"
+        what = _repair(study, path)
         messages.append(f"{path}: {problem}; {what}, then what is built from it")
         if not dry_run:
             _move_aside(out, [path, *built] if path.exists() else built, stamp)
@@ -391,13 +524,14 @@ def prepare_run(
         if not chosen:
             messages.append(f"retry_failed ({label}): no recorded failed trial matches")
         for path, reason, built in chosen:
-            messages.append(f"retry_failed: retraining {path.parent} ({reason})")
+            what = "re-evaluating" if path.name == "evaluation.json" else "retraining"
+            messages.append(f"retry_failed: {what} {path.parent} ({reason})")
             if not dry_run:
                 _move_aside(out, [path, *built], stamp)
 
     if not dry_run:
         out.mkdir(parents=True, exist_ok=True)
-        ledger.atomic_write_text(stored_path, yaml.safe_dump(resolved, sort_keys=False))
+        files.atomic_write_text(stored_path, yaml.safe_dump(resolved, sort_keys=False))
     return messages
 
 

@@ -7,6 +7,8 @@ proposers never propose a failed point again.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -15,6 +17,7 @@ import traceback
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Mapping
 
 from loratune import files, ledger
 from loratune.config import Study
@@ -43,8 +46,15 @@ def _evaluate_benchmark(study: Study, hparams: dict, seed: int, until_step: int 
     bench = study.config["benchmark"]
     budget = step_budget(study.config)
     metrics = evaluate(
-        problem_from_config(bench), study.space, hparams, study.objectives, seed=seed, noise=bench["noise"],
-        memory_limit_gib=bench["memory_limit_gib"], step=until_step or budget, max_steps=budget,
+        problem_from_config(bench),
+        study.space,
+        hparams,
+        study.objectives,
+        seed=seed,
+        noise=bench["noise"],
+        memory_limit_gib=bench["memory_limit_gib"],
+        step=until_step or budget,
+        max_steps=budget,
         select=study.config["training"].get("select", "best"),
     )
     return {"status": "ok", "error": None, **metrics}
@@ -66,6 +76,16 @@ def _deadline(runtime_minutes: float | None, started: float) -> float | None:
     return started + budget - min(max(60.0, 0.1 * budget), 0.5 * budget)
 
 
+# Beside each metrics.json, a copy that Snakemake does not own: an orphan job of a killed head
+# that finishes before the rerun starts has its metrics.json deleted by --rerun-incomplete, and
+# the rerun's job restores the record from here instead of training the trial again.
+FINISHED_RECORD = "finished.json"
+
+
+def finished_record_path(metrics_path: str | Path) -> Path:
+    return Path(metrics_path).with_name(FINISHED_RECORD)
+
+
 def _finished_record(metrics_path: Path, trial_id: str) -> dict | None:
     """The metrics another job of this trial already wrote, if complete; else None."""
     try:
@@ -73,6 +93,31 @@ def _finished_record(metrics_path: Path, trial_id: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if record.get("trial_id") == trial_id and "status" in record else None
+
+
+def record_key(study: Study, trial_id: str, seed: int, until_step: int | None) -> dict:
+    """What a kept record must match to stand for this job: the trial, its seed, its rung and
+    every config field that changes a trial's result (``study_state.trial_settings``)."""
+    from loratune.study_state import trial_settings
+
+    settings = json.dumps(trial_settings(study.config), sort_keys=True, default=str)
+    return {
+        "trial_id": trial_id,
+        "seed": seed,
+        "until_step": until_step,
+        "settings_sha256": hashlib.sha256(settings.encode()).hexdigest(),
+    }
+
+
+def kept_record(metrics_path: str | Path, key: Mapping) -> dict | None:
+    """The record kept beside ``metrics_path`` by a job with the same ``key``, if intact; else None."""
+    try:
+        kept = json.loads(finished_record_path(metrics_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict) or kept.get("key") != dict(key) or not isinstance(kept.get("record"), dict):
+        return None
+    return kept["record"] if "status" in kept["record"] else None
 
 
 @contextmanager
@@ -96,7 +141,13 @@ def _one_trainer(trial_dir: Path):
 
 
 def _evaluate_qlora(
-    study: Study, hparams: dict, seed: int, model_path: str, data_dir: str, out_dir: Path, deadline: float | None,
+    study: Study,
+    hparams: dict,
+    seed: int,
+    model_path: str,
+    data_dir: str,
+    out_dir: Path,
+    deadline: float | None,
     until_step: int | None,
 ) -> dict:
     from loratune.training import TrainingSettings, run_trial
@@ -104,10 +155,16 @@ def _evaluate_qlora(
     settings = TrainingSettings(**study.config["training"])
     model = study.config["model"]
     return run_trial(
-        hparams=hparams, settings=settings, model_path=model_path, data_dir=data_dir,
-        output_dir=str(out_dir), seed=seed,
-        revision=model.get("revision"), trust_remote_code=model.get("trust_remote_code", False),
-        deadline=deadline, until_step=until_step,
+        hparams=hparams,
+        settings=settings,
+        model_path=model_path,
+        data_dir=data_dir,
+        output_dir=str(out_dir),
+        seed=seed,
+        revision=model.get("revision"),
+        trust_remote_code=model.get("trust_remote_code", False),
+        deadline=deadline,
+        until_step=until_step,
     )
 
 
@@ -135,11 +192,27 @@ def run_trial_job(
     with _one_trainer(trial_dir):
         finished = _finished_record(metrics_path, trial_id)
         if finished is not None:
-            log.info("trial %s was finished by another job (%s); keeping its metrics", trial_id, finished.get("hostname"))
+            log.info(
+                "trial %s was finished by another job (%s); keeping its metrics", trial_id, finished.get("hostname")
+            )
             return finished
-        return _train_and_record(
+        key = record_key(study, trial_id, seed, until_step)
+        kept = kept_record(metrics_path, key)
+        if kept is not None:
+            log.info(
+                "trial %s was finished by an earlier job (%s, %s); restoring its metrics from %s",
+                trial_id,
+                kept.get("hostname"),
+                kept.get("finished_at"),
+                finished_record_path(metrics_path),
+            )
+            files.atomic_write_json(metrics_path, kept)
+            return kept
+        record = _train_and_record(
             study, trial_id, seed, metrics_path, model_path, data_dir, runtime_minutes, until_step, trial_dir
         )
+        files.atomic_write_json(finished_record_path(metrics_path), {"key": key, "record": record})
+        return record
 
 
 def _train_and_record(

@@ -14,7 +14,12 @@ rule prepare_model:
         "../workflow/scripts/prepare_model.py"
 
 
+# Depends on the prepared model for its tokenizer: the data is checked once, as training renders
+# it, against training.max_seq_length. ancient(): a model prepared after the data (they may run
+# side by side) never re-prepares it, which would retrain every trial.
 rule prepare_dataset:
+    input:
+        model=ancient(MODEL_MARKER),
     output:
         train=f"{OUT}/data/train.jsonl",
         eval=f"{OUT}/data/eval.jsonl",
@@ -26,5 +31,7 @@ rule prepare_dataset:
         runtime=30,
     params:
         dataset=config["dataset"],
+        model=config["model"],
+        training=config["training"],
     script:
         "../workflow/scripts/prepare_dataset.py"

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from loratune import ledger
+from loratune import files, ledger
 from loratune.config import ConfigError, validate_config
 from loratune.evaluation import BUILTIN_TASKS, evaluate_adapter, flatten, task_metrics
 from loratune.loop import update_history
@@ -184,7 +184,7 @@ def test_classification_on_the_embedded_model_lands_in_the_history(tmp_path, smo
     prepare_dataset(DatasetSpec(path=str(source), eval_fraction=0.4), data_dir)
     trial_dir = tmp_path / "seed0" / "trials" / "r4_a8_lr0.001"
     metrics = run_trial(HPARAMS, SETTINGS_CPU, smollm2, data_dir, trial_dir, seed=0)
-    ledger.atomic_write_json(trial_dir / "metrics.json", {**metrics, "trial_id": trial_dir.name})
+    files.atomic_write_json(trial_dir / "metrics.json", {**metrics, "trial_id": trial_dir.name})
     evaluation = {"tasks": ["loratune_classify"], "include_path": None, "limit": 4, "batch_size": 4}
 
     from loratune.evaluation.harness import evaluate_trial

@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, SNAKEMAKE, run_workflow, write_config
+from conftest import REPO, SNAKEMAKE, load_test_config, run_workflow, write_config
+from loratune.ledger import read_table
 
 STUDY = "reliable"
 CONFIG = {
@@ -47,13 +48,16 @@ def finished(tmp_path_factory) -> Path:
     return workdir
 
 
+def _copy_of(finished: Path, workdir: Path, name: str) -> Path:
+    """A copy of a finished study's working directory (timestamps kept), as its own."""
+    shutil.copytree(finished, workdir, symlinks=True)
+    (workdir / "results" / name / "head.lock").unlink(missing_ok=True)
+    return workdir
+
+
 @pytest.fixture
 def study(finished, tmp_path) -> Path:
-    """A copy of the finished study (timestamps kept), as its own working directory."""
-    workdir = tmp_path / "study"
-    shutil.copytree(finished, workdir, symlinks=True)
-    (workdir / "results" / STUDY / "head.lock").unlink(missing_ok=True)
-    return workdir
+    return _copy_of(finished, tmp_path / "study", STUDY)
 
 
 def _out(workdir: Path) -> Path:
@@ -160,12 +164,14 @@ def test_recompute_after_a_trial_setting_change_starts_over_and_keeps_the_old_re
 
 
 # ---- lost or corrupt files -----------------------------------------------------------------
-def test_a_lost_and_a_truncated_metrics_file_retrain_only_their_trials(study):
+def test_a_lost_metrics_file_retrains_and_a_truncated_one_is_restored_from_its_kept_record(study):
     out = _out(study)
     pilot_trial = pd.read_csv(out / "seed0/pilot/round0/proposals.tsv", sep="\t").trial_id[0]
     arm_trial = pd.read_csv(out / "seed0/random/round2/proposals.tsv", sep="\t").trial_id[0]
     lost, truncated = (out / f"seed0/trials/{t}/metrics.json" for t in (pilot_trial, arm_trial))
     lost.unlink()
+    (lost.parent / "finished.json").unlink()  # its kept record too: it must train again
+    original = json.loads(truncated.read_text())
     truncated.write_text(truncated.read_text()[:40])
     others = {
         k: v
@@ -178,8 +184,12 @@ def test_a_lost_and_a_truncated_metrics_file_retrain_only_their_trials(study):
     assert _trained(result) == sorted(str(p.relative_to(study)) for p in (lost, truncated))
     assert f"{lost.relative_to(study)}: missing; retraining that trial" in result.stderr
     assert f"{truncated.relative_to(study)}: not valid JSON" in result.stderr
+    # A truncated metrics.json whose kept record (finished.json) is intact is restored, not retrained.
+    assert f"restoring it from {truncated.with_name('finished.json').relative_to(study)} (no training)" in result.stderr
+    assert json.loads(truncated.read_text()) == original
+    assert "restoring its metrics from" in (truncated.parent / "train.log").read_text()
     assert {k: v for k, v in _mtimes(study, "seed0/trials/*/metrics.json").items() if k in others} == others
-    assert json.loads(truncated.read_text())["trial_id"] == arm_trial
+    assert json.loads(lost.read_text())["trial_id"] == pilot_trial
     assert (out / "trials.tsv").stat().st_mtime_ns > table
     assert len(pd.read_csv(out / "trials.tsv", sep="\t")) == 8
     again = _rerun(study, CONFIG)
@@ -245,7 +255,7 @@ def test_a_duplicate_trial_job_waits_and_keeps_the_finished_metrics(tmp_path):
     script = (
         "import sys, time, copy\n"
         "from loratune.study_state import hold_lock\n"
-        "from loratune.ledger import atomic_write_json\n"
+        "from loratune.files import atomic_write_json\n"
         f"lock = hold_lock({str(metrics.parent / 'trial.lock')!r}, wait=True)\n"
         "print('locked', flush=True)\n"
         "time.sleep(3)\n"
@@ -266,9 +276,29 @@ def test_a_duplicate_trial_job_waits_and_keeps_the_finished_metrics(tmp_path):
     assert json.loads(metrics.read_text())["eval_loss"] == 1.5
 
 
-def test_a_killed_head_does_not_train_the_orphan_trial_twice(tmp_path):
-    """kill -9 of the head while a trial trains, --unlock, rerun: the rerun's job of that trial
-    waits for the orphan and keeps its metrics instead of training beside it."""
+def test_a_trial_whose_metrics_were_deleted_is_restored_only_for_the_same_settings(tmp_path):
+    """What --rerun-incomplete leaves of a finished orphan: its finished.json without metrics.json.
+    The same trial, seed and settings restore it; another result-changing setting trains."""
+    from loratune.config import validate_config
+    from loratune.trial import run_trial_job
+
+    study = validate_config(copy.deepcopy(CONFIG))
+    trial_id = study.space.trial_id({"lora_rank": 8, "lora_alpha": 16, "learning_rate": 1e-4})
+    metrics = tmp_path / "trials" / trial_id / "metrics.json"
+    first = run_trial_job(study, trial_id, 0, metrics)
+    assert json.loads(metrics.with_name("finished.json").read_text())["record"] == json.loads(metrics.read_text())
+    metrics.unlink()
+    assert run_trial_job(study, trial_id, 0, metrics) == first == json.loads(metrics.read_text())
+    metrics.unlink()
+    noisy = validate_config(_changed(CONFIG, lambda c: c["benchmark"].update(noise=0.5)))
+    assert run_trial_job(noisy, trial_id, 0, metrics)["eval_loss"] != first["eval_loss"]
+    metrics.unlink()
+    assert run_trial_job(study, trial_id, 1, metrics)["seed"] == 1  # another seed trains too
+
+
+def _kill_the_head_while_a_trial_trains(tmp_path: Path, max_steps: int) -> tuple[list[str], dict, Path]:
+    """A one-trial QLoRA study whose head is killed (kill -9) once its trial trains: the
+    Snakemake command, its environment and the trial's train.log; the trial job goes on."""
     from tiny_models import build_tiny_llama
 
     config = yaml.safe_load((REPO / "tests/configs/tiny_qlora.yaml").read_text())
@@ -282,7 +312,7 @@ def test_a_killed_head_does_not_train_the_orphan_trial_twice(tmp_path):
         pilot={"design": "grid", "n": 1},
         arms={"random": {"proposer": "random", "rounds": 0, "batch_size": 1}},
     )
-    config["training"].update(max_steps=400)
+    config["training"].update(max_steps=max_steps)
     config["model"]["name"] = str(build_tiny_llama(tmp_path / "tiny-llama"))
     data = tmp_path / "data.jsonl"
     data.write_text(
@@ -307,18 +337,47 @@ def test_a_killed_head_does_not_train_the_orphan_trial_twice(tmp_path):
     deadline = time.monotonic() + 300
     while not any("trial " in p.read_text() for p in trials.glob("*/train.log")):
         assert time.monotonic() < deadline and head.poll() is None, "the trial never started"
-        time.sleep(0.5)
+        time.sleep(0.2)
     os.kill(head.pid, signal.SIGKILL)
     head.wait()
     (log,) = trials.glob("*/train.log")
     assert not (log.parent / "metrics.json").exists(), "the trial finished before the head was killed"
     subprocess.run([*command, "--unlock"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    return command, env, log
+
+
+def test_a_killed_head_does_not_train_the_orphan_trial_twice(tmp_path):
+    """kill -9 of the head while a trial trains, --unlock, rerun: the rerun's job of that trial
+    waits for the orphan and keeps its metrics instead of training beside it."""
+    command, env, log = _kill_the_head_while_a_trial_trains(tmp_path, max_steps=400)
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     text = log.read_text()
     assert "waiting for it to finish" in text and "was finished by another job" in text
     assert "on cpu" not in text  # the rerun's job never started training
     assert json.loads((log.parent / "metrics.json").read_text())["status"] in ("ok", "failed")
+
+
+def test_an_orphan_trial_that_finished_before_the_rerun_is_restored_not_retrained(tmp_path):
+    """kill -9 of the head while a trial trains, the orphan finishes, then the rerun: no second
+    training. Where Snakemake takes the job for incomplete (--rerun-incomplete deletes the
+    orphan's metrics.json), the rerun's job restores the record from the trial's finished.json;
+    a local job process of Snakemake 9 records its own completion, and the rerun keeps it."""
+    command, env, log = _kill_the_head_while_a_trial_trains(tmp_path, max_steps=150)
+    metrics = log.parent / "metrics.json"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and (log.parent / "finished.json").exists()):
+        assert time.monotonic() < deadline, "the orphan trial never finished"
+        time.sleep(0.2)
+    time.sleep(1)  # the orphan's job exits after writing its record
+    orphan = json.loads(metrics.read_text())
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    text = log.read_text()
+    if "rule train_trial:" in rerun.stdout + rerun.stderr:
+        assert "was finished by an earlier job" in text and "restoring its metrics from" in text
+    assert text.count("on cpu:") <= 1  # the orphan's training, no second one
+    assert json.loads(metrics.read_text()) == orphan
 
 
 def test_a_full_disk_ends_a_step_with_one_line_on_its_stderr(tmp_path):
@@ -375,3 +434,183 @@ def test_a_dry_run_reports_the_repairs_and_moves_nothing(study):
     lines = prepare_run(validate_config(copy.deepcopy(CONFIG)), out, dry_run=True)
     assert any(line.startswith(f"{out / lost.relative_to(out)}: missing") for line in lines), lines
     assert _mtimes(study, "**/*") == before and not (out / "superseded").exists()
+
+
+# ---- early stopping: rung metrics and promotions -------------------------------------------
+RUNGS = "tiny-rungs"  # tests/configs/tiny_rungs.yaml: rungs at steps 10 and 20 of 40, 4 -> 2 -> 1 trials
+
+
+@pytest.fixture(scope="module")
+def finished_rungs(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("rungs")
+    run_workflow(workdir, write_config(workdir / "config.yaml", load_test_config("tiny_rungs.yaml")))
+    return workdir
+
+
+@pytest.fixture
+def rungs(finished_rungs, tmp_path) -> Path:
+    return _copy_of(finished_rungs, tmp_path / "rungs", RUNGS)
+
+
+def _jobs(result: subprocess.CompletedProcess, rule: str) -> list[str]:
+    """The output of every job of ``rule`` a run started (its input line, if any, comes first)."""
+    lines = (result.stdout + result.stderr).splitlines()
+    headers = {f"{kind} {rule}:" for kind in ("rule", "localrule", "checkpoint", "localcheckpoint")}
+    return sorted(
+        next(follow.split("output:")[1].strip() for follow in lines[i + 1 : i + 4] if "output:" in follow)
+        for i, line in enumerate(lines)
+        if line.strip() in headers
+    )
+
+
+def test_a_lost_rung_metrics_file_and_a_truncated_promotion_retrain_only_that_rung(rungs):
+    out = rungs / "results" / RUNGS
+    round_dir = out / "seed0/halving/round1"
+    stopped = read_table(round_dir / "rung0/promoted.tsv").query("not promoted").trial_id.iloc[0]
+    lost = out / f"seed0/trials/{stopped}/step10/metrics.json"
+    lost.unlink()
+    lost.with_name("finished.json").unlink()
+    promotion = round_dir / "rung1/promoted.tsv"
+    promotion.write_text(promotion.read_text()[:30])
+    pilot = _mtimes_of(out, "seed0/pilot/round0/*") | _mtimes_of(out, "seed0/random/round1/*")
+    config = load_test_config("tiny_rungs.yaml")
+
+    result = run_workflow(rungs, write_config(rungs / "config.yaml", config))
+    assert f"{lost.relative_to(rungs)}: missing; retraining that trial" in result.stderr
+    assert _jobs(result, "train_rung") == [str(lost.relative_to(rungs))]
+    assert _jobs(result, "train_trial") == [] and _jobs(result, "promote") == [
+        str((round_dir / f"rung{k}/promoted.tsv").relative_to(rungs)) for k in (0, 1)
+    ]
+    assert len(read_table(promotion)) == 4 and len(read_table(round_dir / "history.tsv")) == 7
+    assert _mtimes_of(out, "seed0/pilot/round0/*") | _mtimes_of(out, "seed0/random/round1/*") == pilot
+    again = run_workflow(rungs, rungs / "config.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_an_early_stopping_change_is_refused_then_recomputes_only_that_arm(rungs):
+    out = rungs / "results" / RUNGS
+    config = load_test_config("tiny_rungs.yaml")
+    config["arms"]["halving"]["early_stopping"]["keep"] = 0.75
+    refused = run_workflow(rungs, write_config(rungs / "config.yaml", config), check=False)
+    assert refused.returncode != 0 and "  arms.halving.early_stopping.keep: 0.5 -> 0.75\n" in refused.stderr
+    kept = _mtimes_of(out, "seed0/pilot/round0/*") | _mtimes_of(out, "seed0/random/round1/*")
+    rung_metrics = _mtimes_of(out, "seed0/trials/*/step*/metrics.json")
+
+    result = run_workflow(rungs, rungs / "config.yaml", "--config", "recompute=true")
+    assert "after the change of arms.halving.early_stopping.keep" in result.stderr
+    assert _mtimes_of(out, "seed0/pilot/round0/*") | _mtimes_of(out, "seed0/random/round1/*") == kept
+    # The arm's rounds are proposed again; rung files of trials it proposes again are reused.
+    assert list((out / "superseded").glob("*/seed0/halving/round1/rung0/promoted.tsv"))
+    assert all(_mtimes_of(out, "seed0/trials/*/step*/metrics.json").get(k, v) == v for k, v in rung_metrics.items())
+    assert (read_table(out / "seed0/halving/round1/rung0/promoted.tsv").promoted.sum()) == 3
+
+
+def _mtimes_of(out: Path, pattern: str) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.glob(pattern))}
+
+
+# ---- a config that dooms every trial fails once, before any trial --------------------------
+def test_every_example_longer_than_max_seq_length_fails_in_prepare_dataset(tmp_path):
+    from tiny_models import build_tiny_llama
+
+    config = load_test_config("tiny_qlora.yaml")
+    config["model"]["name"] = str(build_tiny_llama(tmp_path / "tiny-llama"))
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": f"Describe the garden number {i} in great detail.", "input": "", "output": "ok"})
+            + "\n"
+            for i in range(10)
+        )
+    )
+    config["dataset"]["path"] = str(data)
+    config["training"]["max_seq_length"] = 8  # the alpaca headers alone are longer
+    result = run_workflow(tmp_path, write_config(tmp_path / "config.yaml", config), check=False)
+    assert result.returncode != 0
+    log = (tmp_path / "results/tiny-qlora/logs/prepare_dataset.log").read_text().strip().splitlines()
+    assert (
+        len(log) == 1 and "training.max_seq_length: 8 tokens leave no answer token in any of the 8 training" in log[0]
+    )
+    assert not list((tmp_path / "results/tiny-qlora").glob("seed0/trials/*/train.log"))  # no trial started
+
+
+# ---- evaluation files: checked, retried and recomputed without training ---------------------
+def _evaluated_study(tmp_path: Path, limit: int = 2):
+    """A one-round qlora study folder as the workflow leaves it: two trained trials, one scored
+    and one whose evaluation failed for lack of memory, the pilot's history and the tables."""
+    from loratune import files
+    from loratune.config import validate_config
+    from loratune.loop import update_history
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "Say 1.", "input": "", "output": "1"}) + "\n")
+    (tmp_path / "model").mkdir(exist_ok=True)
+    config = load_test_config("tiny_qlora.yaml")
+    config["model"]["name"] = str(tmp_path / "model")
+    config["dataset"]["path"] = str(data)
+    config["objectives"] = {"eval_loss": "min", "lm_eval.loratune_instruct.chrf": "max"}
+    config["evaluation"] = {"tasks": ["loratune_instruct"], "limit": limit}
+    config["arms"] = {"random": {"proposer": "random", "rounds": 0}}
+    study = validate_config(config)
+    out = tmp_path / "results" / study.name
+    round_dir = out / "seed0/pilot/round0"
+    ids = [study.space.trial_id({"lora_rank": r, "learning_rate": 1e-3}) for r in (4, 8)]
+    round_dir.mkdir(parents=True, exist_ok=True)
+    ledger_rows = pd.DataFrame([{"seed": 0, "arm": "pilot", "round": 0, "trial_id": t} for t in ids])
+    ledger_rows.to_csv(round_dir / "proposals.tsv", sep="\t", index=False)
+    scores = [
+        {"status": "ok", "error": None, "lm_eval": {"loratune_instruct": {"chrf": 40.0, "exact_match": 0.0}}},
+        {"status": "failed", "error": "OutOfMemoryError: CUDA out of memory", "lm_eval": {}},
+    ]
+    for trial_id, score in zip(ids, scores):
+        trial = out / "seed0/trials" / trial_id
+        files.atomic_write_json(trial / "metrics.json", {"trial_id": trial_id, "status": "ok", "eval_loss": 1.0})
+        files.atomic_write_json(trial / "evaluation.json", score)
+    update_history(
+        None,
+        round_dir / "proposals.tsv",
+        [out / f"seed0/trials/{t}/metrics.json" for t in ids],
+        round_dir / "history.tsv",
+        evaluation_paths=[out / f"seed0/trials/{t}/evaluation.json" for t in ids],
+        objectives=study.objectives,
+    )
+    shutil.copy(round_dir / "history.tsv", out / "trials.tsv")
+    return study, out, ids
+
+
+def test_a_corrupt_evaluation_and_a_failed_one_are_redone_without_retraining(tmp_path):
+    from loratune.study_state import prepare_run
+
+    study, out, (scored, failed) = _evaluated_study(tmp_path)
+    prepare_run(study, out)
+    metrics = {t: (out / f"seed0/trials/{t}/metrics.json").read_text() for t in (scored, failed)}
+    corrupt = out / f"seed0/trials/{scored}/evaluation.json"
+    corrupt.write_text('{"status": "ok", "lm_ev')
+    lines = prepare_run(study, out, retry_failed="OutOfMemoryError")
+    assert f"{corrupt}: not valid JSON" in lines[0] and "re-evaluating that trial (retraining nothing)" in lines[0]
+    assert lines[1] == f"retry_failed: re-evaluating {out / 'seed0/trials' / failed} (OutOfMemoryError)"
+    assert not corrupt.exists() and not (out / f"seed0/trials/{failed}/evaluation.json").exists()
+    assert not (out / "seed0/pilot/round0/history.tsv").exists() and not (out / "trials.tsv").exists()
+    # Training is kept: both metrics.json stay, so Snakemake runs only evaluate_trial for them.
+    assert {t: (out / f"seed0/trials/{t}/metrics.json").read_text() for t in metrics} == metrics
+    assert len(list((out / "superseded").glob("*/seed0/trials/*/evaluation.json"))) == 2
+
+
+def test_an_evaluation_change_re_evaluates_without_being_asked_and_keeps_training(tmp_path):
+    from loratune.config import validate_config
+    from loratune.study_state import prepare_run
+
+    study, out, ids = _evaluated_study(tmp_path)
+    prepare_run(study, out)
+    config = copy.deepcopy(study.config)
+    config["evaluation"]["limit"] = 3
+    changed = validate_config(config)
+    lines = prepare_run(changed, out)  # no recompute flag needed, no refusal
+    assert (
+        len(lines) == 1
+        and "re-evaluating every trial (retraining none) after the change of evaluation.limit" in lines[0]
+    )
+    assert (
+        not list(out.glob("seed0/trials/*/evaluation.json")) and len(list(out.glob("seed0/trials/*/metrics.json"))) == 2
+    )
+    assert not (out / "seed0/pilot/round0/history.tsv").exists()

@@ -161,7 +161,7 @@ def evaluate_trial(
     """Evaluate the adapter of the trial whose metrics.json is ``metrics_path`` and write its
     evaluation.json to ``output``. A failed trial has no adapter worth scoring: its evaluation
     is recorded as failed without running lm-eval."""
-    from loratune import ledger
+    from loratune import files, ledger
 
     trial = ledger.read_metrics(metrics_path)
     if (trial.get("status") or "ok") != "ok":
@@ -170,5 +170,5 @@ def evaluate_trial(
         record = evaluate_adapter(
             model_path, Path(metrics_path).parent / "adapter", data_dir, evaluation, device=device
         )
-    ledger.atomic_write_json(output, record)
+    files.atomic_write_json(output, record)
     return record

@@ -624,3 +624,20 @@ def tokenize_examples(
         whole = _chat_template_tokens(tokenizer, example, f"example {number}") if uses_template else next(plain)
         tokenized.append(TokenizedExample(whole.input_ids[:max_seq_length], whole.labels[:max_seq_length]))
     return tokenized
+
+
+def check_fits(tokenizer: Any, data: PreparedData, max_seq_length: int, chunk: int = 256) -> None:
+    """Fail once, in prepare_dataset, when ``max_seq_length`` cuts away every answer of the
+    training or the held-out examples, as training renders them; else every trial would fail
+    alone with the same error. Stops at the first chunk with an example that fits."""
+    for split, examples in (("training", data.train), ("held-out", data.eval)):
+        fits = any(
+            example.loss_tokens
+            for start in range(0, len(examples), chunk)
+            for example in tokenize_examples(tokenizer, examples[start : start + chunk], max_seq_length, data.template)
+        )
+        if examples and not fits:
+            raise ValueError(
+                f"training.max_seq_length: {max_seq_length} tokens leave no answer token in any of the "
+                f"{len(examples)} {split} examples of {data.manifest.get('source')}; raise it or shorten the examples"
+            )
