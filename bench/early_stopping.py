@@ -337,8 +337,8 @@ def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapse
             f"| {row['problem']} | {row['proposer']}{' (default)' if row['proposer'] == DEFAULT_PROPOSER else ''} | "
             f"{schedule_label(args.schedules, row['variant'])} | {row['fraction_median']:.3f} "
             f"[{row['fraction_q1']:.3f}-{row['fraction_q3']:.3f}] | "
-            f"{row['reached']}/{row['counted']} | {row["final_hv_full"]:.4f} | {row["final_hv_es"]:.4f} | "
-            f"{row['below_share']:.0%} ({row['below_until']:.2f}) | {row["worst_gap"]:+.4f} |"
+            f"{row['reached']}/{row['counted']} | {row['final_hv_full']:.4f} | {row['final_hv_es']:.4f} | "
+            f"{row['below_share']:.0%} ({row['below_until']:.2f}) | {row['worst_gap']:+.4f} |"
         )
     out += ["", "## The goal, for the default proposer", ""]
     for _, row in table[(table["proposer"] == DEFAULT_PROPOSER) & ~table["variant"].str.contains("-")].iterrows():
