@@ -63,7 +63,14 @@ from loratune.config import Arm  # noqa: E402
 from loratune.designs import pilot_design  # noqa: E402
 from loratune.early_stopping import EarlyStopping, successive_halving  # noqa: E402
 from loratune.loop import next_proposals  # noqa: E402
-from loratune.pareto import REFERENCE, RESULT_STATUSES, hypervolume, normalize, pareto_front, to_minimization  # noqa: E402
+from loratune.pareto import (
+    REFERENCE,
+    RESULT_STATUSES,
+    hypervolume,
+    normalize,
+    pareto_front,
+    to_minimization,
+)  # noqa: E402
 from loratune.space import SearchSpace  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -128,7 +135,9 @@ class Problem:
         rows = pd.DataFrame([{"status": "ok", **self.answer(space, p, self.budget(), 0)} for p in candidates])
         senses = list(self.objectives.values())
         every = to_minimization(rows[list(self.objectives)].to_numpy(dtype=float), senses)
-        front = to_minimization(pareto_front(rows, self.objectives)[list(self.objectives)].to_numpy(dtype=float), senses)
+        front = to_minimization(
+            pareto_front(rows, self.objectives)[list(self.objectives)].to_numpy(dtype=float), senses
+        )
         lower, upper = front.min(axis=0), every.max(axis=0)
         ref = np.full(len(senses), REFERENCE)
         return Scale(lower, upper, hypervolume(normalize(front, lower, upper), ref))
@@ -407,7 +416,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="JSON list of [rungs, keep] (default the issue's [[[0.111, 0.333, 1.0], 0.334]])",
     )
     parser.add_argument(
-        "--options", type=json.loads, default={}, help='JSON proposer options by proposer, e.g. {"optuna-gp": {"qmc_samples": 32}}'
+        "--options",
+        type=json.loads,
+        default={},
+        help='JSON proposer options by proposer, e.g. {"optuna-gp": {"qmc_samples": 32}}',
     )
     parser.add_argument("--max-steps", type=int, default=90, help="the synthetic problems' step budget")
     parser.add_argument("--problems", default="zdt1,dtlz2,lora_surrogate", help="synthetic-curve problems")

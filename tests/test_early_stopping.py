@@ -118,7 +118,7 @@ def test_hypervolume_curves_add_up_the_cost_of_every_trial_stopped_ones_included
     rows = [
         (0, "pilot", 0, "p0", 0.5, 0.5, "ok", 10.0, 100),
         (0, "pilot", 0, "p1", 0.2, 0.9, "ok", 12.0, 100),
-        (0, "es", 1, "s1", 0.9, 0.1, "stopped", 1.5, 10),  # stopped at a rung: costs, adds no volume
+        (0, "es", 1, "s1", 0.9, 0.1, "stopped", 1.5, 10),  # stopped at a rung: its cost and its volume
         (0, "es", 1, "f1", None, None, "failed", None, None),  # failed before recording any cost
         (0, "es", 1, "o1", 0.1, 0.1, "ok", 11.0, 100),
     ]
@@ -127,7 +127,10 @@ def test_hypervolume_curves_add_up_the_cost_of_every_trial_stopped_ones_included
     es = curves[curves.arm == "es"]
     assert es["train_seconds"].tolist() == [10.0, 22.0, 23.5, 23.5, 34.5]
     assert es["train_steps"].tolist() == [100, 200, 210, 210, 310]
-    assert es["hypervolume"].iloc[2] == es["hypervolume"].iloc[1] < es["hypervolume"].iloc[4]
+    # The stopped trial is a result at its rung's values: it adds volume (a failed one adds none).
+    assert (
+        es["hypervolume"].iloc[1] < es["hypervolume"].iloc[2] == es["hypervolume"].iloc[3] < es["hypervolume"].iloc[4]
+    )
     bare = hypervolume_curves(pd.DataFrame(rows, columns=columns).drop(columns=["train_seconds", "steps"]), TWO)
     assert bare["train_seconds"].isna().all() and bare["hypervolume"].tolist() == curves["hypervolume"].tolist()
 
