@@ -416,6 +416,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="JSON list of [rungs, keep] (default the issue's [[[0.111, 0.333, 1.0], 0.334]])",
     )
     parser.add_argument(
+        "--model-schedules",
+        type=int,
+        default=1000,
+        help="model-based proposers run only the first N schedules (random runs them all; default all)",
+    )
+    parser.add_argument(
         "--options",
         type=json.loads,
         default={},
@@ -491,7 +497,8 @@ def main(argv=None) -> None:
         for q in sorted(proposers, key=lambda q: q == "random"):  # the slow model-based runs first
             for p in problems.values():
                 cap = {s: float(spent[(p.name, q, s)]) for s in range(args.seeds)}
-                mine = variants + (fits if q != "random" else [])
+                mine = variants + fits if q != "random" else variants
+                mine = mine if q == "random" else [v for v in mine if int(v[2:].split("-")[0]) < args.model_schedules]
                 staged += [Task(p, q, v, s, {**plan, "seconds_cap": cap}) for v in mine for s in range(args.seeds)]
         for done, result in enumerate(pool.imap_unordered(run_task, staged), start=1):
             events += result
