@@ -21,11 +21,14 @@ the hypervolume 'full' reaches at its full budget, as a fraction of the seconds 
 (median over seeds; <= 1/3 meets the goal), and whether at equal seconds its median curve is
 ever below.
 
-Run from the repository root (the measured tables, about 15 minutes on 16 cores):
+Run from the repository root, one measured table at a time (27 minutes each on 2 loaded cores;
+the commands of bench/results/early_stopping_6d60c1a_*.md):
 
-    .venv/bin/python bench/early_stopping.py --problems "" \
-        --tables bench/data/curves_self_instruct.jsonl,bench/data/curves_instructions.jsonl \
-        --proposers optuna-gp,random --workers 16
+    .venv/bin/python bench/early_stopping.py --seeds 10 --problems "" \
+        --tables bench/data/curves_self_instruct.jsonl --proposers optuna-gp,random --rounds 2 --batch 6 \
+        --schedules '[[[0.167,0.5,1.0],0.334],[[0.167,1.0],0.167],[[0.333,1.0],0.5]]' --model-schedules 1 \
+        --fits highest_rung --options '{"optuna-gp": {"qmc_samples": 16}}' --workers 1
+
 
 ``--make-table PATH`` writes a synthetic learning-curve table from lora_surrogate (for
 development) and exits.
@@ -42,6 +45,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -471,7 +475,7 @@ def main(argv=None) -> None:
         "options": args.options,
         "max_rounds": 50,
     }
-    command = " ".join([".venv/bin/python bench/early_stopping.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join([".venv/bin/python", "bench/early_stopping.py", *(sys.argv[1:] if argv is None else argv)])
     if args.render_only:
         command = command.replace(" --render-only", "").split(" --elapsed-min")[0]
         ran = re.search(r"early_stopping_([0-9a-f]{7,})", out.name)
