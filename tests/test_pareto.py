@@ -232,17 +232,25 @@ def test_arm_fronts_count_a_trial_two_arms_proposed_once_in_the_study_front():
     assert seed0.loc[seed0.front == "pilot + random", "trial_id"].tolist() == ["g3"]
 
 
+def one_seed(*rows: str) -> pd.DataFrame:
+    """Trials of seed 0 from "arm trial_id train_loss train_time status steps" (the pilot is round 0)."""
+    records = []
+    for row in rows:
+        arm, trial_id, loss, time, status, steps = row.split()
+        records.append((0, arm, 0 if arm == "pilot" else 1, trial_id, float(loss), float(time), status, int(steps)))
+    return pd.DataFrame(records, columns=["seed", "arm", "round", "trial_id", *OBJECTIVES, "status", "steps"])
+
+
 def test_a_stopped_trial_is_a_result_on_the_front_and_in_the_hypervolume():
     # s1 stopped at a rung with values no full-budget trial reaches on the time axis; f1 failed
     # with better numbers left behind, which must count for nothing.
-    rows = [
-        (0, "pilot", 0, "p0", 1.0, 30.0, "ok", 60),
-        (0, "pilot", 0, "p1", 2.0, 10.0, "ok", 60),
-        (0, "es", 1, "s1", 1.5, 4.0, "stopped", 10),
-        (0, "es", 1, "f1", 0.1, 1.0, "failed", 10),
-        (0, "es", 1, "s2", 3.0, 20.0, "stopped", 10),
-    ]
-    trials = pd.DataFrame(rows, columns=["seed", "arm", "round", "trial_id", *OBJECTIVES, "status", "steps"])
+    trials = one_seed(
+        "pilot p0 1 30 ok 60",
+        "pilot p1 2 10 ok 60",
+        "es s1 1.5 4 stopped 10",
+        "es f1 0.1 1 failed 10",
+        "es s2 3 20 stopped 10",
+    )
     assert pareto_front(trials, OBJECTIVES)["trial_id"].tolist() == ["p0", "s1"]
     fronts = arm_fronts(trials, OBJECTIVES)
     assert fronts.loc[fronts.front == ALL_ARMS, "trial_id"].tolist() == ["p0", "s1"]
@@ -260,14 +268,13 @@ def test_a_stopped_trial_is_a_result_on_the_front_and_in_the_hypervolume():
 
 def test_distinct_trials_keep_the_row_that_trained_furthest():
     # t1: stopped at step 10 by one arm, trained to 60 by another; its full row is the one kept.
-    rows = [
-        (0, "pilot", 0, "p0", 1.0, 30.0, "ok", 60),
-        (0, "es", 1, "t1", 0.9, 5.0, "stopped", 10),
-        (0, "random", 1, "t1", 0.5, 20.0, "ok", 60),
-        (0, "random", 1, "t2", 2.0, 1.0, "ok", 60),
-        (0, "es", 1, "t2", 2.0, 1.0, "ok", 60),
-    ]
-    trials = pd.DataFrame(rows, columns=["seed", "arm", "round", "trial_id", *OBJECTIVES, "status", "steps"])
+    trials = one_seed(
+        "pilot p0 1 30 ok 60",
+        "es t1 0.9 5 stopped 10",
+        "random t1 0.5 20 ok 60",
+        "random t2 2 1 ok 60",
+        "es t2 2 1 ok 60",
+    )
     kept = distinct_trials(trials)
     assert kept[["trial_id", "arm"]].values.tolist() == [["p0", "pilot"], ["t1", "random"], ["t2", "random"]]
     study = arm_fronts(trials, OBJECTIVES)
