@@ -177,3 +177,25 @@ def test_successive_halving_in_one_process_trains_each_rung_once():
     assert calls == [("a", 10), ("b", 10), ("c", 10), ("d", 10), ("b", 20), ("d", 20), ("b", 40)]
     assert {t: r["status"] for t, r in outcome.items()} == {"a": "stopped", "b": "ok", "c": "failed", "d": "stopped"}
     assert outcome["d"]["loss"] == 0.7 + 10 / 20  # its highest rung
+
+
+def test_a_rung_of_a_trial_another_arm_trained_fully_leaves_that_trial_folder_alone(tmp_path):
+    """The trial folder keeps the full run's adapter and metrics: a later rung job of the same
+    trial (another arm's successive halving) trains in its own step folder instead."""
+    import json
+
+    from conftest import load_test_config
+    from loratune.config import validate_config
+    from loratune.trial import TRIAL_LOCK, run_trial_job
+
+    study = validate_config(load_test_config("tiny_rungs.yaml"))
+    trial_id = study.space.trial_id(study.space.snap({"lora_rank": 64, "lora_alpha": 16, "learning_rate": 1e-3}))
+    folder = tmp_path / trial_id
+    rung = run_trial_job(study, trial_id, 0, folder / "step10" / "metrics.json", until_step=10, trial_dir=folder)
+    assert rung["steps"] == 10 and (folder / TRIAL_LOCK).exists() and not (folder / "step10" / TRIAL_LOCK).exists()
+    full = run_trial_job(study, trial_id, 0, folder / "metrics.json")
+    assert full["status"] == "ok" and full["steps"] == 40
+    before = (folder / "metrics.json").read_text()
+    again = run_trial_job(study, trial_id, 0, folder / "step20" / "metrics.json", until_step=20, trial_dir=folder)
+    assert again["steps"] == 20 and (folder / "step20" / TRIAL_LOCK).exists()
+    assert (folder / "metrics.json").read_text() == before and json.loads(before)["steps"] == 40
