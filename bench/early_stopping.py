@@ -1,27 +1,37 @@
 """Early stopping: how many training seconds successive halving saves, per proposer.
 
-Each proposer runs twice per seed after the same Latin-hypercube pilot (trained to the full
-budget, its cost shared and left out): without early stopping (rounds of ``--batch`` trials
-trained to the full budget, ``--trials`` in all) and with it (rounds of ``--es-batch`` trials
-through the rungs ``--rungs``, keeping ``--keep``, until it has spent as many training seconds
-as the arm without). Every trial is answered by ``loratune.benchmarks.evaluate(..., step=...)``
-(the ``table`` problem for measured learning-curve tables, the synthetic curves for the analytic
-problems), proposals come from ``loratune.loop.next_proposals`` and the rungs from
+Each proposer runs per seed after the same Latin-hypercube pilot (trained to the full budget,
+its cost shared and left out), as one arm with the same ``--batch`` trials per round, twice:
+without early stopping ('full': ``--rounds`` rounds, every trial trained to the full budget --
+the arm's full budget), and with it ('es<i>', one per schedule of ``--schedules``: the same
+rounds of ``--batch`` trials through the schedule's rungs, round after round until it has spent
+as many training seconds as 'full'). Every trial is answered by
+``loratune.benchmarks.evaluate(..., step=...)`` (the ``table`` problem for measured
+learning-curve tables, searched over the table's own levels; the synthetic curves for the
+analytic problems), proposals come from ``loratune.loop.next_proposals`` and the rungs from
 ``loratune.early_stopping.successive_halving`` -- the pipeline's own code.
 
-Hypervolume counts trials that trained their full budget (as ``pareto.hypervolume_curves``),
-normalized by the problem's true front (a table's: its measured runs at the full budget), and is
-read against the arm's own cumulative training seconds. The goal check (issue 13): the seconds
-the early-stopping arm needs to reach the hypervolume the arm without reaches at its full
-budget, as a fraction of that arm's seconds (median over seeds; <= 1/3 meets the goal), and
-whether at equal seconds its median curve is ever below.
+Hypervolume counts every trial at its recorded values as ``pareto.hypervolume_curves`` does: a
+stopped trial at the highest rung it reached (``training.select: best``: its best checkpoint up
+to there), a promoted one replacing its earlier rung's values. It is normalized by the problem's
+true front (a table's: its measured runs at the full budget, where select best takes each run's
+best checkpoint) and read against the arm's own cumulative training seconds, every rung's
+segment counted. The goal check (issue 13): the seconds the early-stopping arm needs to reach
+the hypervolume 'full' reaches at its full budget, as a fraction of the seconds 'full' spent
+(median over seeds; <= 1/3 meets the goal), and whether at equal seconds its median curve is
+ever below.
 
-Run from the repository root (synthetic problems, about 10 minutes on 2 cores):
+Run from the repository root, one measured table at a time (27 minutes each on 2 loaded cores;
+the commands of bench/results/early_stopping_6d60c1a_*.md):
 
-    .venv/bin/python bench/early_stopping.py --tables bench/data/surrogate_curves.jsonl
+    .venv/bin/python bench/early_stopping.py --seeds 10 --problems "" \
+        --tables bench/data/curves_self_instruct.jsonl --proposers optuna-gp,random --rounds 2 --batch 6 \
+        --schedules '[[[0.167,0.5,1.0],0.334],[[0.167,1.0],0.167],[[0.333,1.0],0.5]]' --model-schedules 1 \
+        --fits highest_rung --options '{"optuna-gp": {"qmc_samples": 16}}' --workers 1
+
 
 ``--make-table PATH`` writes a synthetic learning-curve table from lora_surrogate (for
-development, until measured tables exist) and exits.
+development) and exits.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -54,9 +65,16 @@ from bench.efficiency.runner import Scale, _quiet_worker  # noqa: E402
 from loratune.benchmarks import CurveTable, evaluate, get_problem, true_front  # noqa: E402
 from loratune.config import Arm  # noqa: E402
 from loratune.designs import pilot_design  # noqa: E402
-from loratune.early_stopping import STOPPED, EarlyStopping, successive_halving  # noqa: E402
+from loratune.early_stopping import EarlyStopping, successive_halving  # noqa: E402
 from loratune.loop import next_proposals  # noqa: E402
-from loratune.pareto import pareto_front, to_minimization  # noqa: E402
+from loratune.pareto import (
+    REFERENCE,
+    RESULT_STATUSES,
+    hypervolume,
+    normalize,
+    pareto_front,
+    to_minimization,
+)  # noqa: E402
 from loratune.space import SearchSpace  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -87,12 +105,29 @@ class Problem:
         spec = self.spec()
         return spec.max_steps if isinstance(spec, CurveTable) else self.max_steps
 
+    def space(self) -> SearchSpace:
+        """A table is searched over its own measured levels (every proposal is a measured run,
+        none a repeat of its nearest neighbour); the synthetic problems over the study's space."""
+        spec = self.spec()
+        if not isinstance(spec, CurveTable):
+            return SearchSpace.from_config(SPACE)
+        rows = spec.rows()
+        return SearchSpace.from_config(
+            {name: {"type": "choice", "values": sorted(rows[name].unique().tolist())} for name in SPACE}
+        )
+
     def answer(self, space: SearchSpace, point: dict, step: int, seed: int) -> dict:
         return evaluate(self.spec(), space, point, self.objectives, seed=seed, step=step, max_steps=self.budget())
 
-    def front(self, space: SearchSpace) -> np.ndarray:
-        """The true front in minimization space: analytic, a table's measured runs, or (the
-        surrogate) the front of 4000 random points, all at the full budget."""
+    def scale(self) -> Scale:
+        """Hypervolume's scale: 0 at the best value of the true front in each objective, 1 at the
+        worst value of the whole problem (the reference point 1.1 beyond it), and the true front's
+        volume. The true front: analytic, or that of every measured run of a table (the 4000
+        random points of the surrogate), all at the full budget. A table's front is narrow (the
+        rank barely moves the loss: on the self-instruct table the best losses of ranks 4 and
+        16 differ by 0.002), so bounds of the front alone would leave every point that is not
+        one of its few runs outside the box; the whole range shows a search's progress."""
+        space = self.space()
         spec = get_problem(self.spec())
         if isinstance(spec, CurveTable):
             points, _ = spec.points(space)
@@ -100,102 +135,121 @@ class Problem:
         elif self.problem == "lora_surrogate":
             candidates = pilot_design(space, 4000, "random", 0)
         else:
-            return true_front(self.problem, len(self.objectives), 2001)
+            return Scale.of(true_front(self.problem, len(self.objectives), 2001))
         rows = pd.DataFrame([{"status": "ok", **self.answer(space, p, self.budget(), 0)} for p in candidates])
-        front = pareto_front(rows, self.objectives)
-        return to_minimization(front[list(self.objectives)].to_numpy(dtype=float), list(self.objectives.values()))
+        senses = list(self.objectives.values())
+        every = to_minimization(rows[list(self.objectives)].to_numpy(dtype=float), senses)
+        front = to_minimization(
+            pareto_front(rows, self.objectives)[list(self.objectives)].to_numpy(dtype=float), senses
+        )
+        lower, upper = front.min(axis=0), every.max(axis=0)
+        ref = np.full(len(senses), REFERENCE)
+        return Scale(lower, upper, hypervolume(normalize(front, lower, upper), ref))
 
 
 @dataclass(frozen=True)
 class Task:
     problem: Problem
     proposer: str
-    variant: str  # "full" (no early stopping), "es" (default fit of stopped trials) or "es-<fit>"
+    variant: str  # "full" (no early stopping), "es<i>" (schedule i, default fit) or "es<i>-<fit>"
     seed: int
     args: dict  # the plan (pickles into the workers)
 
 
 def run_task(task: Task) -> list[dict]:
-    """Every training segment of one run: the arm's own cumulative seconds and steps after it,
-    and the full-budget values of a trial it completed (NaN otherwise)."""
+    """Every training segment of one run: the arm's own cumulative seconds after it, and the
+    trained trial's values as recorded there (NaN for a failed one)."""
     plan = task.args
-    space = SearchSpace.from_config(SPACE)
     problem = task.problem
+    space = problem.space()
     budget = problem.budget()
     names = list(problem.objectives)
     proposer, options = PROPOSERS[task.proposer]
+    options = {**options, **plan["options"].get(task.proposer, {})}
     history: list[dict] = []
     events: list[dict] = []
-    spent = {"seconds": 0.0, "steps": 0}
+    spent = {"seconds": 0.0}
 
-    def record(point: dict, metrics: Mapping[str, Any], round_: int) -> None:
+    def record(point: dict, metrics: Mapping[str, Any]) -> None:
         history.append({**point, **{n: metrics.get(n) for n in names}, "status": metrics.get("status") or "ok"})
 
     for point in pilot_design(space, plan["pilot"], "lhs", task.seed):
         metrics = problem.answer(space, point, budget, task.seed)
-        record(point, metrics, 0)
-        events.append(_event(task, 0, metrics, names, spent, own=False))
+        record(point, metrics)
+        events.append(_event(task, 0, space.trial_id(point), metrics, names, spent, own=False))
 
     if task.variant == "full":
-        arm = Arm(task.proposer, proposer, 0, plan["batch"], options)
-        for round_ in range(1, plan["trials"] // plan["batch"] + 1):
+        arm = Arm(task.proposer, proposer, plan["rounds"], plan["batch"], options)
+        for round_ in range(1, plan["rounds"] + 1):
             for point in next_proposals(space, problem.objectives, arm, pd.DataFrame(history), task.seed, round_):
                 metrics = problem.answer(space, point, budget, task.seed)
-                record(point, metrics, round_)
-                events.append(_event(task, round_, metrics, names, spent))
+                record(point, metrics)
+                events.append(_event(task, round_, space.trial_id(point), metrics, names, spent))
         return events
 
-    schedule = EarlyStopping.from_config({"rungs": plan["rungs"], "keep": plan["keep"]})
-    fit = task.variant.removeprefix("es-") if task.variant != "es" else None
-    arm = Arm(f"{task.proposer}-es", proposer, 0, plan["es_batch"], options, schedule)
+    index, _, fit = task.variant.removeprefix("es").partition("-")
+    rungs, keep = plan["schedules"][int(index)]
+    schedule = EarlyStopping.from_config({"rungs": rungs, "keep": keep})
+    arm = Arm(f"{task.proposer}-es", proposer, plan["max_rounds"], plan["batch"], options, schedule)
     round_ = 0
     while spent["seconds"] < plan["seconds_cap"][task.seed] and round_ < plan["max_rounds"]:
         round_ += 1
-        points = next_proposals(space, problem.objectives, arm, pd.DataFrame(history), task.seed, round_, stopped=fit)
+        points = next_proposals(
+            space, problem.objectives, arm, pd.DataFrame(history), task.seed, round_, stopped=fit or None
+        )
         by_id = {space.trial_id(p): p for p in points}
         trained: dict[str, float] = {}
 
         def train(trial_id: str, step: int) -> dict:
             metrics = problem.answer(space, by_id[trial_id], step, task.seed)
-            events.append(_event(task, round_, metrics, names, spent, before=trained.get(trial_id, 0.0)))
+            events.append(_event(task, round_, trial_id, metrics, names, spent, before=trained.get(trial_id, 0.0)))
             trained[trial_id] = metrics["train_seconds"]
             return metrics
 
         outcome = successive_halving(list(by_id), schedule, budget, problem.objectives, train)
         for trial_id, metrics in outcome.items():
-            record(by_id[trial_id], metrics, round_)
+            record(by_id[trial_id], metrics)
     return events
 
 
-def _event(task, round_, metrics, names, spent, before: float = 0.0, own: bool = True) -> dict:
-    """One training segment; a resumed trial adds only the seconds past its last rung."""
+def _event(task, round_, trial_id, metrics, names, spent, before: float = 0.0, own: bool = True) -> dict:
+    """One training segment; a resumed trial adds only the seconds past its last rung. Its
+    values are the trial's as recorded at the segment's end (a failed trial has none)."""
     if own:
         spent["seconds"] += float(metrics["train_seconds"]) - before
-        spent["steps"] = spent["steps"] + int(metrics["steps"])
-    complete = (metrics.get("status") or "ok") == "ok" and metrics["steps"] == metrics["max_steps"]
+    result = (metrics.get("status") or "ok") in RESULT_STATUSES
     return {
         "problem": task.problem.name,
         "proposer": task.proposer,
         "variant": task.variant,
         "seed": task.seed,
         "round": round_,
+        "trial_id": trial_id,
+        "steps": int(metrics["steps"]),
         "seconds": spent["seconds"],
-        **{f"value_{n}": (metrics[n] if complete else np.nan) for n in names},
+        **{f"value_{n}": (metrics[n] if result else np.nan) for n in names},
     }
 
 
-def add_hypervolume(events: pd.DataFrame, problems: dict[str, Problem], space: SearchSpace) -> pd.DataFrame:
+def add_hypervolume(events: pd.DataFrame, problems: dict[str, Problem]) -> pd.DataFrame:
+    """Each event's hypervolume: of every trial of the run so far at its latest recorded values
+    (a trial promoted to a later rung replaces its earlier values), over the true front's."""
     parts = []
     for name, per_problem in events.groupby("problem", sort=False):
         problem = problems[name]
-        scale = Scale.of(problem.front(space))
+        scale = problem.scale()
         names = list(problem.objectives)
+        senses = list(problem.objectives.values())
         for _, run in per_problem.groupby(["proposer", "variant", "seed"], sort=False):
             run = run.copy()
-            Y = to_minimization(
-                run[[f"value_{n}" for n in names]].to_numpy(dtype=float), list(problem.objectives.values())
-            )
-            run["hv"] = scale.ratios(Y)
+            Y = to_minimization(run[[f"value_{n}" for n in names]].to_numpy(dtype=float), senses)
+            latest: dict[str, np.ndarray] = {}
+            volumes = []
+            for trial_id, y in zip(run["trial_id"], Y):
+                latest[trial_id] = y
+                normalized = normalize(np.array(list(latest.values())), scale.lower, scale.upper)
+                volumes.append(hypervolume(normalized, np.full(len(names), REFERENCE)) / scale.front_volume)
+            run["hv"] = volumes
             parts.append(run)
     return pd.concat(parts, ignore_index=True)
 
@@ -259,6 +313,15 @@ def goal(curves: pd.DataFrame, variant: str = "es", grid_points: int = 200) -> p
     return pd.DataFrame(rows)
 
 
+def schedule_label(plan_schedules, variant: str) -> str:
+    """'es0' -> 'es0 [0.167, 0.5, 1.0] keep 0.334' (and the fit, if not the default)."""
+    if variant == "full":
+        return variant
+    index, _, fit = variant.removeprefix("es").partition("-")
+    rungs, keep = plan_schedules[int(index)]
+    return f"es{index} {list(rungs)} keep {keep}" + (f", fit {fit}" if fit else "")
+
+
 def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapsed: float, commit: str) -> str:
     out = [
         "# Early stopping: training seconds to the same hypervolume",
@@ -266,14 +329,17 @@ def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapse
         f"Command: `{command}` at commit {commit} ({elapsed / 60:.1f} min wall clock, {os.cpu_count()} cores).",
         "",
         f"Protocol: {args.seeds} seeds; per seed a Latin-hypercube pilot of {args.pilot} trials (full budget, "
-        f"shared, its cost left out). Without early stopping ('full'): {args.trials} trials in rounds of "
-        f"{args.batch}, each trained to the full budget. With it ('es'): rounds of {args.es_batch} trials through "
-        f"rungs {args.rungs} keeping {args.keep}, until it has spent as many training seconds as 'full' "
-        "(the round that crosses it completes). HV: hypervolume of the trials that trained their full budget, over "
-        "the true front's. 'fraction': seconds 'es' needs to reach 'full''s final HV / seconds 'full' spent, median "
-        "[quartiles] over the seeds where 'full' improved on its pilot ('counted'; in the others the target is the "
-        "pilot's own HV, reached at 0 s) (goal: <= 0.333; 'inf': not reached within the budget). 'below': share of the "
-        "cost axis (0..full's median seconds, 200 points) where the median 'es' curve is below the median 'full' "
+        f"shared, its cost left out); a table is searched over its own measured levels. One arm, {args.batch} "
+        f"trials a round (proposer options {json.dumps(args.options)}). Without early stopping ('full', the arm "
+        f"at its full budget): {args.rounds} rounds, each trial trained to the full budget. With it ('es<i>', "
+        "schedule i: rungs as fractions of the budget, keep): the same arm and batch through the rungs, round "
+        "after round until it has spent as many training seconds as 'full' (the round that crosses it "
+        "completes). HV: hypervolume of every trial at its recorded values (a stopped trial at its highest "
+        "rung, select best), over the true front's (a table's: its runs at the full budget; normalized from the front's best to the worst run's values in each objective). 'fraction': "
+        "seconds 'es' needs to reach 'full''s final HV / seconds 'full' spent, median [quartiles] over the "
+        "seeds where 'full' improved on its pilot ('counted'; in the others the target is the pilot's own HV, "
+        "reached at 0 s) (goal: <= 0.333; 'inf': not reached within the budget). 'below': share of the cost "
+        "axis (0..full's median seconds, 200 points) where the median 'es' curve is below the median 'full' "
         "curve, and up to which fraction of the axis; 'worst gap' the largest deficit in HV.",
         "",
         "| problem | proposer | variant | fraction | reached / counted | HV full | HV es | below (until) | worst gap |",
@@ -282,17 +348,18 @@ def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapse
     for _, row in table.iterrows():
         out.append(
             f"| {row['problem']} | {row['proposer']}{' (default)' if row['proposer'] == DEFAULT_PROPOSER else ''} | "
-            f"{row['variant']} | {row['fraction_median']:.3f} [{row['fraction_q1']:.3f}-{row['fraction_q3']:.3f}] | "
-            f"{row['reached']}/{row['counted']} | {row['final_hv_full']:.3f} | {row['final_hv_es']:.3f} | "
-            f"{row['below_share']:.0%} ({row['below_until']:.2f}) | {row['worst_gap']:+.3f} |"
+            f"{schedule_label(args.schedules, row['variant'])} | {row['fraction_median']:.3f} "
+            f"[{row['fraction_q1']:.3f}-{row['fraction_q3']:.3f}] | "
+            f"{row['reached']}/{row['counted']} | {row['final_hv_full']:.4f} | {row['final_hv_es']:.4f} | "
+            f"{row['below_share']:.0%} ({row['below_until']:.2f}) | {row['worst_gap']:+.4f} |"
         )
     out += ["", "## The goal, for the default proposer", ""]
-    for _, row in table[(table["proposer"] == DEFAULT_PROPOSER) & (table["variant"] == "es")].iterrows():
+    for _, row in table[(table["proposer"] == DEFAULT_PROPOSER) & ~table["variant"].str.contains("-")].iterrows():
         meets = row["fraction_median"] <= 1 / 3 + 1e-9
         never = row["below_share"] == 0
         out.append(
-            f"- {row['problem']}: {row['fraction_median']:.3f} of the seconds "
-            f"({'meets' if meets else 'misses'} <= 1/3); at equal seconds "
+            f"- {row['problem']}, {schedule_label(args.schedules, row['variant'])}: {row['fraction_median']:.3f} "
+            f"of the seconds ({'meets' if meets else 'misses'} <= 1/3); at equal seconds "
             + (
                 "never below"
                 if never
@@ -344,11 +411,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--pilot", type=int, default=6, help="pilot trials per seed (default 6, the workflow's)")
-    parser.add_argument("--trials", type=int, default=12, help="full-budget trials of the arm without (default 12)")
-    parser.add_argument("--batch", type=int, default=3, help="its trials per round (default 3)")
-    parser.add_argument("--es-batch", type=int, default=9, help="trials per round with early stopping (default 9)")
-    parser.add_argument("--rungs", type=json.loads, default=[0.111, 0.333, 1.0], help="JSON list (default the issue's)")
-    parser.add_argument("--keep", type=float, default=0.334)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the arm without early stopping (default 3)")
+    parser.add_argument("--batch", type=int, default=9, help="trials per round, both variants (default 9)")
+    parser.add_argument(
+        "--schedules",
+        type=json.loads,
+        default=[[[0.111, 0.333, 1.0], 0.334]],
+        help="JSON list of [rungs, keep] (default the issue's [[[0.111, 0.333, 1.0], 0.334]])",
+    )
+    parser.add_argument(
+        "--model-schedules",
+        type=int,
+        default=1000,
+        help="model-based proposers run only the first N schedules (random runs them all; default all)",
+    )
+    parser.add_argument(
+        "--options",
+        type=json.loads,
+        default={},
+        help='JSON proposer options by proposer, e.g. {"optuna-gp": {"qmc_samples": 32}}',
+    )
     parser.add_argument("--max-steps", type=int, default=90, help="the synthetic problems' step budget")
     parser.add_argument("--problems", default="zdt1,dtlz2,lora_surrogate", help="synthetic-curve problems")
     parser.add_argument("--tables", default="", help="comma-separated learning-curve tables (JSONL/TSV)")
@@ -382,22 +464,25 @@ def main(argv=None) -> None:
     for path in filter(None, args.tables.split(",")):
         problems[Path(path).stem] = Problem(Path(path).stem, path, TABLE_OBJECTIVES, args.max_steps)
     proposers = args.proposers.split(",")
-    fits = [f"es-{f}" for f in filter(None, args.fits.split(","))]
+    # Other fits of stopped trials are measured with the first schedule, for model-based proposers.
+    variants = [f"es{i}" for i in range(len(args.schedules))]
+    fits = [f"es0-{f}" for f in filter(None, args.fits.split(","))]
     plan = {
         "pilot": args.pilot,
-        "trials": args.trials,
+        "rounds": args.rounds,
         "batch": args.batch,
-        "es_batch": args.es_batch,
-        "rungs": args.rungs,
-        "keep": args.keep,
+        "schedules": args.schedules,
+        "options": args.options,
         "max_rounds": 50,
     }
-    command = " ".join([".venv/bin/python bench/early_stopping.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join([".venv/bin/python", "bench/early_stopping.py", *(sys.argv[1:] if argv is None else argv)])
     if args.render_only:
         command = command.replace(" --render-only", "").split(" --elapsed-min")[0]
         ran = re.search(r"early_stopping_([0-9a-f]{7,})", out.name)
         commit = f"{ran.group(1)} (report re-rendered at {commit})" if ran else commit
-        report(pd.read_csv(out.with_suffix(".tsv"), sep="\t"), fits, args, command, 60 * args.elapsed_min, commit, out)
+        for name in problems:
+            curves = pd.read_csv(problem_path(out, name).with_suffix(".tsv"), sep="\t")
+            report(curves, [*variants, *fits], args, command, 60 * args.elapsed_min, commit, problem_path(out, name))
         return
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
@@ -413,24 +498,30 @@ def main(argv=None) -> None:
         print(f"{len(full)} runs without early stopping: {time.perf_counter() - started:.0f} s", flush=True)
         spent = pd.DataFrame(events).groupby(["problem", "proposer", "seed"])["seconds"].max()
         staged = []
-        for p in problems.values():
-            for q in proposers:
+        for q in sorted(proposers, key=lambda q: q == "random"):  # the slow model-based runs first
+            for p in problems.values():
                 cap = {s: float(spent[(p.name, q, s)]) for s in range(args.seeds)}
-                variants = ["es"] + (fits if q != "random" else [])
-                staged += [Task(p, q, v, s, {**plan, "seconds_cap": cap}) for v in variants for s in range(args.seeds)]
+                mine = variants + fits if q != "random" else variants
+                mine = mine if q == "random" else [v for v in mine if int(v[2:].split("-")[0]) < args.model_schedules]
+                staged += [Task(p, q, v, s, {**plan, "seconds_cap": cap}) for v in mine for s in range(args.seeds)]
         for done, result in enumerate(pool.imap_unordered(run_task, staged), start=1):
             events += result
             if done % 20 == 0:
                 print(f"[{done}/{len(staged)}] early-stopping runs, {time.perf_counter() - started:.0f} s", flush=True)
     elapsed = time.perf_counter() - started
-    space = SearchSpace.from_config(SPACE)
-    curves = add_hypervolume(pd.DataFrame(events), problems, space)
-    curves.to_csv(out.with_suffix(".tsv"), sep="\t", index=False)
-    report(curves, fits, args, command, elapsed, commit, out)
+    curves = add_hypervolume(pd.DataFrame(events), problems)
+    for name, per_problem in curves.groupby("problem", sort=False):
+        per_problem.to_csv(problem_path(out, name).with_suffix(".tsv"), sep="\t", index=False)
+        report(per_problem, [*variants, *fits], args, command, elapsed, commit, problem_path(out, name))
 
 
-def report(curves: pd.DataFrame, fits: list[str], args, command: str, elapsed: float, commit: str, out: Path) -> None:
-    table = pd.concat([goal(curves, v) for v in ["es", *fits]], ignore_index=True)
+def problem_path(out: Path, problem: str) -> Path:
+    """bench/results/early_stopping_<commit>_<problem> (its .md and .tsv)."""
+    return out.with_name(f"{out.name}_{problem}")
+
+
+def report(curves: pd.DataFrame, variants: list[str], args, command: str, elapsed: float, commit: str, out: Path):
+    table = pd.concat([goal(curves, v) for v in variants], ignore_index=True)
     table = table.sort_values(["problem", "proposer", "variant"], kind="stable")
     text = markdown(table, args, command, elapsed, commit)
     out.with_suffix(".md").write_text(text + "\n")

@@ -3,7 +3,9 @@
 An arm with ``early_stopping: {rungs: [f_0, ..., 1.0], keep: k}`` trains its round's trials to
 the first rung (``f_0`` of the step budget), keeps the best fraction ``k`` of them (at least
 one), trains those to the next rung, and so on; a trial that is not promoted stops where it is
-and is recorded with status ``stopped`` (its curve and its cost so far included).
+and is recorded with status ``stopped`` (its curve and its cost so far included). A stopped
+trial is a result: its values are those of its selected checkpoint up to its rung, whose
+adapter it keeps, so fronts and hypervolumes count it (``ledger.RESULT_STATUSES``).
 
 "Best" with several objectives is by non-dominated sorting: whole fronts are kept in order, and
 inside the front that does not fit, the trials with the largest crowding distance (NSGA-II's
@@ -29,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from loratune.ledger import STOPPED
 from loratune.pareto import non_dominated, to_minimization
 
 __all__ = [
@@ -40,9 +43,6 @@ __all__ = [
     "successive_halving",
     "STOPPED",
 ]
-
-# The status of a trial that successive halving stopped at a rung before the full budget.
-STOPPED = "stopped"
 
 
 @dataclass(frozen=True)

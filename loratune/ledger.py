@@ -29,6 +29,8 @@ from loratune.space import SearchSpace
 __all__ = [
     "ID_COLUMNS",
     "PILOT",
+    "STOPPED",
+    "RESULT_STATUSES",
     "write_table",
     "read_table",
     "proposed_trial_ids",
@@ -44,6 +46,13 @@ __all__ = [
 ID_COLUMNS = ("seed", "arm", "round", "trial_id")
 # The arm name of every seed's shared pilot (round 0); no configured arm may take it.
 PILOT = "pilot"
+# The status of a trial that early stopping stopped at a rung before its full budget.
+STOPPED = "stopped"
+# The statuses of a trial that is a result: its objective values are those of an adapter that
+# was kept (a stopped trial's at the highest rung it reached: training.select applies, and the
+# LR schedule spans the full budget, so it is the exact prefix of its full run). Fronts,
+# hypervolumes and the Pareto set count these; "failed" is no result.
+RESULT_STATUSES = ("ok", STOPPED)
 # GPTune files every evaluation under a task; our studies tune one task, so every evaluation
 # carries the same one-point task parameter.
 GPTUNE_TASK = {"task": 0.0}

@@ -101,7 +101,9 @@ def update_history(
 ) -> pd.DataFrame:
     """The arm's history through this round. With early stopping, ``outcomes_path`` (the round's
     last promoted.tsv) says which trials stopped at a rung: their metrics are those of the
-    highest rung they reached, and their status becomes ``stopped`` (a failed one stays failed).
+    highest rung they reached, and their status becomes ``stopped`` (a failed one stays failed);
+    every trial of the round gets ``rung``, the index of the highest rung it reached (with
+    ``steps``, ``max_steps`` and ``best_step`` from its metrics).
     A trial's lm-eval metrics (its evaluation.json beside its metrics.json) join its row as
     ``lm_eval.<task>.<metric>`` columns, NaN where evaluation failed."""
     from loratune.evaluation import harness
@@ -117,9 +119,12 @@ def update_history(
         metrics[record.get("trial_id") or Path(path).parent.name] = record
     if outcomes_path:
         outcomes = ledger.read_table(outcomes_path)
-        for trial_id in outcomes.loc[~outcomes["promoted"].astype(bool), "trial_id"]:
-            if (metrics[trial_id].get("status") or "ok") == "ok":
-                metrics[trial_id] = {**metrics[trial_id], "status": STOPPED}
+        for row in outcomes.itertuples(index=False):
+            # A trial promoted past the round's last decision trained the final rung.
+            reached = {"rung": int(row.rung) + 1 if bool(row.promoted) else int(row.rung)}
+            if not bool(row.promoted) and (metrics[row.trial_id].get("status") or "ok") == "ok":
+                reached["status"] = STOPPED
+            metrics[row.trial_id] = {**metrics[row.trial_id], **reached}
     for path in evaluation_paths:
         evaluation = json.loads(Path(path).read_text(encoding="utf-8"))
         trial = Path(path).parent.name
@@ -194,14 +199,14 @@ def aggregate(
     pareto_output: str | Path,
 ) -> pd.DataFrame:
     """The tidy table of every trial, the hypervolume curves and the Pareto set of the study."""
-    from loratune.pareto import hypervolume_curves, pareto_front
+    from loratune.pareto import distinct_trials, hypervolume_curves, pareto_front
 
     trials = ledger.collect_trials(ledger.read_table(p) for p in history_paths)
     ledger.write_table(trials, trials_output)
     ledger.write_table(hypervolume_curves(trials, study.objectives), hypervolume_output)
-    # One front per seed (each seed is a repeat of the whole study), all arms together.
-    unique = trials.drop_duplicates(["seed", "trial_id"])
-    fronts = [pareto_front(unique[unique.seed == seed], study.objectives) for seed in study.seeds]
+    # One front per seed (each seed is a repeat of the whole study), all arms together; stopped
+    # trials count at the values of the highest rung they reached (pareto.RESULT_STATUSES).
+    fronts = [pareto_front(distinct_trials(trials[trials.seed == seed]), study.objectives) for seed in study.seeds]
     ledger.write_table(pd.concat(fronts, ignore_index=True), pareto_output)
     return trials
 
@@ -234,12 +239,14 @@ def plot_pareto_set(study: Study, trials_path: str | Path, output: str | Path) -
 
 
 def summary_text(study: Study, front: pd.DataFrame, report_path: str | Path) -> str:
-    columns = [c for c in ["seed", "arm", "trial_id", *study.objectives] if c in front.columns]
+    """The Pareto set as printed at the end of a run; with early stopping, a trial's status and
+    steps say whether it is on the set at a rung (``stopped``, fewer steps than the budget)."""
+    extra = ["status", "steps"] if (front.get("status", pd.Series(dtype=object)) == STOPPED).any() else []
+    columns = [c for c in ["seed", "arm", "trial_id", *extra, *study.objectives] if c in front.columns]
     table = front[columns].to_string(index=False) if len(front) else "(no successful trial)"
     directions = ", ".join(f"{name} ({sense})" for name, sense in study.objectives.items())
     return (
-        f"Pareto set of study {study.name!r} over {directions}:\n{table}\n"
-        f"Report: {Path(report_path).resolve()}\n"
+        f"Pareto set of study {study.name!r} over {directions}:\n{table}\n" f"Report: {Path(report_path).resolve()}\n"
     )
 
 

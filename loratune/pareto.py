@@ -9,8 +9,9 @@ Non-dominated sorting and the hypervolume itself are moocore's: on random and sp
 of 2-4 objectives it agrees with our former exact code to 1e-15 and is faster in every case
 measured: the hypervolume 2-4x with two objectives, 25-15,000x with three or four, the sorting
 up to 12,000x (``bench/results/pareto_libraries_e45c45e.md``). What stays here is what a
-study's tables need around it: failed trials (non-finite rows) are on no front and dominate
-nothing, points outside the reference box count for nothing, and ``best_subset_hypervolumes``,
+study's tables need around it: results are the trials with a status of ``RESULT_STATUSES``
+(a trial early stopping stopped at a rung counts at the values it recorded there), failed
+trials (and non-finite rows) are on no front and dominate nothing, points outside the reference box count for nothing, and ``best_subset_hypervolumes``,
 which no library has.
 """
 
@@ -21,13 +22,16 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from loratune.ledger import ID_COLUMNS, PILOT, require_columns
+from loratune.ledger import ID_COLUMNS, PILOT, RESULT_STATUSES, require_columns
 
 __all__ = [
     "REFERENCE",
     "SENSES",
     "to_minimization",
     "non_dominated",
+    "RESULT_STATUSES",
+    "result_mask",
+    "distinct_trials",
     "pareto_front",
     "ALL_ARMS",
     "arms_in_order",
@@ -82,14 +86,15 @@ def non_dominated(Y_min) -> np.ndarray:
     return mask
 
 
-def _ok_mask(df: pd.DataFrame, objectives: Mapping[str, str]) -> np.ndarray:
-    """Rows with status ``ok`` (when there is a status) and finite objective values."""
+def result_mask(df: pd.DataFrame, objectives: Mapping[str, str]) -> np.ndarray:
+    """Rows that are results: a status of ``RESULT_STATUSES`` (when there is a status; a
+    stopped trial counts at its recorded values) and finite objective values."""
     missing = [name for name in objectives if name not in df.columns]
     if missing:
         raise ValueError(f"objectives: {missing} not among the table's columns {list(df.columns)}")
     keep = np.isfinite(_objective_values(df, objectives)).all(axis=1)
     if "status" in df.columns:
-        keep &= (df["status"] == "ok").to_numpy()
+        keep &= df["status"].astype(str).isin(RESULT_STATUSES).to_numpy()
     return keep
 
 
@@ -98,9 +103,21 @@ def _objective_values(df: pd.DataFrame, objectives: Mapping[str, str]) -> np.nda
     return df[list(objectives)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
 
 
+def distinct_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial of one seed (a trial two arms proposed counts once): the row that
+    trained furthest (the most ``steps``, when the table has them: a trial one arm stopped at a
+    rung and another trained fully is the full one, whose adapter its folder keeps), ties to
+    the first row; rows stay in table order."""
+    if "steps" not in trials.columns:
+        return trials.drop_duplicates("trial_id")
+    steps = pd.to_numeric(trials["steps"], errors="coerce").fillna(-1)
+    furthest = trials.assign(_steps=steps).sort_values("_steps", ascending=False, kind="stable")
+    return trials.loc[furthest.drop_duplicates("trial_id").index.sort_values()]
+
+
 def pareto_front(df: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFrame:
-    """The non-dominated ok rows of ``df``, sorted by the first objective."""
-    ok = df[_ok_mask(df, objectives)]
+    """The non-dominated results of ``df`` (``result_mask``), sorted by the first objective."""
+    ok = df[result_mask(df, objectives)]
     Y = to_minimization(_objective_values(ok, objectives), list(objectives.values()))
     front = ok[non_dominated(Y)] if len(ok) else ok
     return front.sort_values(next(iter(objectives)), kind="stable")
@@ -119,7 +136,8 @@ def front_label(arm: str) -> str:
 def arm_fronts(trials: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFrame:
     """The fronts a study's figures and tables show, as plain rows: per seed (ascending), the
     front of all arms together (``front`` is ``ALL_ARMS``; a trial two arms proposed counts once,
-    credited to its first row, the pilot's where it is one), then the pilot's front and the
+    as ``distinct_trials`` picks it: the row that trained furthest, else the first, the pilot's
+    where it is one), then the pilot's front and the
     front of pilot + each arm (``front`` is ``front_label(arm)``), arms in ``arms_in_order``.
 
     ``trials`` is the study's tidy table (``ledger.collect_trials``); the result holds its
@@ -129,7 +147,7 @@ def arm_fronts(trials: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFr
     arms = arms_in_order(trials["arm"])
     parts = []
     for _, per_seed in trials.groupby("seed", sort=True):
-        parts.append(pareto_front(per_seed.drop_duplicates("trial_id"), objectives).assign(front=ALL_ARMS))
+        parts.append(pareto_front(distinct_trials(per_seed), objectives).assign(front=ALL_ARMS))
         for arm in arms:
             members = per_seed[per_seed["arm"].isin({PILOT, arm})]
             parts.append(pareto_front(members, objectives).assign(front=front_label(arm)))
@@ -191,10 +209,10 @@ def best_subset_hypervolumes(front, ref, k_max: int) -> np.ndarray:
 
 
 def normalization_bounds(df: pd.DataFrame, objectives: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per objective, the best and the worst value of the ok rows, in minimization space."""
-    ok = df[_ok_mask(df, objectives)]
+    """Per objective, the best and the worst value of the results, in minimization space."""
+    ok = df[result_mask(df, objectives)]
     if len(ok) == 0:
-        raise ValueError("normalization_bounds: no ok trial with finite objective values")
+        raise ValueError("normalization_bounds: no trial with a result (status ok or stopped, finite objective values)")
     Y = to_minimization(_objective_values(ok, objectives), list(objectives.values()))
     return Y.min(axis=0), Y.max(axis=0)
 
@@ -218,16 +236,18 @@ def hypervolume_curves(
     without the metric adds 0, a table without the column gives NaN).
 
     An arm's curve runs through its seed's pilot trials (arm ``pilot``, in table order) and
-    then the arm's own trials in round order; the pilot also gets a curve of its own. Failed
-    trials count as trials but add nothing. Values are normalized by ``bounds``, (lower, upper)
-    in minimization space as ``normalization_bounds`` gives them (default: over the ok rows of
+    then the arm's own trials in round order; the pilot also gets a curve of its own. A trial
+    early stopping stopped enters at the values of the highest rung it reached (its row in the
+    table) and adds the seconds and steps of every rung it trained. Failed trials count as
+    trials and add their cost but no volume. Values are normalized by ``bounds``, (lower, upper)
+    in minimization space as ``normalization_bounds`` gives them (default: over the results of
     the whole table, so that arms and seeds share one scale), and measured against ``ref`` in
     that normalized space (default ``REFERENCE`` in every objective).
     """
     require_columns(trials, ID_COLUMNS, "hypervolume_curves' trials table")
-    # Positions, not the caller's index labels, tie each row to its ok flag and values.
+    # Positions, not the caller's index labels, tie each row to its result flag and values.
     trials = trials.reset_index(drop=True)
-    ok_all = _ok_mask(trials, objectives)
+    ok_all = result_mask(trials, objectives)
     Y_all = to_minimization(_objective_values(trials, objectives), list(objectives.values()))
     if ref is None:
         ref = np.full(len(objectives), REFERENCE)
@@ -258,11 +278,11 @@ def hypervolume_curves(
 
 
 def _running_hypervolume(Y: np.ndarray, ok: np.ndarray, ref) -> list[float]:
-    """The hypervolume of the ok rows among the first k, for every k."""
+    """The hypervolume of the results among the first k rows, for every k."""
     ref = np.asarray(ref, dtype=float)
     volumes, current = [], 0.0
     for k in range(len(Y)):
-        # Only an ok point inside the reference box can change the volume.
+        # Only a result inside the reference box can change the volume.
         if ok[k] and (Y[k] < ref).all():
             current = hypervolume(Y[: k + 1][ok[: k + 1]], ref)
         volumes.append(current)

@@ -189,6 +189,12 @@ def run_trial_job(
 
     metrics_path = Path(metrics_path)
     trial_dir = Path(trial_dir) if trial_dir is not None else metrics_path.parent
+    full = _finished_record(trial_dir / "metrics.json", trial_id) if until_step is not None else None
+    if full is not None and full.get("status") == "ok":
+        # Another arm already trained this trial's whole budget: no state is left to continue
+        # from, and the trial folder keeps that run's adapter, which its metrics describe. This
+        # rung trains again from step 0 in its own folder rather than overwrite it.
+        trial_dir = metrics_path.parent
     with _one_trainer(trial_dir):
         finished = _finished_record(metrics_path, trial_id)
         if finished is not None:

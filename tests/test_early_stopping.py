@@ -118,7 +118,7 @@ def test_hypervolume_curves_add_up_the_cost_of_every_trial_stopped_ones_included
     rows = [
         (0, "pilot", 0, "p0", 0.5, 0.5, "ok", 10.0, 100),
         (0, "pilot", 0, "p1", 0.2, 0.9, "ok", 12.0, 100),
-        (0, "es", 1, "s1", 0.9, 0.1, "stopped", 1.5, 10),  # stopped at a rung: costs, adds no volume
+        (0, "es", 1, "s1", 0.9, 0.1, "stopped", 1.5, 10),  # stopped at a rung: its cost and its volume
         (0, "es", 1, "f1", None, None, "failed", None, None),  # failed before recording any cost
         (0, "es", 1, "o1", 0.1, 0.1, "ok", 11.0, 100),
     ]
@@ -127,7 +127,10 @@ def test_hypervolume_curves_add_up_the_cost_of_every_trial_stopped_ones_included
     es = curves[curves.arm == "es"]
     assert es["train_seconds"].tolist() == [10.0, 22.0, 23.5, 23.5, 34.5]
     assert es["train_steps"].tolist() == [100, 200, 210, 210, 310]
-    assert es["hypervolume"].iloc[2] == es["hypervolume"].iloc[1] < es["hypervolume"].iloc[4]
+    # The stopped trial is a result at its rung's values: it adds volume (a failed one adds none).
+    assert (
+        es["hypervolume"].iloc[1] < es["hypervolume"].iloc[2] == es["hypervolume"].iloc[3] < es["hypervolume"].iloc[4]
+    )
     bare = hypervolume_curves(pd.DataFrame(rows, columns=columns).drop(columns=["train_seconds", "steps"]), TWO)
     assert bare["train_seconds"].isna().all() and bare["hypervolume"].tolist() == curves["hypervolume"].tolist()
 
@@ -174,3 +177,25 @@ def test_successive_halving_in_one_process_trains_each_rung_once():
     assert calls == [("a", 10), ("b", 10), ("c", 10), ("d", 10), ("b", 20), ("d", 20), ("b", 40)]
     assert {t: r["status"] for t, r in outcome.items()} == {"a": "stopped", "b": "ok", "c": "failed", "d": "stopped"}
     assert outcome["d"]["loss"] == 0.7 + 10 / 20  # its highest rung
+
+
+def test_a_rung_of_a_trial_another_arm_trained_fully_leaves_that_trial_folder_alone(tmp_path):
+    """The trial folder keeps the full run's adapter and metrics: a later rung job of the same
+    trial (another arm's successive halving) trains in its own step folder instead."""
+    import json
+
+    from conftest import load_test_config
+    from loratune.config import validate_config
+    from loratune.trial import TRIAL_LOCK, run_trial_job
+
+    study = validate_config(load_test_config("tiny_rungs.yaml"))
+    trial_id = study.space.trial_id(study.space.snap({"lora_rank": 64, "lora_alpha": 16, "learning_rate": 1e-3}))
+    folder = tmp_path / trial_id
+    rung = run_trial_job(study, trial_id, 0, folder / "step10" / "metrics.json", until_step=10, trial_dir=folder)
+    assert rung["steps"] == 10 and (folder / TRIAL_LOCK).exists() and not (folder / "step10" / TRIAL_LOCK).exists()
+    full = run_trial_job(study, trial_id, 0, folder / "metrics.json")
+    assert full["status"] == "ok" and full["steps"] == 40
+    before = (folder / "metrics.json").read_text()
+    again = run_trial_job(study, trial_id, 0, folder / "step20" / "metrics.json", until_step=20, trial_dir=folder)
+    assert again["steps"] == 20 and (folder / "step20" / TRIAL_LOCK).exists()
+    assert (folder / "metrics.json").read_text() == before and json.loads(before)["steps"] == 40

@@ -10,6 +10,7 @@ from loratune.pareto import (
     arm_fronts,
     arms_in_order,
     best_subset_hypervolumes,
+    distinct_trials,
     hypervolume,
     hypervolume_curves,
     non_dominated,
@@ -119,7 +120,7 @@ def test_normalization_bounds_and_normalize():
     Y = to_minimization(df[list(objectives)].to_numpy(), list(objectives.values()))
     assert normalize(Y, lower, upper)[:2].tolist() == [[0.0, 1.0], [1.0, 0.0]]
     assert normalize([[3.0, 7.0]], [3.0, 7.0], [3.0, 7.0]).tolist() == [[0.0, 0.0]]
-    with pytest.raises(ValueError, match="no ok trial"):
+    with pytest.raises(ValueError, match="no trial with a result"):
         normalization_bounds(df.assign(status="failed"), objectives)
 
 
@@ -229,6 +230,61 @@ def test_arm_fronts_count_a_trial_two_arms_proposed_once_in_the_study_front():
     # Credited to its first row (gptune's); each arm's own front still has it.
     assert seed0.loc[seed0.front == ALL_ARMS, ["trial_id", "arm"]].values.tolist() == [["g3", "gptune"]]
     assert seed0.loc[seed0.front == "pilot + random", "trial_id"].tolist() == ["g3"]
+
+
+def one_seed(*rows: str) -> pd.DataFrame:
+    """Trials of seed 0 from "arm trial_id train_loss train_time status steps" (the pilot is round 0)."""
+    records = []
+    for row in rows:
+        arm, trial_id, loss, time, status, steps = row.split()
+        records.append((0, arm, 0 if arm == "pilot" else 1, trial_id, float(loss), float(time), status, int(steps)))
+    return pd.DataFrame(records, columns=["seed", "arm", "round", "trial_id", *OBJECTIVES, "status", "steps"])
+
+
+def test_a_stopped_trial_is_a_result_on_the_front_and_in_the_hypervolume():
+    # s1 stopped at a rung with values no full-budget trial reaches on the time axis; f1 failed
+    # with better numbers left behind, which must count for nothing.
+    trials = one_seed(
+        "pilot p0 1 30 ok 60",
+        "pilot p1 2 10 ok 60",
+        "es s1 1.5 4 stopped 10",
+        "es f1 0.1 1 failed 10",
+        "es s2 3 20 stopped 10",
+    )
+    assert pareto_front(trials, OBJECTIVES)["trial_id"].tolist() == ["p0", "s1"]
+    fronts = arm_fronts(trials, OBJECTIVES)
+    assert fronts.loc[fronts.front == ALL_ARMS, "trial_id"].tolist() == ["p0", "s1"]
+    assert fronts.loc[fronts.front == "pilot", "trial_id"].tolist() == ["p0", "p1"]
+    # Bounds span the results, the stopped ones included, not the failed one.
+    lower, upper = normalization_bounds(trials, OBJECTIVES)
+    assert lower.tolist() == [1.0, 4.0] and upper.tolist() == [3.0, 30.0]
+    es = hypervolume_curves(trials, OBJECTIVES)
+    es = es[es.arm == "es"]["hypervolume"].to_numpy()
+    Y = normalize(trials[list(OBJECTIVES)].to_numpy(dtype=float), lower, upper)
+    ref = [REFERENCE, REFERENCE]
+    assert es[2] == pytest.approx(hypervolume(Y[[0, 1, 2]], ref)) and es[2] > es[1]
+    assert es[3] == es[2] == es[4]  # neither the failed nor the dominated stopped trial adds volume
+
+
+def test_distinct_trials_keep_the_row_that_trained_furthest():
+    # t1: stopped at step 10 by one arm, trained to 60 by another; its full row is the one kept.
+    trials = one_seed(
+        "pilot p0 1 30 ok 60",
+        "es t1 0.9 5 stopped 10",
+        "random t1 0.5 20 ok 60",
+        "random t2 2 1 ok 60",
+        "es t2 2 1 ok 60",
+    )
+    kept = distinct_trials(trials)
+    assert kept[["trial_id", "arm"]].values.tolist() == [["p0", "pilot"], ["t1", "random"], ["t2", "random"]]
+    study = arm_fronts(trials, OBJECTIVES)
+    assert study.loc[study.front == ALL_ARMS, ["trial_id", "arm"]].values.tolist() == [
+        ["t1", "random"],
+        ["t2", "random"],
+    ]
+    # The early-stopping arm's own front still has t1 at its rung.
+    assert study.loc[study.front == "pilot + es", ["trial_id", "steps"]].values.tolist() == [["t1", 10], ["t2", 60]]
+    assert distinct_trials(trials.drop(columns="steps"))["arm"].tolist() == ["pilot", "es", "random"]
 
 
 def test_best_subset_hypervolumes_match_brute_force():
