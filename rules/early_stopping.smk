@@ -16,8 +16,6 @@ rule train_rung:
         f"{OUT}/seed{{seed}}/trials/{{trial}}/step{{step}}/benchmark.tsv"
     wildcard_constraints:
         step=r"\d+",
-    conda:
-        "../workflow/envs/loratune.yaml"
     resources:
         gpu=get_trial_gpus,
         mem_mb=config["resources"]["mem_mb"],
@@ -39,7 +37,5 @@ checkpoint promote:
         round=r"[1-9]\d*",
         rung=r"\d+",
     localrule: True
-    conda:
-        "../workflow/envs/loratune.yaml"
     script:
         "../workflow/scripts/promote.py"

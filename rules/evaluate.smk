@@ -11,8 +11,6 @@ rule evaluate_trial:
         f"{OUT}/seed{{seed}}/trials/{{trial}}/evaluate.log",
     benchmark:
         f"{OUT}/seed{{seed}}/trials/{{trial}}/evaluate_benchmark.tsv"
-    conda:
-        "../workflow/envs/loratune.yaml"
     resources:
         gpu=get_trial_gpus,
         mem_mb=config["resources"]["mem_mb"],
