@@ -410,6 +410,27 @@ def hypervolume_cost_figure(cost_curves: pd.DataFrame, cost: str) -> go.Figure:
     return fig
 
 
+# Diverged trials reach losses many times the best ones; axes and colours stop at this quantile
+# of the values (a double click on a plotly figure shows everything).
+ROBUST_QUANTILE = 0.9
+PERCENTILE = f"{ROBUST_QUANTILE * 100:.0f}th"
+
+
+def _robust_range(values) -> tuple[list[float] | None, bool]:
+    """An axis range over ``values`` with margins, and whether it stops at ``ROBUST_QUANTILE``
+    of them (when the largest values are far out); (None, False) for fewer than two values."""
+    values = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return None, False
+    low, high, top = values.min(), np.quantile(values, ROBUST_QUANTILE), values.max()
+    span = max(high - low, 1e-12)
+    if len(values) < 5 or top - low <= 1.5 * span:
+        span = max(top - low, 1e-12)
+        return [low - 0.05 * span, top + 0.05 * span], False
+    return [low - 0.05 * span, high + 0.25 * span], True
+
+
 def _log_axis(param) -> bool:
     """Draw a parameter on a log axis: a log-scaled one, or numeric choices spanning a decade."""
     if getattr(param, "log", False):
@@ -451,8 +472,11 @@ def slice_figure(slices: pd.DataFrame, objectives: Mapping[str, str], space: Sea
                 fig.update_xaxes(title_text=name, type="log" if _log_axis(space[name]) else None, row=row, col=col)
             else:
                 fig.update_xaxes(type="log" if _log_axis(space[name]) else None, row=row, col=col)
-        fig.update_yaxes(title_text=_axis_title(objective, objectives[objective]), row=row, col=1)
-    fig.update_layout(title="Each objective against each parameter (open circles: stopped early)",
+        values = slices.loc[slices["objective"] == objective, "objective_value"]
+        fig.update_yaxes(title_text=_axis_title(objective, objectives[objective]), range=_robust_range(values)[0],
+                         row=row, col=1)
+    fig.update_layout(title="Each objective against each parameter (open circles: stopped early; "
+                            f"axes stop at the {PERCENTILE} percentile, double-click to see all)",
                       height=320 * len(names) + 80, template="plotly_white", legend_title_text="arm")
     return fig
 
@@ -467,7 +491,9 @@ def contour_figure(contour: Mapping[str, Any] | None, objective: str) -> go.Figu
         fig.update_layout(title=f"{objective} over learning rate and alpha / rank", template="plotly_white")
         return fig
     x, y = contour["x"], contour["y"]
-    fig.add_trace(go.Contour(x=x, y=y, z=contour["z"], colorscale="Viridis", ncontours=20,
+    colour_range, capped = _robust_range(contour["points"]["value"])
+    colours = dict(zmin=float(np.nanmin(contour["z"])), zmax=colour_range[1]) if capped else {}
+    fig.add_trace(go.Contour(x=x, y=y, z=contour["z"], colorscale="Viridis", ncontours=24, **colours,
                              colorbar=dict(title=dict(text=objective)), connectgaps=False,
                              hovertemplate=f"log10 lr %{{x:.2f}}<br>log2 α/r %{{y:.2f}}<br>{objective} %{{z:.4g}}"
                                            "<extra>interpolated</extra>"))
@@ -489,7 +515,8 @@ def contour_figure(contour: Mapping[str, Any] | None, objective: str) -> go.Figu
                                  line=dict(color="rgba(255,255,255,0.6)", dash="dot", width=1),
                                  hovertemplate=f"lr·α/r = 1e{level}<extra></extra>"))
     fig.update_layout(
-        title=f"{objective} over learning rate × alpha / rank (dotted: equal lr·α/r)",
+        title=f"{objective} over learning rate × alpha / rank (dotted: equal lr·α/r"
+              + (f"; colours stop at the {PERCENTILE} percentile)" if capped else ")"),
         xaxis_title="log10 learning rate", yaxis_title="log2(alpha / rank)",
         template="plotly_white", height=560, showlegend=False,
     )
@@ -534,7 +561,9 @@ def learning_curves_figure(curves: pd.DataFrame) -> go.Figure:
                         horizontal_spacing=0.08)
     colors = _arm_colors(arms_in_order(curves["arm"]) if len(curves) else [])
     seen = set()
-    for (seed, trial_id), rows in curves.groupby(["seed", "trial_id"], sort=False):
+    order = {arm: index for index, arm in enumerate(colors)}
+    ordered = curves.sort_values("arm", key=lambda arms: arms.map(order), kind="stable") if len(curves) else curves
+    for (seed, trial_id), rows in ordered.groupby(["seed", "trial_id"], sort=False):
         arm, status, on_front = rows["arm"].iloc[0], rows["status"].iloc[0], bool(rows["on_front"].iloc[0])
         color = colors[arm] if status in ("ok", "stopped") else FAILED_COLOR
         style = dict(color=color, width=3 if on_front else 1, dash="dot" if status == "stopped" else "solid")
@@ -552,8 +581,11 @@ def learning_curves_figure(curves: pd.DataFrame) -> go.Figure:
         fig.add_annotation(text="no trial recorded a learning curve", showarrow=False, xref="paper", yref="paper",
                            x=0.5, y=0.5)
     fig.update_xaxes(title_text="step")
+    for col, metric in enumerate(["eval_loss", "train_loss"], start=1):
+        fig.update_yaxes(range=_robust_range(curves[metric])[0], row=1, col=col)
     fig.update_yaxes(title_text="loss", col=1)
-    fig.update_layout(title="Learning curves (bold: Pareto set; dotted: stopped early)", template="plotly_white",
+    fig.update_layout(title="Learning curves (bold: Pareto set; dotted: stopped early; "
+                            f"axes stop at the {PERCENTILE} percentile, double-click to see all)", template="plotly_white",
                       height=480, legend_title_text="arm", hovermode="closest")
     return fig
 
@@ -585,7 +617,7 @@ def timeline_figure(timeline: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(type="date", title_text="time (UTC)")
     fig.update_yaxes(autorange="reversed", title_text="device")
     fig.update_layout(title="Trials per device over time", barmode="overlay", template="plotly_white",
-                      height=160 + 34 * lanes, legend_title_text="arm")
+                      height=max(300, 160 + 34 * lanes), legend_title_text="arm")
     return fig
 
 
@@ -677,7 +709,7 @@ REPORT_STYLE = (
     "dl.facts dt{font-weight:bold}dl.facts dd{margin:0}"
     "table{border-collapse:collapse;font-size:.9em}th,td{padding:.3em .6em;border-bottom:1px solid #e4e4e4;"
     "text-align:left}th{background:#f0f0f0}tr.knee{background:#fff3c4;font-weight:bold}"
-    "nav a{margin-right:1em}"
+    "nav{margin:1.5em 0;line-height:1.8}nav a{margin-right:1em}"
 )
 
 
