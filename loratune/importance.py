@@ -64,8 +64,9 @@ def update_scale(space: SearchSpace, trials: pd.DataFrame) -> tuple[pd.Series, t
     if not all(name in space.names for name in SCALE_PARAMS):
         return None
     params = {name: space[name] for name in SCALE_PARAMS}
-    if any(isinstance(p, ChoiceParam) and not all(isinstance(v, (int, float)) for v in p.values)
-           for p in params.values()):
+    if any(
+        isinstance(p, ChoiceParam) and not all(isinstance(v, (int, float)) for v in p.values) for p in params.values()
+    ):
         return None
     if all(isinstance(p, FixedParam) for p in params.values()):
         return None
@@ -107,7 +108,9 @@ def importance_table(trials: pd.DataFrame, space: SearchSpace, objectives: Mappi
     """
     import optuna
 
-    require_columns(trials, ["seed", "trial_id", "status", *space.tunable_names, *objectives], "importance's trials table")
+    require_columns(
+        trials, ["seed", "trial_id", "status", *space.tunable_names, *objectives], "importance's trials table"
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     unique = trials.drop_duplicates(["seed", "trial_id"])
     scale = update_scale(space, unique)
@@ -128,12 +131,14 @@ def importance_table(trials: pd.DataFrame, space: SearchSpace, objectives: Mappi
             with_scale = _fanova(inputs, y, sense)
         ordered = sorted(space.tunable_names, key=lambda name: -plain.get(name, 0.0))
         for name in [*space.tunable_names, *([UPDATE_SCALE] if scale is not None else [])]:
-            rows.append({
-                "objective": objective,
-                "parameter": name,
-                "importance": plain.get(name, np.nan),
-                "rank": ordered.index(name) + 1 if plain and name in ordered else np.nan,
-                "importance_with_update_scale": with_scale.get(name, np.nan),
-                "n_trials": len(fitted),
-            })
+            rows.append(
+                {
+                    "objective": objective,
+                    "parameter": name,
+                    "importance": plain.get(name, np.nan),
+                    "rank": ordered.index(name) + 1 if plain and name in ordered else np.nan,
+                    "importance_with_update_scale": with_scale.get(name, np.nan),
+                    "n_trials": len(fitted),
+                }
+            )
     return pd.DataFrame(rows, columns=IMPORTANCE_COLUMNS)

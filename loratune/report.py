@@ -112,8 +112,9 @@ def hypervolume_cost_curves(curves: pd.DataFrame, cost: str) -> pd.DataFrame:
     table = pd.concat(parts, ignore_index=True) if parts else curves.iloc[:0]
     table = table[np.isfinite(pd.to_numeric(table[cost], errors="coerce"))]
     order = {arm: i for i, arm in enumerate(arms_in_order(curves["arm"]))}
-    return table.sort_values(["arm", "seed", cost], key=lambda c: c.map(order) if c.name == "arm" else c,
-                             kind="stable").reset_index(drop=True)
+    return table.sort_values(
+        ["arm", "seed", cost], key=lambda c: c.map(order) if c.name == "arm" else c, kind="stable"
+    ).reset_index(drop=True)
 
 
 def slice_data(trials: pd.DataFrame, objectives: Mapping[str, str], space: SearchSpace) -> pd.DataFrame:
@@ -127,11 +128,20 @@ def slice_data(trials: pd.DataFrame, objectives: Mapping[str, str], space: Searc
         values = pd.to_numeric(trials[objective], errors="coerce")
         kept = trials[np.isfinite(values)]
         for name in space.tunable_names:
-            rows.append(pd.DataFrame({
-                "seed": kept["seed"], "arm": kept["arm"], "trial_id": kept["trial_id"], "status": kept["status"],
-                "parameter": name, "value": kept[name], "objective": objective,
-                "objective_value": values[kept.index],
-            }))
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "seed": kept["seed"],
+                        "arm": kept["arm"],
+                        "trial_id": kept["trial_id"],
+                        "status": kept["status"],
+                        "parameter": name,
+                        "value": kept[name],
+                        "objective": objective,
+                        "objective_value": values[kept.index],
+                    }
+                )
+            )
     columns = ["seed", "arm", "trial_id", "status", "parameter", "value", "objective", "objective_value"]
     return pd.concat(rows, ignore_index=True)[columns] if rows else pd.DataFrame(columns=columns)
 
@@ -160,11 +170,16 @@ def contour_data(
         source = ok[name] if name in ok.columns else pd.Series(space.fixed[name], index=ok.index)
         return pd.to_numeric(source, errors="coerce").astype(float)
 
-    points = pd.DataFrame({
-        "trial_id": ok["trial_id"], "seed": ok["seed"], "arm": ok["arm"],
-        "x": np.log10(column("learning_rate")), "y": np.log2(column("lora_alpha") / column("lora_rank")),
-        "value": values[ok.index],
-    }).reset_index(drop=True)
+    points = pd.DataFrame(
+        {
+            "trial_id": ok["trial_id"],
+            "seed": ok["seed"],
+            "arm": ok["arm"],
+            "x": np.log10(column("learning_rate")),
+            "y": np.log2(column("lora_alpha") / column("lora_rank")),
+            "value": values[ok.index],
+        }
+    ).reset_index(drop=True)
     # A point measured twice (two seeds) is one grid node, at its mean.
     nodes = points.groupby(["x", "y"], as_index=False)["value"].mean()
     if len(nodes) < 3:
@@ -172,8 +187,7 @@ def contour_data(
     x = np.linspace(nodes["x"].min(), nodes["x"].max(), resolution)
     y = np.linspace(nodes["y"].min(), nodes["y"].max(), resolution)
     try:
-        z = griddata(nodes[["x", "y"]].to_numpy(), nodes["value"].to_numpy(), tuple(np.meshgrid(x, y)),
-                     method="linear")
+        z = griddata(nodes[["x", "y"]].to_numpy(), nodes["value"].to_numpy(), tuple(np.meshgrid(x, y)), method="linear")
     except QhullError:  # all points on one line
         return None
     return {"x": x, "y": y, "z": z, "points": points}
@@ -227,9 +241,17 @@ def timeline_data(trials: pd.DataFrame) -> pd.DataFrame:
         start, finish = _parse_time(record.get("started_at")), _parse_time(record.get("finished_at"))
         if start is None or finish is None:
             continue
-        rows.append({"seed": record["seed"], "arm": record["arm"], "trial_id": record["trial_id"],
-                     "status": record["status"], "start": start, "finish": finish,
-                     "device": _lane_name(host, devices)})
+        rows.append(
+            {
+                "seed": record["seed"],
+                "arm": record["arm"],
+                "trial_id": record["trial_id"],
+                "status": record["status"],
+                "start": start,
+                "finish": finish,
+                "device": _lane_name(host, devices),
+            }
+        )
     columns = ["seed", "arm", "trial_id", "status", "start", "finish", "device", "lane"]
     if not rows:
         return pd.DataFrame(columns=columns)

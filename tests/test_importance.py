@@ -83,10 +83,12 @@ def test_only_ok_trials_with_values_count_and_too_few_give_nan():
 
 
 def test_without_lr_alpha_and_rank_there_is_no_update_scale_row():
-    space = SearchSpace.from_config({
-        "lora_rank": {"type": "int", "low": 4, "high": 64, "step": 4},
-        "lora_dropout": {"type": "float", "low": 0.0, "high": 0.3},
-    })
+    space = SearchSpace.from_config(
+        {
+            "lora_rank": {"type": "int", "low": 4, "high": 64, "step": 4},
+            "lora_dropout": {"type": "float", "low": 0.0, "high": 0.3},
+        }
+    )
     trials = trials_of(space, 16)
     trials["eval_loss"] = trials["lora_dropout"] ** 2
     trials["train_time"] = trials["lora_rank"].astype(float)
