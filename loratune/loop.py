@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import zlib
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -197,8 +198,10 @@ def aggregate(
     trials_output: str | Path,
     hypervolume_output: str | Path,
     pareto_output: str | Path,
+    curves_output: str | Path | None = None,
 ) -> pd.DataFrame:
-    """The tidy table of every trial, the hypervolume curves and the Pareto set of the study."""
+    """The tidy table of every trial, the hypervolume curves and the Pareto set of the study;
+    with ``curves_output``, also curves.tsv (``trial_curves``)."""
     from loratune.pareto import distinct_trials, hypervolume_curves, pareto_front
 
     trials = ledger.collect_trials(ledger.read_table(p) for p in history_paths)
@@ -208,7 +211,46 @@ def aggregate(
     # trials count at the values of the highest rung they reached (pareto.RESULT_STATUSES).
     fronts = [pareto_front(distinct_trials(trials[trials.seed == seed]), study.objectives) for seed in study.seeds]
     ledger.write_table(pd.concat(fronts, ignore_index=True), pareto_output)
+    if curves_output is not None:
+        ledger.write_table(trial_curves(trials, results_dir(history_paths)), curves_output)
     return trials
+
+
+def results_dir(history_paths: Iterable[str | Path]) -> Path:
+    """The study's results folder, from its histories (<results>/seed<s>/<arm>/round<r>/history.tsv)."""
+    return Path(next(iter(history_paths))).parents[3]
+
+
+def trial_metrics_path(results: Path, seed: Any, trial_id: str) -> Path | None:
+    """The metrics.json of a trial's furthest training: the full budget's, else its highest rung's
+    (a stopped trial); None when the trial left none."""
+    trial = results / f"seed{seed}" / "trials" / str(trial_id)
+    if (trial / "metrics.json").is_file():
+        return trial / "metrics.json"
+    rungs = sorted(trial.glob("step*/metrics.json"), key=lambda p: int(p.parent.name[len("step"):]))
+    return rungs[-1] if rungs else None
+
+
+def trial_curves(trials: pd.DataFrame, results: Path) -> pd.DataFrame:
+    """Every trial's learning curve (metrics.json "curve") as one tidy table, each trial once
+    per seed: the rows of ``report.CURVE_COLUMNS``. Trials without a curve add no row."""
+    from loratune.report import CURVE_COLUMNS, curve_rows
+
+    rows = []
+    for seed, trial_id in trials.drop_duplicates(["seed", "trial_id"])[["seed", "trial_id"]].itertuples(index=False):
+        path = trial_metrics_path(results, seed, trial_id)
+        if path is not None:
+            rows += curve_rows(seed, trial_id, ledger.read_metrics(path))
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+def importance(study: Study, trials_path: str | Path, output: str | Path) -> pd.DataFrame:
+    """importance.tsv: per objective, the fANOVA importance of every tuned parameter."""
+    from loratune.importance import importance_table
+
+    table = importance_table(ledger.read_table(trials_path), study.space, study.objectives)
+    ledger.write_table(table, output)
+    return table
 
 
 def export_gptune_db(study: Study, history_path: str | Path, output: str | Path, arm: str, seed: int) -> dict:
@@ -250,27 +292,91 @@ def summary_text(study: Study, front: pd.DataFrame, report_path: str | Path) -> 
     )
 
 
+def study_facts(study: Study, counts: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What a reader asks first about a study, as (label, value) lines for the report's top."""
+    from loratune.report import space_summary
+
+    config = study.config
+    if config["backend"] == "benchmark":
+        bench = config["benchmark"]
+        model = f"benchmark {bench['problem']}" + (f" ({bench['path']})" if bench.get("path") else "")
+        dataset = "(none: the benchmark answers every trial)"
+    else:
+        model, dataset = config["model"]["name"], config["dataset"]["path"]
+    arms = []
+    for arm in study.arms:
+        detail = f"{arm.name}: {arm.proposer}, {arm.rounds} rounds x {arm.batch_size}"
+        if arm.early_stopping is not None:
+            detail += f", early stopping at steps {study.rung_steps(arm.name)}"
+        arms.append(detail)
+    minutes = counts["train_seconds"] / 60
+    return [
+        ("study", study.name),
+        ("model", model),
+        ("dataset", dataset),
+        ("objectives", ", ".join(f"{n} ({'minimized' if s == 'min' else 'maximized'})"
+                                 for n, s in study.objectives.items())),
+        ("search space", space_summary(study.space)),
+        ("pilot", f"{config['pilot']['n']} trials ({config['pilot']['design']}) per seed"),
+        ("arms", "; ".join(arms)),
+        ("seeds", ", ".join(map(str, study.seeds))),
+        ("trials", f"{counts['trials']} ran: {counts['ok']} ok, {counts['stopped']} stopped early, "
+                   f"{counts['failed']} failed"),
+        ("training time", f"{counts['train_seconds']:.0f} s ({minutes:.1f} min) over all trials"
+         if math.isfinite(counts["train_seconds"]) else "not recorded"),
+    ]
+
+
 def write_report(
     study: Study,
     trials_path: str | Path,
     curves_path: str | Path,
     pareto_path: str | Path,
     output: str | Path,
+    importance_path: str | Path | None = None,
+    learning_curves_path: str | Path | None = None,
 ) -> str:
-    """The study's one-page HTML report, and summary.txt beside it (printed at the end of a run)."""
-    from loratune import plots
+    """The study's one-page HTML report, and summary.txt beside it (printed at the end of a run).
+
+    Computed from the aggregated tables only (trials, hypervolume, Pareto set, importance,
+    learning curves), so re-plotting retrains nothing. A recommended trial's adapter path is
+    given where its folder holds one (``training.keep_adapter``)."""
+    from loratune import plots, report
 
     trials = ledger.read_table(trials_path)
     curves = ledger.read_table(curves_path)
     front = ledger.read_table(pareto_path)
-    html = plots.report_html(
-        f"loratune study {study.name}",
-        [
-            ("Pareto fronts", plots.pareto_figure(trials, study.objectives, study.space)),
-            ("Hypervolume against trials", plots.hypervolume_figure(curves)),
-            ("Pareto set", plots.pareto_set_figure(trials, study.objectives, study.space)),
-        ],
-    )
+    objectives, space = study.objectives, study.space
+    results = Path(output).parent
+    recommended = report.recommended_trials(trials, objectives)
+    adapters = [results / f"seed{seed}" / "trials" / str(trial) / "adapter"
+                for seed, trial in zip(recommended["seed"], recommended["trial_id"])]
+    recommended["adapter"] = [str(path) if path.is_dir() else "" for path in adapters]
+    intro = plots.summary_html(study_facts(study, report.trial_counts(trials)), recommended, objectives, space)
+    loss = report.first_loss_objective(objectives)
+    sections = [
+        ("Pareto fronts", plots.pareto_figure(trials, objectives, space)),
+        ("Hypervolume against trials", plots.hypervolume_figure(curves)),
+    ]
+    if "train_seconds" in curves.columns:
+        sections.append(("Hypervolume against training time", plots.hypervolume_cost_figure(
+            report.hypervolume_cost_curves(curves, "train_seconds"), "train_seconds")))
+    sections += [
+        ("Each objective against each parameter", plots.slice_figure(
+            report.slice_data(trials, objectives, space), objectives, space)),
+        (f"{loss} over learning rate and alpha / rank", plots.contour_figure(
+            report.contour_data(trials, loss, space), loss)),
+    ]
+    if importance_path is not None:
+        sections.append(("Hyperparameter importance", plots.importance_figure(ledger.read_table(importance_path))))
+    if learning_curves_path is not None:
+        sections.append(("Learning curves", plots.learning_curves_figure(
+            report.learning_curve_data(ledger.read_table(learning_curves_path), trials, objectives))))
+    sections += [
+        ("Trials per device over time", plots.timeline_figure(report.timeline_data(trials))),
+        ("Pareto set of each arm", plots.pareto_set_figure(trials, objectives, space)),
+    ]
+    html = plots.report_html(f"loratune study {study.name}", sections, intro=intro)
     files.atomic_write_text(output, html)
     summary = summary_text(study, front, output)
     files.atomic_write_text(Path(output).parent / "summary.txt", summary)

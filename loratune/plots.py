@@ -1,7 +1,9 @@
-"""Plotly figures of a study: Pareto fronts, hypervolume curves, the Pareto set, the report.
+"""Plotly figures of a study and the report page that holds them.
 
-Only drawing happens here; fronts and hypervolumes come from ``loratune.pareto``. Every HTML
-file embeds plotly.js, so a report opens offline and survives ``snakemake --report``.
+Only drawing happens here: fronts and hypervolumes come from ``loratune.pareto``, every other
+figure's data from ``loratune.report``, the importances from ``loratune.importance``. The
+report embeds plotly.js once, so it opens offline and survives ``snakemake --report``; the
+separate plots/*.html share one plots/plotly.min.js.
 """
 
 from __future__ import annotations
@@ -26,9 +28,17 @@ from loratune.pareto import arm_fronts, arms_in_order, front_label, normalizatio
 from loratune.space import SearchSpace
 
 __all__ = [
+    "Html",
     "pareto_figure",
     "hypervolume_figure",
+    "hypervolume_cost_figure",
     "pareto_set_figure",
+    "slice_figure",
+    "contour_figure",
+    "importance_figure",
+    "learning_curves_figure",
+    "timeline_figure",
+    "summary_html",
     "rgba",
     "write_html",
     "report_html",
@@ -366,6 +376,307 @@ def pareto_set_figure(
     return fig
 
 
+def hypervolume_cost_figure(cost_curves: pd.DataFrame, cost: str) -> go.Figure:
+    """Hypervolume against cumulative training cost: one step line per arm and seed, from
+    ``report.hypervolume_cost_curves``, so arms with and without early stopping compare at equal
+    cost (a stopped trial costs what it trained)."""
+    fig = go.Figure()
+    colors = _arm_colors(arms_in_order(cost_curves["arm"]))
+    seen = set()
+    for (arm, seed), rows in cost_curves.groupby(["arm", "seed"], sort=False):
+        fig.add_trace(
+            go.Scatter(
+                x=rows[cost], y=rows["hypervolume"], mode="lines+markers", name=arm, legendgroup=arm,
+                showlegend=arm not in seen,
+                line=dict(shape="hv", color=colors[arm], width=2, dash="dash" if arm == PILOT else "solid"),
+                marker=dict(size=4),
+                customdata=rows[["n_trials"]].to_numpy(),
+                hovertemplate=(f"{html.escape(str(arm))}, seed {seed}<br>%{{x:.4g}} {cost}"
+                               "<br>%{customdata[0]} trials, hypervolume %{y:.4g}<extra></extra>"),
+            )
+        )
+        seen.add(arm)
+    if cost_curves.empty:
+        fig.add_annotation(text=f"no trial recorded {cost}", showarrow=False, xref="paper", yref="paper",
+                           x=0.5, y=0.5)
+    label = "training seconds" if cost == "train_seconds" else "training steps"
+    fig.update_layout(
+        title=f"Hypervolume against cumulative {label} (every trial, stopped and failed included)",
+        xaxis_title=f"cumulative {label} (pilot, then the arm's trials)",
+        yaxis_title="hypervolume (normalized objectives)",
+        hovermode="closest",
+        template="plotly_white",
+    )
+    return fig
+
+
+# Diverged trials reach losses many times the best ones; axes and colours stop at this quantile
+# of the values (a double click on a plotly figure shows everything).
+ROBUST_QUANTILE = 0.9
+PERCENTILE = f"{ROBUST_QUANTILE * 100:.0f}th"
+
+
+def _robust_range(values) -> tuple[list[float] | None, bool]:
+    """An axis range over ``values`` with margins, and whether it stops at ``ROBUST_QUANTILE``
+    of them (when the largest values are far out); (None, False) for fewer than two values."""
+    values = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return None, False
+    low, high, top = values.min(), np.quantile(values, ROBUST_QUANTILE), values.max()
+    span = max(high - low, 1e-12)
+    if len(values) < 5 or top - low <= 1.5 * span:
+        span = max(top - low, 1e-12)
+        return [low - 0.05 * span, top + 0.05 * span], False
+    return [low - 0.05 * span, high + 0.25 * span], True
+
+
+def _log_axis(param) -> bool:
+    """Draw a parameter on a log axis: a log-scaled one, or numeric choices spanning a decade."""
+    if getattr(param, "log", False):
+        return True
+    values = getattr(param, "values", None)
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+        return max(values) / min(values) >= 10
+    return False
+
+
+def slice_figure(slices: pd.DataFrame, objectives: Mapping[str, str], space: SearchSpace) -> go.Figure:
+    """Each objective (rows) against each tuned parameter (columns), trials coloured by arm;
+    a stopped trial is an open circle (its value was measured after fewer steps). ``slices`` is
+    ``report.slice_data``'s table."""
+    names, params = list(objectives), space.tunable_names
+    fig = make_subplots(rows=len(names), cols=len(params), shared_yaxes=True, shared_xaxes=True,
+                        horizontal_spacing=0.03, vertical_spacing=0.06)
+    colors = _arm_colors(arms_in_order(slices["arm"]) if len(slices) else [])
+    seen = set()
+    for row, objective in enumerate(names, start=1):
+        for col, name in enumerate(params, start=1):
+            cell = slices[(slices["objective"] == objective) & (slices["parameter"] == name)]
+            for arm, per_arm in cell.groupby("arm", sort=False):
+                stopped = (per_arm["status"] != "ok").to_numpy()
+                fig.add_trace(
+                    go.Scatter(
+                        x=per_arm["value"], y=per_arm["objective_value"], mode="markers", name=arm,
+                        legendgroup=arm, showlegend=arm not in seen,
+                        marker=dict(color=colors[arm], size=7, opacity=0.8,
+                                    symbol=np.where(stopped, "circle-open", "circle")),
+                        text=[f"{html.escape(str(t))}<br>seed {s}, {html.escape(str(st))}"
+                              for t, s, st in zip(per_arm["trial_id"], per_arm["seed"], per_arm["status"])],
+                        hovertemplate=f"%{{text}}<br>{name} %{{x}}<br>{objective} %{{y:.5g}}<extra></extra>",
+                    ),
+                    row=row, col=col,
+                )
+                seen.add(arm)
+            if row == len(names):
+                fig.update_xaxes(title_text=name, type="log" if _log_axis(space[name]) else None, row=row, col=col)
+            else:
+                fig.update_xaxes(type="log" if _log_axis(space[name]) else None, row=row, col=col)
+        values = slices.loc[slices["objective"] == objective, "objective_value"]
+        fig.update_yaxes(title_text=_axis_title(objective, objectives[objective]), range=_robust_range(values)[0],
+                         row=row, col=1)
+    fig.update_layout(title="Each objective against each parameter (open circles: stopped early; "
+                            f"axes stop at the {PERCENTILE} percentile, double-click to see all)",
+                      height=320 * len(names) + 80, template="plotly_white", legend_title_text="arm")
+    return fig
+
+
+def contour_figure(contour: Mapping[str, Any] | None, objective: str) -> go.Figure:
+    """``objective`` over log10(learning rate) x log2(alpha / rank) from ``report.contour_data``,
+    the trials as dots and dotted lines of equal lr * alpha / rank (the update's size)."""
+    fig = go.Figure()
+    if contour is None:
+        fig.add_annotation(text="needs learning_rate, lora_alpha and lora_rank and three ok trials",
+                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+        fig.update_layout(title=f"{objective} over learning rate and alpha / rank", template="plotly_white")
+        return fig
+    x, y = contour["x"], contour["y"]
+    colour_range, capped = _robust_range(contour["points"]["value"])
+    colours = dict(zmin=float(np.nanmin(contour["z"])), zmax=colour_range[1]) if capped else {}
+    fig.add_trace(go.Contour(x=x, y=y, z=contour["z"], colorscale="Viridis", ncontours=24, **colours,
+                             colorbar=dict(title=dict(text=objective)), connectgaps=False,
+                             hovertemplate=f"log10 lr %{{x:.2f}}<br>log2 α/r %{{y:.2f}}<br>{objective} %{{z:.4g}}"
+                                           "<extra>interpolated</extra>"))
+    points = contour["points"]
+    fig.add_trace(go.Scatter(
+        x=points["x"], y=points["y"], mode="markers", name="trials",
+        marker=dict(color="white", size=7, line=dict(color="black", width=1)),
+        text=[f"{html.escape(str(t))} (seed {s}, {html.escape(str(a))})"
+              for t, s, a in zip(points["trial_id"], points["seed"], points["arm"])],
+        customdata=points[["value"]].to_numpy(),
+        hovertemplate=f"%{{text}}<br>{objective} %{{customdata[0]:.5g}}<extra></extra>",
+    ))
+    # log10(lr * alpha / rank) = x + y * log10(2): constant along lines of slope -1 / log10(2).
+    scale = x[None, :] + y[:, None] * math.log10(2)
+    for level in range(math.ceil(scale.min()), math.floor(scale.max()) + 1):
+        line_y = (level - x) / math.log10(2)
+        inside = (line_y >= y.min()) & (line_y <= y.max())
+        fig.add_trace(go.Scatter(x=x[inside], y=line_y[inside], mode="lines", showlegend=False,
+                                 line=dict(color="rgba(255,255,255,0.6)", dash="dot", width=1),
+                                 hovertemplate=f"lr·α/r = 1e{level}<extra></extra>"))
+    fig.update_layout(
+        title=f"{objective} over learning rate × alpha / rank (dotted: equal lr·α/r"
+              + (f"; colours stop at the {PERCENTILE} percentile)" if capped else ")"),
+        xaxis_title="log10 learning rate", yaxis_title="log2(alpha / rank)",
+        template="plotly_white", height=560, showlegend=False,
+    )
+    return fig
+
+
+def importance_figure(importance: pd.DataFrame) -> go.Figure:
+    """Per objective, the fANOVA importance of each tuned parameter (``importance.tsv``) and,
+    beside it, the shares of the fit that adds log(lr·α/r)."""
+    objectives = list(pd.unique(importance["objective"]))
+    fig = make_subplots(rows=1, cols=max(len(objectives), 1), subplot_titles=objectives, shared_yaxes=False,
+                        horizontal_spacing=0.12)
+    with_scale = importance["importance_with_update_scale"].notna().any()
+    for col, objective in enumerate(objectives, start=1):
+        rows = importance[importance["objective"] == objective]
+        rows = rows.assign(order=rows["importance"].fillna(-1)).sort_values("order")
+        fig.add_trace(go.Bar(x=rows["importance"], y=rows["parameter"], orientation="h", name="tuned parameters",
+                             legendgroup="plain", showlegend=col == 1, marker_color=ARM_COLORS[0],
+                             customdata=rows[["n_trials"]].to_numpy(),
+                             hovertemplate="%{y}: %{x:.3f} (%{customdata[0]} trials)<extra></extra>"),
+                      row=1, col=col)
+        if with_scale:
+            fig.add_trace(go.Bar(x=rows["importance_with_update_scale"], y=rows["parameter"], orientation="h",
+                                 name="with log(lr·α/r) added", legendgroup="scale", showlegend=col == 1,
+                                 marker_color=ARM_COLORS[1],
+                                 hovertemplate="%{y}: %{x:.3f} with the update scale<extra></extra>"),
+                          row=1, col=col)
+        fig.update_xaxes(title_text="fANOVA importance (share of variance)", range=[0, 1], row=1, col=col)
+    if not objectives or importance["importance"].isna().all():
+        fig.add_annotation(text="too few ok trials to estimate importance", showarrow=False, xref="paper",
+                           yref="paper", x=0.5, y=0.5)
+    fig.update_layout(title="Hyperparameter importance (fANOVA over the ok trials)", barmode="group",
+                      template="plotly_white", height=140 + 60 * importance["parameter"].nunique())
+    return fig
+
+
+def learning_curves_figure(curves: pd.DataFrame) -> go.Figure:
+    """Held-out and training loss against step of every trial with a recorded curve
+    (``report.learning_curve_data``): coloured by arm, Pareto-set trials drawn bold, stopped
+    trials dotted, failed ones grey."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["held-out loss (eval_loss)", "training loss"],
+                        horizontal_spacing=0.08)
+    colors = _arm_colors(arms_in_order(curves["arm"]) if len(curves) else [])
+    seen = set()
+    order = {arm: index for index, arm in enumerate(colors)}
+    ordered = curves.sort_values("arm", key=lambda arms: arms.map(order), kind="stable") if len(curves) else curves
+    for (seed, trial_id), rows in ordered.groupby(["seed", "trial_id"], sort=False):
+        arm, status, on_front = rows["arm"].iloc[0], rows["status"].iloc[0], bool(rows["on_front"].iloc[0])
+        color = colors[arm] if status in ("ok", "stopped") else FAILED_COLOR
+        style = dict(color=color, width=3 if on_front else 1, dash="dot" if status == "stopped" else "solid")
+        label = f"{html.escape(str(trial_id))} (seed {seed}, {html.escape(str(arm))}, {html.escape(str(status))}"
+        label += ", Pareto set)" if on_front else ")"
+        for col, metric in enumerate(["eval_loss", "train_loss"], start=1):
+            fig.add_trace(go.Scatter(
+                x=rows["step"], y=rows[metric], mode="lines+markers", name=arm, legendgroup=arm,
+                showlegend=col == 1 and arm not in seen, line=style, marker=dict(size=4, color=color),
+                opacity=0.95 if on_front else 0.55,
+                hovertemplate=f"{label}<br>step %{{x}}: {metric} %{{y:.4f}}<extra></extra>",
+            ), row=1, col=col)
+        seen.add(arm)
+    if curves.empty:
+        fig.add_annotation(text="no trial recorded a learning curve", showarrow=False, xref="paper", yref="paper",
+                           x=0.5, y=0.5)
+    fig.update_xaxes(title_text="step")
+    for col, metric in enumerate(["eval_loss", "train_loss"], start=1):
+        fig.update_yaxes(range=_robust_range(curves[metric])[0], row=1, col=col)
+    fig.update_yaxes(title_text="loss", col=1)
+    fig.update_layout(title="Learning curves (bold: Pareto set; dotted: stopped early; "
+                            f"axes stop at the {PERCENTILE} percentile, double-click to see all)", template="plotly_white",
+                      height=480, legend_title_text="arm", hovermode="closest")
+    return fig
+
+
+# started_at/finished_at are recorded to the second: a shorter trial is drawn one second wide.
+MIN_BAR_MS = 1000
+
+
+def timeline_figure(timeline: pd.DataFrame) -> go.Figure:
+    """One bar per trial from its start to its finish, on the lane of the device it ran on
+    (``report.timeline_data``), coloured by arm; failed trials grey."""
+    fig = go.Figure()
+    colors = _arm_colors(arms_in_order(timeline["arm"]) if len(timeline) else [])
+    for arm, rows in timeline.groupby("arm", sort=False):
+        duration = (rows["finish"] - rows["start"]).dt.total_seconds()
+        fig.add_trace(go.Bar(
+            base=rows["start"].map(lambda t: t.isoformat()), x=np.maximum(duration * 1000, MIN_BAR_MS),
+            y=rows["lane"], orientation="h", name=arm,
+            marker_color=[colors[arm] if s != "failed" else FAILED_COLOR for s in rows["status"]],
+            text=rows["trial_id"], textposition="inside", insidetextanchor="start",
+            customdata=np.stack([duration, rows["status"], rows["seed"]], axis=1),
+            hovertemplate=("%{text}<br>seed %{customdata[2]}, %{customdata[1]}<br>%{base} + %{customdata[0]:.0f} s"
+                           "<extra>%{y}</extra>"),
+        ))
+    if timeline.empty:
+        fig.add_annotation(text="no trial recorded started_at and finished_at", showarrow=False, xref="paper",
+                           yref="paper", x=0.5, y=0.5)
+    lanes = timeline["lane"].nunique() if len(timeline) else 1
+    fig.update_xaxes(type="date", title_text="time (UTC)")
+    fig.update_yaxes(autorange="reversed", title_text="device")
+    fig.update_layout(title="Trials per device over time", barmode="overlay", template="plotly_white",
+                      height=max(300, 160 + 34 * lanes), legend_title_text="arm")
+    return fig
+
+
+class Html(str):
+    """Markup the report inserts as it is (built here, with every value escaped)."""
+
+
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], marked: Sequence[bool] = ()) -> str:
+    """A plain HTML table; ``headers`` are escaped, cells must already be markup."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = []
+    for index, row in enumerate(rows):
+        style = ' class="knee"' if index < len(marked) and marked[index] else ""
+        body.append(f"<tr{style}>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def summary_html(
+    facts: Sequence[tuple[str, str]],
+    recommended: pd.DataFrame,
+    objectives: Mapping[str, str],
+    space: SearchSpace,
+) -> Html:
+    """The top of the report: the study's facts (label, value) and the recommended trials
+    (``report.recommended_trials`` with an ``adapter`` column: a path, or empty where no
+    adapter was kept), the knee point of each seed marked."""
+    parts = ["<dl class=\"facts\">"]
+    for label, value in facts:
+        parts.append(f"<dt>{html.escape(label)}</dt><dd>{html.escape(value)}</dd>")
+    parts.append("</dl>")
+    parts.append("<h2>Recommended trials</h2>")
+    if recommended.empty:
+        parts.append("<p>No trial succeeded: nothing to recommend.</p>")
+        return Html("".join(parts))
+    parts.append(
+        "<p>The Pareto set of each seed (no other trial is at least as good in every objective). "
+        "<b>★ knee</b>: the point closest to the ideal one once every objective is scaled from its best (0) "
+        "to its worst (1) value over the study: the balanced choice.</p>"
+    )
+    params = space.tunable_names
+    headers = ["", "seed", "trial id", "found by", *params, *(_axis_title(n, s) for n, s in objectives.items()),
+               "distance to ideal", "adapter"]
+    rows = []
+    for record in recommended.to_dict("records"):
+        adapter = record.get("adapter")
+        rows.append([
+            "★ knee" if record["knee"] else "",
+            html.escape(_format_value(record["seed"])),
+            f"<code>{html.escape(str(record['trial_id']))}</code>",
+            html.escape(str(record["arm"])),
+            *(html.escape(_format_value(record[p])) for p in params),
+            *(html.escape(_format_value(record[n])) for n in objectives),
+            f"{record['distance']:.3f}",
+            f"<code>{html.escape(adapter)}</code>" if isinstance(adapter, str) and adapter else "not kept",
+        ])
+    parts.append(_html_table(headers, rows, list(recommended["knee"])))
+    return Html("".join(parts))
+
+
 def _div_id(name: str) -> str:
     # A fixed element id keeps the HTML byte-identical between runs (plotly's default is random).
     return re.sub(r"[^A-Za-z0-9_-]", "-", name) or "figure"
@@ -391,27 +702,43 @@ def write_html(fig: go.Figure, path: str | os.PathLike) -> None:
     atomic_write_text(path, page)
 
 
-def report_html(title: str, sections: Sequence[tuple[str, go.Figure | str]]) -> str:
-    """One self-contained page: a heading per section, then its figure or its text (a string
-    is shown as a paragraph, escaped). plotly.js is embedded once, in the head."""
-    body = []
+REPORT_STYLE = (
+    "body{font-family:sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}"
+    "h2{margin-top:2em;border-bottom:1px solid #ddd}"
+    "dl.facts{display:grid;grid-template-columns:max-content auto;gap:.3em 1.5em}"
+    "dl.facts dt{font-weight:bold}dl.facts dd{margin:0}"
+    "table{border-collapse:collapse;font-size:.9em}th,td{padding:.3em .6em;border-bottom:1px solid #e4e4e4;"
+    "text-align:left}th{background:#f0f0f0}tr.knee{background:#fff3c4;font-weight:bold}"
+    "nav{margin:1.5em 0;line-height:1.8}nav a{margin-right:1em}"
+)
+
+
+def report_html(title: str, sections: Sequence[tuple[str, go.Figure | Html | str]], intro: Html | None = None) -> str:
+    """One self-contained page: ``intro`` (markup) under the title, a table of contents, then a
+    heading per section and its figure, its markup (``Html``) or its text (any other string is
+    shown as a paragraph, escaped). plotly.js is embedded once, in the head."""
+    body, links = [], []
     for index, (heading, content) in enumerate(sections):
-        body.append(f"<h2>{html.escape(heading)}</h2>")
+        anchor = f"section-{index}"
+        links.append(f'<a href="#{anchor}-heading">{html.escape(heading)}</a>')
+        body.append(f'<h2 id="{anchor}-heading">{html.escape(heading)}</h2>')
         if isinstance(content, go.Figure):
             body.append(
                 content.to_html(
                     include_plotlyjs=False,
                     full_html=False,
-                    div_id=f"section-{index}",
+                    div_id=anchor,
                     config=PLOTLY_CONFIG,
                 )
             )
+        elif isinstance(content, Html):
+            body.append(f'<div id="{anchor}">{content}</div>')
         elif isinstance(content, str):
             body.append(f"<p>{html.escape(content)}</p>")
         else:
             raise TypeError(
                 f"report_html: section {heading!r} holds a {type(content).__name__}; "
-                "expected a plotly Figure or text"
+                "expected a plotly Figure, Html or text"
             )
     return "\n".join(
         [
@@ -420,12 +747,13 @@ def report_html(title: str, sections: Sequence[tuple[str, go.Figure | str]]) -> 
             "<head>",
             '<meta charset="utf-8">',
             f"<title>{html.escape(title)}</title>",
-            "<style>body{font-family:sans-serif;margin:2em auto;max-width:1400px}"
-            "h2{margin-top:2em}</style>",
+            f"<style>{REPORT_STYLE}</style>",
             f'<script type="text/javascript">{get_plotlyjs()}</script>',
             "</head>",
             "<body>",
             f"<h1>{html.escape(title)}</h1>",
+            *([str(intro)] if intro is not None else []),
+            f"<nav>{''.join(links)}</nav>" if links else "",
             *body,
             "</body>",
             "</html>",

@@ -9,11 +9,24 @@ rule aggregate_trials:
         ),
         hypervolume=f"{OUT}/hypervolume.tsv",
         pareto=f"{OUT}/pareto_set.tsv",
+        curves=f"{OUT}/curves.tsv",
     log:
         f"{OUT}/logs/aggregate_trials.log",
     localrule: True
     script:
         "../workflow/scripts/aggregate_trials.py"
+
+
+rule compute_importance:
+    input:
+        trials=f"{OUT}/trials.tsv",
+    output:
+        importance=f"{OUT}/importance.tsv",
+    log:
+        f"{OUT}/logs/compute_importance.log",
+    localrule: True
+    script:
+        "../workflow/scripts/compute_importance.py"
 
 
 rule export_gptune_db:

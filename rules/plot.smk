@@ -39,6 +39,8 @@ rule write_report:
         trials=f"{OUT}/trials.tsv",
         curves=f"{OUT}/hypervolume.tsv",
         pareto=f"{OUT}/pareto_set.tsv",
+        importance=f"{OUT}/importance.tsv",
+        learning_curves=f"{OUT}/curves.tsv",
         figures=[
             f"{OUT}/plots/{name}.html"
             for name in ("pareto", "hypervolume", "pareto_set")

@@ -7,8 +7,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from loratune import ledger, plots
+from loratune import ledger, plots, report
+from loratune.loop import trial_curves
 from loratune.pareto import hypervolume_curves, pareto_front, to_minimization
+from loratune.space import SearchSpace
 from test_ledger import OBJECTIVES, make_study
 
 THREE_OBJECTIVES = {"train_loss": "min", "train_time": "min", "eval_accuracy": "max"}
@@ -218,8 +220,140 @@ def test_report_embeds_plotly_once_with_every_section(two_seeds):
     assert report.startswith("<!DOCTYPE html>") and report.count("* plotly.js v") == 1
     assert "<title>loratune study &lt;demo&gt;</title>" in report
     for index, heading in enumerate(["Pareto fronts", "Hypervolume", "Pareto set"]):
-        assert f"<h2>{heading}</h2>" in report and f'id="section-{index}"' in report
+        assert f'<h2 id="section-{index}-heading">{heading}</h2>' in report and f'id="section-{index}"' in report
+        assert f'<a href="#section-{index}-heading">{heading}</a>' in report
     assert "<p>losses &lt; 2 &amp; times in s</p>" in report
     assert trials["trial_id"].iloc[-1] in report
+    markup = plots.report_html("t", [("table", plots.Html("<table><tr><td>1</td></tr></table>"))])
+    assert '<div id="section-0"><table><tr><td>1</td></tr></table></div>' in markup
     with pytest.raises(TypeError, match="section 'x' holds a int"):
         plots.report_html("t", [("x", 3)])
+
+
+# ---- the report's data, figure by figure ----------------------------------------------------
+def tiny_trials(values, statuses=None, arms=None) -> pd.DataFrame:
+    """Trials of one seed with two minimized objectives ``values`` [(a, b), ...]."""
+    n = len(values)
+    return pd.DataFrame({
+        "seed": 0, "arm": arms or ["pilot"] * n, "round": [0 if (arms or ["pilot"] * n)[i] == "pilot" else 1
+                                                           for i in range(n)],
+        "trial_id": [f"t{i}" for i in range(n)], "status": statuses or ["ok"] * n,
+        "train_loss": [v[0] for v in values], "train_time": [v[1] for v in values],
+    })
+
+
+def test_the_knee_is_the_front_point_nearest_the_ideal_in_normalized_objectives():
+    # Normalized over the ok trials: (0, 1), (0.3, 0.3) and (1, 0); (0.9, 0.9) is dominated.
+    trials = tiny_trials([(0.0, 20.0), (3.0, 13.0), (10.0, 10.0), (9.0, 19.0), (1.0, 10.5)],
+                         statuses=["ok", "ok", "ok", "ok", "failed"])
+    trials.loc[4, ["train_loss", "train_time"]] = np.nan
+    recommended = report.recommended_trials(trials, OBJECTIVES)
+    assert list(recommended["trial_id"]) == ["t0", "t1", "t2"]
+    assert list(recommended["knee"]) == [False, True, False]
+    assert recommended["distance"].tolist() == pytest.approx([1.0, np.hypot(0.3, 0.3), 1.0])
+    # A maximized objective is turned round first: t2 (largest loss, least time) then dominates.
+    flipped = report.recommended_trials(trials, {"train_loss": "max", "train_time": "min"})
+    assert flipped["trial_id"].tolist() == ["t2"] and flipped["knee"].tolist() == [True]
+    assert flipped["distance"].tolist() == pytest.approx([0.0])
+
+
+def test_trial_counts_count_each_trial_once_by_status_with_its_seconds():
+    trials = tiny_trials([(1, 1), (2, 2), (3, 3), (4, 4)], statuses=["ok", "stopped", "failed", "ok"],
+                         arms=["pilot", "a", "a", "b"])
+    trials["train_seconds"] = [10.0, 4.0, 1.5, 10.0]
+    shared = trials.iloc[[3]].assign(arm="a")  # one point two arms proposed: trained once
+    counts = report.trial_counts(pd.concat([trials, shared], ignore_index=True))
+    assert counts == {"trials": 4, "ok": 2, "stopped": 1, "failed": 1, "train_seconds": 25.5}
+
+
+def test_hypervolume_cost_curves_start_at_the_end_of_the_pilot_sorted_by_cost(two_seeds):
+    space, trials = two_seeds
+    trials = trials.assign(train_seconds=np.arange(len(trials), dtype=float) % 7 + 1)
+    curves = hypervolume_curves(trials, OBJECTIVES)
+    table = report.hypervolume_cost_curves(curves, "train_seconds")
+    for (arm, seed), rows in table.groupby(["arm", "seed"]):
+        pilot_n = (trials[(trials["seed"] == seed) & (trials["arm"] == "pilot")]).shape[0]
+        assert rows["n_trials"].min() == (1 if arm == "pilot" else pilot_n)
+        assert rows["train_seconds"].is_monotonic_increasing
+        assert rows["hypervolume"].is_monotonic_increasing
+    assert list(pd.unique(table["arm"])) == ["pilot", "gptune", "random"]
+    fig = plots.hypervolume_cost_figure(table, "train_seconds")
+    assert {t.name for t in fig.data} == {"pilot", "gptune", "random"} and len(fig.data) == 6
+
+
+def test_slice_data_holds_every_finite_value_per_parameter_and_objective(one_seed):
+    space, trials = one_seed
+    slices = report.slice_data(trials, OBJECTIVES, space)
+    finite = trials[trials["train_loss"].notna()]
+    assert len(slices) == len(finite) * len(space.tunable_names) * len(OBJECTIVES)
+    row = finite.iloc[0]
+    mine = slices[(slices["trial_id"] == row["trial_id"]) & (slices["arm"] == row["arm"])]
+    lr = mine[(mine["parameter"] == "learning_rate") & (mine["objective"] == "train_time")]
+    assert lr["value"].item() == row["learning_rate"] and lr["objective_value"].item() == row["train_time"]
+    fig = plots.slice_figure(slices, OBJECTIVES, space)
+    assert fig.layout.xaxis3.type == "log"  # learning_rate is log-scaled
+
+
+def test_contour_data_interpolates_a_plane_exactly_and_needs_lr_alpha_rank(one_seed):
+    space, trials = one_seed
+    trials = trials.assign(status="ok")
+    x, y = np.log10(trials["learning_rate"]), np.log2(trials["lora_alpha"] / trials["lora_rank"])
+    trials["train_loss"] = 2 * x - y + 1
+    contour = report.contour_data(trials, "train_loss", space, resolution=25)
+    X, Y = np.meshgrid(contour["x"], contour["y"])
+    inside = np.isfinite(contour["z"])
+    assert inside.mean() > 0.3
+    assert contour["z"][inside] == pytest.approx((2 * X - Y + 1)[inside])
+    assert len(contour["points"]) == len(trials)
+    no_alpha = SearchSpace.from_config({"lora_rank": {"type": "int", "low": 4, "high": 64, "step": 4},
+                                        "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2}})
+    assert report.contour_data(trials, "train_loss", no_alpha) is None
+    assert report.contour_data(trials.iloc[:2], "train_loss", space) is None
+
+
+def test_timeline_lanes_split_overlapping_trials_of_one_device():
+    trials = tiny_trials([(1, 1)] * 4, arms=["pilot", "pilot", "pilot", "pilot"])
+    trials["started_at"] = ["2026-12-01T10:00:00+00:00", "2026-12-01T10:00:05+00:00",
+                            "2026-12-01T10:00:20+00:00", "2026-12-01T10:00:00+00:00"]
+    trials["finished_at"] = ["2026-12-01T10:00:10+00:00", "2026-12-01T10:00:15+00:00",
+                             "2026-12-01T10:00:30+00:00", ""]
+    trials["hostname"] = "node1"
+    trials["cuda_visible_devices"] = [0, 0, 0, 1]
+    timeline = report.timeline_data(trials)
+    # t3 has no finish time; t1 overlaps t0 (lane #2), t2 starts after both ended (back to lane 1).
+    assert dict(zip(timeline["trial_id"], timeline["lane"])) == {
+        "t0": "node1 GPU 0", "t1": "node1 GPU 0 #2", "t2": "node1 GPU 0"}
+    fig = plots.timeline_figure(timeline)
+    assert fig.data[0].x.tolist() == [10000.0, 10000.0, 10000.0]
+
+
+def test_curves_of_stopped_and_finished_trials_reach_the_learning_curve_data(one_seed, tmp_path):
+    space, trials = one_seed
+    first, second = trials["trial_id"].iloc[0], trials["trial_id"].iloc[1]
+    full = tmp_path / "seed0" / "trials" / first / "metrics.json"
+    curve = [{"step": 10, "eval_loss": 2.0, "train_loss": 2.5, "train_time": 1.0},
+             {"step": 20, "eval_loss": 1.5, "train_loss": 2.0, "train_time": 2.0}]
+    ledger.atomic_write_text(full, __import__("json").dumps({"trial_id": first, "curve": curve}))
+    for step in (10, 20):  # a stopped trial: only its rungs' metrics, the highest one counts
+        rung = tmp_path / "seed0" / "trials" / second / f"step{step}" / "metrics.json"
+        ledger.atomic_write_text(rung, __import__("json").dumps({"trial_id": second, "curve": curve[: step // 10]}))
+    curves = trial_curves(trials, tmp_path)
+    assert list(curves.columns) == report.CURVE_COLUMNS
+    assert curves.groupby("trial_id").size().to_dict() == {first: 2, second: 2}
+    data = report.learning_curve_data(curves, trials, OBJECTIVES)
+    assert set(data["arm"]) == {"pilot"} and data["step"].tolist() == [10, 20, 10, 20]
+    front = pareto_front(trials, OBJECTIVES)["trial_id"]
+    assert data["on_front"].tolist() == [t in set(front) for t in data["trial_id"]]
+    fig = plots.learning_curves_figure(data)
+    assert len(fig.data) == 4  # two trials, two panels
+
+
+def test_summary_marks_the_knee_and_gives_adapter_paths(one_seed):
+    space, trials = one_seed
+    recommended = report.recommended_trials(trials, OBJECTIVES)
+    recommended["adapter"] = ["results/s/seed0/trials/x/adapter"] + [""] * (len(recommended) - 1)
+    page = plots.summary_html([("study", "demo <1>")], recommended, OBJECTIVES, space)
+    assert "<dd>demo &lt;1&gt;</dd>" in page
+    assert page.count('<tr class="knee">') == 1 and page.count("★ knee</td>") == 1
+    assert "<code>results/s/seed0/trials/x/adapter</code>" in page
+    assert page.count("not kept") == len(recommended) - 1

@@ -11,4 +11,5 @@ aggregate(
     trials_output=snakemake.output.trials,
     hypervolume_output=snakemake.output.hypervolume,
     pareto_output=snakemake.output.pareto,
+    curves_output=snakemake.output.curves,
 )

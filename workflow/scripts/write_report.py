@@ -10,5 +10,7 @@ write_report(
     trials_path=snakemake.input.trials,
     curves_path=snakemake.input.curves,
     pareto_path=snakemake.input.pareto,
+    importance_path=snakemake.input.importance,
+    learning_curves_path=snakemake.input.learning_curves,
     output=snakemake.output.html,
 )
