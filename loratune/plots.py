@@ -381,7 +381,7 @@ def write_html(fig: go.Figure, path: str | os.PathLike) -> None:
     library = Path(path).parent / PLOTLY_JS
     script = get_plotlyjs()
     if not library.is_file() or library.read_text(encoding="utf-8") != script:
-        ledger.atomic_write_text(library, script)
+        atomic_write_text(library, script)
     page = fig.to_html(
         include_plotlyjs="directory",
         full_html=True,

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from loratune import files
+from loratune import files, ledger
 from loratune.config import Study
 
 log = logging.getLogger("loratune")

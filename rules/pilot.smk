@@ -1,6 +1,10 @@
 checkpoint sample_pilot:
+    input:
+        warm_start=get_warm_start_sources,
     output:
         proposals=f"{OUT}/seed{{seed}}/pilot/round0/proposals.tsv",
+    params:
+        trials=f"{OUT}/seed{{seed}}/trials",
     log:
         f"{OUT}/logs/seed{{seed}}/pilot/sample_pilot.log",
     resources:
