@@ -244,3 +244,11 @@ def test_a_related_task_reaches_the_proposer_and_stays_out_of_the_trials(tmp_pat
     cold = next_proposals(study.space, study.objectives, arm, pilot, 0, 1)
     assert [study.space.trial_id(p) for p in with_related] == list(proposed["trial_id"])
     assert with_related != cold
+
+
+def test_a_study_recorded_before_warm_start_existed_is_unchanged_by_its_empty_default():
+    from loratune.study_state import change_scope, config_differences
+
+    assert config_differences({"pilot": {"n": 6}}, {"pilot": {"n": 6}, "warm_start": []}) == []
+    ((field, old, new),) = config_differences({"warm_start": []}, {"warm_start": [{"path": "a.tsv"}]})
+    assert field == "warm_start" and change_scope(field, "qlora") == "pilot"
