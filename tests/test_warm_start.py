@@ -233,11 +233,11 @@ def test_a_related_task_reaches_the_proposer_and_stays_out_of_the_trials(tmp_pat
     out = tmp_path / "results" / "related"
     trials = ledger.read_table(out / "trials.tsv")
     assert "source" not in trials.columns and len(trials) == 5  # a pilot of 3 and 2 proposals: own trials only
+    monkeypatch.chdir(tmp_path)  # the warm_start path is relative to the workflow's directory
     study = validate_config(config)
     arm = study.arm("optuna-tpe")
     pilot = ledger.read_table(out / "seed0" / "pilot" / "round0" / "history.tsv")
     proposed = ledger.read_table(out / "seed0" / "optuna-tpe" / "round1" / "proposals.tsv")
-    monkeypatch.chdir(tmp_path)  # the warm_start path is relative to the workflow's directory
     related = warm_start.related_rows(study.config, study.space, study.objectives, 0)
     assert len(related) == len(ledger.read_table(source))
     with_related = next_proposals(study.space, study.objectives, arm, pilot, 0, 1, related=related)
