@@ -74,7 +74,8 @@ class OptunaProposer(Proposer):
         # 128 samples, 5.4 s with 64, the same two points proposed).
         qmc_samples: int | None = None
         # The coordinates the sampler models: "raw" (each parameter on its own scale) or the
-        # LoRA-aware "lora" / "rslora" ones (bench/results/lora_coordinates.md measured them).
+        # LoRA-aware "lora" / "rslora" ones (proposers/coordinates.py). "raw" stays the default
+        # until a >= 10-seed run of bench/search_efficiency.py shows the others win (not yet run).
         coordinates: str = "raw"
 
         def __post_init__(self) -> None:
