@@ -105,7 +105,12 @@ def dataclass_schema(cls: type) -> dict:
 
 
 def _fill_defaults(instance: Any, schema: Mapping[str, Any]) -> None:
-    """Fill ``default`` values of object properties in place, recursively."""
+    """Fill ``default`` values of object properties in place, recursively (through the
+    items of an array too: each warm_start entry gets its defaults)."""
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            _fill_defaults(item, schema["items"])
+        return
     if not isinstance(instance, dict) or schema.get("type") not in ("object", None):
         return
     for name, sub in schema.get("properties", {}).items():
@@ -392,6 +397,19 @@ def _check_space_size(config: dict, space: SearchSpace) -> None:
             )
 
 
+def _check_warm_start(config: dict, space: SearchSpace) -> None:
+    """Every warm_start source readable, with the space's parameters and the objectives, and
+    with trials inside the space (``loratune.warm_start.load_sources``)."""
+    if not config["warm_start"]:
+        return
+    from loratune.warm_start import WarmStartError, load_sources
+
+    try:
+        load_sources(config, space, config["objectives"])
+    except WarmStartError as error:
+        raise ConfigError(str(error)) from None
+
+
 def validate_config(config: dict) -> Study:
     """Validate ``config`` in place (defaults are filled in) and return the derived ``Study``."""
     schema = load_schema()
@@ -417,6 +435,7 @@ def validate_config(config: dict) -> Study:
     arms = _check_arms(config)
     _check_training(config)
     _check_space_size(config, space)
+    _check_warm_start(config, space)
     return Study(config=config, space=space, objectives=dict(config["objectives"]), arms=arms)
 
 

@@ -332,7 +332,10 @@ def to_gptune_db(
 
 
 def from_gptune_db(db: Mapping[str, Any]) -> pd.DataFrame:
-    """A history table from a database written by ``to_gptune_db``.
+    """A history table from a GPTune 2.0.0 JSON database: one written by ``to_gptune_db``
+    (its ``additional_output`` gives back the trial id, arm, round, status and metrics), or
+    one GPTune wrote itself (parameters in original units, an objective GPTune could not
+    measure as null; such a row has status ``failed``, the others ``ok``).
 
     Parameter columns come in the order the database lists them (tuning parameters, then
     constants); a file written with sorted keys lists them alphabetically.
@@ -343,14 +346,16 @@ def from_gptune_db(db: Mapping[str, Any]) -> pd.DataFrame:
     params: list[str] = []
     for index, evaluation in enumerate(db["func_eval"]):
         try:
-            extra = evaluation["additional_output"]
-            point = {**evaluation["tuning_parameter"], **evaluation["constants"]}
-            results = evaluation["evaluation_result"]
-        except (KeyError, TypeError):
+            point = {**evaluation["tuning_parameter"], **(evaluation.get("constants") or {})}
+            results = dict(evaluation["evaluation_result"])
+            extra = dict(evaluation.get("additional_output") or {})
+        except (KeyError, TypeError, ValueError):
             raise ValueError(
-                f"GPTune database: func_eval[{index}] lacks tuning_parameter, constants, "
-                "evaluation_result or additional_output (not written by loratune?)"
+                f"GPTune database: func_eval[{index}] lacks a tuning_parameter or evaluation_result object"
             ) from None
+        if "status" not in extra:
+            measured = all(isinstance(v, (int, float)) and np.isfinite(v) for v in results.values())
+            extra["status"] = "ok" if measured else "failed"
         params += [p for p in point if p not in params]
         rows.append({**extra, **point, **results})
     if not rows:

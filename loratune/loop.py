@@ -41,12 +41,33 @@ def proposals_frame(study: Study, points: Iterable[Mapping], seed: int, arm: str
     return pd.DataFrame(rows, columns=["seed", "arm", "round", "trial_id", *study.space.names])
 
 
-def sample_pilot(study: Study, seed: int, output: str | Path) -> pd.DataFrame:
+def sample_pilot(study: Study, seed: int, output: str | Path, trials_dir: str | Path | None = None) -> pd.DataFrame:
+    """The pilot's proposals. With same-setting warm-start sources, their trials lead the
+    proposals as observations whose ``metrics.json`` (in ``trials_dir``) is written here from
+    the source, so that no job trains them; the design then adds ``pilot.n`` minus their number
+    (at least 0) new points that no source measured."""
+    from loratune import warm_start
+
     pilot = study.config["pilot"]
-    points = pilot_design(study.space, pilot["n"], pilot["design"], seed)
-    frame = proposals_frame(study, points, seed, PILOT, 0)
+    observed = warm_start.observations(study.config, study.space, study.objectives, seed) if study.config[
+        "warm_start"
+    ] else []
+    if observed and trials_dir is None:
+        raise ValueError("sample_pilot: warm-start observations need the trials folder to record them in")
+    for record in observed:
+        path = Path(trials_dir) / record["trial_id"] / "metrics.json"
+        # Rewritten only when it changes: a newer metrics.json would rebuild every history after it.
+        if not path.is_file() or ledger.read_metrics(path) != files.jsonable(record):
+            files.atomic_write_json(path, record)
+    taken = {study.space.key(study.space.snap(r)) for r in observed}
+    n_new = warm_start.pilot_size(pilot["n"], len(observed))
+    design = pilot_design(study.space, pilot["n"], pilot["design"], seed) if n_new else []
+    new = [p for p in design if study.space.key(p) not in taken][:n_new]
+    frame = proposals_frame(study, [*observed, *new], seed, PILOT, 0)
     ledger.write_table(frame, output)
-    log.info("pilot of seed %d: %d trials (%s)", seed, len(frame), pilot["design"])
+    log.info(
+        "pilot of seed %d: %d new trials (%s), %d warm-start observations", seed, len(new), pilot["design"], len(observed)
+    )
     return frame
 
 
@@ -59,27 +80,38 @@ def next_proposals(
     round_: int,
     n: int | None = None,
     stopped: str | None = None,
+    related: pd.DataFrame | None = None,
+    transfer: str | None = None,
 ) -> list[dict]:
     """The points ``arm`` proposes for round ``round_`` of study seed ``seed``: a pure step
     (no files), shared by the workflow's propose job and the benchmarks, so both run the same
     code. The proposer is seeded by ``round_seed``; ``n`` defaults to the arm's batch size (a
     benchmark's last round may ask for fewer); ``stopped`` says how trials stopped at a rung
-    are fitted (``proposers.base.STOPPED_FITS``; default ``STOPPED_FIT``)."""
+    are fitted (``proposers.base.STOPPED_FITS``; default ``STOPPED_FIT``). ``related`` holds a
+    related task's rows (``warm_start.related_rows``), which the proposer fits before the
+    history as ``transfer`` says (``warm_start.TRANSFERS``; default ``warm_start.TRANSFER``)."""
     from loratune.proposers import make_proposer
     from loratune.proposers.base import STOPPED_FIT, fitting_history
+    from loratune.warm_start import TRANSFER, transfer_history
 
     proposer = make_proposer(
         arm.proposer, space=space, objectives=objectives, seed=round_seed(seed, arm.name, round_), **arm.options
     )
-    return proposer.propose(fitting_history(history, stopped or STOPPED_FIT), n=arm.batch_size if n is None else n)
+    fitted = transfer_history(
+        space, objectives, fitting_history(history, stopped or STOPPED_FIT), related, transfer or TRANSFER
+    )
+    return proposer.propose(fitted, n=arm.batch_size if n is None else n)
 
 
 def propose_round(
     study: Study, arm_name: str, seed: int, round_: int, history_path: str | Path, output: str | Path
 ) -> pd.DataFrame:
+    from loratune.warm_start import related_rows
+
     history = ledger.read_table(history_path)
+    related = related_rows(study.config, study.space, study.objectives, seed) if study.config["warm_start"] else None
     started = time.perf_counter()
-    points = next_proposals(study.space, study.objectives, study.arm(arm_name), history, seed, round_)
+    points = next_proposals(study.space, study.objectives, study.arm(arm_name), history, seed, round_, related=related)
     frame = proposals_frame(study, points, seed, arm_name, round_)
     ledger.write_table(frame, output)
     log.info(

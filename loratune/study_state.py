@@ -135,8 +135,14 @@ def config_differences(old: Mapping, new: Mapping) -> list[tuple[str, Any, Any]]
     return [
         (name, before.get(name, _ABSENT), after.get(name, _ABSENT))
         for name in fields
-        if before.get(name, _ABSENT) != after.get(name, _ABSENT)
+        if _comparable(before.get(name, _ABSENT)) != _comparable(after.get(name, _ABSENT))
     ]
+
+
+def _comparable(value: Any) -> Any:
+    """An empty list or mapping equals an absent field: a field added later with an empty
+    default (``warm_start: []``) changes nothing in a study recorded before it."""
+    return _ABSENT if value in ([], {}) else value
 
 
 def change_scope(field_name: str, backend: str) -> str:
@@ -153,7 +159,7 @@ def change_scope(field_name: str, backend: str) -> str:
     if top == "objectives":
         # A benchmark trial computes only the objectives it is asked for; a real one records all.
         return "trials" if backend == "benchmark" else "arms"
-    if top == PILOT:
+    if top in (PILOT, "warm_start"):  # warm-start observations are part of the pilot
         return PILOT
     if top == "arms" and rest:
         return f"arm:{rest.split('.')[0]}"

@@ -66,6 +66,12 @@ def get_previous_history(wildcards):
     return f"{OUT}/seed{wildcards.seed}/{arm}/round{previous}/history.tsv"
 
 
+def get_warm_start_sources(wildcards):
+    """The warm_start files: the pilot records their same-setting trials, and every round's
+    proposer fits their related-task rows (loratune/warm_start.py)."""
+    return [entry["path"] for entry in config["warm_start"]]
+
+
 def get_round_metrics(wildcards):
     """metrics.json of every trial the round proposed (known once its checkpoint has run)."""
     if uses_early_stopping(wildcards.arm):  # rules/early_stopping.smk

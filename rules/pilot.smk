@@ -1,4 +1,6 @@
 checkpoint sample_pilot:
+    input:
+        warm_start=get_warm_start_sources,
     output:
         proposals=f"{OUT}/seed{{seed}}/pilot/round0/proposals.tsv",
     log:
@@ -6,5 +8,7 @@ checkpoint sample_pilot:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        trials=f"{OUT}/seed{{seed}}/trials",
     script:
         "../workflow/scripts/sample_pilot.py"

@@ -1,6 +1,7 @@
 checkpoint propose:
     input:
         history=get_previous_history,
+        warm_start=get_warm_start_sources,
     output:
         proposals=f"{OUT}/seed{{seed}}/{{arm}}/round{{round}}/proposals.tsv",
     log:

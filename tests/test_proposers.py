@@ -236,3 +236,44 @@ def test_bad_input_gives_one_line_error_naming_the_field(call, message, study_sp
     text = str(error.value)
     assert message in text
     assert "\n" not in text
+
+
+# ---- LoRA-aware coordinates (optuna's ``coordinates`` option) ------------------------------
+@pytest.mark.parametrize("kind", ["lora", "rslora"])
+def test_lora_coordinates_round_trip_every_point(kind, study_space):
+    from loratune.proposers.coordinates import UPDATE, LoraCoordinates
+
+    coordinates = LoraCoordinates(study_space, kind)
+    rng = np.random.default_rng(3)
+    for u in rng.random((200, study_space.dim)):
+        point = study_space.from_unit(u)
+        encoded = coordinates.encode(point)
+        scale = point["lora_alpha"] / (point["lora_rank"] if kind == "lora" else math.sqrt(point["lora_rank"]))
+        assert encoded[UPDATE] == pytest.approx(point["learning_rate"] * scale)
+        low, high = coordinates.bounds[UPDATE]
+        assert low <= encoded[UPDATE] <= high
+        assert coordinates.decode(encoded) == point
+
+
+@pytest.mark.parametrize("sampler", ["gp", "tpe"])
+def test_optuna_in_lora_coordinates_keeps_the_contract(sampler, study_space, study_history):
+    options = {"sampler": sampler, "coordinates": "lora", **({"qmc_samples": 16} if sampler == "gp" else {})}
+    make = lambda seed: make_proposer("optuna", space=study_space, objectives=OBJECTIVES, seed=seed, **options)  # noqa: E731
+    first = make(1).propose(study_history, 3)
+    assert_valid_new(study_space, first, study_history, 3)
+    assert make(1).propose(study_history, 3) == first
+    raw = make_proposer("optuna", space=study_space, objectives=OBJECTIVES, seed=1, sampler=sampler).propose(
+        study_history, 3
+    )
+    assert raw != first  # the sampler models other coordinates
+
+
+def test_lora_coordinates_need_a_learning_rate():
+    space = SearchSpace.from_config(TINY_SPACE)
+    history = make_history(space, [space.from_unit(np.full(space.dim, u)) for u in (0.1, 0.5, 0.9)])
+    with pytest.raises(ValueError, match=r"^proposer coordinates lora: needs learning_rate as a tunable float"):
+        make_proposer("optuna", space=space, objectives=OBJECTIVES, sampler="tpe", coordinates="lora").propose(
+            history, 2
+        )
+    with pytest.raises(ValueError, match=r"^proposer.optuna.coordinates: unknown 'log'"):
+        make_proposer("optuna", space=space, objectives=OBJECTIVES, coordinates="log")

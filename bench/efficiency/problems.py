@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from loratune.benchmarks import LoraTable, TabulatedTrialFailed, evaluate, get_problem, true_front
-from loratune.pareto import to_minimization
+from loratune.benchmarks import CurveTable, LoraTable, TabulatedTrialFailed, evaluate, get_problem, true_front
+from loratune.pareto import non_dominated, to_minimization
 from loratune.space import SearchSpace
 
 # The study's search space (config/experiments): rank on a step of 4, alpha from powers of
@@ -26,7 +27,7 @@ class BenchProblem:
     """A problem of ``loratune.benchmarks`` with the objectives and noise it is run with."""
 
     name: str
-    problem: str
+    problem: str | CurveTable
     objectives: Mapping[str, str]
     noise: float = 0.0
     about: str = ""
@@ -41,6 +42,8 @@ class BenchProblem:
         spec = get_problem(self.problem)
         if isinstance(spec, LoraTable) and not spec.available():
             return f"no measured grid at {spec.path} (measure it on a GPU first)"
+        if isinstance(spec, CurveTable) and not Path(spec.path).is_file():
+            return f"no learning-curve table at {spec.path}"
         return None
 
     def front(self, space: SearchSpace) -> np.ndarray:
@@ -48,6 +51,11 @@ class BenchProblem:
         spec = get_problem(self.problem)
         if isinstance(spec, LoraTable):
             return spec.true_front(space, self.objectives)
+        if isinstance(spec, CurveTable):
+            points, _ = spec.points(space)
+            values = [self.observe(space, space.snap(p), 0)[1] for p in points.to_dict("records")]
+            Y = np.array([v for v in values if v is not None])
+            return Y[non_dominated(Y)]
         m = len(self.objectives)
         return true_front(self.problem, m, 2001 if m == 2 else 5000)
 
@@ -58,6 +66,8 @@ class BenchProblem:
             observed = evaluate(self.problem, space, point, self.objectives, seed=seed, noise=self.noise)
         except TabulatedTrialFailed:
             return None, None
+        if observed.get("status") == "failed":  # a measured run that diverged
+            return None, None
         truth = observed if self.noise == 0 else evaluate(self.problem, space, point, self.objectives)
         values = [truth[name] for name in self.objectives]
         return {name: observed[name] for name in self.objectives}, to_minimization(
@@ -66,6 +76,14 @@ class BenchProblem:
 
 
 TWO = {"f1": "min", "f2": "min"}
+# The two measured learning-curve tables (bench/data/README.md), with the objectives the
+# warm-start and coordinate benches run them with: held-out loss against adapter size.
+DATA = Path(__file__).resolve().parents[1] / "data"
+TABLE_OBJECTIVES = {"eval_loss": "min", "trainable_params": "min"}
+CURVE_TABLES = {
+    "table_self_instruct": CurveTable(str(DATA / "curves_self_instruct.jsonl")),
+    "table_instructions": CurveTable(str(DATA / "curves_instructions.jsonl")),
+}
 BENCH_PROBLEMS = {
     p.name: p
     for p in (
@@ -95,6 +113,16 @@ BENCH_PROBLEMS = {
                 "lora_alpha": {"type": "choice", "values": [4, 16, 64, 256]},
                 "learning_rate": {"type": "choice", "values": [1e-5, 1e-4, 1e-3, 1e-2]},
             },
+        ),
+        *(
+            BenchProblem(
+                name,
+                table,
+                TABLE_OBJECTIVES,
+                about=f"measured SmolLM2-135M learning curves ({Path(table.path).name}, 128 runs), the best "
+                "held-out loss of the nearest measured run against its trainable parameters",
+            )
+            for name, table in CURVE_TABLES.items()
         ),
     )
 }

@@ -84,8 +84,10 @@ class Task:
 # ---- one run: a pilot, then an arm's rounds up to the budget -------------------------------
 
 
-def run_task(task: Task) -> list[dict]:
-    """Every trial of one (problem, arm, seed): parameters, observed and noise-free values."""
+def run_task(task: Task, related: pd.DataFrame | None = None, transfer: str | None = None) -> list[dict]:
+    """Every trial of one (problem, arm, seed): parameters, observed and noise-free values.
+    ``related``: a related task's rows that every round's proposer fits as ``transfer`` says
+    (``loratune.warm_start``); ``task.plan.pilot`` may then be 0."""
     problem = BENCH_PROBLEMS[task.problem]
     space = problem.space
     names = list(problem.objectives)
@@ -124,6 +126,8 @@ def run_task(task: Task) -> list[dict]:
             task.seed,
             round_,
             n=min(task.plan.batch, task.plan.budget - len(history)),
+            related=related,
+            transfer=transfer,
         )
         record(points, round_, time.perf_counter() - started)
         if not points:

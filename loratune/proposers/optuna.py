@@ -11,7 +11,9 @@ Parameters keep the encoding that every other proposer's model sees: stepped int
 integers on their step (or, for a log-scaled stepped integer, which Optuna cannot express,
 as its unit coordinate), numeric choices as an ordinal index (alpha 4..256 is an ordered
 scale, which a categorical distribution would throw away), other choices as categories,
-floats on their (log) range.
+floats on their (log) range. With ``coordinates: lora`` (or ``rslora``) the sampler sees
+the LoRA-aware coordinates of ``loratune.proposers.coordinates`` instead: the update size
+log(lr * alpha / rank) (alpha / sqrt(rank) for rsLoRA), log rank and log alpha.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from loratune.proposers.coordinates import COORDINATES, LoraCoordinates
 from loratune.proposers.base import (
     History,
     Point,
@@ -70,8 +73,16 @@ class OptunaProposer(Proposer):
         # cost (a 3-objective proposal with 200 trials, 76 of them non-dominated: 16.5 s with
         # 128 samples, 5.4 s with 64, the same two points proposed).
         qmc_samples: int | None = None
+        # The coordinates the sampler models: "raw" (each parameter on its own scale) or the
+        # LoRA-aware "lora" / "rslora" ones (proposers/coordinates.py). "raw" stays the default
+        # until a >= 10-seed run of bench/search_efficiency.py shows the others win (not yet run).
+        coordinates: str = "raw"
 
         def __post_init__(self) -> None:
+            if self.coordinates not in COORDINATES:
+                raise ValueError(
+                    f"proposer.optuna.coordinates: unknown {self.coordinates!r}; choose one of {list(COORDINATES)}"
+                )
             if not isinstance(self.deterministic, bool):
                 raise ValueError(f"proposer.optuna.deterministic: must be true or false, got {self.deterministic!r}")
             if self.qmc_samples is not None:
@@ -93,7 +104,7 @@ class OptunaProposer(Proposer):
 
         import optuna
 
-        encoding = _Encoding(self.space)
+        encoding = _Encoding(self.space, self.options.coordinates)
         sampler_seed = int(rng.integers(2**31))
         with _quiet():
             sampler = self._sampler(sampler_seed, history)
@@ -183,11 +194,20 @@ class OptunaProposer(Proposer):
 class _Encoding:
     """Optuna distributions for the tunable parameters, and the maps to and from points."""
 
-    def __init__(self, space: SearchSpace) -> None:
+    def __init__(self, space: SearchSpace, coordinates: str = "raw") -> None:
         self.space = space
         self.distributions: dict[str, Any] = {}
         self._to_optuna: dict[str, Callable[[Any], Any]] = {}
         self._from_optuna: dict[str, Callable[[Any], Any]] = {}
+        self._lora = None if coordinates == "raw" else LoraCoordinates(space, coordinates)
+        if self._lora is not None:
+            from optuna.distributions import FloatDistribution
+
+            self.distributions = {
+                name: FloatDistribution(low, high, log=True) for name, (low, high) in self._lora.bounds.items()
+            }
+            self.distributions.update({name: FloatDistribution(0.0, 1.0) for name in self._lora.unit_names})
+            return
         for param in space.tunable:
             self._add(param)
 
@@ -220,9 +240,13 @@ class _Encoding:
             raise TypeError(f"search_space.{name}: no Optuna encoding for {type(param).__name__}")
 
     def params(self, point: Point) -> dict[str, Any]:
+        if self._lora is not None:
+            return self._lora.encode(point)
         return {name: encode(point[name]) for name, encode in self._to_optuna.items()}
 
     def point(self, params: dict[str, Any]) -> Point:
+        if self._lora is not None:
+            return self._lora.decode(params)
         return self.space.snap({name: decode(params[name]) for name, decode in self._from_optuna.items()})
 
 

@@ -9,4 +9,5 @@ sample_pilot(
     validate_config(snakemake.config),
     seed=int(snakemake.wildcards.seed),
     output=snakemake.output.proposals,
+    trials_dir=snakemake.params.trials,
 )

@@ -1,0 +1,218 @@
+"""Warm start against cold start: one measured table searched after a study of the other.
+
+The two learning-curve tables (bench/data/README.md) are SmolLM2-135M on two datasets, the
+same design: to a study of one, a study of the other is a *related task*. Per seed:
+
+- **cold**: the default arm (optuna-gp) on the target table from its Latin-hypercube pilot
+  (``--pilot``), batches of ``--batch`` up to ``--budget`` trials: bench/efficiency's runner,
+  the workflow's own round step (``loratune.loop.next_proposals``);
+- **source**: the cold run of the *other* table with the same seed; its trials are the
+  related rows (``loratune.warm_start.related_rows`` gives a study the same columns);
+- **warm-<transfer>**: the same arm on the target with a pilot of ``--warm-pilot`` points,
+  every round fitting the source's trials as ``transfer`` says (``warm_start.TRANSFERS``).
+
+Hypervolume as in bench/search_efficiency.py (the target table's true front, normalized, ref 1.1),
+objectives eval_loss min and trainable_params min. The goal (issue 15): warm-started, the arm
+reaches the cold start's 16-trial hypervolume within 6 trials (per seed: the first trial count
+whose HV reaches that seed's cold HV@16; median over seeds), and its median HV is never below
+the cold start's at any trial count, in each direction.
+
+    .venv/bin/python bench/warm_start.py            # 10 seeds, both directions (bench/results/warm_start.md)
+"""
+
+from __future__ import annotations
+
+import os
+
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import argparse  # noqa: E402
+import multiprocessing  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.efficiency.problems import BENCH_PROBLEMS, CURVE_TABLES  # noqa: E402
+from bench.efficiency.report import trials_to_reach  # noqa: E402
+from bench.efficiency.runner import ARMS, Plan, Scale, Task, _quiet_worker, add_hypervolume, run_task  # noqa: E402
+from loratune.warm_start import TRANSFERS  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+ARM = "optuna-gp"  # the workflow's default arm
+GOAL_TRIALS = 6
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (default 10)")
+    parser.add_argument("--pilot", type=int, default=4, help="the cold start's pilot (default 4, as search_efficiency)")
+    parser.add_argument("--warm-pilot", type=int, default=0, help="the warm start's pilot (default 0)")
+    parser.add_argument("--batch", type=int, default=2, help="proposals per round (default 2)")
+    parser.add_argument("--budget", type=int, default=16, help="trials per run, pilot included (default 16)")
+    parser.add_argument("--transfers", default=",".join(TRANSFERS), help=f"of {','.join(TRANSFERS)}")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "warm_start", help="output path without suffix")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="write the .md from the runs recorded so far in <out>_runs.tsv (seeds whose every run finished)",
+    )
+    return parser.parse_args(argv)
+
+
+def related_from(run: list[dict], problem: str) -> pd.DataFrame:
+    """A finished run's trials as related rows: parameters, objectives, status."""
+    spec = BENCH_PROBLEMS[problem]
+    space = spec.space
+    rows = []
+    for row in run:
+        values = {name: row[f"true_{name}"] for name in spec.objectives}  # noise-free tables: observed = true
+        rows.append({**space.parse_trial_id(row["trial_id"]), **values, "status": row["status"]})
+    return pd.DataFrame(rows)
+
+
+def _cold(args: tuple[str, int, Plan]) -> tuple[str, int, list[dict]]:
+    problem, seed, plan = args
+    return problem, seed, run_task(Task(problem, ARMS[ARM], seed, plan))
+
+
+def _warm(args: tuple[str, int, Plan, str, pd.DataFrame]) -> tuple[str, int, str, list[dict]]:
+    problem, seed, plan, transfer, related = args
+    rows = run_task(Task(problem, ARMS[ARM], seed, plan), related=related, transfer=transfer)
+    for row in rows:
+        row["arm"] = f"warm-{transfer}"
+    return problem, seed, transfer, rows
+
+
+def summarize(curves: pd.DataFrame, budget: int) -> pd.DataFrame:
+    """Per target and arm: median HV at each trial count, and the trials to reach each seed's
+    cold HV@budget (median over seeds)."""
+    out = []
+    for problem, per_problem in curves.groupby("problem", sort=False):
+        cold = per_problem[per_problem["arm"] == "cold"]
+        targets = cold[cold["n_trials"] == budget].set_index("seed")["hv_ratio"]
+        for arm, per_arm in per_problem.groupby("arm", sort=False):
+            medians = per_arm.groupby("n_trials")["hv_ratio"].median()
+            reach = [trials_to_reach(run, targets[seed]) for seed, run in per_arm.groupby("seed")]
+            out.append(
+                {
+                    "problem": problem,
+                    "arm": arm,
+                    "seeds": per_arm["seed"].nunique(),
+                    "reach_median": float(np.median(reach)),
+                    "reach": reach,
+                    **{f"hv{n}": float(medians.get(n, np.nan)) for n in range(1, budget + 1)},
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def markdown(summary: pd.DataFrame, args: argparse.Namespace, command: str, elapsed: float) -> str:
+    lines = [
+        "# Warm start against cold start on the two measured tables",
+        "",
+        f"Command: `{command}` ({elapsed / 60:.1f} min wall clock, 2 shared CPU cores).",
+        "",
+        f"Protocol: {args.seeds} seeds; objectives eval_loss min, trainable_params min; arm {ARM} (the default). "
+        f"cold: a {args.pilot}-point Latin-hypercube pilot, then batches of {args.batch} to {args.budget} trials. "
+        f"warm-<transfer>: a {args.warm_pilot}-point pilot, then the same arm, every round fitting the "
+        f"{args.budget} trials of the *other* table's cold run with the same seed as a related task "
+        "(loratune.warm_start.transfer_history). HV: hypervolume of the target's true front found so far, "
+        "normalized by that front (1 = the whole front). 'reach': trials until a run's HV reaches the same "
+        f"seed's cold HV@{args.budget} (median over seeds, inf: never within the budget).",
+        "",
+    ]
+    checkpoints = [n for n in (2, 4, 6, 8, 10, 12, 14, 16) if n <= args.budget]
+    for problem, rows in summary.groupby("problem", sort=False):
+        source = [name for name in CURVE_TABLES if name != problem][0]
+        lines += [f"## {problem} warm-started from {source}", ""]
+        lines.append("| arm | reach (median) | " + " | ".join(f"HV@{n}" for n in checkpoints) + " |")
+        lines.append("|---|---|" + "---|" * len(checkpoints))
+        for row in rows.itertuples(index=False):
+            cells = " | ".join(f"{getattr(row, f'hv{n}'):.3f}" for n in checkpoints)
+            lines.append(f"| {row.arm} | {row.reach_median:g} | {cells} |")
+        cold = rows[rows["arm"] == "cold"].iloc[0]
+        for row in rows[rows["arm"] != "cold"].itertuples(index=False):
+            below = [n for n in range(1, args.budget + 1) if getattr(row, f"hv{n}") < cold[f"hv{n}"] - 1e-12]
+            met = row.reach_median <= GOAL_TRIALS and not below
+            lines.append(
+                f"\n{row.arm}: reaches cold HV@{args.budget} in {row.reach_median:g} trials (median; per seed "
+                f"{[int(r) if np.isfinite(r) else 'inf' for r in row.reach]}); median HV below cold at "
+                f"{below or 'no'} trial count(s). Goal (<= {GOAL_TRIALS} trials, never below): "
+                f"{'met' if met else 'not met'}."
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render(args: argparse.Namespace, command: str, elapsed: float) -> str:
+    """The curves and the report from the runs recorded so far, over the seeds every run of
+    which (cold and warm, both directions) has finished."""
+    tables = list(CURVE_TABLES)
+    rows = pd.read_csv(str(args.out) + "_runs.tsv", sep="\t")
+    runs = rows.groupby("seed")[["problem", "arm"]].apply(lambda t: len(t.drop_duplicates()))
+    expected = len(tables) * (1 + len(args.transfers.split(",")))
+    complete = sorted(runs.index[runs == expected])
+    rows = rows[rows["seed"].isin(complete)]
+    args.seeds = len(complete)
+    scales = {p: Scale.of(BENCH_PROBLEMS[p].front(BENCH_PROBLEMS[p].space)) for p in tables}
+    curves = add_hypervolume(rows, scales)
+    curves.to_csv(args.out.with_suffix(".tsv"), sep="\t", index=False)
+    text = markdown(summarize(curves, args.budget), args, command, elapsed)
+    text = text.replace("\n\nProtocol:", f"\n\nSeeds finished: {complete}.\n\nProtocol:", 1)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    return text
+
+
+def _record(rows: list[dict], args: argparse.Namespace) -> None:
+    """Every finished run so far, so that a long bench stopped early keeps what it measured."""
+    pd.DataFrame(rows).to_csv(str(args.out) + "_runs.tsv", sep="\t", index=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.render_only:
+        command = " ".join([".venv/bin/python bench/warm_start.py", *(sys.argv[1:] if argv is None else argv)])
+        print(render(args, command, float("nan")), flush=True)
+        return
+    tables = list(CURVE_TABLES)
+    transfers = args.transfers.split(",")
+    cold_plan = Plan(args.seeds, args.pilot, args.batch, args.budget)
+    warm_plan = Plan(args.seeds, args.warm_pilot, args.batch, args.budget)
+    command = " ".join([".venv/bin/python bench/warm_start.py", *(sys.argv[1:] if argv is None else argv)])
+    started = time.perf_counter()
+    log_path = str(args.out) + "_workers.log"
+    context = multiprocessing.get_context("spawn")
+    runs: dict[tuple[str, int], list[dict]] = {}
+    rows: list[dict] = []
+    with context.Pool(args.workers, initializer=_quiet_worker, initargs=(log_path,)) as pool:
+        # Seed by seed (its two cold runs, then its warm runs, which fit the other table's cold
+        # run), so that a bench stopped early leaves whole seeds behind.
+        for seed in range(args.seeds):
+            for problem, _, run in pool.map(_cold, [(t, seed, cold_plan) for t in tables]):
+                runs[(problem, seed)] = run
+                rows += [{**r, "arm": "cold"} for r in run]
+            warm_jobs = [
+                (target, seed, warm_plan, transfer, related_from(runs[(source, seed)], source))
+                for target in tables
+                for source in tables
+                if source != target
+                for transfer in transfers
+            ]
+            for _, _, _, run in pool.map(_warm, warm_jobs):
+                rows += run
+            _record(rows, args)
+            print(f"seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+    print(render(args, command, time.perf_counter() - started), flush=True)
+
+
+if __name__ == "__main__":
+    main()
