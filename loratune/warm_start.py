@@ -64,7 +64,7 @@ SETTING_FIELDS = ("backend", "benchmark", "model", "dataset", "training")
 # deviation of this study's own ok rows (with two or more), so that a shift between tasks (another
 # dataset's loss level) does not pass for a result here. TRANSFER is the one bench/warm_start.py
 # measured to be better, on thin evidence (bench/results/warm_start.md: it got inside the
-# reference box in more seeds on both tables; the median hypervolume is 0 for most arms there).
+# reference box in more seeds on both tables, 10 seeds; the median hypervolume is 0 for most arms there).
 TRANSFERS = ("observations", "standardized")
 TRANSFER = "standardized"
 # The study-state record next to a study's trials.tsv (study_state.RESOLVED_CONFIG).
