@@ -171,10 +171,13 @@ CLASSIFY = [
 
 
 @pytest.fixture(scope="module")
-def smollm2(request) -> str:
+def smollm2(request, tmp_path_factory) -> str:
     """The embedded SmolLM2-135M-Instruct, converted once into pytest's cache folder (the
-    conversion, the slow part, is redone only when the GGUF file changes)."""
-    return prepare_model(ModelSpec(), request.config.cache.mkdir("loratune-models"))
+    conversion, the slow part, is redone only when the GGUF file changes; a scratch folder when
+    pytest runs without its cache, -p no:cacheprovider)."""
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("loratune-models") if cache is not None else tmp_path_factory.mktemp("models")
+    return prepare_model(ModelSpec(), folder)
 
 
 def test_classification_on_the_embedded_model_lands_in_the_history(tmp_path, smollm2):
