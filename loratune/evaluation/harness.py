@@ -73,6 +73,9 @@ def evaluate_adapter(
     ``task_config_sha256``, ``template`` and ``eval_time``. It never raises for a failed
     evaluation: that comes back as ``status: failed`` with the error, and the study goes on.
     """
+    # Offline for the evaluation only: the caller's environment (a test process, a notebook)
+    # gets its own values back afterwards.
+    saved = {name: os.environ.get(name) for name in OFFLINE_ENVIRONMENT}
     os.environ.update(OFFLINE_ENVIRONMENT)
     started = time.perf_counter()
     record: dict[str, Any] = {"status": "failed", "error": None, "lm_eval": {}, "lm_eval_version": None}
@@ -82,6 +85,12 @@ def evaluate_adapter(
     except Exception as error:  # noqa: BLE001 - any failure of one evaluation is recorded, not raised
         record["error"] = f"{type(error).__name__}: {error}"
         record["traceback"] = traceback.format_exc()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     record["eval_time"] = time.perf_counter() - started
     return record
 
