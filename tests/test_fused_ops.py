@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from loratune.training.data import IGNORE_INDEX, TokenizedExample
-from loratune.training.fused import Kernels, attention, choose_plan, chunked_cross_entropy, pack
+from loratune.training.fused import (
+    Kernels,
+    MemoryPlan,
+    MemoryRequest,
+    attention,
+    choose_plan,
+    chunked_cross_entropy,
+    pack,
+)
+from loratune.training.fused.memory import LOSS_CHUNKS, Footprint, footprint, model_bytes, plan_cost
 from loratune.training.fused.kernels import rms_norm, swiglu
 from loratune.training.fused.lora_linear import FrozenLinearLora, FrozenWeights
 
@@ -100,18 +109,92 @@ def test_variable_length_attention_equals_attending_example_by_example():
 
 # ---- memory plan -------------------------------------------------------------------------
 GIB = 2**30
+LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+)
+R16_ALL_LINEAR = 32 * 16 * (8192 + 5120 + 5120 + 8192 + 3 * 18432)  # trainable LoRA weights at r=16
 
 
-def test_the_budget_decides_how_many_layers_recompute_and_whether_weights_stay_dequantized():
-    common = dict(fixed=10 * GIB, per_layer=1 * GIB, n_layers=32, cache_bytes=14 * GIB, dequant_cache="auto")
-    tight = choose_plan(budget=30 * GIB, checkpointing="auto", **common)
-    assert tight.checkpointed == frozenset(range(12)) and not tight.dequant_cache  # 20 layers kept, first 12 recompute
-    roomy = choose_plan(budget=60 * GIB, checkpointing="auto", **common)
-    assert roomy.checkpointed == frozenset() and roomy.dequant_cache  # 42 GiB + 14 GiB cache fit in 60
-    assert len(choose_plan(budget=60 * GIB, checkpointing=True, **common).checkpointed) == 32
-    assert choose_plan(budget=5 * GIB, checkpointing=False, **common).checkpointed == frozenset()
-    assert len(choose_plan(budget=5 * GIB, checkpointing="auto", **common).checkpointed) == 32
-    assert not choose_plan(budget=60 * GIB, checkpointing="auto", **{**common, "cache_bytes": 0}).dequant_cache
-    assert not choose_plan(budget=60 * GIB, checkpointing="auto", **{**common, "dequant_cache": False}).dequant_cache
-    forced = choose_plan(budget=30 * GIB, checkpointing="auto", **{**common, "dequant_cache": True})
-    assert forced.dequant_cache and len(forced.checkpointed) == 26  # the cache's 14 GiB leave room for 6 layers
+def request_8b(**changes) -> MemoryRequest:
+    options = dict(
+        tokens_per_micro_batch=4 * 2048,
+        dropout=0.0,
+        checkpointing="auto",
+        dequant_cache="auto",
+        budget_gib=None,
+        device=torch.device("cuda"),
+        trainable_params=R16_ALL_LINEAR,
+    )
+    return MemoryRequest(**{**options, **changes})
+
+
+def sizes_8b(request: MemoryRequest, compiled: bool = True) -> Footprint:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**LLAMA3_8B)
+    resident = model_bytes(config, quantized=True, trainable_params=request.trainable_params)
+    return footprint(config, request, resident_bytes=resident, quantized=True, compiled=compiled)
+
+
+def all_plans(n_layers: int):
+    for checkpointed in range(n_layers + 1):
+        for offload in (False, True):
+            for chunk in LOSS_CHUNKS:
+                for cache in (False, True):
+                    yield MemoryPlan(frozenset(range(checkpointed)), cache, offload and checkpointed > 0, chunk)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_the_planner_takes_the_fastest_plan_that_fits_each_budget_of_the_8b_case(dropout):
+    """Llama-3-8B shape, NF4, 4 x 2048 tokens, r=16 on every linear layer: against every plan the
+    levers allow, the chosen one fits and none that fits is faster; more budget never checkpoints more."""
+    request = request_8b(dropout=dropout)
+    sizes = sizes_8b(request)
+    chosen = {}
+    for budget in (8, 16, 24, 40):
+        plan = choose_plan(sizes, request, budget=budget * GIB, can_offload=True)
+        chosen[budget] = plan
+        assert plan.estimate_gib == pytest.approx(sizes.peak(plan) / GIB) and plan.budget_gib == budget
+        fitting = [p for p in all_plans(32) if sizes.peak(p) <= budget * GIB]
+        if fitting:
+            assert sizes.peak(plan) <= budget * GIB
+            assert plan_cost(plan) <= min(plan_cost(p) for p in fitting)
+        else:  # nothing fits: the lowest plan there is
+            assert sizes.peak(plan) == min(sizes.peak(p) for p in all_plans(32))
+    counts = [len(chosen[b].checkpointed) for b in (8, 16, 24, 40)]
+    assert counts == sorted(counts, reverse=True) and counts[0] == 32 and counts[-1] < 8
+    lowest = chosen[8]
+    assert lowest.offload and lowest.loss_chunk == min(LOSS_CHUNKS) and not lowest.dequant_cache
+    assert chosen[16].offload  # the inputs of the many checkpointed layers wait in host memory
+    assert not any(p.dequant_cache for p in chosen.values())  # 13 GiB of bf16 weights fit in none
+    assert choose_plan(sizes, request, budget=80 * GIB, can_offload=True).dequant_cache
+
+
+def test_the_levers_lower_the_8b_peak_and_the_fixed_settings_are_kept():
+    request = request_8b()
+    sizes = sizes_8b(request)
+    every = frozenset(range(32))
+    resident = MemoryPlan(every, False)
+    offloaded = MemoryPlan(every, False, offload=True)
+    small = MemoryPlan(every, False, offload=True, loss_chunk=256)
+    assert sizes.peak(resident) - sizes.peak(offloaded) == 30 * 8192 * 4096 * 4  # 30 of 32 fp32 inputs leave the GPU
+    assert sizes.peak(small) < sizes.peak(offloaded)
+    assert sizes_8b(request, compiled=False).peak(small) > sizes.peak(small)  # eager kernels keep more
+    forced = choose_plan(sizes, request_8b(checkpointing=True), budget=60 * GIB, can_offload=True)
+    assert forced.checkpointed == every and not forced.offload  # room enough to keep the inputs on the GPU
+    assert (
+        choose_plan(sizes, request_8b(checkpointing=False), budget=8 * GIB, can_offload=True).checkpointed
+        == frozenset()
+    )
+    cached = choose_plan(sizes, request_8b(dequant_cache=True), budget=24 * GIB, can_offload=True)
+    uncached = choose_plan(sizes, request, budget=24 * GIB, can_offload=True)
+    assert cached.dequant_cache and not uncached.dequant_cache  # asked for, the cache comes first:
+    assert len(cached.checkpointed) > len(uncached.checkpointed)  # more layers recompute
+    assert not choose_plan(sizes, request_8b(dequant_cache=False), budget=80 * GIB, can_offload=True).dequant_cache
+    assert not choose_plan(sizes, request, budget=8 * GIB, can_offload=False).offload

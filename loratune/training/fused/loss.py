@@ -6,7 +6,7 @@ import torch
 
 from loratune.training.data import IGNORE_INDEX
 
-LOSS_CHUNK_TOKENS = 1024  # tokens per chunk of the chunked cross-entropy
+LOSS_CHUNK_TOKENS = 1024  # tokens per chunk of the chunked cross-entropy, unless the memory plan asks for fewer
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

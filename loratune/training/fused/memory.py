@@ -1,8 +1,24 @@
-"""The memory plan: which layers recompute their activations, and whether NF4 weights stay dequantized."""
+"""The memory plan: which layers recompute their activations, where their inputs wait, how large the
+cross-entropy's chunks are, and whether NF4 weights stay dequantized.
+
+The planner models the peak memory of a step analytically (``Footprint``, from the model's config
+and the largest micro-batch), enumerates the plans its levers allow, and takes the fastest that
+fits the budget by a simple cost model in units of one layer's training time. The levers:
+
+* gradient checkpointing per layer (recompute a layer's activations in the backward pass: about a
+  third of the layer's time; the first layers recompute, the last layers' activations are the
+  first the backward needs);
+* offloading the checkpointed layers' inputs (the fp32 residual stream, 128 MiB per layer at the
+  8B shape and 8,192 tokens) to pinned host memory, copied on a side stream while the GPU computes,
+  each brought back one layer ahead of its backward;
+* smaller cross-entropy chunks (the logits of a 1,024-token chunk of a 128k vocabulary take 1.2
+  GiB with their fp32 copy and gradient; 256 tokens take a quarter of that);
+* the dequantized-weight cache, when everything else fits.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,28 +28,46 @@ from loratune.training.fused.loss import LOSS_CHUNK_TOKENS
 if TYPE_CHECKING:
     from loratune.training.fused.model import FusedCausalLM
 
+LOSS_CHUNKS = (
+    LOSS_CHUNK_TOKENS,
+    256,
+)  # tokens per chunk of the chunked cross-entropy the planner may choose, fastest first
+# The cost model, in units of one layer's forward and backward time (8B shape, H200: ~19 ms).
+RECOMPUTE_COST = 0.33  # all 32 layers checkpointed: 0.785 s a step against 0.61 s with 4 (e499e1a, e92ce32)
+OFFLOAD_COST = 0.02  # per offloaded input: the copies overlap the compute; what is left is synchronization
+SMALL_CHUNK_COST = 0.05  # 4x as many (still large) cross-entropy matmuls
+EAGER_ACTIVATION_FACTOR = 1.3  # eager RMSNorm and SwiGLU keep more intermediates (H200: 43.5 against 36.2 GiB)
+ALLOCATOR_SLACK = 2**29
 
-@dataclass
+
+@dataclass(frozen=True)
 class MemoryPlan:
-    """Which layers recompute their activations in the backward pass, and whether NF4 weights stay dequantized."""
+    """Which layers recompute their activations in the backward pass, whether their inputs wait in
+    host memory, the cross-entropy's chunk, and whether NF4 weights stay dequantized."""
 
     checkpointed: frozenset[int]
     dequant_cache: bool
+    offload: bool = False
+    loss_chunk: int = LOSS_CHUNKS[0]
     budget_gib: float | None = None
-    activation_gib_per_layer: float | None = None
+    estimate_gib: float | None = None  # the planner's estimate of the step's peak
 
     def describe(self, n_layers: int) -> str:
         text = f"gradient checkpointing on {len(self.checkpointed)} of {n_layers} layers"
+        if self.checkpointed and self.offload:
+            text += " (inputs in host memory)"
+        text += f", cross-entropy chunks of {self.loss_chunk} tokens"
         text += ", dequantized-weight cache " + ("on" if self.dequant_cache else "off")
         if self.budget_gib is not None:
-            text += f" (budget {self.budget_gib:.1f} GiB, ~{self.activation_gib_per_layer:.2f} GiB of activations per layer)"
+            text += f" (budget {self.budget_gib:.1f} GiB, estimated peak {self.estimate_gib:.1f} GiB)"
         return text
 
 
 @dataclass(frozen=True)
 class MemoryRequest:
-    """What a trial asks of the memory plan, besides the model: decided once, before training, and
-    kept so the plan can be made again when the kernels change (compiled to eager)."""
+    """What a trial asks of the memory plan, besides the model: decided once, before training
+    (``Trainer.memory_request``), and kept so the plan can be made again when the kernels change
+    (compiled to eager)."""
 
     tokens_per_micro_batch: int  # the largest micro-batch the trial will see
     dropout: float
@@ -44,85 +78,158 @@ class MemoryRequest:
     trainable_params: int
 
 
-def plan_memory(fused: FusedCausalLM, request: MemoryRequest) -> MemoryPlan:
-    """Checkpoint as few layers as the memory budget allows, then keep NF4 weights dequantized if
-    everything else fits.
+@dataclass(frozen=True)
+class Footprint:
+    """The sizes (bytes) a plan trades against each other, for one model and micro-batch size."""
 
-    ``request.checkpointing``: True (every layer), False (none) or "auto" (from the budget). The
-    budget (GiB) defaults to 90% of the GPU's memory; on the CPU "auto" checkpoints nothing and
-    caches dequantized weights, memory there being the machine's.
+    n_layers: int
+    tokens: int
+    fixed: float  # always there: weights, LoRA weights with gradients and AdamW moments, dequantized weights in use, the residual stream's gradients, allocator slack
+    per_layer: float  # activations a layer keeps for its backward when not checkpointed
+    layer_input: float  # what a checkpointed layer keeps instead: its input (the fp32 residual stream)
+    scratch: float  # the transients of one layer's backward (the MLP's: SwiGLU recomputed, its gradients)
+    logits_per_token: float  # a cross-entropy chunk's logits (bf16, fp32) and their gradient
+    cache: float  # every NF4 weight dequantized (0: nothing quantized)
+
+    def peak(self, plan: MemoryPlan) -> float:
+        """The step's peak for ``plan``: the kept layers' activations with the loss chunk at the end
+        of the forward, or a layer's backward (activations and transients) later."""
+        checkpointed = len(plan.checkpointed)
+        kept = self.n_layers - checkpointed
+        inputs = (
+            min(checkpointed, 2 if plan.offload else checkpointed) * self.layer_input
+        )  # offload: in use + prefetched
+        loss = min(plan.loss_chunk, self.tokens) * self.logits_per_token
+        peak = self.fixed + inputs + max(kept, 1) * self.per_layer + max(loss, self.scratch)
+        return peak + (self.cache if plan.dequant_cache else 0)
+
+
+def footprint(
+    config,
+    request: MemoryRequest,
+    *,
+    resident_bytes: float,
+    quantized: bool,
+    compiled: bool,
+    compute_bits: int = 16,
+    residual_bits: int = 32,
+) -> Footprint:
+    """The footprint of a Llama-family model of ``config`` for ``request``; ``resident_bytes``: what
+    the model takes before training (on CUDA: what torch has allocated, without a dequantized cache)."""
+    tokens = request.tokens_per_micro_batch
+    hidden, intermediate, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    size, residual = compute_bits // 8, residual_bits // 8
+    # Kept per token and layer: the two residual-stream inputs of the norm prologues, q, k, v, the
+    # attention output, gate|up (the SwiGLU prologue's input); each LoRA input's dropout mask.
+    per_token = (2 * q + 2 * kv + 2 * intermediate) * size + 2 * hidden * residual + 64
+    if request.dropout > 0:
+        per_token += 2 * hidden + q + intermediate
+    # The down projection's backward: SwiGLU's output recomputed, its gradient, and gate|up's gradient.
+    scratch = tokens * 4 * intermediate * size
+    factor = 1.0 if compiled else EAGER_ACTIVATION_FACTOR
+    largest_group = max(q + 2 * kv, 2 * intermediate) * hidden * size
+    linear_params = config.num_hidden_layers * hidden * (2 * q + 2 * kv + 3 * intermediate)
+    return Footprint(
+        n_layers=config.num_hidden_layers,
+        tokens=tokens,
+        fixed=resident_bytes
+        + 16 * request.trainable_params  # fp32 gradient, two AdamW moments, a spare
+        + 2 * largest_group  # dequantized weights in use (forward and backward)
+        + 4 * tokens * hidden * residual  # the residual stream's gradients, the loss gradient
+        + ALLOCATOR_SLACK,
+        per_layer=factor * per_token * tokens,
+        layer_input=tokens * hidden * residual,
+        scratch=factor * scratch,
+        logits_per_token=vocab * (2 + 4 + 4),
+        cache=linear_params * size if quantized else 0,
+    )
+
+
+def model_bytes(config, *, quantized: bool, trainable_params: int, compute_bits: int = 16) -> float:
+    """What loading a Llama-family model with its LoRA weights (fp32) allocates: NF4 linear layers
+    (half a byte a weight, double-quantized block scales), embeddings, output layer and norms in
+    the compute dtype. For planning without the model (tests, the bench's estimate)."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    q, kv = heads * head_dim, config.num_key_value_heads * head_dim
+    linear = config.num_hidden_layers * hidden * (2 * q + 2 * kv + 3 * intermediate)
+    embeddings = config.vocab_size * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    norms = (2 * config.num_hidden_layers + 1) * hidden
+    size = compute_bits // 8
+    linear_bytes = linear * (0.5 + 1 / 64 + 4 / (64 * 256)) if quantized else linear * size
+    return linear_bytes + (embeddings + norms) * size + 4 * trainable_params
+
+
+def plan_memory(fused: FusedCausalLM, request: MemoryRequest) -> MemoryPlan:
+    """The fastest plan that fits ``request.budget_gib`` (default: 90% of the GPU's memory).
+
+    ``request.checkpointing``: True (every layer), False (none) or "auto" (from the budget). On the
+    CPU "auto" checkpoints nothing and caches dequantized weights, memory there being the machine's.
     """
-    tokens_per_micro_batch, dropout, device = request.tokens_per_micro_batch, request.dropout, request.device
-    checkpointing, dequant_cache, budget_gib = request.checkpointing, request.dequant_cache, request.budget_gib
-    n_layers = len(fused.layers)
-    quantized = [g.weights for layer in fused.layers for g in layer.groups if g.weights.quantized]
-    cache_bytes = sum(w.nbytes for w in quantized)
+    device = request.device
     if device.type != "cuda":
-        checkpointed = frozenset(range(n_layers)) if checkpointing is True else frozenset()
-        cache = bool(quantized) and dequant_cache in (True, "auto")
+        checkpointed = frozenset(range(len(fused.layers))) if request.checkpointing is True else frozenset()
+        cache = fused.quantized and request.dequant_cache in (True, "auto")
         return MemoryPlan(checkpointed=checkpointed, dequant_cache=cache)
     total = torch.cuda.get_device_properties(device).total_memory
-    budget = budget_gib * 2**30 if budget_gib is not None else 0.9 * total
-    # Measured on the H200 (8B shape, 8192 tokens, dropout 0.05): 1.26 GiB per layer against 1.33 estimated.
-    per_layer = fused.activation_bytes_per_token(dropout) * tokens_per_micro_batch
-    if not fused.compiled:  # eager RMSNorm and SwiGLU keep more intermediates (H200: 43.5 against 36.2 GiB)
-        per_layer *= 1.3
-    hidden_bytes = tokens_per_micro_batch * fused.config.hidden_size * torch.finfo(fused.residual_dtype).bits // 8
-    vocab = fused.lm_head.shape[0]
-    largest_group = max(g.weights.nbytes for layer in fused.layers for g in layer.groups)
-    cached_now = sum(w.nbytes for w in quantized if w.cache is not None)  # a previous plan's cache
-    fixed = (
-        torch.cuda.memory_allocated(device)
-        - cached_now
-        + 16 * request.trainable_params  # fp32 gradient, two AdamW moments, a spare
-        + min(LOSS_CHUNK_TOKENS, tokens_per_micro_batch) * vocab * 10  # a chunk of logits: bf16, fp32, gradient
-        + 2 * largest_group  # dequantized weights in use
-        + hidden_bytes * 4  # the loss gradient, residuals
-        + 2**29  # allocator slack
+    budget = request.budget_gib * 2**30 if request.budget_gib is not None else 0.9 * total
+    weights = [g.weights for layer in fused.layers for g in layer.groups if g.weights.quantized]
+    cached_now = sum(w.nbytes for w in weights if w.cache is not None)  # a previous plan's cache
+    sizes = footprint(
+        fused.config,
+        request,
+        resident_bytes=torch.cuda.memory_allocated(device) - cached_now,
+        quantized=fused.quantized,
+        compiled=fused.compiled,
+        compute_bits=torch.finfo(fused.dtype).bits,
+        residual_bits=torch.finfo(fused.residual_dtype).bits,
     )
-    return choose_plan(
-        budget=budget,
-        fixed=fixed,
-        per_layer=per_layer,
-        n_layers=n_layers,
-        cache_bytes=cache_bytes,
-        checkpointing=checkpointing,
-        dequant_cache=dequant_cache,
-        checkpoint_bytes=hidden_bytes,
-    )
+    return choose_plan(sizes, request, budget=budget, can_offload=True)
 
 
-def choose_plan(
-    *,
-    budget: float,
-    fixed: float,
-    per_layer: float,
-    n_layers: int,
-    cache_bytes: int,
-    checkpointing: bool | str,
-    dequant_cache: bool | str,
-    checkpoint_bytes: float = 0,
-) -> MemoryPlan:
-    """The plan for a budget (bytes): keep the activations (``per_layer``) of as many layers as fit
-    after ``fixed`` (checkpoint the rest, first layers first, each keeping ``checkpoint_bytes``, its
-    input), then cache the dequantized weights (``cache_bytes``; 0 when nothing is quantized) if
-    they fit in what is left."""
-    if dequant_cache is True:  # asked for: it comes first
-        fixed += cache_bytes
-    if checkpointing is True:
-        keep = 0
-    elif checkpointing is False:
-        keep = n_layers
+def plan_cost(plan: MemoryPlan) -> float:
+    """The plan's extra time a step, in units of one layer's training time (the cost model above)."""
+    checkpointed = len(plan.checkpointed)
+    cost = checkpointed * (RECOMPUTE_COST + (OFFLOAD_COST if plan.offload else 0))
+    return cost + (SMALL_CHUNK_COST if plan.loss_chunk < LOSS_CHUNKS[0] else 0)
+
+
+def choose_plan(sizes: Footprint, request: MemoryRequest, *, budget: float, can_offload: bool) -> MemoryPlan:
+    """The fastest plan for a budget (bytes) by ``plan_cost`` among those whose ``sizes.peak`` fits;
+    when none fits, the plan of the lowest peak. Each combination of the levers keeps the
+    activations of as many (last) layers as fit; the dequantized-weight cache comes on when asked
+    (first, before the activations) or, with "auto", when it fits after them."""
+    n_layers = sizes.n_layers
+    if request.checkpointing is True:
+        keeps = [0]
+    elif request.checkpointing is False:
+        keeps = [n_layers]
     else:
-        room = budget - fixed - n_layers * checkpoint_bytes
-        keep = max(0, min(n_layers, int(room // (per_layer - checkpoint_bytes))))
-    # Checkpoint the first layers: the last layers' activations are the first the backward uses.
-    checkpointed = frozenset(range(n_layers - keep))
-    left = budget - fixed - keep * per_layer - (n_layers - keep) * checkpoint_bytes
-    cache = cache_bytes > 0 and (dequant_cache is True or (dequant_cache == "auto" and left > cache_bytes))
-    return MemoryPlan(
-        checkpointed=checkpointed,
-        dequant_cache=cache,
-        budget_gib=budget / 2**30,
-        activation_gib_per_layer=per_layer / 2**30,
-    )
+        keeps = range(n_layers, -1, -1)
+    forced_cache = request.dequant_cache is True and sizes.cache > 0
+    candidates = []
+    for offload in (False, True) if can_offload else (False,):
+        for chunk in LOSS_CHUNKS:
+            for keep in keeps:  # the most kept layers that fit (else, with "auto", all checkpointed)
+                plan = MemoryPlan(
+                    checkpointed=frozenset(range(n_layers - keep)),
+                    dequant_cache=forced_cache,
+                    offload=offload and keep < n_layers,
+                    loss_chunk=chunk,
+                )
+                if sizes.peak(plan) <= budget:
+                    break
+            candidates.append(plan)
+    fitting = [p for p in candidates if sizes.peak(p) <= budget]
+    if fitting:
+        best = min(fitting, key=lambda p: (plan_cost(p), sizes.peak(p)))
+    else:
+        best = min(candidates, key=lambda p: (sizes.peak(p), plan_cost(p)))
+    cached = replace(best, dequant_cache=True)
+    if request.dequant_cache == "auto" and sizes.cache > 0 and sizes.peak(cached) <= budget:
+        best = cached
+    return replace(best, budget_gib=budget / 2**30, estimate_gib=sizes.peak(best) / 2**30)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -11,6 +13,7 @@ from loratune.training.fused.kernels import Kernels, is_compile_error, make_kern
 from loratune.training.fused.lora_linear import make_group
 from loratune.training.fused.loss import chunked_cross_entropy
 from loratune.training.fused.memory import MemoryPlan, MemoryRequest, plan_memory
+from loratune.training.fused.offload import HostOffload
 from loratune.training.fused.support import inner_model, unsupported_reason
 
 
@@ -94,33 +97,22 @@ class FusedCausalLM:
             for group in layer.groups:
                 group.weights.keep_dequantized(plan.dequant_cache)
 
-    def activation_bytes_per_token(self, dropout: float) -> int:
-        """Bytes the backward pass keeps per token and layer when the layer is not checkpointed."""
-        heads, kv_heads, head_dim, intermediate = self.shape
-        hidden, kv = self.config.hidden_size, kv_heads * head_dim
-        q = heads * head_dim
-        size = torch.finfo(self.dtype).bits // 8
-        residual = torch.finfo(self.residual_dtype).bits // 8
-        # The two residual-stream inputs of the norm prologues, q, k, v, the attention output,
-        # gate|up (the SwiGLU prologue's input); each LoRA input's dropout mask (a byte each).
-        elements = 2 * q + 2 * kv + 2 * intermediate
-        extra = 2 * hidden * residual
-        if dropout > 0:
-            extra += 2 * hidden + q + intermediate
-        return elements * size + extra + 64
-
     def loss(self, batch: PackedBatch, *, training: bool) -> torch.Tensor:
         """Summed cross-entropy over ``batch.targets`` (the caller divides by the count)."""
         hidden = F.embedding(batch.input_ids, self.embed).to(self.residual_dtype)
         cos, sin = self.rotary_emb(hidden, batch.position_ids[None])
         cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
         checkpointed = self.plan.checkpointed if training and torch.is_grad_enabled() else frozenset()
+        offload = HostOffload(hidden.device) if checkpointed and self.plan.offload else None
         for index, layer in enumerate(self.layers):
             if index in checkpointed:
-                hidden = torch.utils.checkpoint.checkpoint(
-                    layer.forward, hidden, cos, sin, batch, self.kernels, self.shape, training, use_reentrant=False
-                )
+                with offload.layer_input(hidden) if offload else contextlib.nullcontext():
+                    hidden = torch.utils.checkpoint.checkpoint(
+                        layer.forward, hidden, cos, sin, batch, self.kernels, self.shape, training, use_reentrant=False
+                    )
             else:
                 hidden = layer.forward(hidden, cos, sin, batch, self.kernels, self.shape, training)
+        if offload:
+            offload.prefetch()  # the last checkpointed layer's input comes back while the later layers' backward runs
         hidden = self.kernels.rms_norm(hidden, self.norm, self.eps)
-        return chunked_cross_entropy(hidden, self.lm_head.to(self.dtype), batch.targets)
+        return chunked_cross_entropy(hidden, self.lm_head.to(self.dtype), batch.targets, self.plan.loss_chunk)
