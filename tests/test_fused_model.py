@@ -86,6 +86,12 @@ def relative_error(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a)
 
 
+PLANS_NF4 = {  # the memory plans of the 4-bit model, besides the default (nothing recomputed)
+    "lowest": MemoryPlan(checkpointed=frozenset({0, 1}), dequant_cache=False, offload=True, loss_chunk=8),
+    "cached, half checkpointed": MemoryPlan(checkpointed=frozenset({0}), dequant_cache=True),
+}
+
+
 # ---- the fused model against the plain one ----------------------------------------------
 @pytest.mark.parametrize("targets", [ALL, ("q_proj", "v_proj"), ("down_proj",)])
 def test_fused_loss_and_lora_gradients_equal_the_plain_path_in_fp32(tiny_model, targets):
@@ -143,7 +149,8 @@ def test_nf4_fused_path_trains_the_same_model_as_the_plain_qlora_path(tiny_model
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_nf4_fused_gradients_are_as_exact_as_the_plain_qlora_recipe(tiny_model, device):
+@pytest.mark.parametrize("plan", [None, *PLANS_NF4])
+def test_nf4_fused_gradients_are_as_exact_as_the_plain_qlora_recipe(tiny_model, device, plan):
     """Against fp32 arithmetic on the same dequantized NF4 weights, the fused path's LoRA
     gradients are no further off than the plain recipe's (which keeps the residual stream fp32)."""
     if four_bit_unusable(device):
@@ -166,21 +173,34 @@ def test_nf4_fused_gradients_are_as_exact_as_the_plain_qlora_recipe(tiny_model, 
     plain = lora_model(tiny_model, quantization="nf4", dtype=torch.bfloat16, device=device, fused=False)
     plain.train()
     summed_token_loss(plain, collate(batch, 0, dev), torch.bfloat16).backward()
-    FusedCausalLM(quantized).loss(pack(batch, dev), training=True).backward()
+    fused = FusedCausalLM(quantized, compile=device == "cuda")
+    if plan is not None:
+        fused.apply_plan(PLANS_NF4[plan])
+    fused.loss(pack(batch, dev), training=True).backward()
     plain_error = relative_error(lora_grads(plain), exact)
     fused_error = relative_error(lora_grads(quantized), exact)
     assert fused_error < 1.25 * plain_error, (fused_error, plain_error)
 
 
+PLANS = {  # the levers of the memory plan, on the two layers of the tiny model
+    "checkpointed": MemoryPlan(checkpointed=frozenset({0, 1}), dequant_cache=False),
+    "offloaded": MemoryPlan(checkpointed=frozenset({0, 1}), dequant_cache=False, offload=True),
+    "one offloaded, small loss chunks": MemoryPlan(
+        checkpointed=frozenset({0}), dequant_cache=False, offload=True, loss_chunk=5
+    ),
+}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_checkpointed_layers_give_the_same_gradients_dropout_included(tiny_model, device):
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_every_plan_gives_the_same_gradients_dropout_included(tiny_model, device, plan):
     batch = examples()
     dev = torch.device(device)
     grads = []
-    for checkpointed in (frozenset(), frozenset({0, 1})):
+    for memory_plan in (MemoryPlan(checkpointed=frozenset(), dequant_cache=False), PLANS[plan]):
         model = lora_model(tiny_model, device=device, fused=True, dropout=0.1)
         fused = FusedCausalLM(model)
-        fused.apply_plan(MemoryPlan(checkpointed=checkpointed, dequant_cache=False))
+        fused.apply_plan(memory_plan)
         torch.manual_seed(7)
         fused.loss(pack(batch, dev), training=True).backward()
         grads.append(lora_grads(model))

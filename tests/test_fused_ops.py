@@ -198,3 +198,40 @@ def test_the_levers_lower_the_8b_peak_and_the_fixed_settings_are_kept():
     assert len(cached.checkpointed) > len(uncached.checkpointed)  # more layers recompute
     assert not choose_plan(sizes, request_8b(dequant_cache=False), budget=80 * GIB, can_offload=True).dequant_cache
     assert not choose_plan(sizes, request, budget=8 * GIB, can_offload=False).offload
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_host_offload_holds_only_the_checkpointed_input_and_brings_it_back_in_backward_order(device):
+    import torch.utils.checkpoint
+
+    from loratune.training.fused.offload import HostOffload
+
+    dev = torch.device(device)
+    weight = torch.randn(8, 8, device=dev, requires_grad=True)
+    side = torch.randn(8, device=dev)  # saved too, but not the layer input: stays where it is
+
+    def layer(x, side):
+        return torch.tanh(x @ weight) * side
+
+    def run(offload):
+        torch.manual_seed(0)
+        x = torch.randn(5, 8, device=dev).requires_grad_()
+        hidden = x * 2
+        for _ in range(3):
+            if offload is None:
+                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, side, use_reentrant=False)
+            else:
+                with offload.layer_input(hidden):
+                    hidden = torch.utils.checkpoint.checkpoint(layer, hidden, side, use_reentrant=False)
+        hidden.square().sum().backward()
+        grads = (x.grad.clone(), weight.grad.clone())
+        weight.grad = None
+        return grads
+
+    expected = run(None)
+    offload = HostOffload(dev)
+    got = run(offload)
+    assert [record.host.device.type for record in offload.saved] == ["cpu"] * 3
+    assert all(record.back is None for record in offload.saved)  # each went back once, and was let go
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -22,6 +22,7 @@ from loratune.benchmarks import (
 from loratune.designs import pilot_design
 from loratune.pareto import REFERENCE, hypervolume, normalize
 from loratune.proposers import make_proposer
+
 # Small searches keep these tests fast; the learning test uses the defaults.
 from test_proposers import FAST
 
