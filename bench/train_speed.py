@@ -14,12 +14,18 @@ mixed      Real instruction data of mixed lengths: the 175 self-instruct seed ta
            SmolLM2's tokenizer (26-1395 tokens, median 105), 16 examples per step as in the QLoRA
            paper, max 2048 tokens, on the same 8B model. The plain loop pads each batch to its
            longest example; tokens/s counts non-padding tokens only.
+peers      The speed-memory curve against the peers, in one run: the plain loop (loratune's plain
+           path, the same recipe as the baseline), Unsloth (bench/unsloth_speed.py in a subprocess
+           with its own wheels, --unsloth-site) and the fused path at each of --budgets (GiB), on the
+           synthetic case's shape with LoRA dropout 0 for all three; --table writes the markdown.
 curves     Training quality: SmolLM2-135M-Instruct (real weights) on the same data, 60 steps, same
            seed, through ``run_trial`` with the plain and the fused path: both loss curves and the
            held-out losses (``--plot`` writes them as HTML).
 
     python bench/train_speed.py --baseline ../shared/bench/hf_qlora_baseline.py \\
         --out bench/results/train_speed.jsonl --plot bench/results/train_speed_curves.html
+    python bench/train_speed.py --baseline ../shared/bench/hf_qlora_baseline.py --cases peers \\
+        --unsloth-site /tmp/unsloth-site --out peers.jsonl --table peers.md
 """
 
 from __future__ import annotations
@@ -35,9 +41,21 @@ from pathlib import Path
 
 import torch
 
+from loratune.training.fused import MemoryPlan
+
 PEAK_TFLOPS = 790.0  # dense bf16 matmul rate seen on the H200 (the device notes)
 BUDGET_GIB = 39.0  # the issue allows 40 GiB of peak memory
 LORA = dict(lora_rank=16, lora_alpha=32, learning_rate=2e-4, lora_dropout=0.05)
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
 
 
 def _load_baseline(path: str):
@@ -82,7 +100,7 @@ def _peak_gib() -> float:
     return round(peak_memory_gib(DEVICE), 1)
 
 
-def load_lora_model(model_dir: str, *, fused: bool):
+def load_lora_model(model_dir: str, *, fused: bool, dropout: float = LORA["lora_dropout"]):
     from loratune.training.models import add_lora, load_base_model
     from loratune.training.settings import ALL_LINEAR_LAYERS
 
@@ -94,17 +112,21 @@ def load_lora_model(model_dir: str, *, fused: bool):
         model,
         rank=LORA["lora_rank"],
         alpha=LORA["lora_alpha"],
-        dropout=LORA["lora_dropout"],
+        dropout=dropout,
         target_modules=ALL_LINEAR_LAYERS,
     )
 
 
-def time_training(model, examples, *, fused, batch: int, seq: int, steps: int, warmup: int, **overrides) -> dict:
-    """Train ``warmup`` then ``steps`` steps; tokens/s (non-padding) and peak memory of the timed part."""
+def time_training(
+    model, examples, *, fused, batch: int, seq: int, steps: int, warmup: int, dropout=LORA["lora_dropout"], **overrides
+) -> dict:
+    """Train ``warmup`` then ``steps`` steps; tokens/s (non-padding) of the timed part and the peak
+    memory of all of them (``overrides``: training settings, ``memory_budget_gib`` among them)."""
     from loratune.training.settings import LoraHyperparameters, TrainingSettings
     from loratune.training.trainer import Progress, Trainer, train
 
-    lora = LoraHyperparameters(**LORA)
+    lora = LoraHyperparameters(**{**LORA, "lora_dropout": dropout})
+    overrides = {"memory_budget_gib": BUDGET_GIB, **overrides}
     device = DEVICE
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -120,7 +142,6 @@ def time_training(model, examples, *, fused, batch: int, seq: int, steps: int, w
             warmup_ratio=0.0,
             scheduler="constant",
             log_every=1000,
-            memory_budget_gib=BUDGET_GIB,
             **overrides,
         )
         progress = Progress()
@@ -151,8 +172,15 @@ def time_training(model, examples, *, fused, batch: int, seq: int, steps: int, w
     if fused is not None:
         plan = fused.plan
         record.update(
-            checkpointed_layers=len(plan.checkpointed), dequant_cache=plan.dequant_cache, compiled=fused.compiled
+            checkpointed_layers=len(plan.checkpointed),
+            offload=plan.offload,
+            loss_chunk=plan.loss_chunk,
+            dequant_cache=plan.dequant_cache,
+            estimate_gib=round(plan.estimate_gib, 1) if plan.estimate_gib is not None else None,
+            compiled=fused.compiled,
         )
+    for parameter in model.parameters():  # the next measure starts from the model alone
+        parameter.grad = None
     return record
 
 
@@ -206,6 +234,103 @@ def with_speed(record: dict, n_params: int, baseline: float | None) -> dict:
     return record
 
 
+def run_unsloth(path: str, site: str, timing: dict, timeout: float) -> dict:
+    """bench/unsloth_speed.py in a subprocess with Unsloth's own wheels first on the path."""
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(here / "unsloth_speed.py"), "--model", path]
+    command += ["--rank", str(LORA["lora_rank"]), "--alpha", str(LORA["lora_alpha"])]
+    command += ["--steps", str(timing["steps"]), "--warmup", str(timing["warmup"])]
+    with tempfile.TemporaryDirectory() as work:  # Unsloth writes its compiled cache into the working folder
+        try:
+            done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as error:
+            return {"error": f"timed out after {timeout:g} s: {str(error.stdout)[-600:]}"}
+    for line in done.stdout.splitlines():
+        if line.startswith("UNSLOTH_RESULT "):
+            return json.loads(line.removeprefix("UNSLOTH_RESULT "))
+    return {"error": f"exit {done.returncode}: {(done.stdout + done.stderr)[-1200:]}"}
+
+
+def peers(path: str, args, emit, n_params: int, timing: dict) -> list[dict]:
+    """The plain loop, Unsloth and loratune's fused path at each budget: the same 8B shape, data
+    and LoRA settings, LoRA dropout 0 for all three (Unsloth's fast path has none)."""
+    from loratune.training.fused import FusedCausalLM
+
+    synthetic = synthetic_examples(64, 2048)
+    rows = []
+
+    def add(record: dict) -> None:
+        rows.append(emit(with_speed({"case": "peers", **record}, n_params, None)))
+
+    try:
+        model = load_lora_model(path, fused=False, dropout=0.0)
+        rec = time_training(model, synthetic, fused=None, batch=4, seq=2048, dropout=0.0, **timing)
+        add({"trainer": "plain loop (transformers+peft+bitsandbytes, checkpointing)", **rec})
+        del model
+    except Exception:
+        emit({"case": "peers", "trainer": "plain", "error": traceback.format_exc()[-800:]})
+    _free()
+    if args.unsloth_site:
+        rec = run_unsloth(path, args.unsloth_site, timing, args.unsloth_timeout)
+        if "error" in rec:
+            emit({"case": "peers", "trainer": "unsloth", **rec})
+        else:
+            add(rec)
+        _free()
+    try:
+        model = load_lora_model(path, fused=True, dropout=0.0)
+        fused = FusedCausalLM(model, compile=True)
+        for budget in sorted(args.budgets, reverse=True):  # the roomiest first: it compiles the kernels
+            rec = time_training(
+                model, synthetic, fused=fused, batch=4, seq=2048, dropout=0.0, memory_budget_gib=budget, **timing
+            )
+            add({"trainer": f"loratune fused, budget {budget:g} GiB", "budget_gib": budget, **rec})
+            fused.apply_plan(MemoryPlan(checkpointed=frozenset(), dequant_cache=False))
+            _free()
+        del model, fused
+    except Exception:
+        emit({"case": "peers", "trainer": "loratune fused", "error": traceback.format_exc()[-1500:]})
+    _free()
+    plain = next((r["tokens_per_s"] for r in rows if r["trainer"].startswith("plain")), None)
+    unsloth = next((r["tokens_per_s"] for r in rows if r["trainer"].startswith("unsloth")), None)
+    for row in rows:
+        if plain:
+            row["vs_plain"] = round(row["tokens_per_s"] / plain, 2)
+        if unsloth:
+            row["vs_unsloth"] = round(row["tokens_per_s"] / unsloth, 2)
+    return rows
+
+
+def peers_table(rows: list[dict], header: dict) -> str:
+    """The speed-memory curve against the peers, as a markdown table."""
+    lines = [
+        f"Training speed against the peers ({header.get('gpu')}, torch {header.get('torch')}, commit "
+        f"{header.get('commit')}): Llama-3-8B shape, random weights, NF4, seq 2048, batch 4, LoRA r=16 "
+        "alpha 32 dropout 0 on every linear layer, 3 warm-up + 8 timed steps. Peak: torch's peak "
+        "allocation. Share of the useful-FLOP limit: 4 N FLOP a token at 790 TFLOP/s "
+        f"({header.get('useful_flop_limit_tokens_per_s')} tokens/s).",
+        "",
+        "| trainer | tokens/s | peak GiB | x plain | x Unsloth | of limit | plan |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        plan = ""
+        if "checkpointed_layers" in row:
+            plan = f"{row['checkpointed_layers']} layers recomputed"
+            plan += ", inputs in host memory" if row.get("offload") and row["checkpointed_layers"] else ""
+            plan += f", loss chunks of {row['loss_chunk']}, estimated {row['estimate_gib']} GiB"
+        lines.append(
+            f"| {row['trainer']} | {row['tokens_per_s']:,} | {row['peak_gib']} | {row.get('vs_plain', '')} "
+            f"| {row.get('vs_unsloth', '')} | {row['of_limit']:.1%} | {plan} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, help="path of hf_qlora_baseline.py")
@@ -213,7 +338,7 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/anchor_models")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "loratune_bench")
     parser.add_argument("--shape", default="llama3-8b")
-    parser.add_argument("--cases", default="synthetic,mixed,curves")
+    parser.add_argument("--cases", default="synthetic,mixed,curves", help="of synthetic, mixed, curves, peers")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="HTML file for the loss curves")
     parser.add_argument(
@@ -227,6 +352,17 @@ def main() -> None:
     )
     parser.add_argument("--variants", type=int, default=4, help="how many of the fused variants to run (in order)")
     parser.add_argument("--skip-plain", action="store_true", help="skip loratune's plain path (needed by 'mixed')")
+    parser.add_argument(
+        "--budgets", type=lambda text: [float(b) for b in text.split(",")], default=[8.0, 16.0, 24.0, 40.0]
+    )
+    parser.add_argument(
+        "--unsloth-site",
+        default=None,
+        help="Unsloth's --target folder (bench/gpu/make_carry_unsloth.sh); none: no Unsloth",
+    )
+    parser.add_argument("--unsloth-timeout", type=float, default=300.0)
+    parser.add_argument("--table", type=Path, default=None, help="markdown table of the peers case")
+    parser.add_argument("--commit", default=None, help="the commit measured (default: git's HEAD, where known)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
@@ -235,15 +371,16 @@ def main() -> None:
 
     baseline = _load_baseline(args.baseline)
     path = str(Path(args.root) / args.shape)
-    if cases & {"synthetic", "mixed"}:
+    if cases & {"synthetic", "mixed", "peers"}:
         baseline.materialize(args.shape, path)
     n_params = baseline.n_params(args.shape)
     gpu = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu"
-    emit(
+    header = emit(
         {
             "torch": torch.__version__,
             "gpu": gpu,
             "shape": args.shape,
+            "commit": args.commit or _commit(),
             "n_params_4N": n_params,
             "useful_flop_limit_tokens_per_s": round(PEAK_TFLOPS * 1e12 / (4 * n_params)),
         }
@@ -292,7 +429,7 @@ def main() -> None:
         _free()
 
     if cases & {"synthetic", "mixed"}:
-        from loratune.training.fused import FusedCausalLM, MemoryPlan
+        from loratune.training.fused import FusedCausalLM
 
         try:
             model = load_lora_model(path, fused=True)
@@ -333,6 +470,10 @@ def main() -> None:
             emit({"case": "fused", "error": traceback.format_exc()[-1500:]})
         _free()
 
+    if "peers" in cases:
+        rows = peers(path, args, emit, n_params, timing)
+        if args.table:
+            args.table.write_text(peers_table(rows, header))
     if "curves" in cases:
         curves(mixed_data[0], args, emit)
     emit({"event": "done", "seconds": round(time.time() - started, 1)})
