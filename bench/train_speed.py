@@ -286,11 +286,17 @@ def peers(path: str, args, emit, n_params: int, timing: dict) -> list[dict]:
         model = load_lora_model(path, fused=True, dropout=0.0)
         fused = FusedCausalLM(model, compile=True)
         for budget in sorted(args.budgets, reverse=True):  # the roomiest first: it compiles the kernels
-            rec = time_training(
-                model, synthetic, fused=fused, batch=4, seq=2048, dropout=0.0, memory_budget_gib=budget, **timing
-            )
-            add({"trainer": f"loratune fused, budget {budget:g} GiB", "budget_gib": budget, **rec})
+            name = f"loratune fused, budget {budget:g} GiB"
+            try:
+                rec = time_training(
+                    model, synthetic, fused=fused, batch=4, seq=2048, dropout=0.0, memory_budget_gib=budget, **timing
+                )
+                add({"trainer": name, "budget_gib": budget, **rec})
+            except Exception:  # the other budgets still measure
+                emit({"case": "peers", "trainer": name, "error": traceback.format_exc()[-1500:]})
             fused.apply_plan(MemoryPlan(checkpointed=frozenset(), dequant_cache=False))
+            for parameter in model.parameters():
+                parameter.grad = None
             _free()
         del model, fused
     except Exception:

@@ -277,8 +277,11 @@ def test_a_fused_trial_follows_the_plain_trial_loss_curve(tiny_model, data_dir, 
     assert fused["memory_plan"] == {
         "checkpointed_layers": 0,
         "layers": 2,
+        "offload": False,
+        "loss_chunk": 1024,
         "dequant_cache": False,
         "budget_gib": None,
+        "estimate_gib": None,
         "compiled": False,
     }
     assert fused["train_tokens"] == plain["train_tokens"]  # same tokens, no padding counted

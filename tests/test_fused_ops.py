@@ -23,6 +23,7 @@ from loratune.training.fused import (
 )
 from loratune.training.fused.memory import LOSS_CHUNKS, Footprint, footprint, model_bytes, plan_cost
 from loratune.training.fused.kernels import rms_norm, swiglu
+from loratune.training.fused import lora_linear
 from loratune.training.fused.lora_linear import FrozenLinearLora, FrozenWeights
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -59,8 +60,14 @@ def test_chunked_cross_entropy_equals_the_dense_loss_and_gradient(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prologue", [None, "rms_norm", "swiglu"])
-def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(device, prologue):
-    """The autograd function that recomputes its prologue and dropout against plain autograd."""
+@pytest.mark.parametrize("chunk_bytes", [None, 200])
+def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(
+    device, prologue, chunk_bytes, monkeypatch
+):
+    """The autograd function that recomputes its prologue and dropout against plain autograd,
+    its backward in one piece or in chunks of tokens (here 1 to 3 of 9)."""
+    if chunk_bytes:
+        monkeypatch.setattr(lora_linear, "BACKWARD_CHUNK_BYTES", chunk_bytes)
     generator = torch.Generator().manual_seed(0)
     width = 32 if prologue == "swiglu" else 16
     norm_weight = (1 + 0.1 * torch.randn(16, generator=generator)).to(device)

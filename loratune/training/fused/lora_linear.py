@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from loratune.training.fused.kernels import Kernels
 
 
+BACKWARD_CHUNK_BYTES = 2**26  # a chunk of the prologue's input in the backward pass, at most
+
+
 def is_4bit(linear) -> bool:
     return getattr(linear.weight, "quant_state", None) is not None
 
@@ -127,29 +130,63 @@ class FrozenLinearLora(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         u, z, a, b, mask = ctx.saved_tensors
         needs_input = ctx.needs_input_grad[0]
-        if ctx.prologue is None:
-            x = u
-        else:
-            with torch.set_grad_enabled(needs_input):
-                u = u.detach().requires_grad_(needs_input)
-                x = ctx.prologue(u)
-        grad_u = grad_a = grad_b = None
         scale = 1.0 / (1.0 - ctx.dropout) if mask is not None else 1.0
+        grad_z = grad_a = grad_b = grad_u = None
         if ctx.has_lora:
-            x_dropped = x.detach() if mask is None else ctx.kernels.masked_scale(x.detach(), mask, scale)
             grad_z = grad_y @ b  # (T, r)
             grad_b = (grad_y.t() @ z).to(ctx.lora_dtypes[1])
-            grad_a = (grad_z.t() @ x_dropped).to(ctx.lora_dtypes[0])
-            del x_dropped
-        if needs_input:
-            grad_x = grad_y @ ctx.weights.get()
-            if ctx.has_lora:
-                if mask is None:
-                    grad_x.addmm_(grad_z, a)
-                else:
-                    grad_x = ctx.kernels.masked_accumulate(grad_x, grad_z @ a, mask, scale)
-            grad_u = grad_x if ctx.prologue is None else torch.autograd.grad(x, u, grad_x)[0]
+        weight = ctx.weights.get() if needs_input else None
+        # The prologue's recomputation and its gradient go through the tokens in chunks: the down
+        # projection's SwiGLU output and its gradient are then a chunk's, not 2 x 235 MB (8B shape).
+        rows = u.shape[0] if ctx.prologue is None else max(1, BACKWARD_CHUNK_BYTES // (u[0].numel() * u.element_size()))
+        if rows < u.shape[0] and needs_input:
+            grad_u = torch.empty_like(u)
+        for start in range(0, u.shape[0], rows):
+            part = slice(start, start + rows)
+            grad_u_part, grad_a_part = _backward_rows(
+                ctx,
+                u[part],
+                grad_y[part],
+                grad_z[part] if grad_z is not None else None,
+                mask[part] if mask is not None else None,
+                weight,
+                a,
+                scale,
+                needs_input,
+            )
+            if grad_a_part is not None:
+                grad_a = grad_a_part.float() if grad_a is None else grad_a.add_(grad_a_part)
+            if grad_u is None:
+                grad_u = grad_u_part
+            elif grad_u_part is not None:
+                grad_u[part] = grad_u_part
+        if grad_a is not None:
+            grad_a = grad_a.to(ctx.lora_dtypes[0])
         return grad_u, grad_a, grad_b, None, None, None, None
+
+
+def _backward_rows(ctx, u, grad_y, grad_z, mask, weight, a, scale: float, needs_input: bool):
+    """The input gradient (or None) and lora_a's gradient (or None) of some rows (tokens)."""
+    if ctx.prologue is None:
+        x = u
+    else:
+        with torch.set_grad_enabled(needs_input):
+            u = u.detach().requires_grad_(needs_input)
+            x = ctx.prologue(u)
+    grad_a = grad_u = None
+    if ctx.has_lora:
+        x_dropped = x.detach() if mask is None else ctx.kernels.masked_scale(x.detach(), mask, scale)
+        grad_a = grad_z.t() @ x_dropped
+        del x_dropped
+    if needs_input:
+        grad_x = grad_y @ weight
+        if ctx.has_lora:
+            if mask is None:
+                grad_x.addmm_(grad_z, a)
+            else:
+                grad_x = ctx.kernels.masked_accumulate(grad_x, grad_z @ a, mask, scale)
+        grad_u = grad_x if ctx.prologue is None else torch.autograd.grad(x, u, grad_x)[0]
+    return grad_u, grad_a
 
 
 @dataclass

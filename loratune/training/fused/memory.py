@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loratune.training.fused.lora_linear import BACKWARD_CHUNK_BYTES
 from loratune.training.fused.loss import LOSS_CHUNK_TOKENS
 
 if TYPE_CHECKING:
@@ -127,8 +128,9 @@ def footprint(
     per_token = (2 * q + 2 * kv + 2 * intermediate) * size + 2 * hidden * residual + 64
     if request.dropout > 0:
         per_token += 2 * hidden + q + intermediate
-    # The down projection's backward: SwiGLU's output recomputed, its gradient, and gate|up's gradient.
-    scratch = tokens * 4 * intermediate * size
+    # The down projection's backward: gate|up's gradient, and a chunk of tokens' SwiGLU output
+    # recomputed, its gradient and its share of gate|up's gradient (``BACKWARD_CHUNK_BYTES`` at most each).
+    scratch = tokens * 2 * intermediate * size + 3 * min(BACKWARD_CHUNK_BYTES, tokens * 2 * intermediate * size)
     factor = 1.0 if compiled else EAGER_ACTIVATION_FACTOR
     largest_group = max(q + 2 * kv, 2 * intermediate) * hidden * size
     linear_params = config.num_hidden_layers * hidden * (2 * q + 2 * kv + 3 * intermediate)
