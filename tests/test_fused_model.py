@@ -87,7 +87,9 @@ def relative_error(a: dict, b: dict) -> float:
 
 
 PLANS_NF4 = {  # the memory plans of the 4-bit model, besides the default (nothing recomputed)
-    "lowest": MemoryPlan(checkpointed=frozenset({0, 1}), dequant_cache=False, offload=True, loss_chunk=8),
+    "lowest": MemoryPlan(
+        checkpointed=frozenset({0, 1}), dequant_cache=False, offload=True, loss_chunk=8, embed_on_host=True
+    ),
     "cached, half checkpointed": MemoryPlan(checkpointed=frozenset({0}), dequant_cache=True),
 }
 
@@ -279,6 +281,7 @@ def test_a_fused_trial_follows_the_plain_trial_loss_curve(tiny_model, data_dir, 
         "layers": 2,
         "offload": False,
         "loss_chunk": 1024,
+        "embed_on_host": False,
         "dequant_cache": False,
         "budget_gib": None,
         "estimate_gib": None,

@@ -7,6 +7,8 @@ lent H200: ``pytest tests/test_fused_ops.py``), so the GPU code path is checked 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,10 +153,9 @@ def sizes_8b(request: MemoryRequest, compiled: bool = True) -> Footprint:
 
 def all_plans(n_layers: int):
     for checkpointed in range(n_layers + 1):
-        for offload in (False, True):
+        for offload, embed, cache in itertools.product((False, True), repeat=3):
             for chunk in LOSS_CHUNKS:
-                for cache in (False, True):
-                    yield MemoryPlan(frozenset(range(checkpointed)), cache, offload and checkpointed > 0, chunk)
+                yield MemoryPlan(frozenset(range(checkpointed)), cache, offload and checkpointed > 0, chunk, embed)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
@@ -177,7 +178,9 @@ def test_the_planner_takes_the_fastest_plan_that_fits_each_budget_of_the_8b_case
     counts = [len(chosen[b].checkpointed) for b in (8, 16, 24, 40)]
     assert counts == sorted(counts, reverse=True) and counts[0] == 32 and counts[-1] < 8
     lowest = chosen[8]
-    assert lowest.offload and lowest.loss_chunk == min(LOSS_CHUNKS) and not lowest.dequant_cache
+    assert lowest.offload and lowest.embed_on_host and lowest.loss_chunk == min(LOSS_CHUNKS)
+    if dropout == 0:  # at 40 GiB all activations fit: nothing recomputed, nothing in host memory
+        assert not chosen[40].checkpointed and not chosen[40].embed_on_host
     assert chosen[16].offload  # the inputs of the many checkpointed layers wait in host memory
     assert not any(p.dequant_cache for p in chosen.values())  # 13 GiB of bf16 weights fit in none
     assert choose_plan(sizes, request, budget=80 * GIB, can_offload=True).dequant_cache
@@ -190,6 +193,8 @@ def test_the_levers_lower_the_8b_peak_and_the_fixed_settings_are_kept():
     resident = MemoryPlan(every, False)
     offloaded = MemoryPlan(every, False, offload=True)
     small = MemoryPlan(every, False, offload=True, loss_chunk=256)
+    embedding = MemoryPlan(every, False, offload=True, loss_chunk=256, embed_on_host=True)
+    assert sizes.peak(small) - sizes.peak(embedding) == 128256 * 4096 * 2  # the bf16 input embedding
     assert sizes.peak(resident) - sizes.peak(offloaded) == 30 * 8192 * 4096 * 4  # 30 of 32 fp32 inputs leave the GPU
     assert sizes.peak(small) < sizes.peak(offloaded)
     assert sizes_8b(request, compiled=False).peak(small) > sizes.peak(small)  # eager kernels keep more

@@ -868,6 +868,7 @@ def describe_plan(fused: fused_path.FusedCausalLM) -> dict[str, Any]:
         "layers": len(fused.layers),
         "offload": plan.offload,
         "loss_chunk": plan.loss_chunk,
+        "embed_on_host": plan.embed_on_host,
         "dequant_cache": plan.dequant_cache,
         "budget_gib": plan.budget_gib,
         "estimate_gib": plan.estimate_gib,

@@ -13,11 +13,14 @@ fits the budget by a simple cost model in units of one layer's training time. Th
   each brought back one layer ahead of its backward;
 * smaller cross-entropy chunks (the logits of a 1,024-token chunk of a 128k vocabulary take 1.2
   GiB with their fp32 copy and gradient; 256 tokens take a quarter of that);
+* the input embedding (frozen, 1 GiB at a 128k vocabulary) in host memory: the lookup of a
+  micro-batch's tokens runs there and sends the GPU 64 MiB (untied embeddings only);
 * the dequantized-weight cache, when everything else fits.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -37,6 +40,7 @@ LOSS_CHUNKS = (
 RECOMPUTE_COST = 0.33  # all 32 layers checkpointed: 0.785 s a step against 0.61 s with 4 (e499e1a, e92ce32)
 OFFLOAD_COST = 0.02  # per offloaded input: the copies overlap the compute; what is left is synchronization
 SMALL_CHUNK_COST = 0.05  # 4x as many (still large) cross-entropy matmuls
+EMBED_HOST_COST = 0.2  # the lookup on the CPU and a 64 MiB copy, unoverlapped
 EAGER_ACTIVATION_FACTOR = 1.3  # eager RMSNorm and SwiGLU keep more intermediates (H200: 43.5 against 36.2 GiB)
 ALLOCATOR_SLACK = 2**29
 
@@ -50,6 +54,7 @@ class MemoryPlan:
     dequant_cache: bool
     offload: bool = False
     loss_chunk: int = LOSS_CHUNKS[0]
+    embed_on_host: bool = False
     budget_gib: float | None = None
     estimate_gib: float | None = None  # the planner's estimate of the step's peak
 
@@ -58,6 +63,7 @@ class MemoryPlan:
         if self.checkpointed and self.offload:
             text += " (inputs in host memory)"
         text += f", cross-entropy chunks of {self.loss_chunk} tokens"
+        text += ", input embedding in host memory" if self.embed_on_host else ""
         text += ", dequantized-weight cache " + ("on" if self.dequant_cache else "off")
         if self.budget_gib is not None:
             text += f" (budget {self.budget_gib:.1f} GiB, estimated peak {self.estimate_gib:.1f} GiB)"
@@ -91,6 +97,7 @@ class Footprint:
     scratch: float  # the transients of one layer's backward (the MLP's: SwiGLU recomputed, its gradients)
     logits_per_token: float  # a cross-entropy chunk's logits (bf16, fp32) and their gradient
     cache: float  # every NF4 weight dequantized (0: nothing quantized)
+    embedding: float  # the input embedding, if it can wait in host memory (0: tied to the output layer)
 
     def peak(self, plan: MemoryPlan) -> float:
         """The step's peak for ``plan``: the kept layers' activations with the loss chunk at the end
@@ -102,7 +109,7 @@ class Footprint:
         )  # offload: in use + prefetched
         loss = min(plan.loss_chunk, self.tokens) * self.logits_per_token
         peak = self.fixed + inputs + max(kept, 1) * self.per_layer + max(loss, self.scratch)
-        return peak + (self.cache if plan.dequant_cache else 0)
+        return peak + (self.cache if plan.dequant_cache else 0) - (self.embedding if plan.embed_on_host else 0)
 
 
 def footprint(
@@ -147,6 +154,7 @@ def footprint(
         scratch=factor * scratch,
         logits_per_token=vocab * (2 + 4 + 4),
         cache=linear_params * size if quantized else 0,
+        embedding=0 if getattr(config, "tie_word_embeddings", False) else vocab * hidden * size,
     )
 
 
@@ -181,10 +189,12 @@ def plan_memory(fused: FusedCausalLM, request: MemoryRequest) -> MemoryPlan:
     budget = request.budget_gib * 2**30 if request.budget_gib is not None else 0.9 * total
     weights = [g.weights for layer in fused.layers for g in layer.groups if g.weights.quantized]
     cached_now = sum(w.nbytes for w in weights if w.cache is not None)  # a previous plan's cache
+    embed = fused.embed
+    on_host = embed.nbytes if embed.device.type == "cpu" else 0  # a previous plan's host embedding
     sizes = footprint(
         fused.config,
         request,
-        resident_bytes=torch.cuda.memory_allocated(device) - cached_now,
+        resident_bytes=torch.cuda.memory_allocated(device) - cached_now + on_host,
         quantized=fused.quantized,
         compiled=fused.compiled,
         compute_bits=torch.finfo(fused.dtype).bits,
@@ -197,6 +207,7 @@ def plan_cost(plan: MemoryPlan) -> float:
     """The plan's extra time a step, in units of one layer's training time (the cost model above)."""
     checkpointed = len(plan.checkpointed)
     cost = checkpointed * (RECOMPUTE_COST + (OFFLOAD_COST if plan.offload else 0))
+    cost += EMBED_HOST_COST if plan.embed_on_host else 0
     return cost + (SMALL_CHUNK_COST if plan.loss_chunk < LOSS_CHUNKS[0] else 0)
 
 
@@ -214,18 +225,19 @@ def choose_plan(sizes: Footprint, request: MemoryRequest, *, budget: float, can_
         keeps = range(n_layers, -1, -1)
     forced_cache = request.dequant_cache is True and sizes.cache > 0
     candidates = []
-    for offload in (False, True) if can_offload else (False,):
-        for chunk in LOSS_CHUNKS:
-            for keep in keeps:  # the most kept layers that fit (else, with "auto", all checkpointed)
-                plan = MemoryPlan(
-                    checkpointed=frozenset(range(n_layers - keep)),
-                    dequant_cache=forced_cache,
-                    offload=offload and keep < n_layers,
-                    loss_chunk=chunk,
-                )
-                if sizes.peak(plan) <= budget:
-                    break
-            candidates.append(plan)
+    host = (False, True) if can_offload else (False,)
+    for offload, embed_on_host, chunk in itertools.product(host, host if sizes.embedding else (False,), LOSS_CHUNKS):
+        for keep in keeps:  # the most kept layers that fit (else, with "auto", all checkpointed)
+            plan = MemoryPlan(
+                checkpointed=frozenset(range(n_layers - keep)),
+                dequant_cache=forced_cache,
+                offload=offload and keep < n_layers,
+                loss_chunk=chunk,
+                embed_on_host=embed_on_host,
+            )
+            if sizes.peak(plan) <= budget:
+                break
+        candidates.append(plan)
     fitting = [p for p in candidates if sizes.peak(p) <= budget]
     if fitting:
         best = min(fitting, key=lambda p: (plan_cost(p), sizes.peak(p)))

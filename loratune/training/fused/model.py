@@ -93,13 +93,20 @@ class FusedCausalLM:
 
     def apply_plan(self, plan: MemoryPlan) -> None:
         self.plan = plan
+        device = self.lm_head.device
+        if device.type == "cuda":  # the input embedding to host memory and back, as the plan says
+            self.embed.data = self.embed.data.to("cpu" if plan.embed_on_host else device)
         for layer in self.layers:
             for group in layer.groups:
                 group.weights.keep_dequantized(plan.dequant_cache)
 
     def loss(self, batch: PackedBatch, *, training: bool) -> torch.Tensor:
         """Summed cross-entropy over ``batch.targets`` (the caller divides by the count)."""
-        hidden = F.embedding(batch.input_ids, self.embed).to(self.residual_dtype)
+        if self.embed.device == batch.input_ids.device:
+            hidden = F.embedding(batch.input_ids, self.embed).to(self.residual_dtype)
+        else:  # the embedding waits in host memory (the memory plan): look up there, send the rows
+            rows = F.embedding(batch.input_ids.cpu(), self.embed)
+            hidden = rows.to(batch.input_ids.device).to(self.residual_dtype)
         cos, sin = self.rotary_emb(hidden, batch.position_ids[None])
         cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
         checkpointed = self.plan.checkpointed if training and torch.is_grad_enabled() else frozenset()
