@@ -176,6 +176,7 @@ def time_training(
             offload=plan.offload,
             loss_chunk=plan.loss_chunk,
             embed_on_host=plan.embed_on_host,
+            chunked_backward=plan.chunked_backward,
             dequant_cache=plan.dequant_cache,
             estimate_gib=round(plan.estimate_gib, 1) if plan.estimate_gib is not None else None,
             compiled=fused.compiled,
@@ -331,6 +332,7 @@ def peers_table(rows: list[dict], header: dict) -> str:
             plan = f"{row['checkpointed_layers']} layers recomputed"
             plan += ", inputs in host memory" if row.get("offload") and row["checkpointed_layers"] else ""
             plan += ", embedding in host memory" if row.get("embed_on_host") else ""
+            plan += ", backward in chunks" if row.get("chunked_backward") else ""
             plan += f", loss chunks of {row['loss_chunk']}, estimated {row['estimate_gib']} GiB"
         lines.append(
             f"| {row['trainer']} | {row['tokens_per_s']:,} | {row['peak_gib']} | {row.get('vs_plain', '')} "

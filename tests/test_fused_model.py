@@ -88,7 +88,12 @@ def relative_error(a: dict, b: dict) -> float:
 
 PLANS_NF4 = {  # the memory plans of the 4-bit model, besides the default (nothing recomputed)
     "lowest": MemoryPlan(
-        checkpointed=frozenset({0, 1}), dequant_cache=False, offload=True, loss_chunk=8, embed_on_host=True
+        checkpointed=frozenset({0, 1}),
+        dequant_cache=False,
+        offload=True,
+        loss_chunk=8,
+        embed_on_host=True,
+        chunked_backward=True,
     ),
     "cached, half checkpointed": MemoryPlan(checkpointed=frozenset({0}), dequant_cache=True),
 }
@@ -187,8 +192,8 @@ def test_nf4_fused_gradients_are_as_exact_as_the_plain_qlora_recipe(tiny_model, 
 PLANS = {  # the levers of the memory plan, on the two layers of the tiny model
     "checkpointed": MemoryPlan(checkpointed=frozenset({0, 1}), dequant_cache=False),
     "offloaded": MemoryPlan(checkpointed=frozenset({0, 1}), dequant_cache=False, offload=True),
-    "one offloaded, small loss chunks": MemoryPlan(
-        checkpointed=frozenset({0}), dequant_cache=False, offload=True, loss_chunk=5
+    "one offloaded, small loss chunks, chunked backward": MemoryPlan(
+        checkpointed=frozenset({0}), dequant_cache=False, offload=True, loss_chunk=5, chunked_backward=True
     ),
 }
 
@@ -282,6 +287,7 @@ def test_a_fused_trial_follows_the_plain_trial_loss_curve(tiny_model, data_dir, 
         "offload": False,
         "loss_chunk": 1024,
         "embed_on_host": False,
+        "chunked_backward": False,
         "dequant_cache": False,
         "budget_gib": None,
         "estimate_gib": None,

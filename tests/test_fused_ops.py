@@ -25,7 +25,6 @@ from loratune.training.fused import (
 )
 from loratune.training.fused.memory import LOSS_CHUNKS, Footprint, footprint, model_bytes, plan_cost
 from loratune.training.fused.kernels import rms_norm, swiglu
-from loratune.training.fused import lora_linear
 from loratune.training.fused.lora_linear import FrozenLinearLora, FrozenWeights
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -63,13 +62,9 @@ def test_chunked_cross_entropy_equals_the_dense_loss_and_gradient(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prologue", [None, "rms_norm", "swiglu"])
 @pytest.mark.parametrize("chunk_bytes", [None, 200])
-def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(
-    device, prologue, chunk_bytes, monkeypatch
-):
+def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(device, prologue, chunk_bytes):
     """The autograd function that recomputes its prologue and dropout against plain autograd,
-    its backward in one piece or in chunks of tokens (here 1 to 3 of 9)."""
-    if chunk_bytes:
-        monkeypatch.setattr(lora_linear, "BACKWARD_CHUNK_BYTES", chunk_bytes)
+    its backward in one piece or in chunks of tokens (here of 2 or 3 of the 9)."""
     generator = torch.Generator().manual_seed(0)
     width = 32 if prologue == "swiglu" else 16
     norm_weight = (1 + 0.1 * torch.randn(16, generator=generator)).to(device)
@@ -80,7 +75,8 @@ def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(
     lora_a = (torch.randn(4, 16, generator=generator) * 0.3).to(device).requires_grad_()
     lora_b = (torch.randn(12, 4, generator=generator) * 0.3).to(device).requires_grad_()
     torch.manual_seed(3)
-    y = FrozenLinearLora.apply(u, lora_a, lora_b, FrozenWeights([linear], torch.float32), 0.25, Kernels(), function)
+    weights = FrozenWeights([linear], torch.float32)
+    y = FrozenLinearLora.apply(u, lora_a, lora_b, weights, 0.25, Kernels(), function, chunk_bytes)
     got = torch.autograd.grad(y.square().sum(), (u, lora_a, lora_b))
     x = function(u) if function else u
     torch.manual_seed(3)  # the same mask, by the same call on the same RNG state
@@ -153,9 +149,10 @@ def sizes_8b(request: MemoryRequest, compiled: bool = True) -> Footprint:
 
 def all_plans(n_layers: int):
     for checkpointed in range(n_layers + 1):
-        for offload, embed, cache in itertools.product((False, True), repeat=3):
+        for offload, embed, cache, chunked in itertools.product((False, True), repeat=4):
             for chunk in LOSS_CHUNKS:
-                yield MemoryPlan(frozenset(range(checkpointed)), cache, offload and checkpointed > 0, chunk, embed)
+                offloaded = offload and checkpointed > 0
+                yield MemoryPlan(frozenset(range(checkpointed)), cache, offloaded, chunk, embed, chunked)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
@@ -178,9 +175,9 @@ def test_the_planner_takes_the_fastest_plan_that_fits_each_budget_of_the_8b_case
     counts = [len(chosen[b].checkpointed) for b in (8, 16, 24, 40)]
     assert counts == sorted(counts, reverse=True) and counts[0] == 32 and counts[-1] < 8
     lowest = chosen[8]
-    assert lowest.offload and lowest.embed_on_host and lowest.loss_chunk == min(LOSS_CHUNKS)
+    assert lowest.offload and lowest.embed_on_host and lowest.chunked_backward and lowest.loss_chunk == min(LOSS_CHUNKS)
     if dropout == 0:  # at 40 GiB all activations fit: nothing recomputed, nothing in host memory
-        assert not chosen[40].checkpointed and not chosen[40].embed_on_host
+        assert not chosen[40].checkpointed and not chosen[40].embed_on_host and not chosen[40].chunked_backward
     assert chosen[16].offload  # the inputs of the many checkpointed layers wait in host memory
     assert not any(p.dequant_cache for p in chosen.values())  # 13 GiB of bf16 weights fit in none
     assert choose_plan(sizes, request, budget=80 * GIB, can_offload=True).dequant_cache
@@ -195,6 +192,8 @@ def test_the_levers_lower_the_8b_peak_and_the_fixed_settings_are_kept():
     small = MemoryPlan(every, False, offload=True, loss_chunk=256)
     embedding = MemoryPlan(every, False, offload=True, loss_chunk=256, embed_on_host=True)
     assert sizes.peak(small) - sizes.peak(embedding) == 128256 * 4096 * 2  # the bf16 input embedding
+    chunked = MemoryPlan(every, False, offload=True, loss_chunk=256, embed_on_host=True, chunked_backward=True)
+    assert sizes.peak(chunked) < sizes.peak(embedding)
     assert sizes.peak(resident) - sizes.peak(offloaded) == 30 * 8192 * 4096 * 4  # 30 of 32 fp32 inputs leave the GPU
     assert sizes.peak(small) < sizes.peak(offloaded)
     assert sizes_8b(request, compiled=False).peak(small) > sizes.peak(small)  # eager kernels keep more

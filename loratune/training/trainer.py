@@ -869,6 +869,7 @@ def describe_plan(fused: fused_path.FusedCausalLM) -> dict[str, Any]:
         "offload": plan.offload,
         "loss_chunk": plan.loss_chunk,
         "embed_on_host": plan.embed_on_host,
+        "chunked_backward": plan.chunked_backward,
         "dequant_cache": plan.dequant_cache,
         "budget_gib": plan.budget_gib,
         "estimate_gib": plan.estimate_gib,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from loratune.training.fused.kernels import Kernels
 
 
-BACKWARD_CHUNK_BYTES = 2**26  # a chunk of the prologue's input in the backward pass, at most
+BACKWARD_CHUNK_BYTES = 2**26  # a chunk of the prologue's input in the backward pass, at most, when chunked
 
 
 def is_4bit(linear) -> bool:
@@ -105,11 +105,19 @@ class FrozenLinearLora(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, u, lora_a, lora_b, weights: FrozenWeights, dropout: float, kernels: Kernels, prologue: Callable | None
+        ctx,
+        u,
+        lora_a,
+        lora_b,
+        weights: FrozenWeights,
+        dropout: float,
+        kernels: Kernels,
+        prologue: Callable | None,
+        chunk_bytes: int | None = None,
     ):
         x = prologue(u) if prologue is not None else u
         y = F.linear(x, weights.get(), weights.bias)
-        ctx.weights, ctx.kernels, ctx.prologue = weights, kernels, prologue
+        ctx.weights, ctx.kernels, ctx.prologue, ctx.chunk_bytes = weights, kernels, prologue, chunk_bytes
         ctx.has_lora = lora_a is not None
         ctx.dropout = dropout
         mask = z = a = b = None
@@ -136,9 +144,13 @@ class FrozenLinearLora(torch.autograd.Function):
             grad_z = grad_y @ b  # (T, r)
             grad_b = (grad_y.t() @ z).to(ctx.lora_dtypes[1])
         weight = ctx.weights.get() if needs_input else None
-        # The prologue's recomputation and its gradient go through the tokens in chunks: the down
-        # projection's SwiGLU output and its gradient are then a chunk's, not 2 x 235 MB (8B shape).
-        rows = u.shape[0] if ctx.prologue is None else max(1, BACKWARD_CHUNK_BYTES // (u[0].numel() * u.element_size()))
+        # With ``chunk_bytes`` (the memory plan's), the prologue's recomputation and its gradient go
+        # through the tokens in equal chunks: the down projection's SwiGLU output and its gradient
+        # are then a chunk's, not 2 x 224 MiB (8B shape, 8,192 tokens).
+        rows = u.shape[0]
+        if ctx.prologue is not None and ctx.chunk_bytes:
+            pieces = -(-u.numel() * u.element_size() // ctx.chunk_bytes)
+            rows = -(-u.shape[0] // pieces)
         if rows < u.shape[0] and needs_input:
             grad_u = torch.empty_like(u)
         for start in range(0, u.shape[0], rows):
@@ -162,7 +174,7 @@ class FrozenLinearLora(torch.autograd.Function):
                 grad_u[part] = grad_u_part
         if grad_a is not None:
             grad_a = grad_a.to(ctx.lora_dtypes[0])
-        return grad_u, grad_a, grad_b, None, None, None, None
+        return grad_u, grad_a, grad_b, None, None, None, None, None
 
 
 def _backward_rows(ctx, u, grad_y, grad_z, mask, weight, a, scale: float, needs_input: bool):
@@ -198,6 +210,7 @@ class Group:
     lora_b: list[torch.Tensor | None]
     scales: list[float]
     dropout: float
+    backward_chunk_bytes: int | None = None  # the memory plan's: chunk the backward's recomputation
 
     def __call__(
         self, u: torch.Tensor, training: bool, kernels: Kernels, prologue: Callable | None = None
@@ -207,7 +220,7 @@ class Group:
             return FrozenLinearLora.apply(u, None, None, self.weights, 0.0, kernels, prologue)
         a, b = self._stacked()
         dropout = self.dropout if training else 0.0
-        return FrozenLinearLora.apply(u, a, b, self.weights, dropout, kernels, prologue)
+        return FrozenLinearLora.apply(u, a, b, self.weights, dropout, kernels, prologue, self.backward_chunk_bytes)
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         present = [i for i, a in enumerate(self.lora_a) if a is not None]

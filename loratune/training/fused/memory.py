@@ -13,6 +13,8 @@ fits the budget by a simple cost model in units of one layer's training time. Th
   each brought back one layer ahead of its backward;
 * smaller cross-entropy chunks (the logits of a 1,024-token chunk of a 128k vocabulary take 1.2
   GiB with their fp32 copy and gradient; 256 tokens take a quarter of that);
+* the backward pass's recomputation of a projection's prologue (SwiGLU before the down
+  projection) in chunks of tokens, so that its output and gradient are a chunk's (0.4 GiB less);
 * the input embedding (frozen, 1 GiB at a 128k vocabulary) in host memory: the lookup of a
   micro-batch's tokens runs there and sends the GPU 64 MiB (untied embeddings only);
 * the dequantized-weight cache, when everything else fits.
@@ -41,6 +43,7 @@ RECOMPUTE_COST = 0.33  # all 32 layers checkpointed: 0.785 s a step against 0.61
 OFFLOAD_COST = 0.02  # per offloaded input: the copies overlap the compute; what is left is synchronization
 SMALL_CHUNK_COST = 0.05  # 4x as many (still large) cross-entropy matmuls
 EMBED_HOST_COST = 0.2  # the lookup on the CPU and a 64 MiB copy, unoverlapped
+CHUNKED_BACKWARD_COST = 0.5  # smaller matmuls and more launches in every layer's backward
 EAGER_ACTIVATION_FACTOR = 1.3  # eager RMSNorm and SwiGLU keep more intermediates (H200: 43.5 against 36.2 GiB)
 ALLOCATOR_SLACK = 2**29
 
@@ -55,6 +58,7 @@ class MemoryPlan:
     offload: bool = False
     loss_chunk: int = LOSS_CHUNKS[0]
     embed_on_host: bool = False
+    chunked_backward: bool = False
     budget_gib: float | None = None
     estimate_gib: float | None = None  # the planner's estimate of the step's peak
 
@@ -64,6 +68,7 @@ class MemoryPlan:
             text += " (inputs in host memory)"
         text += f", cross-entropy chunks of {self.loss_chunk} tokens"
         text += ", input embedding in host memory" if self.embed_on_host else ""
+        text += ", backward recomputation in chunks" if self.chunked_backward else ""
         text += ", dequantized-weight cache " + ("on" if self.dequant_cache else "off")
         if self.budget_gib is not None:
             text += f" (budget {self.budget_gib:.1f} GiB, estimated peak {self.estimate_gib:.1f} GiB)"
@@ -95,6 +100,7 @@ class Footprint:
     per_layer: float  # activations a layer keeps for its backward when not checkpointed
     layer_input: float  # what a checkpointed layer keeps instead: its input (the fp32 residual stream)
     scratch: float  # the transients of one layer's backward (the MLP's: SwiGLU recomputed, its gradients)
+    chunked_scratch: float  # the same, the recomputation in chunks of tokens
     logits_per_token: float  # a cross-entropy chunk's logits (bf16, fp32) and their gradient
     cache: float  # every NF4 weight dequantized (0: nothing quantized)
     embedding: float  # the input embedding, if it can wait in host memory (0: tied to the output layer)
@@ -108,7 +114,8 @@ class Footprint:
             min(checkpointed, 2 if plan.offload else checkpointed) * self.layer_input
         )  # offload: in use + prefetched
         loss = min(plan.loss_chunk, self.tokens) * self.logits_per_token
-        peak = self.fixed + inputs + max(kept, 1) * self.per_layer + max(loss, self.scratch)
+        scratch = self.chunked_scratch if plan.chunked_backward else self.scratch
+        peak = self.fixed + inputs + max(kept, 1) * self.per_layer + max(loss, scratch)
         return peak + (self.cache if plan.dequant_cache else 0) - (self.embedding if plan.embed_on_host else 0)
 
 
@@ -135,9 +142,10 @@ def footprint(
     per_token = (2 * q + 2 * kv + 2 * intermediate) * size + 2 * hidden * residual + 64
     if request.dropout > 0:
         per_token += 2 * hidden + q + intermediate
-    # The down projection's backward: gate|up's gradient, and a chunk of tokens' SwiGLU output
-    # recomputed, its gradient and its share of gate|up's gradient (``BACKWARD_CHUNK_BYTES`` at most each).
-    scratch = tokens * 2 * intermediate * size + 3 * min(BACKWARD_CHUNK_BYTES, tokens * 2 * intermediate * size)
+    # The down projection's backward: gate|up's gradient, and SwiGLU's output recomputed with its
+    # gradient, of all tokens or (chunked) of a chunk of them (``BACKWARD_CHUNK_BYTES`` of its input).
+    gate_up = tokens * 2 * intermediate * size
+    chunked = gate_up + 3 * min(BACKWARD_CHUNK_BYTES, gate_up)
     factor = 1.0 if compiled else EAGER_ACTIVATION_FACTOR
     largest_group = max(q + 2 * kv, 2 * intermediate) * hidden * size
     linear_params = config.num_hidden_layers * hidden * (2 * q + 2 * kv + 3 * intermediate)
@@ -151,7 +159,8 @@ def footprint(
         + ALLOCATOR_SLACK,
         per_layer=factor * per_token * tokens,
         layer_input=tokens * hidden * residual,
-        scratch=factor * scratch,
+        scratch=factor * 2 * gate_up,
+        chunked_scratch=factor * chunked,
         logits_per_token=vocab * (2 + 4 + 4),
         cache=linear_params * size if quantized else 0,
         embedding=0 if getattr(config, "tie_word_embeddings", False) else vocab * hidden * size,
@@ -208,6 +217,7 @@ def plan_cost(plan: MemoryPlan) -> float:
     checkpointed = len(plan.checkpointed)
     cost = checkpointed * (RECOMPUTE_COST + (OFFLOAD_COST if plan.offload else 0))
     cost += EMBED_HOST_COST if plan.embed_on_host else 0
+    cost += CHUNKED_BACKWARD_COST if plan.chunked_backward else 0
     return cost + (SMALL_CHUNK_COST if plan.loss_chunk < LOSS_CHUNKS[0] else 0)
 
 
@@ -226,7 +236,8 @@ def choose_plan(sizes: Footprint, request: MemoryRequest, *, budget: float, can_
     forced_cache = request.dequant_cache is True and sizes.cache > 0
     candidates = []
     host = (False, True) if can_offload else (False,)
-    for offload, embed_on_host, chunk in itertools.product(host, host if sizes.embedding else (False,), LOSS_CHUNKS):
+    embeds = host if sizes.embedding else (False,)
+    for offload, embed_on_host, chunked, chunk in itertools.product(host, embeds, (False, True), LOSS_CHUNKS):
         for keep in keeps:  # the most kept layers that fit (else, with "auto", all checkpointed)
             plan = MemoryPlan(
                 checkpointed=frozenset(range(n_layers - keep)),
@@ -234,6 +245,7 @@ def choose_plan(sizes: Footprint, request: MemoryRequest, *, budget: float, can_
                 offload=offload and keep < n_layers,
                 loss_chunk=chunk,
                 embed_on_host=embed_on_host,
+                chunked_backward=chunked,
             )
             if sizes.peak(plan) <= budget:
                 break

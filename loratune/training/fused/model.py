@@ -10,7 +10,7 @@ import torch.utils.checkpoint
 
 from loratune.training.fused.attention import PackedBatch, attention
 from loratune.training.fused.kernels import Kernels, is_compile_error, make_kernels
-from loratune.training.fused.lora_linear import make_group
+from loratune.training.fused.lora_linear import BACKWARD_CHUNK_BYTES, make_group
 from loratune.training.fused.loss import chunked_cross_entropy
 from loratune.training.fused.memory import MemoryPlan, MemoryRequest, plan_memory
 from loratune.training.fused.offload import HostOffload
@@ -99,6 +99,7 @@ class FusedCausalLM:
         for layer in self.layers:
             for group in layer.groups:
                 group.weights.keep_dequantized(plan.dequant_cache)
+                group.backward_chunk_bytes = BACKWARD_CHUNK_BYTES if plan.chunked_backward else None
 
     def loss(self, batch: PackedBatch, *, training: bool) -> torch.Tensor:
         """Summed cross-entropy over ``batch.targets`` (the caller divides by the count)."""
