@@ -27,17 +27,5 @@ for wheel in /tmp/loratune-unsloth/*.whl; do
     *) cp "$wheel" .carry/d/ ;;
   esac
 done
-"$PY" - <<'PYEOF'
-"""Repack the Unsloth wheel without its Studio app (not imported by the library)."""
-import glob, zipfile
-source = [w for w in glob.glob("/tmp/loratune-unsloth/unsloth-*.whl") if "unsloth_zoo" not in w][0]
-keep = lambda name: not name.startswith("studio/")
-with zipfile.ZipFile(source) as zin, zipfile.ZipFile(f".carry/d/{source.rsplit('/', 1)[1]}", "w", zipfile.ZIP_DEFLATED) as zout:
-    for item in zin.infolist():
-        data = zin.read(item)
-        if item.filename.endswith("RECORD"):
-            data = ("\n".join(l for l in data.decode().splitlines() if keep(l.split(",")[0])) + "\n").encode()
-        if keep(item.filename):
-            zout.writestr(item, data)
-PYEOF
+"$PY" bench/gpu/repack_wheel.py /tmp/loratune-unsloth/unsloth-2026.10.9-py3-none-any.whl .carry/d --drop studio/
 du -sh .carry/d
