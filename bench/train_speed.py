@@ -258,9 +258,11 @@ def run_unsloth(path: str, site: str, timing: dict, timeout: float) -> dict:
     return {"error": f"exit {done.returncode}: {(done.stdout + done.stderr)[-1200:]}"}
 
 
-def peers(path: str, args, emit, n_params: int, timing: dict) -> list[dict]:
-    """The plain loop, Unsloth and loratune's fused path at each budget: the same 8B shape, data
-    and LoRA settings, LoRA dropout 0 for all three (Unsloth's fast path has none)."""
+def peers(path: str, args, emit, n_params: int, timing: dict, header: dict) -> None:
+    """The plain loop, loratune's fused path at each budget and Unsloth (last: its point is the
+    best known of the three): the same 8B shape, data and LoRA settings, LoRA dropout 0 for all
+    three (Unsloth's fast path has none). The table (``--table``) is written again after each
+    measure, so a run cut short keeps what it measured."""
     from loratune.training.fused import FusedCausalLM
 
     synthetic = synthetic_examples(64, 2048)
@@ -268,6 +270,8 @@ def peers(path: str, args, emit, n_params: int, timing: dict) -> list[dict]:
 
     def add(record: dict) -> None:
         rows.append(emit(with_speed({"case": "peers", **record}, n_params, None)))
+        if args.table:
+            args.table.write_text(peers_table(rows, header))
 
     try:
         model = load_lora_model(path, fused=False, dropout=0.0)
@@ -277,13 +281,6 @@ def peers(path: str, args, emit, n_params: int, timing: dict) -> list[dict]:
     except Exception:
         emit({"case": "peers", "trainer": "plain", "error": traceback.format_exc()[-800:]})
     _free()
-    if args.unsloth_site:
-        rec = run_unsloth(path, args.unsloth_site, timing, args.unsloth_timeout)
-        if "error" in rec:
-            emit({"case": "peers", "trainer": "unsloth", **rec})
-        else:
-            add(rec)
-        _free()
     try:
         model = load_lora_model(path, fused=True, dropout=0.0)
         fused = FusedCausalLM(model, compile=True)
@@ -304,18 +301,18 @@ def peers(path: str, args, emit, n_params: int, timing: dict) -> list[dict]:
     except Exception:
         emit({"case": "peers", "trainer": "loratune fused", "error": traceback.format_exc()[-1500:]})
     _free()
-    plain = next((r["tokens_per_s"] for r in rows if r["trainer"].startswith("plain")), None)
-    unsloth = next((r["tokens_per_s"] for r in rows if r["trainer"].startswith("unsloth")), None)
-    for row in rows:
-        if plain:
-            row["vs_plain"] = round(row["tokens_per_s"] / plain, 2)
-        if unsloth:
-            row["vs_unsloth"] = round(row["tokens_per_s"] / unsloth, 2)
-    return rows
+    if args.unsloth_site:
+        rec = run_unsloth(path, args.unsloth_site, timing, args.unsloth_timeout)
+        if "error" in rec:
+            emit({"case": "peers", "trainer": "unsloth", **rec})
+        else:
+            add(rec)
 
 
 def peers_table(rows: list[dict], header: dict) -> str:
     """The speed-memory curve against the peers, as a markdown table."""
+    plain = next((r["tokens_per_s"] for r in rows if r["trainer"].startswith("plain")), None)
+    unsloth = next((r["tokens_per_s"] for r in rows if r["trainer"].startswith("unsloth")), None)
     lines = [
         f"Training speed against the peers ({header.get('gpu')}, torch {header.get('torch')}, commit "
         f"{header.get('commit')}): Llama-3-8B shape, random weights, NF4, seq 2048, batch 4, LoRA r=16 "
@@ -334,9 +331,11 @@ def peers_table(rows: list[dict], header: dict) -> str:
             plan += ", embedding in host memory" if row.get("embed_on_host") else ""
             plan += ", backward in chunks" if row.get("chunked_backward") else ""
             plan += f", loss chunks of {row['loss_chunk']}, estimated {row['estimate_gib']} GiB"
+        tokens = row["tokens_per_s"]
+        versus = [f"{tokens / peer:.2f}" if peer else "" for peer in (plain, unsloth)]
         lines.append(
-            f"| {row['trainer']} | {row['tokens_per_s']:,} | {row['peak_gib']} | {row.get('vs_plain', '')} "
-            f"| {row.get('vs_unsloth', '')} | {row['of_limit']:.1%} | {plan} |"
+            f"| {row['trainer']} | {tokens:,} | {row['peak_gib']} | {versus[0]} | {versus[1]} "
+            f"| {row['of_limit']:.1%} | {plan} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -481,9 +480,7 @@ def main() -> None:
         _free()
 
     if "peers" in cases:
-        rows = peers(path, args, emit, n_params, timing)
-        if args.table:
-            args.table.write_text(peers_table(rows, header))
+        peers(path, args, emit, n_params, timing, header)
     if "curves" in cases:
         curves(mixed_data[0], args, emit)
     emit({"event": "done", "seconds": round(time.time() - started, 1)})
