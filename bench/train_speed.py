@@ -243,7 +243,13 @@ def run_unsloth(path: str, site: str, timing: dict, timeout: float) -> dict:
     import sys
 
     here = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([site, os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "UNSLOTH_DISABLE_STATISTICS": "1",  # else it downloads a README from the hub
+    }
     command = [sys.executable, str(here / "unsloth_speed.py"), "--model", path]
     command += ["--rank", str(LORA["lora_rank"]), "--alpha", str(LORA["lora_alpha"])]
     command += ["--steps", str(timing["steps"]), "--warmup", str(timing["warmup"])]
