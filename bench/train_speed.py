@@ -327,8 +327,9 @@ def peers_table(rows: list[dict], header: dict) -> str:
     lines = [
         f"Training speed against the peers ({header.get('gpu')}, torch {header.get('torch')}, commit "
         f"{header.get('commit')}): Llama-3-8B shape, random weights, NF4, seq 2048, batch 4, LoRA r=16 "
-        "alpha 32 dropout 0 on every linear layer, 3 warm-up + 8 timed steps. Peak: torch's peak "
-        "allocation. Last loss: of the 11th step, each plan from the same start and data. Share of the useful-FLOP limit: 4 N FLOP a token at 790 TFLOP/s "
+        f"alpha 32 dropout 0 on every linear layer, {header.get('warmup')} warm-up + {header.get('steps')} "
+        "timed steps. Peak: torch's peak allocation. Last loss: of the last step, each plan from the same "
+        "start and data. Share of the useful-FLOP limit: 4 N FLOP a token at 790 TFLOP/s "
         f"({header.get('useful_flop_limit_tokens_per_s')} tokens/s).",
         "",
         "| trainer | tokens/s | peak GiB | x plain | x Unsloth | of limit | last loss | plan |",
@@ -401,6 +402,8 @@ def main() -> None:
             "gpu": gpu,
             "shape": args.shape,
             "commit": args.commit or _commit(),
+            "warmup": args.warmup,
+            "steps": args.steps,
             "n_params_4N": n_params,
             "useful_flop_limit_tokens_per_s": round(PEAK_TFLOPS * 1e12 / (4 * n_params)),
         }
