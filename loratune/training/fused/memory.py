@@ -34,10 +34,8 @@ from loratune.training.fused.loss import LOSS_CHUNK_TOKENS
 if TYPE_CHECKING:
     from loratune.training.fused.model import FusedCausalLM
 
-LOSS_CHUNKS = (
-    LOSS_CHUNK_TOKENS,
-    256,
-)  # tokens per chunk of the chunked cross-entropy the planner may choose, fastest first
+# Tokens per chunk of the chunked cross-entropy the planner may choose, the fastest first.
+LOSS_CHUNKS = (LOSS_CHUNK_TOKENS, 256)
 # The cost model, in units of one layer's forward and backward time (8B shape, H200: ~19 ms).
 RECOMPUTE_COST = 0.33  # all 32 layers checkpointed: 0.785 s a step against 0.61 s with 4 (e499e1a, e92ce32)
 OFFLOAD_COST = 0.02  # per offloaded input: the copies overlap the compute; what is left is synchronization
@@ -51,7 +49,8 @@ ALLOCATOR_SLACK = 2**29
 @dataclass(frozen=True)
 class MemoryPlan:
     """Which layers recompute their activations in the backward pass, whether their inputs wait in
-    host memory, the cross-entropy's chunk, and whether NF4 weights stay dequantized."""
+    host memory, the cross-entropy's chunk, whether the input embedding waits in host memory and
+    the backward recomputes in chunks, and whether NF4 weights stay dequantized."""
 
     checkpointed: frozenset[int]
     dequant_cache: bool
@@ -96,7 +95,9 @@ class Footprint:
 
     n_layers: int
     tokens: int
-    fixed: float  # always there: weights, LoRA weights with gradients and AdamW moments, dequantized weights in use, the residual stream's gradients, allocator slack
+    # Always there: weights, LoRA weights with gradients and AdamW moments, dequantized weights in
+    # use, the residual stream's gradients, allocator slack.
+    fixed: float
     per_layer: float  # activations a layer keeps for its backward when not checkpointed
     layer_input: float  # what a checkpointed layer keeps instead: its input (the fp32 residual stream)
     scratch: float  # the transients of one layer's backward (the MLP's: SwiGLU recomputed, its gradients)
@@ -110,9 +111,8 @@ class Footprint:
         of the forward, or a layer's backward (activations and transients) later."""
         checkpointed = len(plan.checkpointed)
         kept = self.n_layers - checkpointed
-        inputs = (
-            min(checkpointed, 2 if plan.offload else checkpointed) * self.layer_input
-        )  # offload: in use + prefetched
+        # The checkpointed layers' inputs; offloaded, only the one in use and the one prefetched.
+        inputs = min(checkpointed, 2 if plan.offload else checkpointed) * self.layer_input
         loss = min(plan.loss_chunk, self.tokens) * self.logits_per_token
         scratch = self.chunked_scratch if plan.chunked_backward else self.scratch
         peak = self.fixed + inputs + max(kept, 1) * self.per_layer + max(loss, scratch)
