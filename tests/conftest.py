@@ -42,14 +42,8 @@ def load_test_config(name: str) -> dict:
     return yaml.safe_load((REPO / "tests" / "configs" / name).read_text())
 
 
-def run_workflow(
-    workdir: Path,
-    configfile: Path,
-    *args: str,
-    timeout: float = 900,
-    check: bool = True,
-    profile: str | Path | None = "profiles/local",
-) -> subprocess.CompletedProcess:
+def run_workflow(workdir: Path, configfile: Path, *args: str, timeout: float = 900, check: bool = True,
+                 profile: str | Path | None = "profiles/local") -> subprocess.CompletedProcess:
     """Run Snakemake on the repo's Snakefile in ``workdir``, the way a user runs it."""
     command = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", str(configfile)]
     if profile:

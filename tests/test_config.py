@@ -98,10 +98,7 @@ def test_the_shipped_configs_validate_with_the_generated_schema():
     ]:
         config = yaml.safe_load(path.read_text())
         # The tests fill these in with a tiny model and data of their own.
-        for section, key, builtin in (
-            ("model", "name", "builtin:smollm2-135m"),
-            ("dataset", "path", "builtin:instructions"),
-        ):
+        for section, key, builtin in (("model", "name", "builtin:smollm2-135m"), ("dataset", "path", "builtin:instructions")):
             if config.get(section, {}).get(key) == "SET-BY-TEST":
                 config[section][key] = builtin
         study = validate_config(config)

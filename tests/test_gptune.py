@@ -35,7 +35,9 @@ def space():
 
 
 def run_trials(space, problem, objectives, points, seed=0):
-    return pd.DataFrame([{**p, **evaluate(problem, space, p, objectives, seed=seed), "status": "ok"} for p in points])
+    return pd.DataFrame(
+        [{**p, **evaluate(problem, space, p, objectives, seed=seed), "status": "ok"} for p in points]
+    )
 
 
 def search(space, name, problem, objectives, seed, pilot, batches, **options):

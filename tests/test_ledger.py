@@ -25,18 +25,10 @@ OOM_RANK = 160
 def run_trial(space: SearchSpace, seed: int, point: dict, objectives: dict, trials_dir: Path) -> Path:
     """Write a trial's metrics.json the way a trial job records it (benchmark backend)."""
     trial_id = space.trial_id(point)
-    record = {
-        "trial_id": trial_id,
-        "seed": seed,
-        **point,
-        "backend": "benchmark",
-        "started_at": "2026-11-29T10:00:00+00:00",
-        "finished_at": "2026-11-29T10:00:07+00:00",
-        "job_time": 7.25,
-        "hostname": "node01",
-        "slurm_job_id": None,
-        "provenance": {"loratune": "0.1.0", "devices": ["cpu"]},
-    }
+    record = {"trial_id": trial_id, "seed": seed, **point, "backend": "benchmark",
+              "started_at": "2026-11-29T10:00:00+00:00", "finished_at": "2026-11-29T10:00:07+00:00",
+              "job_time": 7.25, "hostname": "node01", "slurm_job_id": None,
+              "provenance": {"loratune": "0.1.0", "devices": ["cpu"]}}
     if point["lora_rank"] >= OOM_RANK and point["lora_alpha"] >= 64:
         record.update(status="failed", error="OutOfMemoryError: CUDA out of memory.\n\tTried 2 GiB")
         record.update({name: None for name in objectives})
@@ -52,7 +44,8 @@ def run_round(space, seed, arm, round_, points, objectives, root: Path, previous
     """One round as the workflow runs it: proposals.tsv, the trials, then history.tsv."""
     directory = root / f"seed{seed}" / arm / f"round{round_}"
     proposals = pd.DataFrame(
-        [{"seed": seed, "arm": arm, "round": round_, "trial_id": space.trial_id(p), **space.snap(p)} for p in points],
+        [{"seed": seed, "arm": arm, "round": round_, "trial_id": space.trial_id(p), **space.snap(p)}
+         for p in points],
         columns=["seed", "arm", "round", "trial_id", *space.names],
     )
     ledger.write_table(proposals, directory / "proposals.tsv")
@@ -66,9 +59,8 @@ def run_round(space, seed, arm, round_, points, objectives, root: Path, previous
     return directory / "history.tsv"
 
 
-def make_study(
-    root: Path, seeds=(0,), arms=("gptune", "random"), objectives=OBJECTIVES, pilot_n=8, rounds=2, batch=3
-) -> tuple[SearchSpace, list[Path]]:
+def make_study(root: Path, seeds=(0,), arms=("gptune", "random"), objectives=OBJECTIVES,
+               pilot_n=8, rounds=2, batch=3) -> tuple[SearchSpace, list[Path]]:
     """Pilot + rounds for each arm and seed; returns the final history of every arm and seed.
 
     The arms' proposals are space-filling designs of their own seed, minus what the history
@@ -108,35 +100,13 @@ def test_table_whose_serialization_raises_leaves_the_old_table(tmp_path):
 def test_table_round_trip_keeps_parameter_types_and_text(tmp_path, study_space):
     space = study_space
     point = space.snap({"lora_rank": 64, "lora_alpha": 16, "learning_rate": 0.000316})
-    table = pd.DataFrame(
-        [
-            {
-                "seed": 0,
-                "arm": "pilot",
-                "round": 0,
-                "trial_id": space.trial_id(point),
-                **point,
-                "status": "ok",
-                "error": np.nan,
-                "hostname": "NA",
-                "train_loss": 1 / 3,
-            },
-            {
-                "seed": 0,
-                "arm": "pilot",
-                "round": 0,
-                "trial_id": "r8_a256_lr1e-05",
-                "lora_rank": 8,
-                "lora_alpha": 256,
-                "learning_rate": 1e-05,
-                "lora_dropout": 0.05,
-                "status": "failed",
-                "error": 'ValueError: "loss"\tis nan\nat step 3',
-                "hostname": "None",
-                "train_loss": np.nan,
-            },
-        ]
-    )
+    table = pd.DataFrame([
+        {"seed": 0, "arm": "pilot", "round": 0, "trial_id": space.trial_id(point), **point,
+         "status": "ok", "error": np.nan, "hostname": "NA", "train_loss": 1 / 3},
+        {"seed": 0, "arm": "pilot", "round": 0, "trial_id": "r8_a256_lr1e-05", "lora_rank": 8,
+         "lora_alpha": 256, "learning_rate": 1e-05, "lora_dropout": 0.05, "status": "failed",
+         "error": 'ValueError: "loss"\tis nan\nat step 3', "hostname": "None", "train_loss": np.nan},
+    ])
     ledger.write_table(table, tmp_path / "t.tsv")
     back = ledger.read_table(tmp_path / "t.tsv")
     pd.testing.assert_frame_equal(back, table)
@@ -179,15 +149,8 @@ def test_history_joins_proposals_with_their_metrics(tmp_path):
     history = ledger.read_table(history_path)
 
     assert list(history.columns[:9]) == [
-        "seed",
-        "arm",
-        "round",
-        "trial_id",
-        "lora_rank",
-        "lora_alpha",
-        "learning_rate",
-        "lora_dropout",
-        "status",
+        "seed", "arm", "round", "trial_id", "lora_rank", "lora_alpha", "learning_rate",
+        "lora_dropout", "status",
     ]
     rest = list(history.columns[9:])
     assert rest == sorted(rest) and {"train_loss", "train_time", "error", "finished_at"} <= set(rest)
@@ -212,15 +175,8 @@ def test_missing_status_means_ok_and_scalars_only(study_space):
     space = study_space
     point = space.snap({"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-3})
     proposals = pd.DataFrame([{"seed": 1, "arm": "pilot", "round": 0, "trial_id": space.trial_id(point), **point}])
-    metrics = {
-        space.trial_id(point): {
-            "train_loss": 2.5,
-            "curve": [3.0, 2.5],
-            "provenance": {"a": 1},
-            "seed": 99,
-            "lora_rank": 999,
-        }
-    }
+    metrics = {space.trial_id(point): {"train_loss": 2.5, "curve": [3.0, 2.5], "provenance": {"a": 1},
+                                       "seed": 99, "lora_rank": 999}}
     history = ledger.build_history(None, proposals, metrics)
     row = history.to_dict("records")[0]
     assert row["status"] == "ok" and row["train_loss"] == 2.5
@@ -232,7 +188,8 @@ def test_build_history_rejects_inconsistent_input(study_space):
     space = study_space
     points = pilot_design(space, 3, "random_sets", 0)
     ids = [space.trial_id(p) for p in points]
-    proposals = pd.DataFrame([{"seed": 0, "arm": "pilot", "round": 0, "trial_id": t, **p} for t, p in zip(ids, points)])
+    proposals = pd.DataFrame([{"seed": 0, "arm": "pilot", "round": 0, "trial_id": t, **p}
+                              for t, p in zip(ids, points)])
     metrics = {t: {"status": "ok", "train_loss": 1.0} for t in ids}
     with pytest.raises(ValueError, match=rf"no metrics for proposed trial\(s\) \['{ids[2]}'\]"):
         ledger.build_history(None, proposals, {t: metrics[t] for t in ids[:2]})
@@ -251,9 +208,8 @@ def test_build_history_rejects_inconsistent_input(study_space):
 def test_empty_round_keeps_the_history(tmp_path, study_space):
     space = study_space
     points = pilot_design(space, 2, "random_sets", 0)
-    proposals = pd.DataFrame(
-        [{"seed": 0, "arm": "pilot", "round": 0, "trial_id": space.trial_id(p), **p} for p in points]
-    )
+    proposals = pd.DataFrame([{"seed": 0, "arm": "pilot", "round": 0, "trial_id": space.trial_id(p), **p}
+                              for p in points])
     history = ledger.build_history(None, proposals, {space.trial_id(p): {"train_loss": 1.0} for p in points})
     nothing = pd.DataFrame(columns=["seed", "arm", "round", "trial_id", *space.names])
     ledger.write_table(nothing, tmp_path / "proposals.tsv")
@@ -264,7 +220,8 @@ def test_empty_round_keeps_the_history(tmp_path, study_space):
 
 
 def test_collect_trials_keeps_the_pilot_once_per_seed(tmp_path):
-    space, finals = make_study(tmp_path, seeds=(0, 1), arms=("gptune", "random"), pilot_n=6, rounds=2, batch=2)
+    space, finals = make_study(tmp_path, seeds=(0, 1), arms=("gptune", "random"), pilot_n=6,
+                               rounds=2, batch=2)
     trials = ledger.collect_trials(ledger.read_table(p) for p in finals)
 
     assert list(trials.columns[:4]) == ["seed", "arm", "round", "trial_id"]
@@ -306,39 +263,21 @@ def test_gptune_db_has_historydb_layout(tmp_path):
     assert db["surrogate_model"] == [] and len(db["func_eval"]) == len(history)
     document = db["func_eval"][0]
     assert set(document) == {
-        "task_parameter",
-        "tuning_parameter",
-        "constants",
-        "machine_configuration",
-        "software_configuration",
-        "evaluation_result",
-        "evaluation_detail",
-        "additional_output",
-        "source",
-        "time",
-        "uid",
+        "task_parameter", "tuning_parameter", "constants", "machine_configuration",
+        "software_configuration", "evaluation_result", "evaluation_detail", "additional_output",
+        "source", "time", "uid",
     }
     row = history.iloc[0]
     assert document["tuning_parameter"] == {
-        "lora_rank": int(row["lora_rank"]),
-        "lora_alpha": int(row["lora_alpha"]),
+        "lora_rank": int(row["lora_rank"]), "lora_alpha": int(row["lora_alpha"]),
         "learning_rate": float(row["learning_rate"]),
     }
     assert type(document["tuning_parameter"]["lora_alpha"]) is int
     assert document["constants"] == {"lora_dropout": 0.05}
     assert document["machine_configuration"] == {"machine_name": "loratune"}
     assert document["source"] == "measure"
-    assert document["time"] == {
-        "tm_year": 2026,
-        "tm_mon": 11,
-        "tm_mday": 29,
-        "tm_hour": 10,
-        "tm_min": 0,
-        "tm_sec": 7,
-        "tm_wday": 6,
-        "tm_yday": 333,
-        "tm_isdst": 0,
-    }
+    assert document["time"] == {"tm_year": 2026, "tm_mon": 11, "tm_mday": 29, "tm_hour": 10,
+                                "tm_min": 0, "tm_sec": 7, "tm_wday": 6, "tm_yday": 333, "tm_isdst": 0}
     assert set(document["evaluation_detail"]) == set(OBJECTIVES)
 
     uids = [d["uid"] for d in db["func_eval"]]

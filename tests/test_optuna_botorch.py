@@ -22,7 +22,6 @@ from loratune.benchmarks import (
 from loratune.designs import pilot_design
 from loratune.pareto import REFERENCE, hypervolume, normalize
 from loratune.proposers import make_proposer
-
 # Small searches keep these tests fast; the learning test uses the defaults.
 from test_proposers import FAST
 

@@ -19,7 +19,8 @@ MIXED_SENSES = {"eval_accuracy": "max", "train_time": "min"}
 
 
 def study_trials(root, objectives=OBJECTIVES, seeds=(0,), arms=("gptune", "random")):
-    space, finals = make_study(root, seeds=seeds, arms=arms, objectives=objectives, pilot_n=8, rounds=2, batch=3)
+    space, finals = make_study(root, seeds=seeds, arms=arms, objectives=objectives, pilot_n=8,
+                               rounds=2, batch=3)
     return space, ledger.collect_trials(ledger.read_table(p) for p in finals)
 
 
@@ -58,13 +59,8 @@ def test_pareto_figure_draws_every_trial_once_with_its_hover(one_seed):
     (gptune,) = traces(fig, "gptune")
     hover = gptune.hovertext[0]
     assert gptune.x[0] == row["train_loss"] and gptune.y[0] == row["train_time"]
-    for piece in (
-        row["trial_id"],
-        space.describe(row.to_dict()),
-        f"train_loss: {row['train_loss']:.6g}",
-        "round 1",
-        "status: ok",
-    ):
+    for piece in (row["trial_id"], space.describe(row.to_dict()), f"train_loss: {row['train_loss']:.6g}",
+                  "round 1", "status: ok"):
         assert piece in hover
     assert "status: failed" in crosses.hovertext[0] and "OutOfMemoryError" in crosses.hovertext[0]
 
@@ -105,10 +101,7 @@ def test_front_lines_are_the_pareto_fronts_drawn_as_outer_steps(tmp_path, object
         points = to_minimization(np.column_stack([line.x, line.y]), list(objectives.values()))
         corners = _corners(points, line.line.shape)
         assert (corners >= points[:-1]).all() and (corners >= points[1:]).all()
-    assert (
-        fig.layout.xaxis.title.text
-        == f"{names[0]} ({ {'min': 'minimized', 'max': 'maximized'}[objectives[names[0]]] })"
-    )
+    assert fig.layout.xaxis.title.text == f"{names[0]} ({ {'min': 'minimized', 'max': 'maximized'}[objectives[names[0]]] })"
     assert line.line.shape == ("hv" if objectives[names[0]] == "min" else "vh")
 
 
@@ -132,7 +125,8 @@ def test_three_objectives_give_a_3d_scatter(tmp_path):
     assert fig.layout.scene.xaxis.title.text == "train_loss (minimized)"
     assert fig.layout.scene2.zaxis.title.text == "eval_accuracy (maximized)"
     (front,) = [t for t in traces(fig, "front: pilot + random") if t.scene == "scene"]
-    expected = pareto_front(trials[(trials["seed"] == 0) & trials["arm"].isin({"pilot", "random"})], THREE_OBJECTIVES)
+    expected = pareto_front(trials[(trials["seed"] == 0) & trials["arm"].isin({"pilot", "random"})],
+                            THREE_OBJECTIVES)
     assert list(front.z) == list(expected["eval_accuracy"])
     drawn = [t for t in fig.data if t.name in ("pilot", "gptune", "random")]
     assert sum(len(t.x) for t in drawn) == (trials["status"] == "ok").sum()
@@ -177,18 +171,8 @@ def test_pareto_set_lists_the_front_of_all_arms_and_of_each(two_seeds):
     fig = plots.pareto_set_figure(trials, OBJECTIVES, space)
     (table,) = fig.data
     headers = [h.replace("<b>", "").replace("</b>", "") for h in table.header.values]
-    assert headers == [
-        "seed",
-        "front",
-        "trial id",
-        "found by",
-        "round",
-        "lora_rank",
-        "lora_alpha",
-        "learning_rate",
-        "train_loss (minimized)",
-        "train_time (minimized)",
-    ]
+    assert headers == ["seed", "front", "trial id", "found by", "round", "lora_rank", "lora_alpha",
+                       "learning_rate", "train_loss (minimized)", "train_time (minimized)"]
     columns = dict(zip(headers, table.cells.values))
     rows = pd.DataFrame(columns)
     assert set(rows["front"]) == {"all arms", "pilot + gptune", "pilot + random"}
@@ -250,24 +234,18 @@ def test_report_embeds_plotly_once_with_every_section(two_seeds):
 def tiny_trials(values, statuses=None, arms=None) -> pd.DataFrame:
     """Trials of one seed with two minimized objectives ``values`` [(a, b), ...]."""
     n = len(values)
-    return pd.DataFrame(
-        {
-            "seed": 0,
-            "arm": arms or ["pilot"] * n,
-            "round": [0 if (arms or ["pilot"] * n)[i] == "pilot" else 1 for i in range(n)],
-            "trial_id": [f"t{i}" for i in range(n)],
-            "status": statuses or ["ok"] * n,
-            "train_loss": [v[0] for v in values],
-            "train_time": [v[1] for v in values],
-        }
-    )
+    return pd.DataFrame({
+        "seed": 0, "arm": arms or ["pilot"] * n, "round": [0 if (arms or ["pilot"] * n)[i] == "pilot" else 1
+                                                           for i in range(n)],
+        "trial_id": [f"t{i}" for i in range(n)], "status": statuses or ["ok"] * n,
+        "train_loss": [v[0] for v in values], "train_time": [v[1] for v in values],
+    })
 
 
 def test_the_knee_is_the_front_point_nearest_the_ideal_in_normalized_objectives():
     # Normalized over the ok trials: (0, 1), (0.3, 0.3) and (1, 0); (0.9, 0.9) is dominated.
-    trials = tiny_trials(
-        [(0.0, 20.0), (3.0, 13.0), (10.0, 10.0), (9.0, 19.0), (1.0, 10.5)], statuses=["ok", "ok", "ok", "ok", "failed"]
-    )
+    trials = tiny_trials([(0.0, 20.0), (3.0, 13.0), (10.0, 10.0), (9.0, 19.0), (1.0, 10.5)],
+                         statuses=["ok", "ok", "ok", "ok", "failed"])
     trials.loc[4, ["train_loss", "train_time"]] = np.nan
     recommended = report.recommended_trials(trials, OBJECTIVES)
     assert list(recommended["trial_id"]) == ["t0", "t1", "t2"]
@@ -280,9 +258,8 @@ def test_the_knee_is_the_front_point_nearest_the_ideal_in_normalized_objectives(
 
 
 def test_trial_counts_count_each_trial_once_by_status_with_its_seconds():
-    trials = tiny_trials(
-        [(1, 1), (2, 2), (3, 3), (4, 4)], statuses=["ok", "stopped", "failed", "ok"], arms=["pilot", "a", "a", "b"]
-    )
+    trials = tiny_trials([(1, 1), (2, 2), (3, 3), (4, 4)], statuses=["ok", "stopped", "failed", "ok"],
+                         arms=["pilot", "a", "a", "b"])
     trials["train_seconds"] = [10.0, 4.0, 1.5, 10.0]
     shared = trials.iloc[[3]].assign(arm="a")  # one point two arms proposed: trained once
     counts = report.trial_counts(pd.concat([trials, shared], ignore_index=True))
@@ -328,34 +305,24 @@ def test_contour_data_interpolates_a_plane_exactly_and_needs_lr_alpha_rank(one_s
     assert inside.mean() > 0.3
     assert contour["z"][inside] == pytest.approx((2 * X - Y + 1)[inside])
     assert len(contour["points"]) == len(trials)
-    no_alpha = SearchSpace.from_config(
-        {
-            "lora_rank": {"type": "int", "low": 4, "high": 64, "step": 4},
-            "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2},
-        }
-    )
+    no_alpha = SearchSpace.from_config({"lora_rank": {"type": "int", "low": 4, "high": 64, "step": 4},
+                                        "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2}})
     assert report.contour_data(trials, "train_loss", no_alpha) is None
     assert report.contour_data(trials.iloc[:2], "train_loss", space) is None
 
 
 def test_timeline_lanes_split_overlapping_trials_of_one_device():
     trials = tiny_trials([(1, 1)] * 4, arms=["pilot", "pilot", "pilot", "pilot"])
-    trials["started_at"] = [
-        "2026-12-01T10:00:00+00:00",
-        "2026-12-01T10:00:05+00:00",
-        "2026-12-01T10:00:20+00:00",
-        "2026-12-01T10:00:00+00:00",
-    ]
-    trials["finished_at"] = ["2026-12-01T10:00:10+00:00", "2026-12-01T10:00:15+00:00", "2026-12-01T10:00:30+00:00", ""]
+    trials["started_at"] = ["2026-12-01T10:00:00+00:00", "2026-12-01T10:00:05+00:00",
+                            "2026-12-01T10:00:20+00:00", "2026-12-01T10:00:00+00:00"]
+    trials["finished_at"] = ["2026-12-01T10:00:10+00:00", "2026-12-01T10:00:15+00:00",
+                             "2026-12-01T10:00:30+00:00", ""]
     trials["hostname"] = "node1"
     trials["cuda_visible_devices"] = [0, 0, 0, 1]
     timeline = report.timeline_data(trials)
     # t3 has no finish time; t1 overlaps t0 (lane #2), t2 starts after both ended (back to lane 1).
     assert dict(zip(timeline["trial_id"], timeline["lane"])) == {
-        "t0": "node1 GPU 0",
-        "t1": "node1 GPU 0 #2",
-        "t2": "node1 GPU 0",
-    }
+        "t0": "node1 GPU 0", "t1": "node1 GPU 0 #2", "t2": "node1 GPU 0"}
     fig = plots.timeline_figure(timeline)
     assert fig.data[0].x.tolist() == [10000.0, 10000.0, 10000.0]
 
@@ -364,10 +331,8 @@ def test_curves_of_stopped_and_finished_trials_reach_the_learning_curve_data(one
     space, trials = one_seed
     first, second = trials["trial_id"].iloc[0], trials["trial_id"].iloc[1]
     full = tmp_path / "seed0" / "trials" / first / "metrics.json"
-    curve = [
-        {"step": 10, "eval_loss": 2.0, "train_loss": 2.5, "train_time": 1.0},
-        {"step": 20, "eval_loss": 1.5, "train_loss": 2.0, "train_time": 2.0},
-    ]
+    curve = [{"step": 10, "eval_loss": 2.0, "train_loss": 2.5, "train_time": 1.0},
+             {"step": 20, "eval_loss": 1.5, "train_loss": 2.0, "train_time": 2.0}]
     ledger.atomic_write_text(full, __import__("json").dumps({"trial_id": first, "curve": curve}))
     for step in (10, 20):  # a stopped trial: only its rungs' metrics, the highest one counts
         rung = tmp_path / "seed0" / "trials" / second / f"step{step}" / "metrics.json"

@@ -111,9 +111,9 @@ def test_same_seed_same_proposals_other_seed_others(name, study_space, study_his
     # The grid's seed only breaks ties between equally spread grid points, as on an empty
     # history; with this history its maximin picks are unique.
     history = None if name == "grid" else study_history
-    assert proposer(name, study_space, seed=4).propose(history, 4) != proposer(name, study_space, seed=3).propose(
-        history, 4
-    )
+    assert proposer(name, study_space, seed=4).propose(history, 4) != proposer(
+        name, study_space, seed=3
+    ).propose(history, 4)
 
 
 @pytest.mark.parametrize("name", PROPOSERS)
@@ -159,7 +159,9 @@ def test_tiny_space_is_exhausted_gracefully(name):
 def test_split_history_flags_failures_and_negates_maxima():
     space = SearchSpace.from_config(TINY_SPACE)
     points = space.all_points()[:5]
-    history = pd.DataFrame([{**p, "loss": float(i), "acc": 10.0 * i} for i, p in enumerate(points)])
+    history = pd.DataFrame(
+        [{**p, "loss": float(i), "acc": 10.0 * i} for i, p in enumerate(points)]
+    )
     history["status"] = ["ok", "ok", "failed", "ok", "ok"]
     history["acc"] = history["acc"].astype(object)
     history.loc[3, "acc"] = "nan"  # as a TSV reader may leave it
@@ -256,9 +258,7 @@ def test_lora_coordinates_round_trip_every_point(kind, study_space):
 @pytest.mark.parametrize("sampler", ["gp", "tpe"])
 def test_optuna_in_lora_coordinates_keeps_the_contract(sampler, study_space, study_history):
     options = {"sampler": sampler, "coordinates": "lora", **({"qmc_samples": 16} if sampler == "gp" else {})}
-    make = lambda seed: make_proposer(
-        "optuna", space=study_space, objectives=OBJECTIVES, seed=seed, **options
-    )  # noqa: E731
+    make = lambda seed: make_proposer("optuna", space=study_space, objectives=OBJECTIVES, seed=seed, **options)  # noqa: E731
     first = make(1).propose(study_history, 3)
     assert_valid_new(study_space, first, study_history, 3)
     assert make(1).propose(study_history, 3) == first

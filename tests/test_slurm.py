@@ -45,12 +45,8 @@ def study_config() -> dict:
         objectives={"train_loss": "min", "train_time": "min"},
         pilot={"design": "lhs", "n": 3},
         arms={
-            "gptune": {
-                "proposer": "gptune",
-                "rounds": 1,
-                "batch_size": 2,
-                "options": {"population_size": 24, "generations": 10},
-            },
+            "gptune": {"proposer": "gptune", "rounds": 1, "batch_size": 2,
+                       "options": {"population_size": 24, "generations": 10}},
             "random": {"proposer": "random", "rounds": 2, "batch_size": 2},
         },
         resources={"gpus_per_trial": 1, "mem_mb": 500, "runtime": 5, "cpus_per_trial": 1},
@@ -69,18 +65,8 @@ def cluster():
 
 
 def snakemake_command(workdir: Path, configfile: Path, profile: Path, *args: str) -> list[str]:
-    return [
-        SNAKEMAKE,
-        "-s",
-        str(REPO / "Snakefile"),
-        "-d",
-        str(workdir),
-        "--configfile",
-        str(configfile),
-        "--profile",
-        str(profile),
-        *args,
-    ]
+    return [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", str(configfile),
+            "--profile", str(profile), *args]
 
 
 def train_jobs(cluster: SlurmCluster) -> list[dict[str, str]]:
@@ -131,9 +117,8 @@ def test_study_on_slurm_retries_resumes_and_matches_a_local_run(cluster, tmp_pat
     workdir.mkdir()
     head_log = tmp_path / "head1.log"
     with open(head_log, "w") as log:
-        head = subprocess.Popen(
-            snakemake_command(workdir, configfile, profile), cwd=workdir, stdout=log, stderr=subprocess.STDOUT
-        )
+        head = subprocess.Popen(snakemake_command(workdir, configfile, profile), cwd=workdir,
+                                stdout=log, stderr=subprocess.STDOUT)
     side_by_side: set[frozenset[str]] = set()  # Slurm ids of train jobs seen running at one moment
     cancelled_pending = None
 
@@ -154,10 +139,8 @@ def test_study_on_slurm_retries_resumes_and_matches_a_local_run(cluster, tmp_pat
             if cancelled_pending is None and pending:
                 cancelled_pending = pending[0]
                 subprocess.run(["scancel", cancelled_pending["id"]], check=True, timeout=10)
-            retried = (
-                cancelled_pending
-                and (workdir / OUT / "seed0/trials" / cancelled_pending["trial"] / "metrics.json").exists()
-            )
+            retried = cancelled_pending and (workdir / OUT / "seed0/trials" / cancelled_pending["trial"]
+                                             / "metrics.json").exists()
             if retried and running and len(running) + len(pending) > 1:
                 break
             time.sleep(0.3)
@@ -220,22 +203,9 @@ def test_study_on_slurm_retries_resumes_and_matches_a_local_run(cluster, tmp_pat
 def test_wave_profile_previews_each_experiment(experiment, tmp_path):
     """`snakemake --profile profiles/wave -n` works before any job ran and shows what it would submit."""
     result = subprocess.run(
-        [
-            SNAKEMAKE,
-            "-s",
-            str(REPO / "Snakefile"),
-            "-d",
-            str(tmp_path),
-            "--configfile",
-            str(experiment),
-            "--profile",
-            str(WAVE_PROFILE.parent),
-            "-n",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(experiment),
+         "--profile", str(WAVE_PROFILE.parent), "-n"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "checkpoint sample_pilot:" in result.stdout

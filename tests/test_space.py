@@ -8,6 +8,7 @@ from loratune.space import ChoiceParam, FloatParam, IntParam, SearchSpace, Space
 from conftest import STUDY_SPACE as STUDY
 
 
+
 @pytest.fixture
 def space(study_space) -> SearchSpace:
     return study_space
@@ -72,7 +73,9 @@ def test_unit_round_trip_of_log_floats(space):
 
 
 def test_log_int_is_spread_on_a_log_scale():
-    space = SearchSpace.from_config({"lora_rank": {"type": "int", "low": 4, "high": 256, "step": 4, "log": True}})
+    space = SearchSpace.from_config(
+        {"lora_rank": {"type": "int", "low": 4, "high": 256, "step": 4, "log": True}}
+    )
     assert space.from_unit([0.5])["lora_rank"] == 32
     assert space.to_unit({"lora_rank": 32})[0] == pytest.approx(0.5)
 

@@ -33,16 +33,8 @@ def _metrics_mtimes(workdir: Path) -> dict[str, float]:
 def test_study_produces_every_output(finished_study):
     workdir, _, first = finished_study
     out = workdir / OUT
-    for name in [
-        "trials.tsv",
-        "hypervolume.tsv",
-        "pareto_set.tsv",
-        "report.html",
-        "summary.txt",
-        "plots/pareto.html",
-        "plots/hypervolume.html",
-        "plots/pareto_set.html",
-    ]:
+    for name in ["trials.tsv", "hypervolume.tsv", "pareto_set.tsv", "report.html", "summary.txt",
+                 "plots/pareto.html", "plots/hypervolume.html", "plots/pareto_set.html"]:
         assert (out / name).stat().st_size > 0, name
     for seed in CONFIG["seeds"]:
         for arm in ["pilot", "gptune", "random", "grid"]:
@@ -105,40 +97,24 @@ def test_dry_run_lists_the_pending_trials_of_a_round(tmp_path):
 
 BAD_CONFIGS = [
     ("arms.gptune.proposer", lambda c: c["arms"]["gptune"].update(proposer="bayes")),
-    (
-        "arms.gptune.options: proposer.gptune.population_size",
-        lambda c: c["arms"]["gptune"].update(options={"population_size": 0}),
-    ),
-    (
-        "arms.random.options: proposer.random: unknown option 'sampler'",
-        lambda c: c["arms"]["random"].update(options={"sampler": "tpe"}),
-    ),
+    ("arms.gptune.options: proposer.gptune.population_size",
+     lambda c: c["arms"]["gptune"].update(options={"population_size": 0})),
+    ("arms.random.options: proposer.random: unknown option 'sampler'",
+     lambda c: c["arms"]["random"].update(options={"sampler": "tpe"})),
     ("search_space.lora_rank", lambda c: c["search_space"]["lora_rank"].update(low=300)),
     ("search_space.lora_rank.step", lambda c: c["search_space"]["lora_rank"].update(step=5)),
     ("objectives", lambda c: c.update(objectives={})),
     ("objectives.eval_los", lambda c: c.update(backend="qlora", objectives={"eval_los": "min"})),
     ("pilot.design", lambda c: c["pilot"].update(design="sobol")),
     ("benchmark.problem", lambda c: c["benchmark"].update(problem="zdt9")),
-    (
-        "model.name",
-        lambda c: c.update(backend="qlora", objectives={"eval_loss": "min"}, model={"name": "/nowhere/model.gguf"}),
-    ),
-    (
-        "dataset.path",
-        lambda c: c.update(backend="qlora", objectives={"eval_loss": "min"}, dataset={"path": "missing.jsonl"}),
-    ),
-    (
-        "training.quantization",
-        lambda c: c.update(backend="qlora", objectives={"eval_loss": "min"}, training={"quantization": "int3"}),
-    ),
-    (
-        "search_space",
-        lambda c: c.update(
-            backend="qlora",
-            objectives={"eval_loss": "min"},
-            search_space={"lora_rank": {"type": "int", "low": 4, "high": 8}},
-        ),
-    ),
+    ("model.name", lambda c: c.update(backend="qlora", objectives={"eval_loss": "min"},
+                                      model={"name": "/nowhere/model.gguf"})),
+    ("dataset.path", lambda c: c.update(backend="qlora", objectives={"eval_loss": "min"},
+                                        dataset={"path": "missing.jsonl"})),
+    ("training.quantization", lambda c: c.update(backend="qlora", objectives={"eval_loss": "min"},
+                                                 training={"quantization": "int3"})),
+    ("search_space", lambda c: c.update(backend="qlora", objectives={"eval_loss": "min"},
+                                        search_space={"lora_rank": {"type": "int", "low": 4, "high": 8}})),
 ]
 
 
@@ -162,9 +138,8 @@ NO_SOFTWARE_LINT = "Specify a conda environment or container for each rule."
 
 
 def test_lint_and_format():
-    lint = subprocess.run(
-        [SNAKEMAKE, "--lint", "-s", str(REPO / "Snakefile")], cwd=REPO, capture_output=True, text=True
-    )
+    lint = subprocess.run([SNAKEMAKE, "--lint", "-s", str(REPO / "Snakefile")], cwd=REPO,
+                          capture_output=True, text=True)
     report = lint.stdout + lint.stderr
     lints = [line.strip()[2:].rstrip(":") for line in report.splitlines() if line.startswith("    * ")]
     assert lint.returncode == 0 or (lints and set(lints) == {NO_SOFTWARE_LINT}), report

@@ -41,19 +41,8 @@ def test_crashed_trials_are_recorded_and_the_study_completes(tmp_path):
         assert len(proposed) == 1
         assert not set(proposed.trial_id) & set(trials[trials.arm == "pilot"].trial_id)
     metrics = json.loads(next(out.glob("seed0/trials/*/metrics.json")).read_text())
-    for field in (
-        "status",
-        "train_loss",
-        "eval_loss",
-        "train_time",
-        "tokens_per_second",
-        "peak_memory_gib",
-        "trainable_params",
-        "device",
-        "provenance",
-        "slurm_job_id",
-        "cuda_visible_devices",
-    ):
+    for field in ("status", "train_loss", "eval_loss", "train_time", "tokens_per_second", "peak_memory_gib",
+                  "trainable_params", "device", "provenance", "slurm_job_id", "cuda_visible_devices"):
         assert field in metrics
     kept = [p for p in out.glob("seed0/trials/*/adapter") if p.is_dir()]
     assert len(kept) == len(ok.drop_duplicates("trial_id"))

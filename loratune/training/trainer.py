@@ -561,12 +561,8 @@ def prepare(
     data = read_prepared(data_dir)
     device = resolve_device(settings.device)
     tokenizer = load_tokenizer(model_path, revision=revision, trust_remote_code=trust_remote_code)
-    train_set = [
-        e for e in tokenize_examples(tokenizer, data.train, settings.max_seq_length, data.template) if e.loss_tokens
-    ]
-    eval_set = [
-        e for e in tokenize_examples(tokenizer, data.eval, settings.max_seq_length, data.template) if e.loss_tokens
-    ]
+    train_set = [e for e in tokenize_examples(tokenizer, data.train, settings.max_seq_length, data.template) if e.loss_tokens]
+    eval_set = [e for e in tokenize_examples(tokenizer, data.eval, settings.max_seq_length, data.template) if e.loss_tokens]
     if not train_set:
         raise ValueError(
             f"training.max_seq_length: {settings.max_seq_length} tokens leave no completion token "

@@ -210,13 +210,9 @@ GresTypes=gpu
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={spec.cpus} RealMemory={spec.memory_mb} Gres=gpu:{spec.gpu_type}:{spec.gpus} State=UNKNOWN
 PartitionName={spec.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
-        gres_conf = (
-            MARKER
-            + "\n"
-            + "".join(
-                f"NodeName={self.node} Name=gpu Type={spec.gpu_type} File={self.gpu_device(i)}\n"
-                for i in range(spec.gpus)
-            )
+        gres_conf = MARKER + "\n" + "".join(
+            f"NodeName={self.node} Name=gpu Type={spec.gpu_type} File={self.gpu_device(i)}\n"
+            for i in range(spec.gpus)
         )
         SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
         SLURM_CONF.write_text(slurm_conf)
@@ -225,30 +221,18 @@ PartitionName={spec.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def _spawn(self, name: str, command: list[str], user: str | None = None) -> None:
         log = open(self.log_dir / f"{name}.out", "wb")
         self._daemons[name] = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            user=user,
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, user=user,
             start_new_session=True,  # a Ctrl-C of the test reaches the test, which stops us in order
         )
         log.close()
 
     def _start_daemons(self) -> None:
         private = self.root / "munge"
-        self._spawn(
-            "munged",
-            [
-                "munged",
-                "--foreground",
-                f"--key-file={private}/munge.key",
-                f"--socket={self.munge_socket}",
-                f"--pid-file={private}/munged.pid",
-                f"--log-file={private}/munged.log",
-                f"--seed-file={private}/munged.seed",
-            ],
-            user="munge",
-        )
+        self._spawn("munged", [
+            "munged", "--foreground", f"--key-file={private}/munge.key", f"--socket={self.munge_socket}",
+            f"--pid-file={private}/munged.pid", f"--log-file={private}/munged.log",
+            f"--seed-file={private}/munged.seed",
+        ], user="munge")
         wait_until(self.munge_socket.exists, 10, "munge socket")
         self._spawn("slurmctld", ["slurmctld", "-D"])
         wait_until(lambda: self._quiet(["scontrol", "ping"]), 20, "slurmctld answering")
@@ -279,10 +263,7 @@ PartitionName={spec.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         """Every job slurmctld still remembers (finished ones for MinJobAge seconds)."""
         out = subprocess.run(
             ["squeue", "--states=all", "--noheader", "--format=%i|%T|%j|%k"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
+            capture_output=True, text=True, timeout=10, check=True,
         )
         keys = ("id", "state", "name", "comment")
         return [dict(zip(keys, line.split("|"), strict=True)) for line in out.stdout.splitlines() if line]
