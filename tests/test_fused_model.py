@@ -87,13 +87,8 @@ def relative_error(a: dict, b: dict) -> float:
 
 
 PLANS_NF4 = {  # the memory plans of the 4-bit model, besides the default (nothing recomputed)
-    "lowest": MemoryPlan(
-        checkpointed=frozenset({0, 1}),
-        dequant_cache=False,
-        offload=True,
-        loss_chunk=8,
-        embed_on_host=True,
-        chunked_backward=True,
+    "lowest": MemoryPlan(  # but the embedding in host memory: tied here (test_the_embedding_in_host_memory...)
+        checkpointed=frozenset({0, 1}), dequant_cache=False, offload=True, loss_chunk=8, chunked_backward=True
     ),
     "cached, half checkpointed": MemoryPlan(checkpointed=frozenset({0}), dequant_cache=True),
 }
@@ -155,6 +150,14 @@ def test_nf4_fused_path_trains_the_same_model_as_the_plain_qlora_path(tiny_model
     assert relative_error(grads, lora_grads(plain)) < 0.3
 
 
+@pytest.fixture(scope="module")
+def untied_tiny_model(tmp_path_factory) -> str:
+    """The tiny model with an input embedding of its own (one the memory plan may move to the host)."""
+    from tiny_models import build_tiny_llama
+
+    return str(build_tiny_llama(tmp_path_factory.mktemp("untied") / "model", tie_word_embeddings=False))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("plan", [None, *PLANS_NF4])
 def test_nf4_fused_gradients_are_as_exact_as_the_plain_qlora_recipe(tiny_model, device, plan):
@@ -212,6 +215,30 @@ def test_every_plan_gives_the_same_gradients_dropout_included(tiny_model, device
         fused.loss(pack(batch, dev), training=True).backward()
         grads.append(lora_grads(model))
     assert relative_error(grads[1], grads[0]) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the embedding moves only from a GPU")
+def test_the_embedding_in_host_memory_changes_nothing(untied_tiny_model):
+    batch = examples()
+    results = []
+    for on_host in (False, True):
+        model = lora_model(untied_tiny_model, dtype=torch.bfloat16, device="cuda", fused=True)
+        fused = FusedCausalLM(model)
+        fused.apply_plan(MemoryPlan(checkpointed=frozenset(), dequant_cache=False, embed_on_host=on_host))
+        assert fused.embed.device.type == ("cpu" if on_host else "cuda")
+        loss = fused.loss(pack(batch, torch.device("cuda")), training=True)
+        loss.backward()
+        results.append((loss.item(), lora_grads(model)))
+        fused.apply_plan(MemoryPlan(checkpointed=frozenset(), dequant_cache=False))
+        assert fused.embed.device.type == "cuda"  # and back
+    assert results[0][0] == results[1][0]
+    assert relative_error(results[1][1], results[0][1]) == 0
+
+
+def test_a_tied_embedding_cannot_wait_in_host_memory(tiny_model):
+    fused = FusedCausalLM(lora_model(tiny_model, fused=True))
+    with pytest.raises(ValueError, match="tied to the output layer"):
+        fused.apply_plan(MemoryPlan(checkpointed=frozenset(), dequant_cache=False, embed_on_host=True))
 
 
 @pytest.mark.parametrize("device", DEVICES)

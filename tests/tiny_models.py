@@ -33,7 +33,7 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
+def build_tiny_llama(folder: Path, seed: int = 0, tie_word_embeddings: bool = True) -> Path:
     """Save a 2-layer, width-64 LlamaForCausalLM with random weights and the tiny tokenizer to ``folder``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,7 +47,7 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         initializer_range=0.3,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -94,6 +94,8 @@ class FusedCausalLM:
     def apply_plan(self, plan: MemoryPlan) -> None:
         self.plan = plan
         device = self.lm_head.device
+        if plan.embed_on_host and self.embed is self.lm_head:
+            raise ValueError("the input embedding is tied to the output layer: it cannot wait in host memory")
         if device.type == "cuda":  # the input embedding to host memory and back, as the plan says
             self.embed.data = self.embed.data.to("cpu" if plan.embed_on_host else device)
         for layer in self.layers:
