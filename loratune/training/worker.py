@@ -103,6 +103,7 @@ def _handle(conn: socket.socket, base_models, served: int) -> int:
         return served
     done = threading.Event()
     threading.Thread(target=_exit_if_client_leaves, args=(conn, done), daemon=True).start()
+    Path(request["log_path"]).parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(request["log_path"], mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -172,10 +173,16 @@ def _connect(socket_path: Path) -> socket.socket | None:
 
 def _start(socket_path: Path, idle_seconds: float) -> socket.socket:
     """Start a worker in its own session (it outlives the job that started it) and connect."""
+    import loratune
+
     log_path = socket_path.with_suffix(".log")
+    # The worker imports the loratune this job runs (the key says so), wherever it came from.
+    here = str(Path(loratune.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
     with open(log_path, "a") as worker_log:
         process = subprocess.Popen(
             [sys.executable, "-m", "loratune.training.worker", str(socket_path), str(idle_seconds)],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=worker_log,
             stderr=subprocess.STDOUT,
