@@ -164,23 +164,35 @@ def run_mode(name: str, config: dict, trials: list[str], concurrency: int, work:
     return record
 
 
-def shape_model(shape: str, root: Path, tokenizer_from: str) -> str:
-    """A random-weight model of ``shape`` (the baseline's shapes), saved once, with SmolLM2's tokenizer."""
+def shape_model(shape: str, root: Path, tokenizer_from: str, weights: bool) -> str:
+    """A random-weight model of ``shape`` (the baseline's shapes), saved once, with SmolLM2's
+    tokenizer; without ``weights`` only its config.json (all that ``auto`` reads)."""
     path = root / shape
-    if not (path / "config.json").exists():
+    if not weights:
+        code = (
+            "import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]);"
+            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); b.config_for(sys.argv[2]).save_pretrained(sys.argv[3])"
+        )
+        subprocess.run([sys.executable, "-c", code, str(_baseline()), shape, str(path)], check=True)
+        return str(path)
+    if not (path / "safetensors.done").exists():
         code = (
             "import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]);"
             "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); b.materialize(sys.argv[2], sys.argv[3])"
         )
-        baseline = REPO.parent / "shared" / "bench" / "hf_qlora_baseline.py"
-        if not baseline.exists():
-            baseline = Path("/tmp/keep/hf_qlora_baseline.py")
-        subprocess.run([sys.executable, "-c", code, str(baseline), shape, str(path)], check=True)
+        subprocess.run([sys.executable, "-c", code, str(_baseline()), shape, str(path)], check=True)
+        (path / "safetensors.done").touch()
     for name in Path(tokenizer_from).glob("tokenizer*"):
         shutil.copy(name, path / name.name)
     for name in Path(tokenizer_from).glob("special_tokens_map.json"):
         shutil.copy(name, path / name.name)
     return str(path)
+
+
+def _baseline() -> Path:
+    """../shared/bench/hf_qlora_baseline.py, or the copy bench/gpu/setup.sh keeps on the GPU machine."""
+    here = REPO.parent / "shared" / "bench" / "hf_qlora_baseline.py"
+    return here if here.exists() else Path("/tmp/keep/hf_qlora_baseline.py")
 
 
 def summarize(records: list[dict], shapes: list[dict]) -> str:
@@ -203,6 +215,19 @@ def summarize(records: list[dict], shapes: list[dict]) -> str:
             f"Split of the gain: packing alone {gain['pack']:.2f}x, per-process alone {gain['process']:.2f}x, "
             f"both {gain['both']:.2f}x (product of the two alone: {gain['pack'] * gain['process']:.2f}x)."
         )
+    reference = by_mode.get("job", {}).get("eval_loss", {})
+    gaps = [
+        abs(loss - reference[trial])
+        for r in by_mode.values()
+        for trial, loss in r["eval_loss"].items()
+        if r["mode"] != "job" and loss is not None and reference.get(trial) is not None
+    ]
+    if gaps:
+        lines.append("")
+        lines.append(
+            f"Same trials, other modes against one trial per job: largest |eval_loss difference| {max(gaps):.3g} "
+            f"over {len(gaps)} trial runs."
+        )
     for s in shapes:
         lines.append("")
         lines.append(f"{s['shape']}: auto = {s['auto']} trial(s) per GPU ({s['why']})" + (
@@ -216,7 +241,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for throughput.jsonl and throughput.md")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--trials", default="job=3,process=8,pack=16,both=24", help="trials per mode")
+    parser.add_argument("--trials", default="job=3,process=6,pack=8,both=16", help="trials per mode")
     parser.add_argument("--concurrency", type=int, default=8, help="jobs at once in the packing modes")
     parser.add_argument("--shapes", default="llama3-1b,llama3-8b")
     parser.add_argument("--run-shapes", default="llama3-1b", help="shapes timed job against both")
@@ -273,12 +298,13 @@ def main() -> None:
     from loratune import packing
 
     for shape in filter(None, args.shapes.split(",")):
-        path = shape_model(shape, work / "shapes", model)
+        timed = shape in args.run_shapes.split(",")
+        path = shape_model(shape, work / "shapes", model, weights=timed)
         tokens = 8 * 2048 if shape == "llama3-1b" else 4 * 2048
         gpu_gib = packing.gpu_memory_gib(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
         n, why = packing.resolve_trials_per_gpu("auto", path, tokens, "nf4", gpu_gib, packing.cpus_per_gpu(1))
         result = {"shape": shape, "auto": n, "why": why}
-        if shape in args.run_shapes.split(","):
+        if timed:
             shape_training = {"quantization": "nf4", "max_steps": args.shape_steps, "batch_size": tokens // 2048,
                               "max_seq_length": 2048}
             for name in ("job", "both"):
