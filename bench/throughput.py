@@ -21,8 +21,8 @@ the worker modes include each worker's start-up once; with few trials per worker
 them against a long study, so the summary also gives the steady state: slots x 3600 / the median
 job time of the trials a worker trained after its first (stated as an extrapolation).
 
-The shapes check (``--shapes``: llama3-1b, llama3-8b, random weights as bench/train_speed.py's
-baseline builds them) asks ``auto`` what it packs for each shape on this GPU (it must keep one
+The shapes check (``--shapes``: llama3-1b, llama3-8b, random weights, the shapes of
+bench/train_speed.py) asks ``auto`` what it packs for each shape on this GPU (it must keep one
 trial per GPU) and times ``job`` against ``both`` for the shapes in ``--run-shapes`` over a few
 trials and steps: the worker must not cost throughput either.
 
@@ -164,35 +164,33 @@ def run_mode(name: str, config: dict, trials: list[str], concurrency: int, work:
     return record
 
 
+# bench/train_speed.py's random-weight shapes (those of ../shared/bench/hf_qlora_baseline.py).
+SHAPES = {
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, tie_word_embeddings=True),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, tie_word_embeddings=False),
+}
+
+
 def shape_model(shape: str, root: Path, tokenizer_from: str, weights: bool) -> str:
-    """A random-weight model of ``shape`` (the baseline's shapes), saved once, with SmolLM2's
-    tokenizer; without ``weights`` only its config.json (all that ``auto`` reads)."""
+    """A random-weight model of ``shape``, saved once (built on the GPU in a child process, so
+    this one never touches CUDA), with SmolLM2's tokenizer; without ``weights`` only its
+    config.json, all that ``auto`` reads."""
     path = root / shape
-    if not weights:
-        code = (
-            "import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]);"
-            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); b.config_for(sys.argv[2]).save_pretrained(sys.argv[3])"
-        )
-        subprocess.run([sys.executable, "-c", code, str(_baseline()), shape, str(path)], check=True)
-        return str(path)
-    if not (path / "safetensors.done").exists():
-        code = (
-            "import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]);"
-            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); b.materialize(sys.argv[2], sys.argv[3])"
-        )
-        subprocess.run([sys.executable, "-c", code, str(_baseline()), shape, str(path)], check=True)
-        (path / "safetensors.done").touch()
-    for name in Path(tokenizer_from).glob("tokenizer*"):
-        shutil.copy(name, path / name.name)
-    for name in Path(tokenizer_from).glob("special_tokens_map.json"):
+    code = (
+        "import json, sys, torch; from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, "
+        "torch_dtype='bfloat16', **json.loads(sys.argv[1]))\n"
+        "if sys.argv[3] == '0': config.save_pretrained(sys.argv[2]); sys.exit()\n"
+        "with torch.device('cuda' if torch.cuda.is_available() else 'cpu'): model = LlamaForCausalLM(config).to(torch.bfloat16)\n"
+        "model.save_pretrained(sys.argv[2])\n"
+    )
+    if not (path / "config.json").exists() or (weights and not list(path.glob("*.safetensors"))):
+        subprocess.run([sys.executable, "-c", code, json.dumps(SHAPES[shape]), str(path), str(int(weights))], check=True)
+    for name in [*Path(tokenizer_from).glob("tokenizer*"), *Path(tokenizer_from).glob("special_tokens_map.json")]:
         shutil.copy(name, path / name.name)
     return str(path)
-
-
-def _baseline() -> Path:
-    """../shared/bench/hf_qlora_baseline.py, or the copy bench/gpu/setup.sh keeps on the GPU machine."""
-    here = REPO.parent / "shared" / "bench" / "hf_qlora_baseline.py"
-    return here if here.exists() else Path("/tmp/keep/hf_qlora_baseline.py")
 
 
 def summarize(records: list[dict], shapes: list[dict]) -> str:
