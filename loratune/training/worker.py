@@ -113,6 +113,7 @@ def _handle(conn: socket.socket, base_models, served: int) -> int:
     try:
         log.info("trial worker (pid %d) trains this trial, its trial %d", os.getpid(), served + 1)
         try:
+            os.chdir(request["cwd"])  # the job's relative paths (trial folder, data) are the job's
             metrics = run_trial(**request["kwargs"], base_models=base_models)
             served += 1
             reply = {"metrics": {**metrics, "worker": {"pid": os.getpid(), "trial": served, "base_model_loads": base_models.loads}}}
@@ -221,7 +222,7 @@ def run_in_worker(
     with conn:
         log.info("trial handed to the %s trial worker of slot %s (%s)", "new" if started else "running", slot, socket_path)
         sys.stderr.flush()
-        _send(conn, {"kwargs": kwargs, "log_path": str(Path(log_path).resolve())})
+        _send(conn, {"kwargs": kwargs, "log_path": str(Path(log_path).resolve()), "cwd": os.getcwd()})
         reply = _receive(conn)
     if reply is None:
         raise WorkerDied(f"the trial worker of slot {slot} ended before it answered; see {socket_path.with_suffix('.log')}")
