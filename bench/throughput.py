@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for throughput.jsonl and throughput.md")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--trials", default="job=3,process=5,pack=8,both=16", help="trials per mode")
+    parser.add_argument("--trials", default="job=3,process=4,pack=8,both=16", help="trials per mode")
     parser.add_argument("--concurrency", type=int, default=8, help="jobs at once in the packing modes")
     parser.add_argument("--shapes", default="llama3-1b,llama3-8b")
     parser.add_argument("--run-shapes", default="llama3-1b", help="shapes timed job against both")
