@@ -157,7 +157,9 @@ def run_mode(name: str, config: dict, trials: list[str], concurrency: int, work:
         "median_job_s": round(statistics.median(d["end"] - d["start"] for d in done), 1),
         "median_train_s": round(statistics.median(d["metrics"].get("train_time") or 0 for d in done), 2),
         "median_later_job_s": round(statistics.median(later), 1) if later else None,
-        "steady_trials_per_hour": round(min(slots, concurrency) * 3600 / statistics.median(later), 1) if later else None,
+        "steady_trials_per_hour": (
+            round(min(slots, concurrency) * 3600 / statistics.median(later), 1) if later else None
+        ),
         "eval_loss": {d["trial"]: d["metrics"].get("eval_loss") for d in done},
     }
     emit(record)
@@ -166,10 +168,22 @@ def run_mode(name: str, config: dict, trials: list[str], concurrency: int, work:
 
 # bench/train_speed.py's random-weight shapes (those of ../shared/bench/hf_qlora_baseline.py).
 SHAPES = {
-    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, tie_word_embeddings=True),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, tie_word_embeddings=False),
+    "llama3-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -187,7 +201,9 @@ def shape_model(shape: str, root: Path, tokenizer_from: str, weights: bool) -> s
         "model.save_pretrained(sys.argv[2])\n"
     )
     if not (path / "config.json").exists() or (weights and not list(path.glob("*.safetensors"))):
-        subprocess.run([sys.executable, "-c", code, json.dumps(SHAPES[shape]), str(path), str(int(weights))], check=True)
+        subprocess.run(
+            [sys.executable, "-c", code, json.dumps(SHAPES[shape]), str(path), str(int(weights))], check=True
+        )
     for name in [*Path(tokenizer_from).glob("tokenizer*"), *Path(tokenizer_from).glob("special_tokens_map.json")]:
         shutil.copy(name, path / name.name)
     return str(path)
@@ -195,8 +211,10 @@ def shape_model(shape: str, root: Path, tokenizer_from: str, weights: bool) -> s
 
 def summarize(records: list[dict], shapes: list[dict]) -> str:
     by_mode = {r["mode"]: r for r in records if "mode" in r and "shape" not in r}
-    lines = ["| mode | trials | trials/GPU | workers | wall s | trials/hour | vs job | steady trials/hour (extrapolated) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | trials | trials/GPU | workers | wall s | trials/hour | vs job | steady trials/hour (extrapolated) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     base = by_mode.get("job", {}).get("trials_per_hour")
     for name in MODES:
         r = by_mode.get(name)
@@ -228,8 +246,10 @@ def summarize(records: list[dict], shapes: list[dict]) -> str:
         )
     for s in shapes:
         lines.append("")
-        lines.append(f"{s['shape']}: auto = {s['auto']} trial(s) per GPU ({s['why']})" + (
-            f"; job {s['job']} vs both {s['both']} trials/hour ({s['both'] / s['job']:.2f}x)" if "job" in s else ""))
+        lines.append(
+            f"{s['shape']}: auto = {s['auto']} trial(s) per GPU ({s['why']})"
+            + (f"; job {s['job']} vs both {s['both']} trials/hour ({s['both'] / s['job']:.2f}x)" if "job" in s else "")
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -270,7 +290,11 @@ def main() -> None:
         model = prepare_model(ModelSpec(), work / "models")
     data_dir = work / "data"
     prepare_dataset(DatasetSpec(path=args.data, format="self_instruct", eval_fraction=0.15), data_dir)
-    env = {**os.environ, "TMPDIR": str(work / "tmp"), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "TMPDIR": str(work / "tmp"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     (work / "tmp").mkdir(exist_ok=True)
     counts = dict(item.split("=") for item in args.trials.split(","))
     training = {"quantization": "nf4", "max_steps": args.steps, "batch_size": 8, "max_seq_length": 256}
@@ -283,8 +307,16 @@ def main() -> None:
         args.concurrency, args.shapes = 2, ""
     import torch
 
-    emit({"event": "setup", "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-          "torch": torch.__version__, "steps": training["max_steps"], "model": model, "commit": _commit()})
+    emit(
+        {
+            "event": "setup",
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+            "steps": training["max_steps"],
+            "model": model,
+            "commit": _commit(),
+        }
+    )
     ids = trial_ids(max(int(n) for n in counts.values()))
     # One untimed job first: it fills the on-disk kernel caches (torch.compile's) that every later
     # job of a study finds warm, so no mode pays the study's first compilation.
@@ -308,13 +340,24 @@ def main() -> None:
         n, why = packing.resolve_trials_per_gpu("auto", path, tokens, "nf4", gpu_gib, packing.cpus_per_gpu(1))
         result = {"shape": shape, "auto": n, "why": why}
         if timed:
-            shape_training = {"quantization": "nf4", "max_steps": args.shape_steps, "batch_size": tokens // 2048,
-                              "max_seq_length": 2048}
+            shape_training = {
+                "quantization": "nf4",
+                "max_steps": args.shape_steps,
+                "batch_size": tokens // 2048,
+                "max_seq_length": 2048,
+            }
             for name in ("both", "job"):  # one trial per job second: it finds the kernel caches warm
                 config = study_config(path, args.data, shape_training, {**MODES[name], "worker_idle_seconds": 120})
                 config.update(_model_path=path, _data_dir=str(data_dir))
-                record = run_mode(f"{shape}-{name}", config, ids[: args.shape_trials], 1 if name == "job" else args.concurrency,
-                                  work, env, emit)
+                record = run_mode(
+                    f"{shape}-{name}",
+                    config,
+                    ids[: args.shape_trials],
+                    1 if name == "job" else args.concurrency,
+                    work,
+                    env,
+                    emit,
+                )
                 result[name] = record["trials_per_hour"]
         emit(result)
         shapes.append(result)
@@ -324,7 +367,12 @@ def main() -> None:
 
 def _commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         return None
 

@@ -96,7 +96,9 @@ def trial_peak_gib(shape: ModelShape, tokens: int, quantization: str) -> float:
     return (weights + activations + logits) / 2**30 + OVERHEAD_GIB
 
 
-def auto_trials_per_gpu(shape: ModelShape, tokens: int, quantization: str, gpu_gib: float, cpus: int) -> tuple[int, str]:
+def auto_trials_per_gpu(
+    shape: ModelShape, tokens: int, quantization: str, gpu_gib: float, cpus: int
+) -> tuple[int, str]:
     """``auto``'s number of trials per GPU, and why (the limit that decided it)."""
     work = micro_batch_flops(shape, tokens)
     peak = trial_peak_gib(shape, tokens, quantization)

@@ -116,7 +116,12 @@ def _handle(conn: socket.socket, base_models, served: int) -> int:
             os.chdir(request["cwd"])  # the job's relative paths (trial folder, data) are the job's
             metrics = run_trial(**request["kwargs"], base_models=base_models)
             served += 1
-            reply = {"metrics": {**metrics, "worker": {"pid": os.getpid(), "trial": served, "base_model_loads": base_models.loads}}}
+            reply = {
+                "metrics": {
+                    **metrics,
+                    "worker": {"pid": os.getpid(), "trial": served, "base_model_loads": base_models.loads},
+                }
+            }
         except Exception as error:  # bad settings or data: the job raises it as its own
             log.error("run_trial raised:\n%s", traceback.format_exc())
             base_models.forget()
@@ -220,12 +225,16 @@ def run_in_worker(
         if started:
             conn = _start(socket_path, idle_seconds)
     with conn:
-        log.info("trial handed to the %s trial worker of slot %s (%s)", "new" if started else "running", slot, socket_path)
+        log.info(
+            "trial handed to the %s trial worker of slot %s (%s)", "new" if started else "running", slot, socket_path
+        )
         sys.stderr.flush()
         _send(conn, {"kwargs": kwargs, "log_path": str(Path(log_path).resolve()), "cwd": os.getcwd()})
         reply = _receive(conn)
     if reply is None:
-        raise WorkerDied(f"the trial worker of slot {slot} ended before it answered; see {socket_path.with_suffix('.log')}")
+        raise WorkerDied(
+            f"the trial worker of slot {slot} ended before it answered; see {socket_path.with_suffix('.log')}"
+        )
     if "raised" in reply:
         raise TrialRaised(reply["raised"])
     return reply["metrics"]
