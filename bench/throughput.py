@@ -236,7 +236,7 @@ def summarize(records: list[dict], shapes: list[dict]) -> str:
         abs(loss - reference[trial])
         for r in by_mode.values()
         for trial, loss in r["eval_loss"].items()
-        if r["mode"] != "job" and loss is not None and reference.get(trial) is not None
+        if r["mode"] in MODES and r["mode"] != "job" and loss is not None and reference.get(trial) is not None
     ]
     if gaps:
         lines.append("")

@@ -16,6 +16,7 @@ before the first CUDA call of the process.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import re
 import subprocess
@@ -55,6 +56,13 @@ def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
         return int(raw)
     if not Path("/dev/nvidiactl").exists():
         return 0
+    return _probed_gpu_count(tuple(sorted(environ.items())))
+
+
+@functools.cache
+def _probed_gpu_count(environ: tuple[tuple[str, str], ...]) -> int:
+    """torch's device count in a child process, once per process and environment: a trial job
+    asks twice (how many trials share a GPU, then which GPU), and the probe costs an import of torch."""
     probe = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
         env=dict(environ),
