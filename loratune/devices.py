@@ -3,9 +3,11 @@
 Snakemake schedules jobs against a `gpu` resource count but never says *which* GPU a job
 gets. Under Slurm the scheduler does: it sets ``CUDA_VISIBLE_DEVICES`` from the job's GRES,
 and we keep it. On a workstation, concurrent trials claim a GPU each through advisory lock
-files, one per device, so two trials never share a GPU. A lock is an ``flock`` on an open
-file: the kernel drops it when the process exits, crash or kill included, so a stale lock
-cannot outlive its trial.
+files, one per device: a trial that has the GPU to itself holds the device's lock exclusively;
+trials that share a GPU (``claim_gpu_share``, small models: ``loratune.packing``) hold it shared,
+plus one of the device's ``trials_per_gpu`` slot locks each, so a lone trial and sharers never
+mix and at most ``trials_per_gpu`` share. A lock is an ``flock`` on an open file: the kernel
+drops it when the process exits, crash or kill included, so a stale lock cannot outlive its trial.
 
 ``CUDA_VISIBLE_DEVICES`` is read once, when CUDA initializes, so the claim must happen
 before the first CUDA call of the process.
@@ -14,6 +16,7 @@ before the first CUDA call of the process.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import re
 import subprocess
@@ -21,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 GPU_COUNT_ENV = "LORATUNE_GPUS"
@@ -52,6 +56,13 @@ def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
         return int(raw)
     if not Path("/dev/nvidiactl").exists():
         return 0
+    return _probed_gpu_count(tuple(sorted(environ.items())))
+
+
+@functools.cache
+def _probed_gpu_count(environ: tuple[tuple[str, str], ...]) -> int:
+    """torch's device count in a child process, once per process and environment: a trial job
+    asks twice (how many trials share a GPU, then which GPU), and the probe costs an import of torch."""
     probe = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
         env=dict(environ),
@@ -80,17 +91,23 @@ def _lock_name(device: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", device) + ".lock"
 
 
-def _try_lock(path: Path) -> int | None:
-    """An open descriptor holding an exclusive lock on ``path``, or None if another process holds it."""
+def _slot_name(device: str, slot: int) -> str:
+    return _lock_name(device).removesuffix(".lock") + f".slot{slot}.lock"
+
+
+def _try_lock(path: Path, shared: bool = False) -> int | None:
+    """An open descriptor holding a lock on ``path`` (exclusive, or ``shared``), or None if
+    another process holds it in a conflicting way."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
-    # For a person wondering who holds the GPU; the lock itself is the flock.
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    if not shared:
+        # For a person wondering who holds the GPU; the lock itself is the flock.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 
@@ -106,6 +123,37 @@ def _lock_free(pool: list[str], lock_dir: Path, count: int) -> list[tuple[str, i
     for _, fd in held:
         os.close(fd)
     return None
+
+
+def _wait(attempt, what: str, lock_dir: Path, poll_seconds: float, timeout_seconds: float | None):
+    """``attempt()`` until it returns something, polling; ``TimeoutError`` naming ``what`` after ``timeout_seconds``."""
+    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+    while (held := attempt()) is None:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"claim_gpu: {what} after {timeout_seconds} s (locks in {lock_dir})")
+        time.sleep(poll_seconds)
+    return held
+
+
+def _check_cuda_untouched() -> None:
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        raise RuntimeError(
+            "claim_gpu: CUDA is already initialized in this process; "
+            "claim the GPU before the first CUDA call"
+        )
+
+
+@contextmanager
+def _visible(devices: str, environ: MutableMapping[str, str]) -> Iterator[None]:
+    previous = environ.get(VISIBLE_ENV)
+    environ[VISIBLE_ENV] = devices
+    try:
+        yield
+    finally:
+        if previous is None:
+            environ.pop(VISIBLE_ENV, None)
+        else:
+            environ[VISIBLE_ENV] = previous
 
 
 @contextmanager
@@ -129,11 +177,7 @@ def claim_gpu(
     """
     if count < 0:
         raise ValueError(f"claim_gpu: count must be >= 0, got {count}")
-    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
-        raise RuntimeError(
-            "claim_gpu: CUDA is already initialized in this process; "
-            "claim the GPU before the first CUDA call"
-        )
+    _check_cuda_untouched()
     if count == 0:
         yield None
         return
@@ -150,24 +194,99 @@ def claim_gpu(
 
     lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir(environ)
     lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
-    while (held := _lock_free(pool, lock_dir, count)) is None:
-        if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(
-                f"claim_gpu: fewer than {count} free GPU(s) among {pool} after {timeout_seconds} s "
-                f"(locks in {lock_dir})"
-            )
-        time.sleep(poll_seconds)
-
-    previous = environ.get(VISIBLE_ENV)
+    held = _wait(
+        lambda: _lock_free(pool, lock_dir, count),
+        f"fewer than {count} free GPU(s) among {pool}",
+        lock_dir,
+        poll_seconds,
+        timeout_seconds,
+    )
     devices = ",".join(device for device, _ in held)
-    environ[VISIBLE_ENV] = devices
     try:
-        yield devices
+        with _visible(devices, environ):
+            yield devices
     finally:
-        if previous is None:
-            environ.pop(VISIBLE_ENV, None)
-        else:
-            environ[VISIBLE_ENV] = previous
         for _, fd in held:
             os.close(fd)  # closing the descriptor releases the flock
+
+
+@dataclass(frozen=True)
+class GpuShare:
+    """A trial's claim on one GPU that it may share: the device (None: no GPU, or Slurm's choice
+    unknown), its slot on it (None: the GPU to itself, or Slurm's), how many trials may share it,
+    and how many held it when the claim was made (this one included)."""
+
+    device: str | None
+    slot: int | None
+    trials_per_gpu: int
+    trials_at_start: int
+
+
+def occupants(device: str, lock_dir: Path, trials_per_gpu: int) -> int:
+    """How many of ``device``'s first ``trials_per_gpu`` slots are held now (by any process, the
+    caller's own slot included: a second descriptor cannot lock what the first holds)."""
+    held = 0
+    for slot in range(trials_per_gpu):
+        fd = _try_lock(lock_dir / _slot_name(device, slot))
+        if fd is None:
+            held += 1
+        else:
+            os.close(fd)
+    return held
+
+
+def _lock_slot(pool: list[str], lock_dir: Path, trials_per_gpu: int) -> tuple[str, int, list[int]] | None:
+    """A shared lock on a device and an exclusive lock on one of its slots, or None (holding
+    nothing) if every slot of every device is taken or a lone trial holds the device. Slot 0 of
+    every device comes before slot 1 of any: trials spread over the GPUs before they pile up."""
+    for slot in range(trials_per_gpu):
+        for device in pool:
+            device_fd = _try_lock(lock_dir / _lock_name(device), shared=True)
+            if device_fd is None:
+                continue
+            slot_fd = _try_lock(lock_dir / _slot_name(device, slot))
+            if slot_fd is not None:
+                return device, slot, [device_fd, slot_fd]
+            os.close(device_fd)
+    return None
+
+
+@contextmanager
+def claim_gpu_share(
+    trials_per_gpu: int,
+    *,
+    lock_dir: Path | None = None,
+    poll_seconds: float = 2.0,
+    timeout_seconds: float | None = None,
+    environ: MutableMapping[str, str] = os.environ,
+) -> Iterator[GpuShare]:
+    """Claim one GPU that up to ``trials_per_gpu`` trials share, for the ``with`` block.
+
+    ``trials_per_gpu`` 1 is ``claim_gpu(1)``: the GPU to itself. Otherwise, as ``claim_gpu`` does
+    (Slurm's choice kept, None on a machine without GPUs, waiting while none is free), but the
+    GPU is one with a free slot and no lone trial on it; ``CUDA_VISIBLE_DEVICES`` names it.
+    """
+    if trials_per_gpu < 1:
+        raise ValueError(f"claim_gpu_share: trials_per_gpu must be >= 1, got {trials_per_gpu}")
+    if trials_per_gpu == 1 or under_slurm(environ) or not local_pool(environ):
+        with claim_gpu(1, lock_dir=lock_dir, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
+                       environ=environ) as device:
+            yield GpuShare(device=device, slot=None, trials_per_gpu=1, trials_at_start=1)
+        return
+    _check_cuda_untouched()
+    pool = local_pool(environ)
+    lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir(environ)
+    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    device, slot, fds = _wait(
+        lambda: _lock_slot(pool, lock_dir, trials_per_gpu),
+        f"no free slot of {trials_per_gpu} per GPU among {pool}",
+        lock_dir,
+        poll_seconds,
+        timeout_seconds,
+    )
+    try:
+        with _visible(device, environ):
+            yield GpuShare(device, slot, trials_per_gpu, occupants(device, lock_dir, trials_per_gpu))
+    finally:
+        for fd in fds:
+            os.close(fd)

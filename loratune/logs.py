@@ -12,7 +12,10 @@ from pathlib import Path
 def log_to_file(path: str | Path) -> None:
     """Send stderr, warnings and the ``loratune`` logger to ``path`` (line-buffered)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    stream = open(path, "w", buffering=1)
+    # Emptied, then appended to: a trial worker (loratune.training.worker) appends the trial's
+    # own lines to the same file, and every write here must land after them, not over them.
+    open(path, "w").close()
+    stream = open(path, "a", buffering=1)
     sys.stderr = stream
     logging.basicConfig(
         stream=stream,

@@ -149,16 +149,21 @@ def _evaluate_qlora(
     out_dir: Path,
     deadline: float | None,
     until_step: int | None,
+    memory_budget_gib: float | None,
+    worker_slot: str | None,
+    log_path: str | None,
 ) -> dict:
-    from loratune.training import TrainingSettings, run_trial
-
-    settings = TrainingSettings(**study.config["training"])
+    """``run_trial`` in this process, or in the trial worker of ``worker_slot``
+    (``loratune.training.worker``: the same call in a process that keeps the base model loaded)."""
+    training = dict(study.config["training"])
+    if training.get("memory_budget_gib") is None and memory_budget_gib is not None:
+        training["memory_budget_gib"] = memory_budget_gib  # this trial's share of a shared GPU
     model = study.config["model"]
-    return run_trial(
+    kwargs = dict(
         hparams=hparams,
-        settings=settings,
+        settings=training,
         model_path=model_path,
-        data_dir=data_dir,
+        data_dir=str(data_dir),
         output_dir=str(out_dir),
         seed=seed,
         revision=model.get("revision"),
@@ -166,6 +171,74 @@ def _evaluate_qlora(
         deadline=deadline,
         until_step=until_step,
     )
+    if worker_slot is None:
+        from loratune.training import run_trial
+
+        return run_trial(**kwargs)
+    from loratune.devices import default_lock_dir
+    from loratune.training.worker import run_in_worker
+
+    resources = study.config["resources"]
+    return run_in_worker(
+        kwargs,
+        slot=worker_slot,
+        lock_dir=default_lock_dir(),
+        log_path=log_path,
+        idle_seconds=resources["worker_idle_seconds"],
+    )
+
+
+def _gpu_plan(study: Study, model_path: str | None) -> tuple[int, str]:
+    """How many trials may share this trial's GPU (``resources.trials_per_gpu``), and why."""
+    from loratune import packing
+    from loratune.devices import local_pool, under_slurm
+
+    setting = study.config["resources"]["trials_per_gpu"]
+    if study.config["backend"] != "qlora" or study.config["resources"]["gpus_per_trial"] != 1:
+        return 1, "one trial per GPU: not one GPU per trial"
+    if under_slurm():
+        return 1, "Slurm chose the GPU"
+    pool = local_pool()
+    if not pool:
+        return 1, "no GPU"
+    memory = [packing.gpu_memory_gib(device) for device in pool]
+    training = study.config["training"]
+    return packing.resolve_trials_per_gpu(
+        setting,
+        model_path,
+        tokens=training["batch_size"] * training["max_seq_length"],
+        quantization=training["quantization"],
+        gpu_gib=None if None in memory else min(memory),
+        cpus=packing.cpus_per_gpu(len(pool)),
+    )
+
+
+def _budget_share(study: Study, share) -> float | None:
+    """The fused path's memory budget of a trial on a shared GPU: its share of the GPU (None:
+    alone, the planner's default of 90% of the GPU)."""
+    from loratune import packing
+
+    if share.slot is None or share.trials_per_gpu == 1:
+        return None
+    total = packing.gpu_memory_gib(share.device)
+    return None if total is None else packing.MEMORY_SHARE * total / share.trials_per_gpu
+
+
+def _worker_slot(study: Study, share) -> str | None:
+    """The slot whose trial worker trains this trial, or None: train in this process.
+    ``resources.trial_worker``: true, false, or auto (a worker on a locally claimed GPU; on the
+    CPU one trial already uses every core, and a Slurm job ends with its one trial)."""
+    from loratune.devices import under_slurm
+
+    setting = study.config["resources"]["trial_worker"]
+    if study.config["backend"] != "qlora" or setting is False:
+        return None
+    if setting == "auto" and (share.device is None or under_slurm()):
+        return None
+    name = "cpu" if share.device is None else f"gpu{share.device}"
+    if share.slot is not None:
+        name += f".slot{share.slot}"
+    return f"{name}.job{os.environ['SLURM_JOB_ID']}" if under_slurm() else name
 
 
 def run_trial_job(
@@ -178,8 +251,11 @@ def run_trial_job(
     runtime_minutes: float | None = None,
     until_step: int | None = None,
     trial_dir: str | Path | None = None,
+    log_path: str | Path | None = None,
 ) -> dict:
     """Evaluate one trial with the study's backend and write its metrics.json atomically.
+
+    ``log_path``: the job's log file, where a trial worker appends the trial's own lines.
 
     ``runtime_minutes`` is the job's wall-time limit: training stops early enough before it to
     record the trial as failed ("time limit") instead of being killed without a record.
@@ -215,7 +291,7 @@ def run_trial_job(
             files.atomic_write_json(metrics_path, kept)
             return kept
         record = _train_and_record(
-            study, trial_id, seed, metrics_path, model_path, data_dir, runtime_minutes, until_step, trial_dir
+            study, trial_id, seed, metrics_path, model_path, data_dir, runtime_minutes, until_step, trial_dir, log_path
         )
         files.atomic_write_json(finished_record_path(metrics_path), {"key": key, "record": record})
         return record
@@ -231,24 +307,48 @@ def _train_and_record(
     runtime_minutes: float | None,
     until_step: int | None,
     trial_dir: Path,
+    log_path: str | Path | None,
 ) -> dict:
-    from loratune.devices import claim_gpu
+    from loratune.devices import claim_gpu, claim_gpu_share
+    from loratune.training.worker import TrialRaised, WorkerDied
 
     hparams = study.space.parse_trial_id(trial_id)
     started_at, started = _now(), time.perf_counter()
     deadline = _deadline(runtime_minutes, time.time())
     gpus = study.config["resources"]["gpus_per_trial"] if study.config["backend"] == "qlora" else 0
-    with claim_gpu(gpus) as device:
+    trials_per_gpu, why = _gpu_plan(study, model_path)
+    claim = claim_gpu_share(trials_per_gpu) if gpus == 1 else claim_gpu(gpus)
+    with claim as share:
+        device = share.device if gpus == 1 else share
+        sharing = {}
+        if gpus == 1:
+            sharing = {"trials_per_gpu": share.trials_per_gpu, "gpu_trials_at_start": share.trials_at_start}
+            log.info("up to %d trial(s) per GPU (%s); %d on this one now", trials_per_gpu, why, share.trials_at_start)
         log.info("trial %s (seed %d) on %s: %s", trial_id, seed, device or "cpu", study.space.describe(hparams))
         try:
             if study.config["backend"] == "benchmark":
                 metrics = _evaluate_benchmark(study, hparams, seed, until_step)
             else:
-                metrics = _evaluate_qlora(study, hparams, seed, model_path, data_dir, trial_dir, deadline, until_step)
+                metrics = _evaluate_qlora(
+                    study,
+                    hparams,
+                    seed,
+                    model_path,
+                    data_dir,
+                    trial_dir,
+                    deadline,
+                    until_step,
+                    memory_budget_gib=_budget_share(study, share) if gpus == 1 else None,
+                    worker_slot=_worker_slot(study, share) if gpus == 1 else None,
+                    log_path=log_path,
+                )
+        except WorkerDied:
+            raise  # as if this job's own process had died: the job fails, and is retried as one
         except Exception as error:  # a crashed trial is a result, not a crash of the study
             log.error("trial %s failed:\n%s", trial_id, traceback.format_exc())
-            metrics = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-        environment = _environment()
+            reason = str(error) if isinstance(error, TrialRaised) else f"{type(error).__name__}: {error}"
+            metrics = {"status": "failed", "error": reason}
+        environment = {**_environment(), **sharing}
     record = {
         **metrics,
         **hparams,

@@ -145,3 +145,88 @@ def test_gpu_count_validates_the_environment():
     assert gpu_count({"LORATUNE_GPUS": "3"}) == 3
     with pytest.raises(ValueError, match="LORATUNE_GPUS: expected a non-negative integer, got 'two'"):
         gpu_count({"LORATUNE_GPUS": "two"})
+
+
+# ---- GPUs shared by several trials (resources.trials_per_gpu) -----------------------------
+SHARER = """
+import json, os, sys, time
+from pathlib import Path
+from loratune.devices import claim_gpu_share
+lock_dir, share, hold = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+with claim_gpu_share(share, lock_dir=lock_dir, poll_seconds=0.05) as claim:
+    print(json.dumps({"device": claim.device, "slot": claim.slot, "visible": os.environ["CUDA_VISIBLE_DEVICES"],
+                      "start": time.time()}), flush=True)
+    time.sleep(hold)
+print(json.dumps({"end": time.time()}), flush=True)
+"""
+
+
+def start_sharer(lock_dir: Path, share: int, hold: float, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", SHARER, str(lock_dir), str(share), str(hold)],
+        env={**env, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sharing_processes_fill_the_slots_of_every_gpu_then_wait(tmp_path):
+    env = local_env(LORATUNE_GPUS="2")
+    procs = [start_sharer(tmp_path, 3, 1.5, env) for _ in range(7)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        claim, end = (json.loads(line) for line in out.splitlines())
+        results.append({**claim, **end})
+    first = sorted(results, key=lambda r: r["start"])[:6]
+    # Six slots (3 per GPU on 2 GPUs): six held at once, each (GPU, slot) by one process only.
+    assert len({(r["device"], r["slot"]) for r in first}) == 6
+    assert {r["device"] for r in first} == {"0", "1"} and all(r["visible"] == r["device"] for r in first)
+    assert max(r["start"] for r in first) < min(r["end"] for r in first)
+    # The seventh waited for a slot to free.
+    last = max(results, key=lambda r: r["start"])
+    assert last["start"] >= min(r["end"] for r in first) - 0.05
+
+
+def test_trials_spread_over_the_gpus_before_they_share_one(tmp_path):
+    from loratune.devices import claim_gpu_share
+
+    env = local_env(LORATUNE_GPUS="2")
+    with claim_gpu_share(4, lock_dir=tmp_path, environ=dict(env)) as a:
+        with claim_gpu_share(4, lock_dir=tmp_path, environ=dict(env)) as b:
+            with claim_gpu_share(4, lock_dir=tmp_path, environ=dict(env)) as c:
+                assert (a.device, a.slot, b.device, b.slot) == ("0", 0, "1", 0)
+                assert (c.device, c.slot, c.trials_at_start) == ("0", 1, 2)  # it shares GPU 0 with a
+                assert a.trials_per_gpu == 4 and a.trials_at_start == 1
+
+
+def test_a_lone_trial_and_sharers_never_mix_on_one_gpu(tmp_path):
+    from loratune.devices import claim_gpu_share
+
+    env = local_env(LORATUNE_GPUS="1")
+    with claim_gpu(lock_dir=tmp_path, environ=dict(env)) as alone:
+        assert alone == "0"
+        with pytest.raises(TimeoutError):
+            with claim_gpu_share(8, lock_dir=tmp_path, timeout_seconds=0.2, poll_seconds=0.05, environ=dict(env)):
+                pass
+    with claim_gpu_share(8, lock_dir=tmp_path, environ=dict(env)) as shared:
+        assert (shared.device, shared.slot) == ("0", 0)
+        with pytest.raises(TimeoutError):
+            with claim_gpu(lock_dir=tmp_path, timeout_seconds=0.2, poll_seconds=0.05, environ=dict(env)):
+                pass
+        # One trial per GPU is today's exclusive claim.
+        with pytest.raises(TimeoutError):
+            with claim_gpu_share(1, lock_dir=tmp_path, timeout_seconds=0.2, poll_seconds=0.05, environ=dict(env)):
+                pass
+
+
+def test_shared_claims_keep_slurms_choice_and_yield_none_without_gpus(tmp_path):
+    from loratune.devices import claim_gpu_share
+
+    with claim_gpu_share(4, lock_dir=tmp_path, environ=local_env(SLURM_JOB_ID="7", CUDA_VISIBLE_DEVICES="3")) as c:
+        assert (c.device, c.slot, c.trials_per_gpu) == ("3", None, 1)
+    with claim_gpu_share(4, lock_dir=tmp_path, environ=local_env(LORATUNE_GPUS="0")) as c:
+        assert (c.device, c.slot) == (None, None)
+    assert not list(tmp_path.glob("*.lock"))

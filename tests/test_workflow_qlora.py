@@ -47,3 +47,35 @@ def test_crashed_trials_are_recorded_and_the_study_completes(tmp_path):
     kept = [p for p in out.glob("seed0/trials/*/adapter") if p.is_dir()]
     assert len(kept) == len(ok.drop_duplicates("trial_id"))
     assert "Pareto set of study 'tiny-qlora'" in (out / "summary.txt").read_text()
+
+
+def test_trials_of_a_study_train_in_one_worker_with_their_own_logs(tmp_path):
+    """resources.trial_worker: true on the CPU: every trial job hands its trial to the one worker
+    of the CPU slot, which loads the base model once per run of ok trials; each job keeps its log."""
+    config = load_test_config("tiny_qlora.yaml")
+    config["model"]["name"] = str(build_tiny_llama(tmp_path / "tiny-llama"))
+    config["dataset"]["path"] = str(_alpaca(tmp_path / "data.jsonl"))
+    config["resources"] = {"gpus_per_trial": 1, "trial_worker": True, "worker_idle_seconds": 600}
+    configfile = write_config(tmp_path / "config.yaml", config)
+    run_workflow(tmp_path, configfile)
+
+    out = tmp_path / "results" / "tiny-qlora"
+    records = {p.parent.name: json.loads(p.read_text()) for p in out.glob("seed0/trials/*/metrics.json")}
+    workers = {m["worker"]["pid"] for m in records.values()}
+    assert len(workers) == 1, workers  # one slot (the CPU), one worker for the whole study
+    assert sorted(m["worker"]["trial"] for m in records.values()) == list(range(1, len(records) + 1))
+    assert {m["status"] for m in records.values()} == {"ok", "failed"}
+    for trial, m in records.items():
+        log = (out / "seed0" / "trials" / trial / "train.log").read_text()
+        handed = log.index("trial handed to the")
+        if m["status"] == "ok":
+            assert handed < log.rindex("step 3/3: held-out loss")  # the worker's lines, in the job's log
+        else:
+            # The job's own line after the worker's traceback lands after it, not over it.
+            assert handed < log.index("LossDiverged") < log.rindex("recorded as failed")
+    trials = pd.read_csv(out / "trials.tsv", sep="\t")
+    assert (trials[trials.status == "failed"].learning_rate == 1e30).all()
+    import os
+    import signal
+
+    os.kill(workers.pop(), signal.SIGTERM)

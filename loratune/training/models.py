@@ -299,3 +299,36 @@ def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+class BaseModels:
+    """The frozen base model kept loaded between the trials of one process (a trial worker,
+    ``loratune.training.worker``), so that a group of trials pays for loading it once.
+
+    ``load`` returns the model loaded for the same arguments last time, or loads it (dropping the
+    previous one); ``give_back`` takes a trial's LoRA layers out again (peft's ``unload``, which
+    restores the original modules without merging anything into the weights), so the next trial
+    adds fresh adapters to the untouched base. ``forget`` drops the model after a failed trial:
+    whatever state the failure left it in, the next trial loads it again.
+    """
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._model = None
+        self.loads = 0  # how many times the base was loaded: what the reuse saves is visible
+
+    def load(self, model_path: str, **options):
+        key = (model_path, tuple(sorted((name, str(value)) for name, value in options.items())))
+        if key != self._key:
+            self.forget()
+            self._model = load_base_model(model_path, **options)
+            self._key = key
+            self.loads += 1
+        return self._model
+
+    def give_back(self, peft_model) -> None:
+        if self._model is not None:
+            self._model = peft_model.unload()
+
+    def forget(self) -> None:
+        self._key, self._model = None, None

@@ -59,6 +59,7 @@ from loratune.training.data import (  # noqa: E402
 )
 from loratune.training.metrics import TrialMetrics  # noqa: E402
 from loratune.training.models import (  # noqa: E402
+    BaseModels,
     add_lora,
     load_base_model,
     load_tokenizer,
@@ -623,17 +624,18 @@ def start_record(trial: Trial, started_at: str) -> TrialMetrics:
     )
 
 
-def setup(trial: Trial, metrics: TrialMetrics) -> Trainer:
-    """Load the base model, add fresh LoRA adapters, plan the fused path's memory, build the
-    optimizer, and continue from the trial's saved state if it has one."""
+def setup(trial: Trial, metrics: TrialMetrics, base_models: BaseModels | None = None) -> Trainer:
+    """Load the base model (or take it from ``base_models``, loaded by an earlier trial of this
+    process), add fresh LoRA adapters, plan the fused path's memory, build the optimizer, and
+    continue from the trial's saved state if it has one."""
     from transformers import set_seed
     from transformers.utils import logging as transformers_logging
 
     settings = trial.settings
     if not sys.stderr.isatty():  # a job's log: no "Loading weights" redraws either (see progress_bar)
         transformers_logging.disable_progress_bar()
-    set_seed(trial.seed)
-    model = load_base_model(
+    set_seed(trial.seed)  # loading draws no random numbers, so a reused base gives the same adapters
+    model = (base_models.load if base_models is not None else load_base_model)(
         trial.model_path,
         quantization=settings.quantization,
         dtype=trial.dtype,
@@ -786,6 +788,7 @@ def run_trial(
     trust_remote_code: bool = False,
     deadline: float | None = None,
     until_step: int | None = None,
+    base_models: BaseModels | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_path`` with LoRA ``hparams`` on the data in ``data_dir``; return the metrics
     (the fields of ``TrialMetrics``).
@@ -799,8 +802,10 @@ def run_trial(
     ``hparams`` holds ``lora_rank``, ``lora_alpha``, ``learning_rate`` and optionally
     ``lora_dropout``; a key named like a training setting overrides it for this trial. The
     adapter goes to ``output_dir``/adapter when ``settings.keep_adapter``. ``revision`` and
-    ``trust_remote_code`` apply to a hub model. Raises on bad settings, data or saved state; a
-    failure of the training itself comes back as ``status: failed``.
+    ``trust_remote_code`` apply to a hub model. ``base_models``: a process's cache of the loaded
+    base model, shared by the trials it trains one after another (a failed trial drops it). Raises
+    on bad settings, data or saved state; a failure of the training itself comes back as
+    ``status: failed``.
     """
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     clock = time.perf_counter()
@@ -834,7 +839,7 @@ def run_trial(
     if trial.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trial.device)
     try:
-        trainer = setup(trial, metrics)
+        trainer = setup(trial, metrics, base_models)
         train_and_evaluate(trial, trainer, progress, deadline=deadline, segment=segment)
         if trainer.fused is not None:
             metrics.gradient_checkpointing = len(trainer.fused.plan.checkpointed) > 0
@@ -850,6 +855,11 @@ def run_trial(
             saved.remove_state(trial.output_dir)
             shutil.rmtree(trial.output_dir / "adapter", ignore_errors=True)
     finally:
+        if base_models is not None:
+            if metrics.status == "ok":
+                base_models.give_back(trainer.model)
+            else:
+                base_models.forget()
         del trainer
         gc.collect()
         if trial.device.type == "cuda":

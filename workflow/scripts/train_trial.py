@@ -26,4 +26,5 @@ with one_line_errors():
         # train_rung (rules/early_stopping.smk): train to the rung's step, state in the trial's folder.
         until_step=int(snakemake.wildcards.step) if rung else None,
         trial_dir=Path(snakemake.output.metrics).parent.parent if rung else None,
+        log_path=snakemake.log[0],
     )
