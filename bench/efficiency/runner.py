@@ -147,8 +147,17 @@ class Scale:
     front_volume: float
 
     @classmethod
-    def of(cls, front: np.ndarray) -> "Scale":
+    def of(cls, front: np.ndarray, runs: np.ndarray | None = None) -> "Scale":
+        """Per objective (minimization form): 0 at the true front's best value; 1 at its worst,
+        or, given ``runs`` (every measured run of the problem at its full budget), at the larger
+        of that and the runs' median. The median keeps a narrow front (a table's few best runs)
+        from leaving every other run outside the box, and unlike the worst run (a diverged one)
+        it does not squeeze every sane point to a hypervolume of ~1. The reference point is
+        ``REFERENCE`` (1.1) in normalized units; a point beyond it adds nothing."""
         lower, upper = front.min(axis=0), front.max(axis=0)
+        if runs is not None:
+            finite = np.asarray(runs, dtype=float)
+            upper = np.maximum(upper, np.median(finite[np.isfinite(finite).all(axis=1)], axis=0))
         ref = np.full(front.shape[1], REFERENCE)
         return cls(lower, upper, hypervolume(normalize(front, lower, upper), ref))
 
