@@ -253,7 +253,23 @@ def run_task(task: Task) -> list[dict]:
         outcome = successive_halving(list(by_id), schedule, budget, problem.objectives, train)
         for trial_id, metrics in outcome.items():
             record(by_id[trial_id], metrics)
+        if _volume(problem, events) >= plan["target_hv"][task.seed] - 1e-12:
+            # It reached 'full''s final hypervolume: its fraction is known, and from here its
+            # curve (held at this value; it could only rise) is at or above 'full''s, which never
+            # exceeds its final value. Training on would change no result.
+            break
     return events
+
+
+_SCALES: dict[str, Scale] = {}
+
+
+def _volume(problem: Problem, events: list[dict]) -> float:
+    """The hypervolume ``add_hypervolume`` gives the run's last event."""
+    if problem.name not in _SCALES:
+        _SCALES[problem.name] = problem.scale()
+    run = add_hypervolume(pd.DataFrame(events), {problem.name: problem}, {problem.name: _SCALES[problem.name]})
+    return float(run["hv"].iloc[-1])
 
 
 def _event(task, round_, trial_id, metrics, names, spent, before: dict | None = None, own: bool = True) -> dict:
@@ -281,13 +297,13 @@ def _event(task, round_, trial_id, metrics, names, spent, before: dict | None = 
     }
 
 
-def add_hypervolume(events: pd.DataFrame, problems: dict[str, Problem]) -> pd.DataFrame:
+def add_hypervolume(events: pd.DataFrame, problems: dict[str, Problem], scales=None) -> pd.DataFrame:
     """Each event's hypervolume: of every trial of the run so far at its latest recorded values
     (a trial promoted to a later rung replaces its earlier values), over the true front's."""
     parts = []
     for name, per_problem in events.groupby("problem", sort=False):
         problem = problems[name]
-        scale = problem.scale()
+        scale = problem.scale() if scales is None else scales[name]
         names = list(problem.objectives)
         senses = list(problem.objectives.values())
         for _, run in per_problem.groupby(["proposer", "variant", "seed"], sort=False):
@@ -578,13 +594,19 @@ def main(argv=None) -> None:
             events += result
         print(f"{len(full)} runs without early stopping: {time.perf_counter() - started:.0f} s", flush=True)
         spent = pd.DataFrame(events).groupby(["problem", "proposer", "seed"])[["seconds", "steady_seconds"]].max()
+        final = add_hypervolume(pd.DataFrame(events), problems).groupby(["problem", "proposer", "seed"])["hv"].last()
         staged = []
         for q in sorted(proposers, key=lambda q: q == "random"):  # the slow model-based runs first
             for p in problems.values():
                 cap = {s: spent.loc[(p.name, q, s)].astype(float).to_dict() for s in range(args.seeds)}
                 mine = variants + fits if q != "random" else variants
                 mine = mine if q == "random" else [v for v in mine if int(v[2:].split("-")[0]) < args.model_schedules]
-                staged += [Task(p, q, v, s, {**plan, "seconds_cap": cap}) for v in mine for s in range(args.seeds)]
+                target = {s: float(final[(p.name, q, s)]) for s in range(args.seeds)}
+                staged += [
+                    Task(p, q, v, s, {**plan, "seconds_cap": cap, "target_hv": target})
+                    for v in mine
+                    for s in range(args.seeds)
+                ]
         for done, result in enumerate(pool.imap_unordered(run_task, staged), start=1):
             events += result
             if done % 20 == 0:
