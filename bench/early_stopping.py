@@ -231,8 +231,7 @@ def run_task(task: Task) -> list[dict]:
         return events
 
     index, _, fit = task.variant.removeprefix("es").partition("-")
-    rungs, keep = plan["schedules"][int(index)]
-    schedule = EarlyStopping.from_config({"rungs": rungs, "keep": keep})
+    schedule = EarlyStopping.from_config(schedule_spec(plan["schedules"][int(index)]))
     arm = Arm(f"{task.proposer}-es", proposer, plan["max_rounds"], plan["batch"], options, schedule)
     round_ = 0
     cap = plan["seconds_cap"][task.seed]
@@ -385,13 +384,19 @@ def goal(
     return pd.DataFrame(rows)
 
 
+def schedule_spec(entry) -> dict:
+    """A --schedules entry, [rungs, keep] or [rungs, keep, promote], as the arm's early_stopping."""
+    return dict(zip(("rungs", "keep", "promote"), entry))
+
+
 def schedule_label(plan_schedules, variant: str) -> str:
-    """'es0' -> 'es0 [0.167, 0.5, 1.0] keep 0.334' (and the fit, if not the default)."""
+    """'es0' -> 'es0 [0.167, 0.5, 1.0] keep 0.334' (and the promotion and fit, if not the default)."""
     if variant == "full":
         return variant
     index, _, fit = variant.removeprefix("es").partition("-")
-    rungs, keep = plan_schedules[int(index)]
-    return f"es{index} {list(rungs)} keep {keep}" + (f", fit {fit}" if fit else "")
+    spec = schedule_spec(plan_schedules[int(index)])
+    promote = f" promote {spec['promote']}" if spec.get("promote", "crowding") != "crowding" else ""
+    return f"es{index} {list(spec['rungs'])} keep {spec['keep']}{promote}" + (f", fit {fit}" if fit else "")
 
 
 def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapsed: float, commit: str, starts) -> str:
@@ -505,7 +510,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--schedules",
         type=json.loads,
         default=[[[0.111, 0.333, 1.0], 0.334]],
-        help="JSON list of [rungs, keep] (default the issue's [[[0.111, 0.333, 1.0], 0.334]])",
+        help="JSON list of [rungs, keep] or [rungs, keep, promote] (default the issue's [[[0.111, 0.333, 1.0], 0.334]])",
     )
     parser.add_argument(
         "--model-schedules",
