@@ -529,7 +529,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tables", default="", help="comma-separated learning-curve tables (JSONL/TSV)")
     parser.add_argument("--proposers", default="random,optuna-gp,optuna-tpe", help="of " + ",".join(PROPOSERS))
     parser.add_argument(
-        "--fits", default="highest_rung", help="other fits of stopped trials to measure for model-based proposers"
+        "--fits",
+        default="full_budget",
+        help="fits of stopped trials other than proposers.base.STOPPED_FIT to measure for model-based proposers",
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="output path without suffix (default: by commit)")
