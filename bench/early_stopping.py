@@ -13,22 +13,29 @@ analytic problems), proposals come from ``loratune.loop.next_proposals`` and the
 
 Hypervolume counts every trial at its recorded values as ``pareto.hypervolume_curves`` does: a
 stopped trial at the highest rung it reached (``training.select: best``: its best checkpoint up
-to there), a promoted one replacing its earlier rung's values. It is normalized by the problem's
-true front (a table's: its measured runs at the full budget, where select best takes each run's
-best checkpoint) and read against the arm's own cumulative training seconds, every rung's
-segment counted. The goal check (issue 13): the seconds the early-stopping arm needs to reach
-the hypervolume 'full' reaches at its full budget, as a fraction of the seconds 'full' spent
+to there), a promoted one replacing its earlier rung's values. Normalization (``Scale.of`` of
+bench/efficiency/runner.py, the warm-start bench's too), per objective in minimization form: 0
+at the true front's best value, 1 at the larger of the front's worst value and the median over
+all the problem's full-budget runs (a table's: its measured runs, each at its best checkpoint);
+reference point 1.1 in these units, a point beyond it adds nothing; divided by the true front's
+hypervolume. Read against the arm's own cumulative training seconds, every rung's segment
+counted, in three accountings (``ACCOUNTINGS``): as the table recorded them; in steady state
+(each measured run's one-off start cost, which the first trial of each measuring process
+carries, taken out: what a study pays when its trials share a worker process); and steady plus
+a start cost per training segment (a process per trial and per rung). The goal check (issue
+13), judged on the steady accounting: the seconds the early-stopping arm needs to reach the
+hypervolume 'full' reaches at its full budget, as a fraction of the seconds 'full' spent
 (median over seeds; <= 1/3 meets the goal), and whether at equal seconds its median curve is
-ever below.
+ever below. An early-stopping run ends once it has reached that hypervolume (its curve could
+only rise, 'full''s never exceeds it), which changes no result.
 
-Run from the repository root, one measured table at a time (27 minutes each on 2 loaded cores;
-the commands of bench/results/early_stopping_6d60c1a_*.md):
+Run from the repository root, one measured table at a time (about 20 minutes each on 2 loaded
+cores; the commands of bench/results/early_stopping_b0c71cf_*.md and _7714e00_*.md):
 
     .venv/bin/python bench/early_stopping.py --seeds 10 --problems "" \
-        --tables bench/data/curves_self_instruct.jsonl --proposers optuna-gp,random --rounds 2 --batch 6 \
-        --schedules '[[[0.167,0.5,1.0],0.334],[[0.167,1.0],0.167],[[0.333,1.0],0.5]]' --model-schedules 1 \
-        --fits highest_rung --options '{"optuna-gp": {"qmc_samples": 16}}' --workers 1
-
+        --tables bench/data/curves_self_instruct.jsonl --proposers optuna-gp --rounds 2 --batch 6 \
+        --schedules '[[[0.333,1.0],0.5],[[0.167,0.5,1.0],0.334]]' --model-schedules 2 \
+        --fits full_budget --options '{"optuna-gp": {"qmc_samples": 16}}' --workers 1
 
 ``--make-table PATH`` writes a synthetic learning-curve table from lora_surrogate (for
 development) and exits.
