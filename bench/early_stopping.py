@@ -13,8 +13,8 @@ analytic problems), proposals come from ``loratune.loop.next_proposals`` and the
 
 Hypervolume counts every trial at its recorded values as ``pareto.hypervolume_curves`` does: a
 stopped trial at the highest rung it reached (``training.select: best``: its best checkpoint up
-to there), a promoted one replacing its earlier rung's values. Normalization (``Scale.of`` of
-bench/efficiency/runner.py, the warm-start bench's too), per objective in minimization form: 0
+to there), a promoted one replacing its earlier rung's values. Normalization (``Scale.of_table``
+of bench/efficiency/runner.py, the warm-start bench's too), per objective in minimization form: 0
 at the true front's best value, 1 at the larger of the front's worst value and the median over
 all the problem's full-budget runs (a table's: its measured runs, each at its best checkpoint);
 reference point 1.1 in these units, a point beyond it adds nothing; divided by the true front's
@@ -149,7 +149,7 @@ class Problem:
         return float(np.median(carried)) if len(carried) else 0.0
 
     def scale(self) -> Scale:
-        """Hypervolume's scale (``Scale.of`` with the problem's runs): per objective 0 at the true
+        """Hypervolume's scale (``Scale.of_table`` with the problem's runs): per objective 0 at the true
         front's best value, 1 at the larger of the front's worst value and the median of every
         run of the problem at the full budget, the reference point 1.1 beyond. The true front and
         the runs: a table's measured runs (select best: each run's best checkpoint), the 4000
@@ -169,7 +169,7 @@ class Problem:
         front = to_minimization(
             pareto_front(rows, self.objectives)[list(self.objectives)].to_numpy(dtype=float), senses
         )
-        return Scale.of(front, every)
+        return Scale.of_table(front, every)
 
 
 def _run_keys(spec: CurveTable) -> list[str]:

@@ -140,7 +140,7 @@ def rung_scale(Y_min: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A rung's normalization for ``promote: hypervolume`` (finite rows of ``Y_min``): per
     objective 0 at its front's best value, 1 at the larger of the front's worst value and the
     median of the rung's trials -- the benchmarks' convention (bench/efficiency/runner.py
-    ``Scale.of``), so that a trial worse than the rung's median in some objective, which such a
+    ``Scale.of_table``), so that a trial worse than the rung's median in some objective, which such a
     hypervolume does not count, does not take a promotion that one it counts could have."""
     front = Y_min[non_dominated(Y_min)]
     return front.min(axis=0), np.maximum(front.max(axis=0), np.median(Y_min, axis=0))

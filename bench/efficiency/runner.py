@@ -147,17 +147,22 @@ class Scale:
     front_volume: float
 
     @classmethod
-    def of(cls, front: np.ndarray, runs: np.ndarray | None = None) -> "Scale":
-        """Per objective (minimization form): 0 at the true front's best value; 1 at its worst,
-        or, given ``runs`` (every measured run of the problem at its full budget), at the larger
-        of that and the runs' median. The median keeps a narrow front (a table's few best runs)
-        from leaving every other run outside the box, and unlike the worst run (a diverged one)
-        it does not squeeze every sane point to a hypervolume of ~1. The reference point is
-        ``REFERENCE`` (1.1) in normalized units; a point beyond it adds nothing."""
-        lower, upper = front.min(axis=0), front.max(axis=0)
-        if runs is not None:
-            finite = np.asarray(runs, dtype=float)
-            upper = np.maximum(upper, np.median(finite[np.isfinite(finite).all(axis=1)], axis=0))
+    def of(cls, front: np.ndarray) -> "Scale":
+        """An analytic problem's: the true front's ideal point -> 0, its nadir -> 1."""
+        return cls._bounded(front, front.min(axis=0), front.max(axis=0))
+
+    @classmethod
+    def of_table(cls, front: np.ndarray, runs: np.ndarray) -> "Scale":
+        """A measured table's: per objective the front's best value -> 0 and the larger of the
+        front's worst value and the median over all of the table's runs -> 1. A table's front
+        is narrow (the rank barely moves the loss: on the self-instruct curve table the front's
+        losses span 0.01), so the front's own bounds would leave every run that is not one of
+        its few points outside the reference box, and every search at 0 until it hits one; with
+        the median run at 1, a search's progress from an ordinary run to the front shows."""
+        return cls._bounded(front, front.min(axis=0), np.maximum(front.max(axis=0), np.median(runs, axis=0)))
+
+    @classmethod
+    def _bounded(cls, front: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> "Scale":
         ref = np.full(front.shape[1], REFERENCE)
         return cls(lower, upper, hypervolume(normalize(front, lower, upper), ref))
 
