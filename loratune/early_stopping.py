@@ -32,10 +32,11 @@ import numpy as np
 import pandas as pd
 
 from loratune.ledger import STOPPED
-from loratune.pareto import non_dominated, to_minimization
+from loratune.pareto import REFERENCE, hypervolume, non_dominated, normalize, to_minimization
 
 __all__ = [
     "EarlyStopping",
+    "PROMOTIONS",
     "crowding_distance",
     "non_dominated_fronts",
     "promotion",
@@ -45,22 +46,29 @@ __all__ = [
 ]
 
 
+# How a rung picks the trials it promotes (``promotion``): "crowding", whole non-dominated fronts
+# then NSGA-II's crowding distance; "hypervolume", greedily the trials that add most to the
+# rung's hypervolume, normalized as the benchmarks normalize a front (``rung_scale``).
+PROMOTIONS = ("crowding", "hypervolume")
+
+
 @dataclass(frozen=True)
 class EarlyStopping:
-    """Rungs as fractions of the step budget (increasing, in (0, 1], the last 1.0) and the
-    fraction of a rung's trials promoted to the next one."""
+    """Rungs as fractions of the step budget (increasing, in (0, 1], the last 1.0), the
+    fraction of a rung's trials promoted to the next one, and how they are picked."""
 
     rungs: tuple[float, ...]
     keep: float
+    promote: str = "crowding"
 
     @classmethod
     def from_config(cls, spec: Mapping[str, Any], field: str = "early_stopping") -> "EarlyStopping":
         """Checked settings; a bad value raises a one-line ``ValueError`` naming ``field``."""
         if not isinstance(spec, Mapping):
             raise ValueError(f"{field}: must be a mapping {{rungs: [...], keep: ...}}, got {spec!r}")
-        unknown = sorted(set(spec) - {"rungs", "keep"})
+        unknown = sorted(set(spec) - {"rungs", "keep", "promote"})
         if unknown:
-            raise ValueError(f"{field}: unknown setting(s) {unknown}; expected rungs and keep")
+            raise ValueError(f"{field}: unknown setting(s) {unknown}; expected rungs, keep and promote")
         rungs, keep = spec.get("rungs"), spec.get("keep")
         if not isinstance(rungs, Sequence) or isinstance(rungs, str) or not rungs:
             raise ValueError(f"{field}.rungs: must be a non-empty list of fractions of the step budget, got {rungs!r}")
@@ -73,7 +81,10 @@ class EarlyStopping:
             raise ValueError(f"{field}.rungs: the last rung must be 1.0 (the full budget), got {rungs[-1]!r}")
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep < 1:
             raise ValueError(f"{field}.keep: must be a fraction in (0, 1), got {keep!r}")
-        return cls(tuple(float(r) for r in rungs), float(keep))
+        promote = spec.get("promote", "crowding")
+        if promote not in PROMOTIONS:
+            raise ValueError(f"{field}.promote: must be one of {list(PROMOTIONS)}, got {promote!r}")
+        return cls(tuple(float(r) for r in rungs), float(keep), promote)
 
     def rung_steps(self, max_steps: int, field: str = "early_stopping.rungs") -> list[int]:
         """The step each rung ends at for a budget of ``max_steps``; the last is ``max_steps``.
@@ -125,15 +136,51 @@ def crowding_distance(Y_min: np.ndarray) -> np.ndarray:
     return distance
 
 
-def promotion(results: pd.DataFrame, objectives: Mapping[str, str], n_keep: int) -> pd.DataFrame:
+def rung_scale(Y_min: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A rung's normalization for ``promote: hypervolume`` (finite rows of ``Y_min``): per
+    objective 0 at its front's best value, 1 at the larger of the front's worst value and the
+    median of the rung's trials -- the benchmarks' convention (bench/efficiency/runner.py
+    ``Scale.of_table``), so that a trial worse than the rung's median in some objective, which such a
+    hypervolume does not count, does not take a promotion that one it counts could have."""
+    front = Y_min[non_dominated(Y_min)]
+    return front.min(axis=0), np.maximum(front.max(axis=0), np.median(Y_min, axis=0))
+
+
+def _greedy_hypervolume(Y_min: np.ndarray, n_keep: int) -> list[int]:
+    """Up to ``n_keep`` row indices, each adding the most hypervolume (``rung_scale``, reference
+    1.1) to the ones picked before it (ties: the earlier row); stops when none adds any."""
+    lower, upper = rung_scale(Y_min)
+    Y = normalize(Y_min, lower, upper)
+    ref = np.full(Y.shape[1], REFERENCE)
+    chosen: list[int] = []
+    current = 0.0
+    while len(chosen) < n_keep:
+        gains = [(hypervolume(Y[chosen + [i]], ref) - current, -i) for i in range(len(Y)) if i not in chosen]
+        if not gains:
+            break
+        gain, best = max(gains)
+        if gain <= 1e-15:
+            break
+        chosen.append(-best)
+        current += gain
+    return chosen
+
+
+def promotion(
+    results: pd.DataFrame, objectives: Mapping[str, str], n_keep: int, promote: str = "crowding"
+) -> pd.DataFrame:
     """Which trials of a rung go on to the next one.
 
     ``results`` has one row per trial at the rung: ``trial_id``, ``status`` and the objective
     columns as measured at the rung. Returns it (in the same order) with ``front`` (0 is the
-    best; missing for a trial that failed), ``crowding`` (within its front) and ``promoted``:
-    whole fronts in order while they fit into ``n_keep``, then the largest crowding distances
-    of the next front (ties: the earlier row).
+    best; missing for a trial that failed), ``crowding`` (within its front) and ``promoted``.
+    ``promote="crowding"``: whole fronts in order while they fit into ``n_keep``, then the
+    largest crowding distances of the next front (ties: the earlier row). ``"hypervolume"``:
+    first the trials that add most to the rung's hypervolume (``_greedy_hypervolume``), then,
+    while places are left, as ``"crowding"`` fills them among the rest.
     """
+    if promote not in PROMOTIONS:
+        raise ValueError(f"promotion: promote must be one of {list(PROMOTIONS)}, got {promote!r}")
     missing = [c for c in ("trial_id", "status", *objectives) if c not in results.columns]
     if missing:
         raise ValueError(f"promotion: the rung's results lack column(s) {missing}")
@@ -146,11 +193,18 @@ def promotion(results: pd.DataFrame, objectives: Mapping[str, str], n_keep: int)
     crowding = np.full(len(table), np.nan)
     promoted = np.zeros(len(table), dtype=bool)
     left = int(n_keep)
+    if promote == "hypervolume" and alive.any():
+        rows = np.flatnonzero(alive)
+        promoted[rows[_greedy_hypervolume(Y[rows], left)]] = True
+        left -= int(promoted.sum())
     for rank, members in enumerate(non_dominated_fronts(Y)):
         distances = crowding_distance(Y[members])
         front[members], crowding[members] = rank, distances
-        if left <= 0:
+        members_left = members[~promoted[members]]
+        if left <= 0 or not len(members_left):
             continue
+        distances = distances[~promoted[members]]
+        members = members_left
         if len(members) <= left:
             chosen = members
         else:
@@ -196,7 +250,9 @@ def successive_halving(
         outcome.update(records)
         if rung == len(steps) - 1:
             break
-        decided = promotion(rung_results(records, objectives, rung, step), objectives, schedule.n_keep(len(alive)))
+        decided = promotion(
+            rung_results(records, objectives, rung, step), objectives, schedule.n_keep(len(alive)), schedule.promote
+        )
         alive = decided.loc[decided["promoted"], "trial_id"].tolist()
         for trial_id in decided.loc[~decided["promoted"], "trial_id"]:
             if (outcome[trial_id].get("status") or "ok") == "ok":

@@ -208,7 +208,7 @@ def promote_rung(
     if missing:
         raise ValueError(f"rung {rung} of {arm_name}: no metrics for trial(s) {missing}")
     results = rung_results({t: records[t] for t in candidates}, study.objectives, rung, step)
-    decided = promotion(results, study.objectives, schedule.n_keep(len(candidates)))
+    decided = promotion(results, study.objectives, schedule.n_keep(len(candidates)), schedule.promote)
     if previous_path:
         earlier = ledger.read_table(previous_path)
         earlier = earlier[~earlier["trial_id"].astype(str).isin(candidates)]

@@ -199,3 +199,60 @@ def test_a_rung_of_a_trial_another_arm_trained_fully_leaves_that_trial_folder_al
     again = run_trial_job(study, trial_id, 0, folder / "step20" / "metrics.json", until_step=20, trial_dir=folder)
     assert again["steps"] == 20 and (folder / "step20" / TRIAL_LOCK).exists()
     assert (folder / "metrics.json").read_text() == before and json.loads(before)["steps"] == 40
+
+
+# A rung where the two promotion rules part: A, B, D are front 0, E, F, G dominated. The rung's
+# scale (front's best to the larger of its worst and the rung's median: loss 1..5.5, cost
+# 0.9..4.5) puts B at (0.11, 0.03): it alone dominates most of the box. D is the cost extreme
+# at a loss near the median: crowding promotes it (infinitely crowded), the hypervolume rule
+# would rather have A (it adds 0.057 to B's volume, D 0.006).
+PARTING = [
+    ("A", "ok", 1.0, 3.0),
+    ("B", "ok", 1.5, 1.0),
+    ("D", "ok", 5.0, 0.9),
+    ("E", "ok", 6.0, 6.0),
+    ("F", "ok", 7.0, 7.0),
+    ("G", "ok", 8.0, 8.0),
+]
+
+
+@pytest.mark.parametrize(
+    "promote, n_keep, expected",
+    [
+        ("crowding", 2, ["A", "D"]),
+        ("hypervolume", 1, ["B"]),
+        ("hypervolume", 2, ["A", "B"]),
+        ("hypervolume", 3, ["A", "B", "D"]),
+        # E..G add nothing (dominated): the places left go by front, then crowding (E first).
+        ("hypervolume", 4, ["A", "B", "D", "E"]),
+    ],
+)
+def test_hypervolume_promotion_takes_the_largest_contributions_first(promote, n_keep, expected):
+    table = promotion(rung_results(PARTING), TWO, n_keep=n_keep, promote=promote)
+    assert table.loc[table["promoted"], "trial_id"].tolist() == expected
+    assert table["front"].tolist() == [0, 0, 0, 1, 2, 3]
+
+
+def test_hypervolume_promotion_skips_failed_trials_and_names_bad_rules():
+    rows = [("A", "failed", None, None), ("B", "ok", 2.0, 2.0), ("C", "ok", 1.0, 3.0)]
+    table = promotion(rung_results(rows), TWO, n_keep=3, promote="hypervolume")
+    assert table["promoted"].tolist() == [False, True, True]
+    with pytest.raises(
+        ValueError, match=r"^arms.a.early_stopping.promote: must be one of \['crowding', 'hypervolume'\]"
+    ):
+        EarlyStopping.from_config({"rungs": [0.5, 1.0], "keep": 0.5, "promote": "best"}, field="arms.a.early_stopping")
+    assert EarlyStopping.from_config({"rungs": [0.5, 1.0], "keep": 0.5}).promote == "crowding"
+
+
+def test_successive_halving_promotes_by_the_schedules_rule():
+    from loratune.early_stopping import successive_halving
+
+    values = {t: (loss, cost) for t, _, loss, cost in PARTING}
+    outcome = successive_halving(
+        list(values),
+        EarlyStopping.from_config({"rungs": [0.5, 1.0], "keep": 0.34, "promote": "hypervolume"}),
+        10,
+        TWO,
+        lambda trial_id, step: {"status": "ok", "loss": values[trial_id][0], "cost": values[trial_id][1]},
+    )
+    assert [t for t, m in outcome.items() if m["status"] == "ok"] == ["A", "B"]
