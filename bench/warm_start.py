@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 
 from bench.efficiency.problems import BENCH_PROBLEMS, CURVE_TABLES  # noqa: E402
 from bench.efficiency.report import trials_to_reach  # noqa: E402
-from bench.efficiency.runner import ARMS, Plan, Scale, Task, _quiet_worker, add_hypervolume, run_task  # noqa: E402
+from bench.efficiency.runner import ARMS, Plan, Task, _quiet_worker, add_hypervolume, run_task, scale_of  # noqa: E402
 from loratune.warm_start import TRANSFERS  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -163,7 +163,7 @@ def render(args: argparse.Namespace, command: str, elapsed: float) -> str:
     complete = sorted(runs.index[runs == expected])
     rows = rows[rows["seed"].isin(complete)]
     args.seeds = len(complete)
-    scales = {p: Scale.of(BENCH_PROBLEMS[p].front(BENCH_PROBLEMS[p].space)) for p in tables}
+    scales = {p: scale_of(BENCH_PROBLEMS[p]) for p in tables}
     curves = add_hypervolume(rows, scales)
     curves.to_csv(args.out.with_suffix(".tsv"), sep="\t", index=False)
     text = markdown(summarize(curves, args.budget), args, command, elapsed)

@@ -14,7 +14,7 @@ from loratune.pareto import REFERENCE, best_subset_hypervolumes, normalize
 from loratune.plots import rgba
 
 from bench.efficiency.problems import BENCH_PROBLEMS, BenchProblem
-from bench.efficiency.runner import Plan, Scale
+from bench.efficiency.runner import Plan, Scale, scale_of
 
 # The workflow's default arm (config/config.yaml, the schema's default arms): the goal is stated for it.
 DEFAULT_ARM = "optuna-gp"
@@ -41,7 +41,7 @@ def bounds(problems: list[str], plan: Plan, summary: pd.DataFrame) -> pd.DataFra
         problem = BENCH_PROBLEMS[name]
         space = problem.space
         true_front = problem.front(space)
-        scale = Scale.of(true_front)
+        scale = scale_of(problem)
         target = float(summary.loc[summary["problem"] == name, "target"].iloc[0])
         front = normalize(true_front, scale.lower, scale.upper)
         best = best_subset_hypervolumes(front, np.full(2, REFERENCE), FRONT_POINTS_MAX) / scale.front_volume
@@ -370,5 +370,3 @@ def figure(curves: pd.DataFrame, summary: pd.DataFrame, plan: Plan, arms: list[s
         f"{plan.seeds} seeds (pilot {plan.pilot}, batches of {plan.batch})",
     )
     return fig
-
-

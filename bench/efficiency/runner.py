@@ -148,7 +148,21 @@ class Scale:
 
     @classmethod
     def of(cls, front: np.ndarray) -> "Scale":
-        lower, upper = front.min(axis=0), front.max(axis=0)
+        """An analytic problem's: the true front's ideal point -> 0, its nadir -> 1."""
+        return cls._bounded(front, front.min(axis=0), front.max(axis=0))
+
+    @classmethod
+    def of_table(cls, front: np.ndarray, runs: np.ndarray) -> "Scale":
+        """A measured table's: per objective the front's best value -> 0 and the larger of the
+        front's worst value and the median over all of the table's runs -> 1. A table's front
+        is narrow (the rank barely moves the loss: on the self-instruct curve table the front's
+        losses span 0.01), so the front's own bounds would leave every run that is not one of
+        its few points outside the reference box, and every search at 0 until it hits one; with
+        the median run at 1, a search's progress from an ordinary run to the front shows."""
+        return cls._bounded(front, front.min(axis=0), np.maximum(front.max(axis=0), np.median(runs, axis=0)))
+
+    @classmethod
+    def _bounded(cls, front: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> "Scale":
         ref = np.full(front.shape[1], REFERENCE)
         return cls(lower, upper, hypervolume(normalize(front, lower, upper), ref))
 
@@ -163,6 +177,14 @@ class Scale:
                 current = hypervolume(seen[np.isfinite(seen).all(axis=1)], ref) / self.front_volume
             out.append(current)
         return out
+
+
+def scale_of(problem: BenchProblem) -> Scale:
+    """The hypervolume scale a bench measures ``problem`` on: ``Scale.of_table`` for a measured
+    table, ``Scale.of`` (the true front's own bounds) for an analytic problem."""
+    space = problem.space
+    front, runs = problem.front(space), problem.runs(space)
+    return Scale.of(front) if runs is None else Scale.of_table(front, runs)
 
 
 def add_hypervolume(trials: pd.DataFrame, scales: dict[str, Scale]) -> pd.DataFrame:
