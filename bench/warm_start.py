@@ -163,9 +163,11 @@ def render(args: argparse.Namespace, command: str, elapsed: float) -> str:
     """The curves and the report from the runs recorded so far, over the seeds every run of
     which (cold and warm, both directions) has finished."""
     tables = list(CURVE_TABLES)
+    arms = ["cold", *(f"warm-{t}" for t in args.transfers.split(","))]
     rows = pd.read_csv(str(args.out) + "_runs.tsv", sep="\t")
+    rows = rows[rows["arm"].isin(arms)]
     runs = rows.groupby("seed")[["problem", "arm"]].apply(lambda t: len(t.drop_duplicates()))
-    expected = len(tables) * (1 + len(args.transfers.split(",")))
+    expected = len(tables) * len(arms)
     complete = sorted(runs.index[runs == expected])
     rows = rows[rows["seed"].isin(complete)]
     args.seeds = len(complete)
