@@ -2,16 +2,18 @@
 
 The goal of issue 15: the fANOVA ranking computed from a study's 16 trials names the same top
 parameter as the one computed from the full table, for the held-out loss and for the costs the
-hyperparameters move (trainable parameters, peak GPU memory). The full table is every measured run of a
-learning-curve table at the step ``training.select: best`` keeps (its lowest held-out loss);
-a 16-trial study is a Latin-hypercube design of 16 points in the default study's search space,
-each answered by the table as the ``table`` benchmark answers a trial (its nearest measured run,
+hyperparameters move (trainable parameters, peak GPU memory). The full table is every measured
+run of a learning-curve table at the step ``training.select: best`` keeps (its lowest held-out
+loss); a 16-trial study is a Latin-hypercube design of 16 points in the default study's search
+space (or, with ``--from-runs``, the default arm's first 16 trials of a bench/warm_start.py cold
+run), each answered by the table as the ``table`` benchmark answers a trial (its nearest measured run,
 ``loratune.benchmarks.CurveTable.answer``), over ``--seeds`` seeds. Both go through
 ``loratune.importance.importance_table``, the function behind results/<study>/importance.tsv.
 
 Run from the repository root (a few minutes on 2 shared cores):
 
     .venv/bin/python bench/importance_agreement.py
+    .venv/bin/python bench/importance_agreement.py --from-runs bench/results/warm_start_<commit>_runs.tsv
 
 It prints a Markdown report and writes it to ``bench/results/importance_agreement.md``.
 """
@@ -28,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.efficiency.problems import BENCH_PROBLEMS, CURVE_TABLES  # noqa: E402
 from loratune.benchmarks import CurveTable  # noqa: E402
 import yaml  # noqa: E402
 
@@ -54,10 +57,23 @@ def full_table_trials(table: CurveTable, space) -> pd.DataFrame:
     return best.assign(seed=0)
 
 
-def study_trials(table: CurveTable, space, n: int, seed: int, objectives) -> pd.DataFrame:
-    """``n`` Latin-hypercube trials of ``space``, answered by the table."""
+def default_arm_points(runs: pd.DataFrame, table: CurveTable, space, n: int, seed: int) -> list[dict]:
+    """The first ``n`` trials of the default arm's cold run of ``table`` with ``seed``, as
+    bench/warm_start.py recorded them (``<out>_runs.tsv``, arm ``cold``): a study's trials
+    gather where the proposer looked, unlike a Latin hypercube's."""
+    problem = next(name for name, t in CURVE_TABLES.items() if Path(t.path).name == Path(table.path).name)
+    run = runs[(runs["problem"] == problem) & (runs["arm"] == "cold") & (runs["seed"] == seed)]
+    run = run.sort_values("n_trials").head(n)
+    if len(run) < n:
+        raise SystemExit(f"--from-runs: {problem} seed {seed} has {len(run)} cold trials, not {n}")
+    bench_space = BENCH_PROBLEMS[problem].space
+    return [space.snap(bench_space.parse_trial_id(trial_id)) for trial_id in run["trial_id"]]
+
+
+def study_trials(table: CurveTable, space, points: list[dict], seed: int, objectives) -> pd.DataFrame:
+    """The trials at ``points``, answered by the table."""
     rows = []
-    for point in pilot_design(space, n, "lhs", seed):
+    for point in points:
         answer = table.answer(space, point, None, "best", seed=seed)
         rows.append(
             {
@@ -81,20 +97,32 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", default=TABLES)
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument(
+        "--from-runs",
+        type=Path,
+        help="take each seed's study from the default arm's cold runs a bench/warm_start.py run recorded "
+        "(its _runs.tsv) instead of a Latin hypercube",
+    )
     parser.add_argument("--output", default=str(REPO / "bench/results/importance_agreement.md"))
     args = parser.parse_args()
 
     default = yaml.safe_load((REPO / "config/config.yaml").read_text(encoding="utf-8"))
     space = SearchSpace.from_config(default["search_space"])
     measured = {**OBJECTIVES, **NOISE}
+    runs = pd.read_csv(args.from_runs, sep="\t") if args.from_runs else None
+    design = (
+        f"the first {args.trials} trials of the default arm's (optuna-gp) cold run per seed, from {args.from_runs}"
+        if runs is not None
+        else f"{args.trials} Latin-hypercube trials per seed"
+    )
     lines = [
         "# Importance from 16 trials against the full table",
         "",
         f"Command: `{' '.join(['.venv/bin/python bench/importance_agreement.py', *sys.argv[1:]])}`.",
         "",
         f"fANOVA (``loratune.importance``), objectives {list(OBJECTIVES)} (the goal's) and {list(NOISE)} "
-        f"(noise, below), space of the default study; {args.trials} Latin-hypercube trials per seed, "
-        f"{args.seeds} seeds. A table's train_time is the time of a run sharing the GPU with 11 others "
+        f"(noise, below), space of the default study; {design}, {args.seeds} seeds. A table's train_time is "
+        "the time of a run sharing the GPU with 11 others "
         "(bench/data/README.md), which the hyperparameters barely move.",
         "",
     ]
@@ -120,7 +148,11 @@ def main() -> None:
         lines += [f"{args.trials}-trial studies:", "", header, "|" + "---|" * (1 + 2 * len(measured))]
         agree = {o: 0 for o in measured}
         for seed in range(args.seeds):
-            small = importance_table(study_trials(table, space, args.trials, seed, measured), space, measured)
+            if runs is None:
+                points = pilot_design(space, args.trials, "lhs", seed)
+            else:
+                points = default_arm_points(runs, table, space, args.trials, seed)
+            small = importance_table(study_trials(table, space, points, seed, measured), space, measured)
             tops = [top(small, o) for o in measured]
             shares = []
             for objective in measured:

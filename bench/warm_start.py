@@ -132,8 +132,8 @@ def markdown(summary: pd.DataFrame, args: argparse.Namespace, command: str, elap
         "(loratune.warm_start.transfer_history). HV: hypervolume of the noise-free values found so far over "
         "the target's true front's (1 = the whole front), on the table's scale (bench/efficiency/runner.py "
         "Scale.of_table: per objective the front's best value -> 0, the larger of the front's worst value and "
-        "the median over all the table's runs -> 1, reference point 1.1). 'reach': trials until a run's HV reaches the same "
-        f"seed's cold HV@{args.budget} (median over seeds, inf: never within the budget).",
+        "the median over all the table's runs -> 1, reference point 1.1). 'reach': trials until a run's HV "
+        f"reaches the same seed's cold HV@{args.budget} (median over seeds, inf: never within the budget).",
         "",
     ]
     checkpoints = [n for n in (2, 4, 6, 8, 10, 12, 14, 16) if n <= args.budget]
