@@ -195,7 +195,9 @@ def markdown(
         "lora_table_grid): lora_rank int 4..256 step 4, lora_alpha choice 4..256 (powers of two), learning_rate "
         "float 1e-5..1e-2 log. "
         "HV = hypervolume of the noise-free values found so far / hypervolume of the true front, both "
-        "normalized by the true front (ideal -> 0, nadir -> 1, reference point 1.1). Cells: median "
+        "normalized (reference point 1.1): an analytic problem by its true front (ideal -> 0, nadir -> 1), a "
+        "measured table or the surrogate per objective from the front's best value (0) to the larger of the "
+        "front's worst value and the median run (1) (runner.Scale.of_table). Cells: median "
         "[25th-75th percentile] over seeds. 'to reach' = trials needed to reach random search's median "
         f"{plan.budget}-trial HV, median over seeds (pilot included; '>{plan.budget}': not within the budget); "
         "'seeds' = how many seeds reach it.",
