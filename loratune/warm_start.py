@@ -67,9 +67,12 @@ SETTING_FIELDS = ("backend", "benchmark", "model", "dataset", "training")
 # interquartile range instead (a few diverged runs, losses of 10 among losses of 3, set a mean
 # and a standard deviation but not a median and quartiles); "fading" is "standardized" until this
 # study has FADE_AFTER ok trials of its own and drops the related rows from then on, so that late
-# rounds follow this task alone. TRANSFER is the one bench/warm_start.py measured to be best
+# rounds follow this task alone; "aligned" is "standardized" except for an objective that both
+# tasks measure alike, i.e. whose every own ok value also occurs among the related rows' values
+# (the adapter's parameter count on the same model): that one stays as measured, since moving it
+# would give one rank two parameter counts. TRANSFER is the one bench/warm_start.py measured to be best
 # (bench/results/warm_start_*.md).
-TRANSFERS = ("observations", "standardized", "robust", "fading")
+TRANSFERS = ("observations", "standardized", "robust", "fading", "aligned")
 FADE_AFTER = 6
 TRANSFER = "standardized"
 # The study-state record next to a study's trials.tsv (study_state.RESOLVED_CONFIG).
@@ -239,8 +242,8 @@ def transfer_history(
     own = history if history is not None else pd.DataFrame(columns=related.columns)
     if method == "fading" and min(len(_ok_values(own, n)) if n in own.columns else 0 for n in objectives) >= FADE_AFTER:
         return history  # this study's own trials are enough now
-    if method in ("standardized", "fading", "robust"):
-        related = _match_scale(related, own, objectives, robust=method == "robust")
+    if method in ("standardized", "fading", "robust", "aligned"):
+        related = _match_scale(related, own, objectives, robust=method == "robust", keep_shared=method == "aligned")
     if history is not None and len(history):
         taken = {space.key(space.snap(p)) for p in own[space.tunable_names].to_dict("records")}
         keys = [space.key(space.snap(p)) for p in related[space.tunable_names].to_dict("records")]
@@ -257,15 +260,22 @@ def _ok_values(table: pd.DataFrame, name: str) -> pd.Series:
 
 
 def _match_scale(
-    related: pd.DataFrame, own: pd.DataFrame, objectives: Mapping[str, str], robust: bool = False
+    related: pd.DataFrame,
+    own: pd.DataFrame,
+    objectives: Mapping[str, str],
+    robust: bool = False,
+    keep_shared: bool = False,
 ) -> pd.DataFrame:
     """Each objective of ``related`` moved to the centre and spread of ``own``'s ok values (mean
     and standard deviation; ``robust``: median and interquartile range); an objective with fewer
-    than two own values, or a constant one, stays as it is."""
+    than two own values, or a constant one, stays as it is, and so, with ``keep_shared``, does
+    one whose own values all occur among the related ones."""
     related = related.copy()
     for name in objectives:
         theirs, mine = _ok_values(related, name), _ok_values(own, name) if name in own.columns else pd.Series()
         if len(mine) < 2 or len(theirs) < 2:
+            continue
+        if keep_shared and mine.isin(set(theirs)).all():
             continue
         their_centre, their_spread = _centre_spread(theirs, robust)
         my_centre, my_spread = _centre_spread(mine, robust)
