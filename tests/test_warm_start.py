@@ -205,6 +205,23 @@ def test_fading_transfer_drops_the_related_task_once_the_study_has_its_own_trial
     assert warm_start.transfer_history(study_space, OBJECTIVES, late, related, "fading") is late
 
 
+def test_aligned_transfer_keeps_an_objective_both_tasks_measure_alike(study_space):
+    # _history's trainable_params is rank * 1000 on both tasks; the losses differ by 10.
+    own = _history(study_space, n=6, seed=1)
+    related = pd.concat([own, _history(study_space, n=6, seed=2)], ignore_index=True)
+    related = related.drop(columns=["seed", "arm", "round", "trial_id"]).assign(eval_loss=lambda t: t["eval_loss"] + 10)
+    related[study_space.tunable_names] = _history(study_space, n=12, seed=3)[study_space.tunable_names]
+    fitted = warm_start.transfer_history(study_space, OBJECTIVES, own, related, "aligned")
+    moved = fitted.iloc[: len(fitted) - len(own)]
+    assert len(moved) == len(related)
+    np.testing.assert_array_equal(moved["trainable_params"], related["trainable_params"])  # as measured
+    mine = own.loc[own["status"] == "ok", "eval_loss"]
+    assert moved.loc[moved["status"] == "ok", "eval_loss"].mean() == pytest.approx(mine.mean())
+    standardized = warm_start.transfer_history(study_space, OBJECTIVES, own, related, "standardized")
+    ok = (related["status"] == "ok").to_numpy()
+    assert not np.allclose(standardized["trainable_params"].iloc[: len(related)][ok], related["trainable_params"][ok])
+
+
 # ---- the workflow ------------------------------------------------------------------------
 def _source_study(tmp_path: Path) -> Path:
     """A finished tiny study: a pilot of 3 and one random round of 2, seed 0."""
