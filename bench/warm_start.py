@@ -57,6 +57,9 @@ GOAL_TRIALS = 6
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (default 10)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="start at this seed (another process runs the others)"
+    )
     parser.add_argument("--pilot", type=int, default=4, help="the cold start's pilot (default 4, as search_efficiency)")
     parser.add_argument("--warm-pilot", type=int, default=0, help="the warm start's pilot (default 0)")
     parser.add_argument("--batch", type=int, default=2, help="proposals per round (default 2)")
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     with context.Pool(args.workers, initializer=_quiet_worker, initargs=(log_path,)) as pool:
         # Seed by seed (its two cold runs, then its warm runs, which fit the other table's cold
         # run), so that a bench stopped early leaves whole seeds behind.
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.seeds):
             cold_jobs = [(t, seed, cold_plan) for t in tables if (t, seed, "cold") not in done]
             for problem, _, run in pool.map(_cold, cold_jobs):
                 rows += [{**r, "arm": "cold"} for r in run]
