@@ -18,7 +18,7 @@ reaches the cold start's 16-trial hypervolume within 6 trials (per seed: the fir
 whose HV reaches that seed's cold HV@16; median over seeds), and its median HV is never below
 the cold start's at any trial count, in each direction.
 
-    .venv/bin/python bench/warm_start.py            # 10 seeds, both directions (bench/results/warm_start.md)
+    .venv/bin/python bench/warm_start.py            # 10 seeds, both directions (bench/results/warm_start_<commit>.md)
 
 Runs recorded at ``--out`` (``<out>_runs.tsv``) are kept and not run again: a new transfer costs only
 its own runs (the plan must be the one they were run with).
