@@ -1,16 +1,19 @@
 """Importance from a study's 16 trials against importance from the whole measured table.
 
 The goal of issue 15: the fANOVA ranking computed from a study's 16 trials names the same top
-parameter as the one computed from the full table. The full table is every measured run of a
-learning-curve table at the step ``training.select: best`` keeps (its lowest held-out loss);
-a 16-trial study is a Latin-hypercube design of 16 points in the default study's search space,
-each answered by the table as the ``table`` benchmark answers a trial (its nearest measured run,
+parameter as the one computed from the full table, for the held-out loss and for the costs the
+hyperparameters move (trainable parameters, peak GPU memory). The full table is every measured
+run of a learning-curve table at the step ``training.select: best`` keeps (its lowest held-out
+loss); a 16-trial study is a Latin-hypercube design of 16 points in the default study's search
+space (or, with ``--from-runs``, the default arm's first 16 trials of a bench/warm_start.py cold
+run), each answered by the table as the ``table`` benchmark answers a trial (its nearest measured run,
 ``loratune.benchmarks.CurveTable.answer``), over ``--seeds`` seeds. Both go through
 ``loratune.importance.importance_table``, the function behind results/<study>/importance.tsv.
 
-Run from the repository root (about a minute on 2 cores):
+Run from the repository root (a few minutes on 2 shared cores):
 
     .venv/bin/python bench/importance_agreement.py
+    .venv/bin/python bench/importance_agreement.py --from-runs bench/results/warm_start_<commit>_runs.tsv
 
 It prints a Markdown report and writes it to ``bench/results/importance_agreement.md``.
 """
@@ -27,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.efficiency.problems import BENCH_PROBLEMS, CURVE_TABLES  # noqa: E402
 from loratune.benchmarks import CurveTable  # noqa: E402
 import yaml  # noqa: E402
 
@@ -35,7 +39,11 @@ from loratune.importance import UPDATE_SCALE, importance_table  # noqa: E402
 from loratune.space import SearchSpace  # noqa: E402
 
 TABLES = ["bench/data/curves_self_instruct.jsonl", "bench/data/curves_instructions.jsonl"]
-OBJECTIVES = {"eval_loss": "min", "train_time": "min"}
+# The goal's objectives: the held-out loss and the costs the hyperparameters move (a run's
+# adapter size and its peak GPU memory). train_time is reported too, as what it is on these
+# tables: the time of a run sharing the GPU with 11 others, noise the hyperparameters barely move.
+OBJECTIVES = {"eval_loss": "min", "trainable_params": "min", "peak_memory_gib": "min"}
+NOISE = {"train_time": "min"}
 
 
 def full_table_trials(table: CurveTable, space) -> pd.DataFrame:
@@ -49,10 +57,23 @@ def full_table_trials(table: CurveTable, space) -> pd.DataFrame:
     return best.assign(seed=0)
 
 
-def study_trials(table: CurveTable, space, n: int, seed: int) -> pd.DataFrame:
-    """``n`` Latin-hypercube trials of ``space``, answered by the table."""
+def default_arm_points(runs: pd.DataFrame, table: CurveTable, space, n: int, seed: int) -> list[dict]:
+    """The first ``n`` trials of the default arm's cold run of ``table`` with ``seed``, as
+    bench/warm_start.py recorded them (``<out>_runs.tsv``, arm ``cold``): a study's trials
+    gather where the proposer looked, unlike a Latin hypercube's."""
+    problem = next(name for name, t in CURVE_TABLES.items() if Path(t.path).name == Path(table.path).name)
+    run = runs[(runs["problem"] == problem) & (runs["arm"] == "cold") & (runs["seed"] == seed)]
+    run = run.sort_values("n_trials").head(n)
+    if len(run) < n:
+        raise SystemExit(f"--from-runs: {problem} seed {seed} has {len(run)} cold trials, not {n}")
+    bench_space = BENCH_PROBLEMS[problem].space
+    return [space.snap(bench_space.parse_trial_id(trial_id)) for trial_id in run["trial_id"]]
+
+
+def study_trials(table: CurveTable, space, points: list[dict], seed: int, objectives) -> pd.DataFrame:
+    """The trials at ``points``, answered by the table."""
     rows = []
-    for point in pilot_design(space, n, "lhs", seed):
+    for point in points:
         answer = table.answer(space, point, None, "best", seed=seed)
         rows.append(
             {
@@ -60,7 +81,7 @@ def study_trials(table: CurveTable, space, n: int, seed: int) -> pd.DataFrame:
                 "seed": seed,
                 "trial_id": space.trial_id(point),
                 "status": answer.get("status", "ok"),
-                **{name: answer.get(name) for name in OBJECTIVES},
+                **{name: answer.get(name) for name in objectives},
             }
         )
     return pd.DataFrame(rows)
@@ -76,23 +97,39 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", default=TABLES)
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument(
+        "--from-runs",
+        type=Path,
+        help="take each seed's study from the default arm's cold runs a bench/warm_start.py run recorded "
+        "(its _runs.tsv) instead of a Latin hypercube",
+    )
     parser.add_argument("--output", default=str(REPO / "bench/results/importance_agreement.md"))
     args = parser.parse_args()
 
     default = yaml.safe_load((REPO / "config/config.yaml").read_text(encoding="utf-8"))
     space = SearchSpace.from_config(default["search_space"])
+    measured = {**OBJECTIVES, **NOISE}
+    runs = pd.read_csv(args.from_runs, sep="\t") if args.from_runs else None
+    design = (
+        f"the first {args.trials} trials of the default arm's (optuna-gp) cold run per seed, from {args.from_runs}"
+        if runs is not None
+        else f"{args.trials} Latin-hypercube trials per seed"
+    )
     lines = [
         "# Importance from 16 trials against the full table",
         "",
-        f"fANOVA (``loratune.importance``), objectives {OBJECTIVES}, space of the default study; "
-        f"{args.trials} Latin-hypercube trials per seed, {args.seeds} seeds. Generated by "
-        "`bench/importance_agreement.py`. A table's train_time is the time of a run sharing the GPU with 11 "
-        "others (bench/data/README.md), so its importance is partly noise.",
+        f"Command: `{' '.join(['.venv/bin/python bench/importance_agreement.py', *sys.argv[1:]])}`.",
+        "",
+        f"fANOVA (``loratune.importance``), objectives {list(OBJECTIVES)} (the goal's) and {list(NOISE)} "
+        f"(noise, below), space of the default study; {design}, {args.seeds} seeds. A table's train_time is "
+        "the time of a run sharing the GPU with 11 others "
+        "(bench/data/README.md), which the hyperparameters barely move.",
         "",
     ]
+    summary = []
     for path in args.tables:
         table = CurveTable(path)
-        full = importance_table(full_table_trials(table, space), space, OBJECTIVES)
+        full = importance_table(full_table_trials(table, space), space, measured)
         lines += [
             f"## {path}",
             "",
@@ -103,31 +140,44 @@ def main() -> None:
         ]
         header = (
             "| seed | "
-            + " | ".join(f"top for {o}" for o in OBJECTIVES)
+            + " | ".join(f"top for {o}" for o in measured)
             + " | "
-            + " | ".join(f"{o}: {UPDATE_SCALE} share" for o in OBJECTIVES)
+            + " | ".join(f"{o}: {UPDATE_SCALE} share" for o in measured)
             + " |"
         )
-        lines += [f"{args.trials}-trial studies:", "", header, "|" + "---|" * (1 + 2 * len(OBJECTIVES))]
-        agree = {o: 0 for o in OBJECTIVES}
+        lines += [f"{args.trials}-trial studies:", "", header, "|" + "---|" * (1 + 2 * len(measured))]
+        agree = {o: 0 for o in measured}
         for seed in range(args.seeds):
-            small = importance_table(study_trials(table, space, args.trials, seed), space, OBJECTIVES)
-            tops = [top(small, o) for o in OBJECTIVES]
+            if runs is None:
+                points = pilot_design(space, args.trials, "lhs", seed)
+            else:
+                points = default_arm_points(runs, table, space, args.trials, seed)
+            small = importance_table(study_trials(table, space, points, seed, measured), space, measured)
+            tops = [top(small, o) for o in measured]
             shares = []
-            for objective in OBJECTIVES:
+            for objective in measured:
                 agree[objective] += top(small, objective) == top(full, objective)
                 scale = small[(small["objective"] == objective) & (small["parameter"] == UPDATE_SCALE)]
                 shares.append(f"{scale['importance_with_update_scale'].iloc[0]:.3f}" if len(scale) else "n/a")
             lines.append(f"| {seed} | " + " | ".join(tops) + " | " + " | ".join(shares) + " |")
-        lines += (
-            [""]
-            + [
+        lines.append("")
+        for o in measured:
+            line = (
                 f"- {o}: full-table top parameter **{top(full, o)}**; the {args.trials}-trial study names it first "
-                f"in **{agree[o]} of {args.seeds}** seeds."
-                for o in OBJECTIVES
-            ]
-            + [""]
-        )
+                f"in **{agree[o]} of {args.seeds}** seeds"
+            )
+            lines.append(line + (" (noise: not part of the goal)." if o in NOISE else "."))
+            if o in OBJECTIVES:
+                summary.append(f"| {Path(path).name} | {o} | {top(full, o)} | {agree[o]}/{args.seeds} |")
+        lines.append("")
+    lines += [
+        "## Goal: the same top parameter",
+        "",
+        "| table | objective | full-table top | 16-trial studies agreeing |",
+        "|---|---|---|---|",
+        *summary,
+        "",
+    ]
     report = "\n".join(lines)
     print(report)
     Path(args.output).write_text(report + "\n", encoding="utf-8")

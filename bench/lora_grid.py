@@ -33,8 +33,18 @@ RANKS = (4, 16, 64, 256)
 ALPHAS = (4, 16, 64, 256)
 LEARNING_RATES = (1e-5, 1e-4, 1e-3, 1e-2)
 COLUMNS = (
-    "lora_rank", "lora_alpha", "learning_rate", "status", "eval_loss", "train_loss", "final_train_loss",
-    "train_time", "tokens_per_second", "peak_memory_gib", "trainable_params", "gpu_name",
+    "lora_rank",
+    "lora_alpha",
+    "learning_rate",
+    "status",
+    "eval_loss",
+    "train_loss",
+    "final_train_loss",
+    "train_time",
+    "tokens_per_second",
+    "peak_memory_gib",
+    "trainable_params",
+    "gpu_name",
 )
 
 
@@ -51,13 +61,24 @@ def curve_rows(hparams: dict, seed: int, metrics: dict) -> list[dict]:
         "peak_memory_gib": metrics.get("peak_memory_gib"),
         "gpu_name": metrics.get("gpu_name"),
     }
-    rows = [{**common, **{k: point.get(k) for k in CURVE_COLUMNS if k != "max_steps"}, "status": "ok"}
-            for point in metrics.get("curve") or []]
+    rows = [
+        {**common, **{k: point.get(k) for k in CURVE_COLUMNS if k != "max_steps"}, "status": "ok"}
+        for point in metrics.get("curve") or []
+    ]
     if metrics.get("status") != "ok":
         error = metrics.get("error") or ""
         status = "diverged" if error.startswith("LossDiverged") else "failed"
-        rows.append({**common, "step": metrics.get("steps"), "eval_loss": None, "train_loss": None,
-                     "train_time": metrics.get("train_time"), "status": status, "error": error})
+        rows.append(
+            {
+                **common,
+                "step": metrics.get("steps"),
+                "eval_loss": None,
+                "train_loss": None,
+                "train_time": metrics.get("train_time"),
+                "status": status,
+                "error": error,
+            }
+        )
     return rows
 
 
@@ -69,8 +90,12 @@ def _worker(args) -> list[dict]:
     for rank, alpha, lr in points:
         hparams = {"lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr, "lora_dropout": 0.05}
         metrics = run_trial(
-            hparams=hparams, settings=TrainingSettings(**settings), model_path=model_path,
-            data_dir=data_dir, output_dir=str(Path(out_root) / f"r{rank}_a{alpha}_lr{lr:g}_{time.time_ns()}"), seed=seed,
+            hparams=hparams,
+            settings=TrainingSettings(**settings),
+            model_path=model_path,
+            data_dir=data_dir,
+            output_dir=str(Path(out_root) / f"r{rank}_a{alpha}_lr{lr:g}_{time.time_ns()}"),
+            seed=seed,
         )
         if curves:
             trial_rows = curve_rows(hparams, seed, metrics)
@@ -115,8 +140,15 @@ def main() -> None:
     data_dir = scratch / "data"
     data_format = "auto" if args.data.startswith("builtin:") else "self_instruct"
     prepare_dataset(DatasetSpec(path=args.data, format=data_format, eval_fraction=0.15), out_dir=data_dir)
-    settings = dict(quantization="nf4", max_steps=args.max_steps, batch_size=args.batch_size,
-                    max_seq_length=args.seq, scheduler="cosine", warmup_ratio=0.05, keep_adapter=False)
+    settings = dict(
+        quantization="nf4",
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        max_seq_length=args.seq,
+        scheduler="cosine",
+        warmup_ratio=0.05,
+        keep_adapter=False,
+    )
     out = Path(args.out)
     curves = out.suffix == ".jsonl"
     if curves:
@@ -143,10 +175,13 @@ def main() -> None:
     todo = [p for repeat in range(args.repeats) for p in grid if done.get(p, 0) <= repeat]
     print(json.dumps({"grid": len(todo), "already": sum(done.values()), "settings": settings}), flush=True)
     started = time.time()
-    chunks = [todo[i:: args.workers] for i in range(args.workers)]
+    chunks = [todo[i :: args.workers] for i in range(args.workers)]
     # One point per task keeps the table growing row by row across workers.
-    tasks = [([p], str(model_path), str(data_dir), settings, str(scratch / "trials"), args.seed, curves)
-             for chunk in chunks for p in chunk]
+    tasks = [
+        ([p], str(model_path), str(data_dir), settings, str(scratch / "trials"), args.seed, curves)
+        for chunk in chunks
+        for p in chunk
+    ]
     with mp.get_context("spawn").Pool(args.workers) as pool, out.open("a") as table:
         for rows in pool.imap_unordered(_worker, tasks):
             for row in rows:

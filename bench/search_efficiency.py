@@ -46,12 +46,12 @@ from bench.efficiency.runner import (  # noqa: E402
     ARMS,
     Arm,
     Plan,
-    Scale,
     Task,
     _quiet_worker,
     _run_tagged,
     add_hypervolume,
     measure_timing,
+    scale_of,
 )
 
 RESULTS = REPO / "bench" / "results"
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     elapsed = time.perf_counter() - started
 
-    scales = {p: Scale.of(BENCH_PROBLEMS[p].front(BENCH_PROBLEMS[p].space)) for p in problems}
-    curves = add_hypervolume(pd.DataFrame(rows), scales)
+    curves = add_hypervolume(pd.DataFrame(rows), scales_of(problems))
     curves.to_csv(args.out.with_suffix(".tsv"), sep="\t", index=False)
     summary = summarize(curves, plan)
     timing = measure_timing(arms, args.timing_history, plan.batch) if args.timing_history else pd.DataFrame()
@@ -191,9 +190,16 @@ def main(argv: list[str] | None = None) -> None:
     print(text, flush=True)
 
 
+def scales_of(problems: list[str]) -> dict:
+    return {name: scale_of(BENCH_PROBLEMS[name]) for name in problems}
+
+
 def render(args: argparse.Namespace, plan: Plan, labels: list[str], skipped: dict[str, str], command: str) -> None:
-    """Write the report again from the curves and timing of an earlier run (e.g. after the default arm changed)."""
-    curves = pd.read_csv(args.out.with_suffix(".tsv"), sep="\t")
+    """Write the report again from the curves and timing of an earlier run (e.g. after the default arm changed),
+    the hypervolumes scored again from the recorded true values on today's scales (``scale_of``)."""
+    curves = pd.read_csv(args.out.with_suffix(".tsv"), sep="\t").drop(columns="hv_ratio")
+    curves = add_hypervolume(curves, scales_of(list(dict.fromkeys(curves["problem"]))))
+    curves.to_csv(args.out.with_suffix(".tsv"), sep="\t", index=False)
     timing_path = args.out.with_name(args.out.name + "_timing.tsv")
     timing = pd.read_csv(timing_path, sep="\t") if timing_path.exists() else pd.DataFrame()
     labels = [label for label in labels if label in set(curves["arm"])]

@@ -11,13 +11,17 @@ same design: to a study of one, a study of the other is a *related task*. Per se
 - **warm-<transfer>**: the same arm on the target with a pilot of ``--warm-pilot`` points,
   every round fitting the source's trials as ``transfer`` says (``warm_start.TRANSFERS``).
 
-Hypervolume as in bench/search_efficiency.py (the target table's true front, normalized, ref 1.1),
+Hypervolume as in bench/search_efficiency.py (the target table's true front, on the table's scale
+``Scale.of_table``, ref 1.1),
 objectives eval_loss min and trainable_params min. The goal (issue 15): warm-started, the arm
 reaches the cold start's 16-trial hypervolume within 6 trials (per seed: the first trial count
 whose HV reaches that seed's cold HV@16; median over seeds), and its median HV is never below
 the cold start's at any trial count, in each direction.
 
-    .venv/bin/python bench/warm_start.py            # 10 seeds, both directions (bench/results/warm_start.md)
+    .venv/bin/python bench/warm_start.py            # 10 seeds, both directions (bench/results/warm_start_<commit>.md)
+
+Runs recorded at ``--out`` (``<out>_runs.tsv``) are kept and not run again: a new transfer costs only
+its own runs (the plan must be the one they were run with).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ if str(REPO) not in sys.path:
 
 from bench.efficiency.problems import BENCH_PROBLEMS, CURVE_TABLES  # noqa: E402
 from bench.efficiency.report import trials_to_reach  # noqa: E402
-from bench.efficiency.runner import ARMS, Plan, Scale, Task, _quiet_worker, add_hypervolume, run_task  # noqa: E402
+from bench.efficiency.runner import ARMS, Plan, Task, _quiet_worker, add_hypervolume, run_task, scale_of  # noqa: E402
 from loratune.warm_start import TRANSFERS  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -53,6 +57,9 @@ GOAL_TRIALS = 6
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (default 10)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="start at this seed (another process runs the others)"
+    )
     parser.add_argument("--pilot", type=int, default=4, help="the cold start's pilot (default 4, as search_efficiency)")
     parser.add_argument("--warm-pilot", type=int, default=0, help="the warm start's pilot (default 0)")
     parser.add_argument("--batch", type=int, default=2, help="proposals per round (default 2)")
@@ -125,9 +132,11 @@ def markdown(summary: pd.DataFrame, args: argparse.Namespace, command: str, elap
         f"cold: a {args.pilot}-point Latin-hypercube pilot, then batches of {args.batch} to {args.budget} trials. "
         f"warm-<transfer>: a {args.warm_pilot}-point pilot, then the same arm, every round fitting the "
         f"{args.budget} trials of the *other* table's cold run with the same seed as a related task "
-        "(loratune.warm_start.transfer_history). HV: hypervolume of the target's true front found so far, "
-        "normalized by that front (1 = the whole front). 'reach': trials until a run's HV reaches the same "
-        f"seed's cold HV@{args.budget} (median over seeds, inf: never within the budget).",
+        "(loratune.warm_start.transfer_history). HV: hypervolume of the noise-free values found so far over "
+        "the target's true front's (1 = the whole front), on the table's scale (bench/efficiency/runner.py "
+        "Scale.of_table: per objective the front's best value -> 0, the larger of the front's worst value and "
+        "the median over all the table's runs -> 1, reference point 1.1). 'reach': trials until a run's HV "
+        f"reaches the same seed's cold HV@{args.budget} (median over seeds, inf: never within the budget).",
         "",
     ]
     checkpoints = [n for n in (2, 4, 6, 8, 10, 12, 14, 16) if n <= args.budget]
@@ -157,19 +166,32 @@ def render(args: argparse.Namespace, command: str, elapsed: float) -> str:
     """The curves and the report from the runs recorded so far, over the seeds every run of
     which (cold and warm, both directions) has finished."""
     tables = list(CURVE_TABLES)
+    arms = ["cold", *(f"warm-{t}" for t in args.transfers.split(","))]
     rows = pd.read_csv(str(args.out) + "_runs.tsv", sep="\t")
+    rows = rows[rows["arm"].isin(arms)]
     runs = rows.groupby("seed")[["problem", "arm"]].apply(lambda t: len(t.drop_duplicates()))
-    expected = len(tables) * (1 + len(args.transfers.split(",")))
+    expected = len(tables) * len(arms)
     complete = sorted(runs.index[runs == expected])
     rows = rows[rows["seed"].isin(complete)]
     args.seeds = len(complete)
-    scales = {p: Scale.of(BENCH_PROBLEMS[p].front(BENCH_PROBLEMS[p].space)) for p in tables}
+    scales = {p: scale_of(BENCH_PROBLEMS[p]) for p in tables}
     curves = add_hypervolume(rows, scales)
     curves.to_csv(args.out.with_suffix(".tsv"), sep="\t", index=False)
     text = markdown(summarize(curves, args.budget), args, command, elapsed)
     text = text.replace("\n\nProtocol:", f"\n\nSeeds finished: {complete}.\n\nProtocol:", 1)
     args.out.with_suffix(".md").write_text(text + "\n")
     return text
+
+
+def _recorded(args: argparse.Namespace) -> tuple[list[dict], set[tuple[str, int, str]]]:
+    """The runs an earlier bench at ``--out`` recorded with the same plan (its ``_runs.tsv``), and
+    their (problem, seed, arm): they are kept, not run again, so that measuring one more transfer
+    costs only its own runs."""
+    path = Path(str(args.out) + "_runs.tsv")
+    if not path.is_file():
+        return [], set()
+    rows = pd.read_csv(path, sep="\t").to_dict("records")
+    return rows, {(r["problem"], int(r["seed"]), r["arm"]) for r in rows}
 
 
 def _record(rows: list[dict], args: argparse.Namespace) -> None:
@@ -192,20 +214,25 @@ def main(argv: list[str] | None = None) -> None:
     log_path = str(args.out) + "_workers.log"
     context = multiprocessing.get_context("spawn")
     runs: dict[tuple[str, int], list[dict]] = {}
-    rows: list[dict] = []
+    rows, done = _recorded(args)
     with context.Pool(args.workers, initializer=_quiet_worker, initargs=(log_path,)) as pool:
         # Seed by seed (its two cold runs, then its warm runs, which fit the other table's cold
         # run), so that a bench stopped early leaves whole seeds behind.
-        for seed in range(args.seeds):
-            for problem, _, run in pool.map(_cold, [(t, seed, cold_plan) for t in tables]):
-                runs[(problem, seed)] = run
+        for seed in range(args.first_seed, args.seeds):
+            cold_jobs = [(t, seed, cold_plan) for t in tables if (t, seed, "cold") not in done]
+            for problem, _, run in pool.map(_cold, cold_jobs):
                 rows += [{**r, "arm": "cold"} for r in run]
+            for problem in tables:
+                runs[(problem, seed)] = [
+                    r for r in rows if (r["problem"], r["seed"], r["arm"]) == (problem, seed, "cold")
+                ]
             warm_jobs = [
                 (target, seed, warm_plan, transfer, related_from(runs[(source, seed)], source))
                 for target in tables
                 for source in tables
                 if source != target
                 for transfer in transfers
+                if (target, seed, f"warm-{transfer}") not in done
             ]
             for _, _, _, run in pool.map(_warm, warm_jobs):
                 rows += run

@@ -180,6 +180,48 @@ def test_standardized_transfer_moves_the_related_task_to_this_studys_scale(study
     assert warm_start.transfer_history(study_space, OBJECTIVES, own, None) is own
 
 
+def test_robust_transfer_matches_median_and_quartiles_whatever_the_outliers(study_space):
+    own = _history(study_space, n=8, seed=1)
+    related = _history(study_space, n=9, seed=2).drop(columns=["seed", "arm", "round", "trial_id"])
+    related.loc[related.index[-1], "eval_loss"] = 10.0  # a diverged run among losses of 1 to 3
+    fitted = warm_start.transfer_history(study_space, OBJECTIVES, own, related, "robust")
+    moved = fitted.iloc[: len(fitted) - len(own)]
+    moved, mine = moved.loc[moved["status"] == "ok", "eval_loss"], own.loc[own["status"] == "ok", "eval_loss"]
+    assert moved.median() == pytest.approx(mine.median())
+    assert moved.quantile(0.75) - moved.quantile(0.25) == pytest.approx(mine.quantile(0.75) - mine.quantile(0.25))
+    # The mean and standard deviation are the outlier's: "standardized" lands elsewhere.
+    standardized = warm_start.transfer_history(study_space, OBJECTIVES, own, related, "standardized")
+    assert standardized["eval_loss"].iloc[0] != pytest.approx(fitted["eval_loss"].iloc[0])
+
+
+def test_fading_transfer_drops_the_related_task_once_the_study_has_its_own_trials(study_space):
+    related = _history(study_space, n=6, seed=2).drop(columns=["seed", "arm", "round", "trial_id"])
+    early = _history(study_space, n=warm_start.FADE_AFTER, seed=1)  # one of them failed: FADE_AFTER - 1 ok
+    fitted = warm_start.transfer_history(study_space, OBJECTIVES, early, related, "fading")
+    standardized = warm_start.transfer_history(study_space, OBJECTIVES, early, related, "standardized")
+    pd.testing.assert_frame_equal(fitted, standardized)
+    assert len(fitted) > len(early)
+    late = _history(study_space, n=warm_start.FADE_AFTER + 1, seed=1)
+    assert warm_start.transfer_history(study_space, OBJECTIVES, late, related, "fading") is late
+
+
+def test_aligned_transfer_keeps_an_objective_both_tasks_measure_alike(study_space):
+    # _history's trainable_params is rank * 1000 on both tasks; the losses differ by 10.
+    own = _history(study_space, n=6, seed=1)
+    related = pd.concat([own, _history(study_space, n=6, seed=2)], ignore_index=True)
+    related = related.drop(columns=["seed", "arm", "round", "trial_id"]).assign(eval_loss=lambda t: t["eval_loss"] + 10)
+    related[study_space.tunable_names] = _history(study_space, n=12, seed=3)[study_space.tunable_names]
+    fitted = warm_start.transfer_history(study_space, OBJECTIVES, own, related, "aligned")
+    moved = fitted.iloc[: len(fitted) - len(own)]
+    assert len(moved) == len(related)
+    np.testing.assert_array_equal(moved["trainable_params"], related["trainable_params"])  # as measured
+    mine = own.loc[own["status"] == "ok", "eval_loss"]
+    assert moved.loc[moved["status"] == "ok", "eval_loss"].mean() == pytest.approx(mine.mean())
+    standardized = warm_start.transfer_history(study_space, OBJECTIVES, own, related, "standardized")
+    ok = (related["status"] == "ok").to_numpy()
+    assert not np.allclose(standardized["trainable_params"].iloc[: len(related)][ok], related["trainable_params"][ok])
+
+
 # ---- the workflow ------------------------------------------------------------------------
 def _source_study(tmp_path: Path) -> Path:
     """A finished tiny study: a pilot of 3 and one random round of 2, seed 0."""

@@ -9,7 +9,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from loratune.benchmarks import CurveTable, LoraTable, TabulatedTrialFailed, evaluate, get_problem, true_front
+from loratune.benchmarks import (
+    CurveTable,
+    LoraSurrogate,
+    LoraTable,
+    TabulatedTrialFailed,
+    evaluate,
+    get_problem,
+    true_front,
+)
+from loratune.designs import pilot_design
 from loratune.pareto import non_dominated, to_minimization
 from loratune.space import SearchSpace
 
@@ -46,15 +55,45 @@ class BenchProblem:
             return f"no learning-curve table at {spec.path}"
         return None
 
+    def runs(self, space: SearchSpace) -> np.ndarray | None:
+        """Every measured run's noise-free values at the full budget inside the space, in
+        minimization space (failed runs left out); None for an analytic problem. A curve
+        table's run is its measured point answered as a study of seed 0 sees it."""
+        spec = get_problem(self.problem)
+        if isinstance(spec, LoraTable):
+            rows, _ = spec.rows_in(space)
+            if "status" in rows.columns:
+                rows = rows[rows["status"].astype(str) == "ok"]
+            Y = to_minimization(rows[list(self.objectives)].to_numpy(dtype=float), list(self.objectives.values()))
+            return Y[np.isfinite(Y).all(axis=1)]
+        if isinstance(spec, CurveTable):
+            points, _ = spec.points(space)
+            return self._values(space, [space.snap(p) for p in points.to_dict("records")])
+        if isinstance(spec, LoraSurrogate):
+            return self._values(space, pilot_design(space, SURROGATE_RUNS, "random", 0))
+        return None
+
+    def _values(self, space: SearchSpace, points: list[dict]) -> np.ndarray:
+        values = [self.observe(space, point, 0)[1] for point in points]
+        return np.array([v for v in values if v is not None])
+
     def front(self, space: SearchSpace) -> np.ndarray:
         """Points of the true Pareto front, in minimization space."""
         spec = get_problem(self.problem)
         if isinstance(spec, LoraTable):
             return spec.true_front(space, self.objectives)
         if isinstance(spec, CurveTable):
-            points, _ = spec.points(space)
-            values = [self.observe(space, space.snap(p), 0)[1] for p in points.to_dict("records")]
-            Y = np.array([v for v in values if v is not None])
+            Y = self.runs(space)
+            return Y[non_dominated(Y)]
+        if isinstance(spec, LoraSurrogate):
+            # Its loss is lowest where lr * alpha / rank = 4e-4 (d = 0, loratune.benchmarks):
+            # that ridge at every rank, with the random runs (for objectives off the ridge).
+            rank = next(p for p in space.tunable if p.name == "lora_rank")
+            ridge = [
+                space.snap({"lora_rank": r, "lora_alpha": 16, "learning_rate": 4e-4 * r / 16})
+                for r in range(int(rank.low), int(rank.high) + 1, int(rank.step or 1))
+            ]
+            Y = np.vstack([self.runs(space), self._values(space, ridge)])
             return Y[non_dominated(Y)]
         m = len(self.objectives)
         return true_front(self.problem, m, 2001 if m == 2 else 5000)
@@ -76,6 +115,8 @@ class BenchProblem:
 
 
 TWO = {"f1": "min", "f2": "min"}
+# The random points whose values stand for the LoRA surrogate's "runs" (its scale's median).
+SURROGATE_RUNS = 4000
 # The two measured learning-curve tables (bench/data/README.md), with the objectives the
 # warm-start and coordinate benches run them with: held-out loss against adapter size.
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -113,6 +154,13 @@ BENCH_PROBLEMS = {
                 "lora_alpha": {"type": "choice", "values": [4, 16, 64, 256]},
                 "learning_rate": {"type": "choice", "values": [1e-5, 1e-4, 1e-3, 1e-2]},
             },
+        ),
+        BenchProblem(
+            "lora_surrogate",
+            "lora_surrogate",
+            TABLE_OBJECTIVES,
+            about="the LoRA surrogate (loratune.benchmarks.LoraSurrogate, noise-free): eval loss U-shaped in "
+            "log(lr * alpha / rank), against trainable parameters; scaled as a table, its runs 4000 random points",
         ),
         *(
             BenchProblem(

@@ -14,7 +14,7 @@ from loratune.pareto import REFERENCE, best_subset_hypervolumes, normalize
 from loratune.plots import rgba
 
 from bench.efficiency.problems import BENCH_PROBLEMS, BenchProblem
-from bench.efficiency.runner import Plan, Scale
+from bench.efficiency.runner import Plan, Scale, scale_of
 
 # The workflow's default arm (config/config.yaml, the schema's default arms): the goal is stated for it.
 DEFAULT_ARM = "optuna-gp"
@@ -41,7 +41,7 @@ def bounds(problems: list[str], plan: Plan, summary: pd.DataFrame) -> pd.DataFra
         problem = BENCH_PROBLEMS[name]
         space = problem.space
         true_front = problem.front(space)
-        scale = Scale.of(true_front)
+        scale = scale_of(problem)
         target = float(summary.loc[summary["problem"] == name, "target"].iloc[0])
         front = normalize(true_front, scale.lower, scale.upper)
         best = best_subset_hypervolumes(front, np.full(2, REFERENCE), FRONT_POINTS_MAX) / scale.front_volume
@@ -195,7 +195,9 @@ def markdown(
         "lora_table_grid): lora_rank int 4..256 step 4, lora_alpha choice 4..256 (powers of two), learning_rate "
         "float 1e-5..1e-2 log. "
         "HV = hypervolume of the noise-free values found so far / hypervolume of the true front, both "
-        "normalized by the true front (ideal -> 0, nadir -> 1, reference point 1.1). Cells: median "
+        "normalized (reference point 1.1): an analytic problem by its true front (ideal -> 0, nadir -> 1), a "
+        "measured table or the surrogate per objective from the front's best value (0) to the larger of the "
+        "front's worst value and the median run (1) (runner.Scale.of_table). Cells: median "
         "[25th-75th percentile] over seeds. 'to reach' = trials needed to reach random search's median "
         f"{plan.budget}-trial HV, median over seeds (pilot included; '>{plan.budget}': not within the budget); "
         "'seeds' = how many seeds reach it.",
@@ -370,5 +372,3 @@ def figure(curves: pd.DataFrame, summary: pd.DataFrame, plan: Plan, arms: list[s
         f"{plan.seeds} seeds (pilot {plan.pilot}, batches of {plan.batch})",
     )
     return fig
-
-

@@ -179,6 +179,14 @@ class Scale:
         return out
 
 
+def scale_of(problem: BenchProblem) -> Scale:
+    """The hypervolume scale a bench measures ``problem`` on: ``Scale.of_table`` for a measured
+    table, ``Scale.of`` (the true front's own bounds) for an analytic problem."""
+    space = problem.space
+    front, runs = problem.front(space), problem.runs(space)
+    return Scale.of(front) if runs is None else Scale.of_table(front, runs)
+
+
 def add_hypervolume(trials: pd.DataFrame, scales: dict[str, Scale]) -> pd.DataFrame:
     parts = []
     for (problem, _arm, _seed), run in trials.groupby(["problem", "arm", "seed"], sort=False):
