@@ -4,7 +4,6 @@ import pytest
 
 from loratune.designs import DESIGNS, grid_points, pilot_design, spread_subset
 from loratune.space import SearchSpace
-from conftest import STUDY_SPACE as STUDY
 
 ALPHAS = (4, 8, 16, 32, 64, 128, 256)
 # lhs seed 0 on the study space, as drawn at 3c44d3a (before scipy_lhs existed).

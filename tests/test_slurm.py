@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
