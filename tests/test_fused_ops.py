@@ -178,6 +178,9 @@ def test_the_planner_takes_the_fastest_plan_that_fits_each_budget_of_the_8b_case
     assert sizes.peak(lowest) <= 8 * GIB and lowest.offload and lowest.embed_on_host
     if dropout == 0:  # the calibrated model leaves 8 GiB room for the whole backward and 1024-token chunks
         assert not lowest.chunked_backward and lowest.loss_chunk == LOSS_CHUNKS[0]
+        # hosting the embedding (measured: 1.1 layers' time a step) costs more than recomputing the
+        # 1.2 layers its GiB holds, so only the lowest budget hosts it
+        assert not chosen[16].embed_on_host and not chosen[24].embed_on_host
     if dropout == 0:  # at 40 GiB all activations fit: nothing recomputed, nothing in host memory
         assert not chosen[40].checkpointed and not chosen[40].embed_on_host and not chosen[40].chunked_backward
     assert chosen[16].offload  # the inputs of the many checkpointed layers wait in host memory

@@ -36,12 +36,14 @@ if TYPE_CHECKING:
 
 # Tokens per chunk of the chunked cross-entropy the planner may choose, the fastest first.
 LOSS_CHUNKS = (LOSS_CHUNK_TOKENS, 256)
-# The cost model, in units of one layer's forward and backward time (8B shape, H200: ~19 ms).
-RECOMPUTE_COST = 0.33  # all 32 layers checkpointed: 0.785 s a step against 0.61 s with 4 (e499e1a, e92ce32)
+# The cost model, in units of one layer's forward and backward time (8B shape, H200: 17 ms), fitted
+# to the step times of the four plans measured in bench/results/train_speed_peers_h200_2026-12-01_f2d31a7.md
+# (0, 13, 23 and 32 layers recomputed: 0.545, 0.651, 0.716 and 0.795 s), the small-chunk cost assumed.
+RECOMPUTE_COST = 0.37
 OFFLOAD_COST = 0.02  # per offloaded input: the copies overlap the compute; what is left is synchronization
 SMALL_CHUNK_COST = 0.05  # 4x as many (still large) cross-entropy matmuls
-EMBED_HOST_COST = 0.2  # the lookup on the CPU and a 64 MiB copy, unoverlapped
-CHUNKED_BACKWARD_COST = 0.5  # smaller matmuls and more launches in every layer's backward
+EMBED_HOST_COST = 1.1  # measured with the lookup behind a synchronization (since: pinned, none)
+CHUNKED_BACKWARD_COST = 1.05  # smaller matmuls and more launches in every layer's backward
 EAGER_ACTIVATION_FACTOR = 1.3  # eager RMSNorm and SwiGLU keep more intermediates (H200: 43.5 against 36.2 GiB)
 # Above the modelled peak (torch's peak allocation): the transients the model leaves out (the
 # kernels' workspaces, the optimizer's foreach temporaries). The allocator's own reserve is not
