@@ -27,7 +27,7 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # (n + 1,) int32, on the device
     # The token ids as built, in host memory: an input embedding kept there (the memory plan) looks
     # them up without waiting for the device to send them back.
-    host_input_ids: torch.Tensor | None = None
+    host_input_ids: torch.Tensor
 
     @property
     def tokens(self) -> int:

@@ -109,7 +109,7 @@ class FusedCausalLM:
             hidden = F.embedding(batch.input_ids, self.embed).to(self.residual_dtype)
         else:  # the embedding waits in host memory (the memory plan): look up there, send the rows
             # from pinned memory without a synchronization (the ids are the host's own copy)
-            ids = batch.host_input_ids if batch.host_input_ids is not None else batch.input_ids.cpu()
+            ids = batch.host_input_ids
             rows = torch.empty((ids.shape[0], self.embed.shape[1]), dtype=self.embed.dtype, pin_memory=True)
             torch.index_select(self.embed, 0, ids, out=rows)
             hidden = rows.to(batch.input_ids.device, non_blocking=True).to(self.residual_dtype)
