@@ -302,6 +302,9 @@ def peers(path: str, args, emit, n_params: int, timing: dict, header: dict) -> N
                     model, synthetic, fused=fused, batch=4, seq=2048, dropout=0.0, memory_budget_gib=budget, **timing
                 )
                 add({"trainer": name, "budget_gib": budget, **rec})
+                if args.profile and budget in args.profile_budgets:
+                    target = args.profile.with_name(f"{args.profile.stem}_budget{budget:g}{args.profile.suffix}")
+                    profile_steps(model, synthetic, fused, target, dropout=0.0, memory_budget_gib=budget)
             except Exception:  # the other budgets still measure
                 emit({"case": "peers", "trainer": name, "error": traceback.format_exc()[-1500:]})
             fused.apply_plan(MemoryPlan(checkpointed=frozenset(), dequant_cache=False))
@@ -369,7 +372,14 @@ def main() -> None:
         "--profile",
         type=Path,
         default=None,
-        help="write a torch.profiler table of two steps of the first fused variant here",
+        help="write a torch.profiler table of two steps of the first fused variant here (peers: of each of"
+        " --profile-budgets, the budget added to the file's name)",
+    )
+    parser.add_argument(
+        "--profile-budgets",
+        type=lambda text: [float(b) for b in text.split(",")],
+        default=[8.0],
+        help="peers: the budgets (GiB) --profile profiles",
     )
     parser.add_argument("--variants", type=int, default=4, help="how many of the fused variants to run (in order)")
     parser.add_argument("--skip-plain", action="store_true", help="skip loratune's plain path (needed by 'mixed')")

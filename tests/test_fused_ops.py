@@ -173,14 +173,44 @@ def test_the_planner_takes_the_fastest_plan_that_fits_each_budget_of_the_8b_case
         else:  # nothing fits: the lowest plan there is
             assert sizes.peak(plan) == min(sizes.peak(p) for p in all_plans(32))
     counts = [len(chosen[b].checkpointed) for b in (8, 16, 24, 40)]
-    assert counts == sorted(counts, reverse=True) and counts[0] == 32 and counts[-1] < 8
+    assert counts == sorted(counts, reverse=True) and counts[0] >= 30 and counts[-1] < 8
     lowest = chosen[8]
-    assert lowest.offload and lowest.embed_on_host and lowest.chunked_backward and lowest.loss_chunk == min(LOSS_CHUNKS)
+    assert sizes.peak(lowest) <= 8 * GIB and lowest.offload and lowest.embed_on_host
+    if dropout == 0:  # the calibrated model leaves 8 GiB room for the whole backward and 1024-token chunks
+        assert not lowest.chunked_backward and lowest.loss_chunk == LOSS_CHUNKS[0]
+        # hosting the embedding (measured: 1.1 layers' time a step) costs more than recomputing the
+        # 1.2 layers its GiB holds, so only the lowest budget hosts it
+        assert not chosen[16].embed_on_host and not chosen[24].embed_on_host
     if dropout == 0:  # at 40 GiB all activations fit: nothing recomputed, nothing in host memory
         assert not chosen[40].checkpointed and not chosen[40].embed_on_host and not chosen[40].chunked_backward
     assert chosen[16].offload  # the inputs of the many checkpointed layers wait in host memory
     assert not any(p.dequant_cache for p in chosen.values())  # 13 GiB of bf16 weights fit in none
     assert choose_plan(sizes, request, budget=80 * GIB, can_offload=True).dequant_cache
+
+
+# The four plans the H200 ran (bench/results/train_speed_peers_h200_2026-12-01_f2d31a7.md, dropout
+# 0): recomputed layers, inputs and embedding in host memory, chunked backward, loss chunk; peak GiB.
+MEASURED_8B_PEAKS = [
+    (32, True, True, True, 256, 7.1),
+    (23, True, True, False, 1024, 14.5),
+    (13, True, True, False, 256, 22.5),
+    (0, False, False, False, 1024, 34.9),
+]
+
+
+@pytest.mark.parametrize("recomputed, offload, embed, chunked, chunk, measured", MEASURED_8B_PEAKS)
+def test_the_footprint_model_meets_the_measured_8b_peaks_within_its_margin(
+    recomputed, offload, embed, chunked, chunk, measured
+):
+    """The model's peak of each measured plan is torch's peak allocation there, to within the
+    safety margin above it and a tenth of a GiB below (the GPU's resident bytes are a little more
+    than ``model_bytes``: the H200 estimates were 0.2 GiB higher)."""
+    from loratune.training.fused.memory import SAFETY_MARGIN
+
+    sizes = sizes_8b(request_8b())
+    plan = MemoryPlan(frozenset(range(recomputed)), False, offload, chunk, embed, chunked)
+    estimate = sizes.peak(plan) / GIB
+    assert measured - 0.1 <= estimate <= measured + SAFETY_MARGIN / GIB
 
 
 def test_the_levers_lower_the_8b_peak_and_the_fixed_settings_are_kept():
@@ -195,7 +225,9 @@ def test_the_levers_lower_the_8b_peak_and_the_fixed_settings_are_kept():
     chunked = MemoryPlan(every, False, offload=True, loss_chunk=256, embed_on_host=True, chunked_backward=True)
     assert sizes.peak(chunked) < sizes.peak(embedding)
     assert sizes.peak(resident) - sizes.peak(offloaded) == 30 * 8192 * 4096 * 4  # 30 of 32 fp32 inputs leave the GPU
-    assert sizes.peak(small) < sizes.peak(offloaded)
+    # With every layer recomputed the backward, not the loss, is the peak; with none, the loss chunk is.
+    assert sizes.peak(small) == sizes.peak(offloaded)
+    assert sizes.peak(MemoryPlan(frozenset(), False, loss_chunk=256)) < sizes.peak(MemoryPlan(frozenset(), False))
     assert sizes_8b(request, compiled=False).peak(small) > sizes.peak(small)  # eager kernels keep more
     forced = choose_plan(sizes, request_8b(checkpointing=True), budget=60 * GIB, can_offload=True)
     assert forced.checkpointed == every and not forced.offload  # room enough to keep the inputs on the GPU

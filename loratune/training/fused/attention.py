@@ -25,6 +25,9 @@ class PackedBatch:
     position_ids: torch.Tensor  # (T,): restart at 0 for each example
     lengths: list[int]
     cu_seqlens: torch.Tensor  # (n + 1,) int32, on the device
+    # The token ids as built, in host memory: an input embedding kept there (the memory plan) looks
+    # them up without waiting for the device to send them back.
+    host_input_ids: torch.Tensor
 
     @property
     def tokens(self) -> int:
@@ -43,12 +46,14 @@ def pack(examples: Sequence[TokenizedExample], device: torch.device) -> PackedBa
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
+    host_ids = torch.tensor(ids, dtype=torch.long)
     return PackedBatch(
-        input_ids=torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True),
+        input_ids=host_ids.to(device, non_blocking=True),
         targets=torch.tensor(targets, dtype=torch.long).to(device, non_blocking=True),
         position_ids=torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True),
         lengths=lengths,
         cu_seqlens=torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True),
+        host_input_ids=host_ids,
     )
 
 

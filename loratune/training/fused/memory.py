@@ -36,14 +36,19 @@ if TYPE_CHECKING:
 
 # Tokens per chunk of the chunked cross-entropy the planner may choose, the fastest first.
 LOSS_CHUNKS = (LOSS_CHUNK_TOKENS, 256)
-# The cost model, in units of one layer's forward and backward time (8B shape, H200: ~19 ms).
-RECOMPUTE_COST = 0.33  # all 32 layers checkpointed: 0.785 s a step against 0.61 s with 4 (e499e1a, e92ce32)
+# The cost model, in units of one layer's forward and backward time (8B shape, H200: 17 ms), fitted
+# to the step times of the four plans measured in bench/results/train_speed_peers_h200_2026-12-01_f2d31a7.md
+# (0, 13, 23 and 32 layers recomputed: 0.545, 0.651, 0.716 and 0.795 s), the small-chunk cost assumed.
+RECOMPUTE_COST = 0.37
 OFFLOAD_COST = 0.02  # per offloaded input: the copies overlap the compute; what is left is synchronization
 SMALL_CHUNK_COST = 0.05  # 4x as many (still large) cross-entropy matmuls
-EMBED_HOST_COST = 0.2  # the lookup on the CPU and a 64 MiB copy, unoverlapped
-CHUNKED_BACKWARD_COST = 0.5  # smaller matmuls and more launches in every layer's backward
+EMBED_HOST_COST = 1.1  # measured with the lookup behind a synchronization (since: pinned, none)
+CHUNKED_BACKWARD_COST = 1.05  # smaller matmuls and more launches in every layer's backward
 EAGER_ACTIVATION_FACTOR = 1.3  # eager RMSNorm and SwiGLU keep more intermediates (H200: 43.5 against 36.2 GiB)
-ALLOCATOR_SLACK = 2**29
+# Above the modelled peak (torch's peak allocation): the transients the model leaves out (the
+# kernels' workspaces, the optimizer's foreach temporaries). The allocator's own reserve is not
+# part of that peak; a budget is of allocated memory, as the peers' peaks are.
+SAFETY_MARGIN = 2**28
 
 
 @dataclass(frozen=True)
@@ -95,27 +100,37 @@ class Footprint:
 
     n_layers: int
     tokens: int
-    # Always there: weights, LoRA weights with gradients and AdamW moments, dequantized weights in
-    # use, the residual stream's gradients, allocator slack.
+    # Always there: weights, LoRA weights with gradients and AdamW moments, the safety margin.
     fixed: float
     per_layer: float  # activations a layer keeps for its backward when not checkpointed
     layer_input: float  # what a checkpointed layer keeps instead: its input (the fp32 residual stream)
+    at_loss: float  # at the loss: the last hidden state (fp32), its norm and the norm's gradient
+    in_backward: (
+        float  # in a layer's backward: the residual stream's gradient (fp32, bf16), the dequantized down projection
+    )
     scratch: float  # the transients of one layer's backward (the MLP's: SwiGLU recomputed, its gradients)
     chunked_scratch: float  # the same, the recomputation in chunks of tokens
-    logits_per_token: float  # a cross-entropy chunk's logits (bf16, fp32) and their gradient
+    logits_per_token: float  # a cross-entropy chunk's logits (bf16, fp32) and logsumexp's fp32 temporary
     cache: float  # every NF4 weight dequantized (0: nothing quantized)
     embedding: float  # the input embedding, if it can wait in host memory (0: tied to the output layer)
 
     def peak(self, plan: MemoryPlan) -> float:
-        """The step's peak for ``plan``: the kept layers' activations with the loss chunk at the end
-        of the forward, or a layer's backward (activations and transients) later."""
+        """The step's peak for ``plan``, the larger of two moments (calibrated against the H200's
+        peaks, bench/results/train_speed_peers_h200_2026-12-01_f2d31a7.md): the end of the
+        forward (the kept layers' activations, a loss chunk) and the last layer's backward (its
+        activations, recomputed if checkpointed, with the backward's transients)."""
         checkpointed = len(plan.checkpointed)
         kept = self.n_layers - checkpointed
-        # The checkpointed layers' inputs; offloaded, only the one in use and the one prefetched.
-        inputs = min(checkpointed, 2 if plan.offload else checkpointed) * self.layer_input
+        # The checkpointed layers' inputs; offloaded, only the one prefetched (and, when every layer
+        # is checkpointed, the one in use).
+        inputs = min(checkpointed, (1 if kept else 2) if plan.offload else checkpointed) * self.layer_input
         loss = min(plan.loss_chunk, self.tokens) * self.logits_per_token
+        at_loss = kept * self.per_layer + self.at_loss + loss
+        # A recomputed layer's activations include its input, already counted among the inputs.
+        activations = kept * self.per_layer if kept else self.per_layer - self.layer_input
         scratch = self.chunked_scratch if plan.chunked_backward else self.scratch
-        peak = self.fixed + inputs + max(kept, 1) * self.per_layer + max(loss, scratch)
+        in_backward = activations + self.in_backward + scratch
+        peak = self.fixed + inputs + max(at_loss, in_backward)
         return peak + (self.cache if plan.dequant_cache else 0) - (self.embedding if plan.embed_on_host else 0)
 
 
@@ -147,18 +162,16 @@ def footprint(
     gate_up = tokens * 2 * intermediate * size
     chunked = gate_up + 3 * min(BACKWARD_CHUNK_BYTES, gate_up)
     factor = 1.0 if compiled else EAGER_ACTIVATION_FACTOR
-    largest_group = max(q + 2 * kv, 2 * intermediate) * hidden * size
     linear_params = config.num_hidden_layers * hidden * (2 * q + 2 * kv + 3 * intermediate)
     return Footprint(
         n_layers=config.num_hidden_layers,
         tokens=tokens,
-        fixed=resident_bytes
-        + 16 * request.trainable_params  # fp32 gradient, two AdamW moments, a spare
-        + 2 * largest_group  # dequantized weights in use (forward and backward)
-        + 4 * tokens * hidden * residual  # the residual stream's gradients, the loss gradient
-        + ALLOCATOR_SLACK,
+        fixed=resident_bytes + 16 * request.trainable_params + SAFETY_MARGIN,  # fp32 gradient, AdamW moments, a spare
         per_layer=factor * per_token * tokens,
         layer_input=tokens * hidden * residual,
+        at_loss=tokens * hidden * (residual + 2 * size),
+        in_backward=tokens * hidden * (residual + size)
+        + intermediate * hidden * size,  # down's backward is the largest
         scratch=factor * 2 * gate_up,
         chunked_scratch=factor * chunked,
         logits_per_token=vocab * (2 + 4 + 4),

@@ -108,8 +108,11 @@ class FusedCausalLM:
         if self.embed.device == batch.input_ids.device:
             hidden = F.embedding(batch.input_ids, self.embed).to(self.residual_dtype)
         else:  # the embedding waits in host memory (the memory plan): look up there, send the rows
-            rows = F.embedding(batch.input_ids.cpu(), self.embed)
-            hidden = rows.to(batch.input_ids.device).to(self.residual_dtype)
+            # from pinned memory without a synchronization (the ids are the host's own copy)
+            ids = batch.host_input_ids
+            rows = torch.empty((ids.shape[0], self.embed.shape[1]), dtype=self.embed.dtype, pin_memory=True)
+            torch.index_select(self.embed, 0, ids, out=rows)
+            hidden = rows.to(batch.input_ids.device, non_blocking=True).to(self.residual_dtype)
         cos, sin = self.rotary_emb(hidden, batch.position_ids[None])
         cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
         checkpointed = self.plan.checkpointed if training and torch.is_grad_enabled() else frozenset()
