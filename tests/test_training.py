@@ -19,6 +19,7 @@ from conftest import REPO
 from loratune.config import TRIAL_METRICS
 from loratune.training import DatasetSpec, TrainingSettings, TrialMetrics, prepare_dataset, run_trial
 from loratune.training.data import read_prepared, tokenize_examples
+from loratune.training.metrics import ADAPTER_STEP_FILE
 from loratune.training.models import add_lora, load_base_model, load_tokenizer
 from loratune.training.trainer import (
     Progress,
@@ -484,6 +485,8 @@ def test_select_best_reports_and_keeps_the_lowest_held_out_loss_along_the_curve(
     eval_set = [e for e in tokenize_examples(tokenizer, read_prepared(data_dir).eval, 256) if e.loss_tokens]
     kept = evaluate(model, eval_set, 8, pad_id=tokenizer.pad_token_id, device=CPU, dtype=torch.float32)
     assert kept == pytest.approx(best["eval_loss"], rel=1e-5)
+    step_file = tmp_path / "best" / "adapter" / ADAPTER_STEP_FILE
+    assert json.loads(step_file.read_text()) == {"step": lowest["step"]}  # the step it holds, saved beside it
 
 
 def test_the_log_of_a_job_gets_step_lines_and_no_progress_bar(tiny_model, data_dir, tmp_path, capfd):
