@@ -262,3 +262,34 @@ def test_a_rung_record_scores_the_adapter_its_rung_selected(tmp_path):
     # A full-budget record looks beside itself only.
     files.atomic_write_json(trial / "metrics.json", {**record, "best_step": 20})
     assert adapter_of(trial / "metrics.json", {**record, "best_step": 20}) == trial / "adapter"
+
+
+def test_a_rung_keeps_the_adapter_it_selected_when_the_trial_trains_on(tmp_path, tiny_model):
+    """keep_rung_adapter links the rung's adapter beside its record; the trainer's next save
+    replaces the trial folder's adapter and leaves the rung's weights as they were."""
+    import torch
+
+    from loratune.evaluation.harness import adapter_of
+    from loratune.training.metrics import ADAPTER_STEP_FILE
+    from loratune.training.models import add_lora, load_base_model
+    from loratune.training.trainer import save_adapter
+    from loratune.trial import keep_rung_adapter
+
+    base = load_base_model(
+        tiny_model, quantization="none", dtype=torch.float32, device=torch.device("cpu"), gradient_checkpointing=False
+    )
+    model = add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    trial = tmp_path / "trials" / "r4_a8_lr0.001"
+    save_adapter(model, trial / "adapter", 10)
+    keep_rung_adapter(trial / "adapter", trial / "step10" / "adapter")
+    rung_weights = (trial / "step10" / "adapter" / "adapter_model.safetensors").read_bytes()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(1.0)  # trained on
+    save_adapter(model, trial / "adapter", 20)
+    assert (trial / "adapter" / "adapter_model.safetensors").read_bytes() != rung_weights
+    assert (trial / "step10" / "adapter" / "adapter_model.safetensors").read_bytes() == rung_weights
+    assert json.loads((trial / "step10" / "adapter" / ADAPTER_STEP_FILE).read_text()) == {"step": 10}
+    record = {"status": "ok", "best_step": 10}
+    assert adapter_of(trial / "step10" / "metrics.json", record) == trial / "step10" / "adapter"

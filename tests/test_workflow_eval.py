@@ -87,8 +87,8 @@ def test_a_trial_stopped_at_a_rung_is_evaluated_there_and_reevaluation_retrains_
     trial_dir = out / "seed0" / "trials" / stopped.trial_id.iloc[0]
     record = json.loads((trial_dir / "step2" / "evaluation.json").read_text())
     assert record["status"] == "ok" and record["trial_id"] == trial_dir.name
-    # The rung trained in the trial's folder: its adapter is the one the rung selected.
-    assert tmp_path / record["adapter"] == trial_dir / "adapter"
+    # The rung kept the adapter it selected beside its record.
+    assert tmp_path / record["adapter"] == trial_dir / "step2" / "adapter"
     rung = json.loads((trial_dir / "step2" / "metrics.json").read_text())
     assert record["best_step"] == rung["best_step"] <= 2
     assert stopped[OBJECTIVE].iloc[0] == record["lm_eval"]["loratune_instruct"]["chrf"]
@@ -100,6 +100,11 @@ def test_a_trial_stopped_at_a_rung_is_evaluated_there_and_reevaluation_retrains_
     assert len(evaluated) == 4  # the pilot's, both rung records, the promoted trial's full budget
 
     trained = {p: p.stat().st_mtime_ns for p in out.glob("seed0/trials/**/metrics.json")}
+    decided = (out / "seed0" / "random" / "round1" / "rung0" / "promoted.tsv").read_text()
     run_workflow(tmp_path, configfile, "-R", "evaluate_trial")
-    assert {p: p.stat().st_mtime_ns for p in trained} == trained
+    # Every record scored again, on the adapter its rung kept: the same promotion, nothing trains.
+    assert {p: p.stat().st_mtime_ns for p in out.glob("seed0/trials/**/metrics.json")} == trained
     assert all(p.stat().st_mtime_ns > mtime for p, mtime in evaluated.items())
+    assert (out / "seed0" / "random" / "round1" / "rung0" / "promoted.tsv").read_text() == decided
+    rungs = [json.loads(p.read_text()) for p in out.glob("seed0/trials/*/step2/evaluation.json")]
+    assert len(rungs) == 2 and all(r["status"] == "ok" for r in rungs)

@@ -153,11 +153,11 @@ def flatten(record: Mapping[str, Any], objectives: Mapping[str, str]) -> dict[st
 def adapter_of(metrics_path: str | Path, record: Mapping[str, Any]) -> Path:
     """The saved adapter that the trial record ``metrics_path`` describes.
 
-    A full-budget record's adapter is beside it. A rung's (``step<k>/metrics.json``: the trial
-    stopped there, early stopping) is beside it where that rung trained in a folder of its own,
-    else it is the trial folder's, where the rung jobs train: the adapter of the step the record
-    selected, unless the trial trained on past the rung (in another arm) and replaced it, which
-    its step file (``ADAPTER_STEP_FILE``) tells.
+    A full-budget record's adapter is beside it. A rung's (``step<k>/metrics.json``, early
+    stopping) is beside it too (the rung job keeps it there, ``trial.keep_rung_adapter``); a
+    rung record written before that falls back to the trial folder's, where the rung jobs train,
+    unless the trial trained on past the rung and replaced it, which its step file
+    (``ADAPTER_STEP_FILE``) tells.
     """
     from loratune.training.metrics import ADAPTER_STEP_FILE
 
