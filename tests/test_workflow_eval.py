@@ -108,3 +108,10 @@ def test_a_trial_stopped_at_a_rung_is_evaluated_there_and_reevaluation_retrains_
     assert (out / "seed0" / "random" / "round1" / "rung0" / "promoted.tsv").read_text() == decided
     rungs = [json.loads(p.read_text()) for p in out.glob("seed0/trials/*/step2/evaluation.json")]
     assert len(rungs) == 2 and all(r["status"] == "ok" for r in rungs)
+
+    # A lost evaluation of the stopped trial is found at the start and redone, training nothing.
+    (trial_dir / "step2" / "evaluation.json").unlink()
+    run_workflow(tmp_path, configfile)
+    assert json.loads((trial_dir / "step2" / "evaluation.json").read_text())["status"] == "ok"
+    assert {p: p.stat().st_mtime_ns for p in out.glob("seed0/trials/**/metrics.json")} == trained
+    assert pd.read_csv(out / "trials.tsv", sep="\t")[OBJECTIVE].notna().all()
