@@ -6,7 +6,8 @@ instructions, its held-out split, max_steps 30) that differ only in ``dataset.te
 eval losses are over different token sets (the chat template learns the end-of-turn token
 ``<|im_end|>`` where alpaca learns the tokenizer's EOS, and the answer follows a different
 prompt), so they compare renderings, not adapters. Then the chat-template adapter is evaluated
-with lm-eval (``loratune_instruct``), timed.
+with lm-eval (``loratune_instruct``), timed. Both trials must count the same answer tokens
+(``eval_tokens``: each answer and one end token) under every transformers version.
 
     python bench/chat_template.py --out bench/results/chat_template_cpu.json [--device cpu] [--limit 20]
 """
@@ -15,15 +16,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
-import yaml
+from loratune.evaluation.harness import OFFLINE_ENVIRONMENT
 
-from loratune.files import atomic_write_json
-from loratune.evaluation import evaluate_adapter
-from loratune.training import DatasetSpec, ModelSpec, TrainingSettings, prepare_dataset, prepare_model, run_trial
+# Offline before the Hugging Face libraries are imported (they read these at import), as the job.
+os.environ.update(OFFLINE_ENVIRONMENT)
+
+import yaml  # noqa: E402
+
+from loratune.files import atomic_write_json  # noqa: E402
+from loratune.evaluation import evaluate_adapter  # noqa: E402
+from loratune.training import (  # noqa: E402
+    DatasetSpec,
+    ModelSpec,
+    TrainingSettings,
+    prepare_dataset,
+    prepare_model,
+    run_trial,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 HPARAMS = {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 1e-3, "lora_dropout": 0.05}
@@ -43,7 +57,19 @@ def main() -> None:
     settings = TrainingSettings(
         **{**default["training"], "max_steps": args.max_steps, "keep_adapter": True, "device": args.device}
     )
-    result = {"hparams": HPARAMS, "max_steps": args.max_steps, "machine": platform.node(), "trials": {}}
+    import transformers
+
+    from loratune.training.models import SOURCE_FILE
+
+    result = {
+        "hparams": HPARAMS,
+        "max_steps": args.max_steps,
+        "machine": platform.node(),
+        "transformers": transformers.__version__,
+        # The converted tokenizer's special tokens (transformers 5.17 once made EOS <|im_start|>).
+        "special_tokens": json.loads((Path(model_path) / SOURCE_FILE).read_text()).get("special_tokens"),
+        "trials": {},
+    }
     for template in ("auto", "alpaca"):
         data_dir = work / f"data-{template}"
         prepare_dataset(DatasetSpec(**{**default["dataset"], "template": template}), data_dir)

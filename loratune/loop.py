@@ -123,6 +123,14 @@ def propose_round(
     return frame
 
 
+def evaluation_columns(path: str | Path, objectives: Mapping[str, str]) -> dict[str, Any]:
+    """The lm-eval metrics of an evaluation.json as a trial's columns, and its status."""
+    from loratune.evaluation import harness
+
+    evaluation = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {**harness.flatten(evaluation, objectives), "evaluation_status": evaluation.get("status")}
+
+
 def update_history(
     previous_path: str | Path | None,
     proposals_path: str | Path,
@@ -137,19 +145,19 @@ def update_history(
     highest rung they reached, and their status becomes ``stopped`` (a failed one stays failed);
     every trial of the round gets ``rung``, the index of the highest rung it reached (with
     ``steps``, ``max_steps`` and ``best_step`` from its metrics).
-    A trial's lm-eval metrics (its evaluation.json beside its metrics.json) join its row as
-    ``lm_eval.<task>.<metric>`` columns, NaN where evaluation failed."""
-    from loratune.evaluation import harness
-
+    A trial's lm-eval metrics (its evaluation.json beside the metrics.json it was scored on, a
+    stopped trial's at its rung) join its row as ``lm_eval.<task>.<metric>`` columns, NaN where
+    evaluation failed."""
     proposals = ledger.read_table(proposals_path)
-    metrics = {}
+    metrics, trial_of_folder = {}, {}
     for path in metrics_paths:
         try:
             record = ledger.read_metrics(path)
         except (FileNotFoundError, ValueError) as error:
             # Found at the start of a run, such a file moves aside and its trial trains again.
             raise ValueError(f"{error}; run the study again to retrain that trial") from None
-        metrics[record.get("trial_id") or Path(path).parent.name] = record
+        trial = record.get("trial_id") or Path(path).parent.name
+        metrics[trial], trial_of_folder[Path(path).parent] = record, trial
     if outcomes_path:
         outcomes = ledger.read_table(outcomes_path)
         for row in outcomes.itertuples(index=False):
@@ -159,13 +167,9 @@ def update_history(
                 reached["status"] = STOPPED
             metrics[row.trial_id] = {**metrics[row.trial_id], **reached}
     for path in evaluation_paths:
-        evaluation = json.loads(Path(path).read_text(encoding="utf-8"))
-        trial = Path(path).parent.name
-        metrics[trial] = {
-            **metrics[trial],
-            **harness.flatten(evaluation, objectives or {}),
-            "evaluation_status": evaluation.get("status"),
-        }
+        # Beside the record it scored: the trial's metrics.json, or its rung's where it stopped.
+        trial = trial_of_folder[Path(path).parent]
+        metrics[trial] = {**metrics[trial], **evaluation_columns(path, objectives or {})}
     previous = ledger.read_table(previous_path) if previous_path else None
     history = ledger.build_history(previous, proposals, metrics)
     ledger.write_table(history, output)
@@ -190,20 +194,27 @@ def promote_rung(
     previous_path: str | Path | None,
     metrics_paths: Iterable[str | Path],
     output: str | Path,
+    evaluation_paths: Iterable[str | Path] = (),
 ) -> pd.DataFrame:
     """After rung ``rung`` of a round: which of its trials go on to the next rung.
 
     Writes one row per trial of the round at the highest rung it reached so far (trials that
     stopped earlier are copied from ``previous_path``): trial_id, rung, step, status, the
     objectives as measured there, front, crowding and promoted (see ``early_stopping.promotion``).
+    A study with lm-eval objectives scores each rung's adapters first (``evaluation_paths``,
+    beside the rung's metrics): promotion judges every objective, not only the losses.
     """
     schedule = study.arm(arm_name).early_stopping
     step = study.rung_steps(arm_name)[rung]
     candidates = rung_candidates(proposals_path, previous_path)
-    records = {}
+    records, trial_of_folder = {}, {}
     for path in metrics_paths:
         record = ledger.read_metrics(path)
-        records[record.get("trial_id") or Path(path).parent.parent.name] = record
+        trial = record.get("trial_id") or Path(path).parent.parent.name
+        records[trial], trial_of_folder[Path(path).parent] = record, trial
+    for path in evaluation_paths:
+        trial = trial_of_folder[Path(path).parent]
+        records[trial] = {**records[trial], **evaluation_columns(path, study.objectives)}
     missing = [t for t in candidates if t not in records]
     if missing:
         raise ValueError(f"rung {rung} of {arm_name}: no metrics for trial(s) {missing}")

@@ -180,7 +180,10 @@ def _invalidated(out: Path, scopes: set[str]) -> list[Path]:
         return sorted(p for p in out.iterdir() if p.name not in (SUPERSEDED, RESOLVED_CONFIG, HEAD_LOCK))
     paths = [out / name for name in STUDY_TABLES]
     if "evaluations" in scopes:
-        paths += list(out.glob("seed*/trials/*/evaluation.json")) + list(out.glob("seed*/*/round*/history.tsv"))
+        paths += list(out.glob("seed*/trials/*/evaluation.json")) + list(
+            out.glob("seed*/trials/*/step*/evaluation.json")
+        )
+        paths += list(out.glob("seed*/*/round*/history.tsv"))
     for seed_dir in out.glob("seed*"):
         for folder in seed_dir.iterdir():
             if folder.name == "trials" or not folder.is_dir():
@@ -357,12 +360,21 @@ def _problem(path: Path, trial_id: str, entry: _Round) -> str | None:
 
 
 def _evaluation_paths(out: Path, entry: _Round) -> list[tuple[Path, str]]:
-    """evaluation.json of each trial of the round that reached its full budget."""
-    return [
+    """evaluation.json beside each record the round's history reads: a trial's full-budget
+    metrics.json, or its rung's where early stopping stopped it."""
+    paths = [
         (path.with_name("evaluation.json"), trial_id)
         for path, trial_id, _, _ in _round_records(out, entry)
         if path.name == "metrics.json" and path.parent.name == trial_id
     ]
+    for rung, step in enumerate((entry.rung_steps or [None])[:-1]):
+        promoted = entry.promoted(rung)
+        if _promoted_problem(promoted, entry.trial_ids):
+            break
+        table = ledger.read_table(promoted)
+        stopped = table.loc[(table["rung"] == rung) & ~table["promoted"].astype(bool), "trial_id"]
+        paths += [(_metrics_path(out, entry.seed, str(t), step).with_name("evaluation.json"), str(t)) for t in stopped]
+    return paths
 
 
 def find_damage(study: Study, out: str | Path) -> list[tuple[Path, str, list[Path]]]:

@@ -241,6 +241,34 @@ def _worker_slot(study: Study, share) -> str | None:
     return f"{name}.job{os.environ['SLURM_JOB_ID']}" if under_slurm() else name
 
 
+def keep_rung_adapter(adapter: Path, target: Path) -> None:
+    """Give a rung's record (``step<k>/``) the adapter its rung selected, as hard links (a copy
+    where links fail): the trial folder's adapter moves on when the trial is promoted, and the
+    rung's must stay to be evaluated again (``snakemake -R evaluate_trial``). The trainer
+    replaces an adapter folder, never its files, so the links keep the rung's weights."""
+    import shutil
+    import uuid
+
+    if not (adapter / "adapter_config.json").is_file():
+        return  # no adapter kept (training.keep_adapter false, or the trial failed)
+    scratch = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        shutil.copytree(adapter, scratch, copy_function=_link_or_copy)
+        shutil.rmtree(target, ignore_errors=True)
+        scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def run_trial_job(
     study: Study,
     trial_id: str,
@@ -293,6 +321,8 @@ def run_trial_job(
         record = _train_and_record(
             study, trial_id, seed, metrics_path, model_path, data_dir, runtime_minutes, until_step, trial_dir, log_path
         )
+        if until_step is not None and trial_dir != metrics_path.parent:
+            keep_rung_adapter(trial_dir / "adapter", metrics_path.parent / "adapter")
         files.atomic_write_json(finished_record_path(metrics_path), {"key": key, "record": record})
         return record
 

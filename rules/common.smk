@@ -55,6 +55,8 @@ wildcard_constraints:
     round=r"\d+",
     arm="|".join([PILOT, *ARMS]),
     trial=STUDY.space.trial_id_pattern,
+    # A trial record's folder under trials/: the trial's, or a rung's (step<k>) where it stopped.
+    record=rf"(?:{STUDY.space.trial_id_pattern})(?:/step\d+)?",
 
 
 def get_previous_history(wildcards):
@@ -85,7 +87,8 @@ def get_round_metrics(wildcards):
 
 
 def get_round_evaluations(wildcards):
-    """evaluation.json of every trial of the round, when objectives or tasks ask for lm-eval metrics."""
+    """evaluation.json beside each record of the round (a stopped trial's at its rung), when
+    objectives or tasks ask for lm-eval metrics."""
     if not STUDY.evaluates:
         return []
     return [
@@ -151,7 +154,8 @@ def uses_early_stopping(arm):
 
 
 def get_rung_inputs(wildcards):
-    """The proposals, the previous rung's promoted.tsv and the metrics at this rung's step."""
+    """The proposals, the previous rung's promoted.tsv and the metrics (and evaluations) at
+    this rung's step."""
     proposals = checkpoints.propose.get(
         seed=wildcards.seed, arm=wildcards.arm, round=wildcards.round
     ).output.proposals
@@ -162,13 +166,17 @@ def get_rung_inputs(wildcards):
             **{**wildcards, "rung": str(rung - 1)}
         ).output.promoted
     step = STUDY.rung_steps(wildcards.arm)[rung]
+    records = [
+        f"{OUT}/seed{wildcards.seed}/trials/{t}/step{step}"
+        for t in rung_candidates(proposals, previous or None)
+    ]
     return {
         "proposals": proposals,
         "previous": previous,
-        "metrics": [
-            f"{OUT}/seed{wildcards.seed}/trials/{t}/step{step}/metrics.json"
-            for t in rung_candidates(proposals, previous or None)
-        ],
+        "metrics": [f"{record}/metrics.json" for record in records],
+        # lm-eval objectives are measured at the rung too: promotion judges them all.
+        "evaluations": [f"{record}/evaluation.json" for record in records]
+        * STUDY.evaluates,
     }
 
 

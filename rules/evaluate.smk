@@ -1,16 +1,17 @@
 # Task metrics of a trained adapter (lm-eval), in a job of its own after training: re-running it
-# (`-R evaluate_trial`, or new evaluation settings) retrains nothing.
+# (`-R evaluate_trial`, or new evaluation settings) retrains nothing. A record is the trial's
+# metrics.json or, for a trial that early stopping stopped, its rung's step<k>/metrics.json.
 rule evaluate_trial:
     input:
         unpack(get_trial_inputs),
-        metrics=f"{OUT}/seed{{seed}}/trials/{{trial}}/metrics.json",
+        metrics=f"{OUT}/seed{{seed}}/trials/{{record}}/metrics.json",
         tasks=TASK_CONFIG,
     output:
-        evaluation=f"{OUT}/seed{{seed}}/trials/{{trial}}/evaluation.json",
+        evaluation=f"{OUT}/seed{{seed}}/trials/{{record}}/evaluation.json",
     log:
-        f"{OUT}/seed{{seed}}/trials/{{trial}}/evaluate.log",
+        f"{OUT}/seed{{seed}}/trials/{{record}}/evaluate.log",
     benchmark:
-        f"{OUT}/seed{{seed}}/trials/{{trial}}/evaluate_benchmark.tsv"
+        f"{OUT}/seed{{seed}}/trials/{{record}}/evaluate_benchmark.tsv"
     resources:
         gpu=get_trial_gpus,
         mem_mb=config["resources"]["mem_mb"],

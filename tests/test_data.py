@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -397,18 +398,122 @@ def test_chat_template_loss_covers_exactly_the_assistant_tokens(smollm2_tokenize
     assert tokens.labels.index(span[0]) == len(tok(prompt, add_special_tokens=False)["input_ids"])
 
 
+# The embedded SmolLM2's tokens of CONVERSATION under its chat template, and the labels: each
+# answer and its <|im_end|> (2) are learned; the newline (198) after <|im_end|> and the headers are not.
+CONVERSATION_IDS = [
+    *[1, 9690, 198, 6077, 5453, 30, 2, 198],  # <|im_start|>system\nBe brief.<|im_end|>\n
+    *[1, 4093, 198, 26843, 2, 198],  # <|im_start|>user\nHi<|im_end|>\n
+    *[1, 520, 9531, 198, 19556, 30, 2, 198],  # <|im_start|>assistant\nHello.<|im_end|>\n
+    *[1, 4093, 198, 3087, 85, 2, 198],  # <|im_start|>user\nBye<|im_end|>\n
+    *[1, 520, 9531, 198, 14229, 25257, 30, 2, 198],  # <|im_start|>assistant\nGoodbye.<|im_end|>\n
+]
+CONVERSATION_LABELS = [IGNORE_INDEX] * 18 + [19556, 30, 2] + [IGNORE_INDEX] * 12 + [14229, 25257, 30, 2, IGNORE_INDEX]
+
+
 def test_chat_template_multi_turn_learns_every_answer_in_one_example(smollm2_tokenizer, tmp_path):
     tok = smollm2_tokenizer
     _, (example,), _ = prepare(tmp_path, write_jsonl(tmp_path / "c.jsonl", [CONVERSATION]), eval_fraction=0.0)
     (tokens,) = tokenize_examples(tok, [example], 512, "chat")
+    assert tokens.input_ids == CONVERSATION_IDS and tokens.labels == CONVERSATION_LABELS
     assert [tok.decode(span) for span in learned_spans(tokens)] == ["Hello.<|im_end|>", "Goodbye.<|im_end|>"]
     text = tok.decode(tokens.input_ids)
     assert text == tok.apply_chat_template(list(CONVERSATION["messages"]), tokenize=False)
     assert text.count("Hi") == 1  # each prefix encoded once
 
 
+def test_chat_template_mask_ignores_which_tokens_the_tokenizer_calls_special(smollm2_tokenizer, tmp_path):
+    """transformers 5.17 converts SmolLM2's GGUF tokenizer with EOS = <|im_start|>, so <|im_end|> is no
+    named special token there: the mask is the same, because it comes from the rendered text."""
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.eos_token, tok.pad_token = "<|im_start|>", None  # what 5.17's converter does
+    assert 2 not in tok.all_special_ids
+    _, (example,), _ = prepare(tmp_path, write_jsonl(tmp_path / "c.jsonl", [CONVERSATION]), eval_fraction=0.0)
+    (tokens,) = tokenize_examples(tok, [example], 512, "chat")
+    assert tokens.input_ids == CONVERSATION_IDS and tokens.labels == CONVERSATION_LABELS
+
+
+def test_chat_template_errors_name_the_setting(smollm2_tokenizer):
+    opening = Example("", "", (("assistant", "Hello."), ("user", "Hi"), ("assistant", "Bye.")))
+    with pytest.raises(ValueError, match=r"^dataset\.template: example 2 opens with an assistant message"):
+        tokenize_examples(smollm2_tokenizer, [Example("Q:", " A"), opening], 512, "chat")
+    import copy
+
+    # A template that renders earlier turns differently once a later one follows (numbered turns
+    # counted from the end) has no turn-by-turn spans.
+    backwards = copy.deepcopy(smollm2_tokenizer)
+    backwards.chat_template = (
+        "{% for m in messages %}{{ (messages|length - loop.index)|string + m['content'] + '<|im_end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
+    )
+    conversation = Example("", "", (("user", "Hi"), ("assistant", "Hello."), ("user", "Bye"), ("assistant", "Bye.")))
+    with pytest.raises(ValueError, match=r"^dataset\.template: the model's chat template does not render example 1"):
+        tokenize_examples(backwards, [conversation], 512, "chat")
+
+
+def _masks_of_this_transformers() -> dict:
+    """The chat and alpaca masks of a conversation and an instruction with the GGUF file's tokenizer
+    as this transformers version loads it (raw) and as loratune converts it (load_gguf_tokenizer)."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    from loratune.training.models import builtin_gguf_path, load_gguf_tokenizer
+
+    path = builtin_gguf_path("builtin:smollm2-135m")
+    raw = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    converted = load_gguf_tokenizer(path, AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
+    conversation = Example("", "", tuple((m["role"], m["content"]) for m in CONVERSATION["messages"]))
+    instruction = Example(
+        instruction_prompt("Reverse the word.", "garden"),
+        "nedrag",
+        (("user", "Reverse the word.\n\ngarden"), ("assistant", "nedrag")),
+    )
+
+    def masks(tokenizer, template):
+        return [
+            [t.input_ids, t.labels] for t in tokenize_examples(tokenizer, [conversation, instruction], 512, template)
+        ]
+
+    return {
+        "version": transformers.__version__,
+        "raw_chat": masks(raw, "chat"),
+        "converted_chat": masks(converted, "chat"),
+        "converted_alpaca": masks(converted, "alpaca"),
+        "converted_eos": converted.eos_token,
+    }
+
+
+OTHER_TRANSFORMERS = os.environ.get("LORATUNE_OTHER_TRANSFORMERS")
+
+
+@pytest.mark.skipif(
+    not OTHER_TRANSFORMERS,
+    reason="LORATUNE_OTHER_TRANSFORMERS names no pip --target folder with another transformers version",
+)
+def test_chat_template_mask_is_the_same_under_another_transformers_version(smollm2_tokenizer):
+    """The H200 image's transformers 5.17 counted one more answer token per example than 5.24 did
+    (the newline after <|im_end|>). Run with, e.g.,
+    ``pip install --no-deps --target /tmp/tf517 transformers==5.17.* 'huggingface_hub<2' httpx``
+    and ``LORATUNE_OTHER_TRANSFORMERS=/tmp/tf517``."""
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([OTHER_TRANSFORMERS, str(tests.parent), str(tests)])}
+    probe = "import json, test_data; print(json.dumps(test_data._masks_of_this_transformers()))"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    other, here = json.loads(done.stdout.strip().splitlines()[-1]), _masks_of_this_transformers()
+    assert other["version"] != here["version"]
+    assert other["raw_chat"] == here["raw_chat"] == here["converted_chat"]
+    assert other["raw_chat"][0] == [CONVERSATION_IDS, CONVERSATION_LABELS]
+    assert other["converted_alpaca"] == here["converted_alpaca"]
+    assert other["converted_eos"] == here["converted_eos"] == "<|im_end|>"
+
+
 def test_generation_tags_give_the_same_mask_as_turn_by_turn_rendering(smollm2_tokenizer, tmp_path):
-    """A template that marks the assistant's text with {% generation %} uses the tokenizer's own mask."""
+    """A template that marks the assistant's text with {% generation %} gets the same spans."""
     import copy
 
     tagged = copy.deepcopy(smollm2_tokenizer)

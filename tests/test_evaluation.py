@@ -228,3 +228,68 @@ def test_builtin_task_names_are_the_documented_ones():
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "loratune/schemas/config.schema.yaml").read_text())
     described = schema["properties"]["evaluation"]["properties"]["tasks"]["description"]
     assert all(name in described for name in BUILTIN_TASKS)
+
+
+def test_a_rung_record_scores_the_adapter_its_rung_selected(tmp_path):
+    """A stopped trial's rung record (step<k>/metrics.json) uses the trial folder's adapter while
+    it holds the rung's selected step, its own folder's where the rung trained apart, and none
+    (a failed evaluation, no lm-eval run) once the trial trained on and replaced it."""
+    from loratune.evaluation.harness import adapter_of, evaluate_trial
+    from loratune.training.metrics import ADAPTER_STEP_FILE
+
+    trial = tmp_path / "seed0" / "trials" / "r4_a8_lr0.001"
+    rung = trial / "step10" / "metrics.json"
+    record = {"status": "ok", "trial_id": trial.name, "best_step": 10}
+    files.atomic_write_json(rung, record)
+
+    def save(folder: Path, step: int) -> None:
+        files.atomic_write_json(folder / "adapter_config.json", {"peft_type": "LORA"})
+        files.atomic_write_json(folder / ADAPTER_STEP_FILE, {"step": step})
+
+    with pytest.raises(FileNotFoundError, match="keep_adapter"):
+        adapter_of(rung, record)
+    save(trial / "adapter", 10)
+    assert adapter_of(rung, record) == trial / "adapter"
+    save(trial / "adapter", 20)  # trained on to step 20 (another arm's full budget)
+    with pytest.raises(ValueError, match=r"holds step 20, not step 10 that .*step10/metrics\.json selected"):
+        adapter_of(rung, record)
+    evaluation = {"tasks": ["loratune_instruct"], "include_path": None, "limit": 1, "batch_size": 1}
+    failed = evaluate_trial(rung, "unused-model", tmp_path / "no-data", evaluation, rung.with_name("evaluation.json"))
+    assert failed["status"] == "failed" and "holds step 20" in failed["error"]
+    assert json.loads(rung.with_name("evaluation.json").read_text())["trial_id"] == trial.name
+    save(trial / "step10" / "adapter", 10)  # the rung trained in its own folder
+    assert adapter_of(rung, record) == trial / "step10" / "adapter"
+    # A full-budget record looks beside itself only.
+    files.atomic_write_json(trial / "metrics.json", {**record, "best_step": 20})
+    assert adapter_of(trial / "metrics.json", {**record, "best_step": 20}) == trial / "adapter"
+
+
+def test_a_rung_keeps_the_adapter_it_selected_when_the_trial_trains_on(tmp_path, tiny_model):
+    """keep_rung_adapter links the rung's adapter beside its record; the trainer's next save
+    replaces the trial folder's adapter and leaves the rung's weights as they were."""
+    import torch
+
+    from loratune.evaluation.harness import adapter_of
+    from loratune.training.metrics import ADAPTER_STEP_FILE
+    from loratune.training.models import add_lora, load_base_model
+    from loratune.training.trainer import save_adapter
+    from loratune.trial import keep_rung_adapter
+
+    base = load_base_model(
+        tiny_model, quantization="none", dtype=torch.float32, device=torch.device("cpu"), gradient_checkpointing=False
+    )
+    model = add_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    trial = tmp_path / "trials" / "r4_a8_lr0.001"
+    save_adapter(model, trial / "adapter", 10)
+    keep_rung_adapter(trial / "adapter", trial / "step10" / "adapter")
+    rung_weights = (trial / "step10" / "adapter" / "adapter_model.safetensors").read_bytes()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(1.0)  # trained on
+    save_adapter(model, trial / "adapter", 20)
+    assert (trial / "adapter" / "adapter_model.safetensors").read_bytes() != rung_weights
+    assert (trial / "step10" / "adapter" / "adapter_model.safetensors").read_bytes() == rung_weights
+    assert json.loads((trial / "step10" / "adapter" / ADAPTER_STEP_FILE).read_text()) == {"step": 10}
+    record = {"status": "ok", "best_step": 10}
+    assert adapter_of(trial / "step10" / "metrics.json", record) == trial / "step10" / "adapter"

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from loratune.training import ModelSpec, prepare_model
+from loratune.files import atomic_write_json
 from loratune.training.models import BUILTIN_GGUF, FINGERPRINT_FILE, SOURCE_FILE, builtin_gguf_path, model_fingerprint
 from loratune.training.settings import BUILTIN_MODELS
 from tiny_models import build_tiny_llama
@@ -118,6 +119,14 @@ def test_builtin_gguf_is_converted_once_and_cached(tmp_path):
     assert source["gguf_sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
     assert model_fingerprint(path)["model"] == "builtin:smollm2-135m"
     assert json.loads((model_dir / "config.json").read_text()).get("quantization_config") is None
+    # The GGUF's own special tokens, whatever transformers version converted it (5.17 made EOS <|im_start|>).
+    specials = {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+    }
+    assert source["special_tokens"] == specials
 
     weights = model_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
@@ -135,4 +144,10 @@ def test_builtin_gguf_is_converted_once_and_cached(tmp_path):
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+    assert {name: getattr(tokenizer, name) for name in specials} == specials
+
+    # A conversion from before the special tokens were recorded may carry a wrong EOS: converted again.
+    atomic_write_json(model_dir / SOURCE_FILE, {k: v for k, v in source.items() if k != "special_tokens"})
+    assert prepare_model(ModelSpec(), cache_dir=tmp_path / "models") == path
+    assert weights.stat().st_mtime_ns != mtime and "special_tokens" in json.loads((model_dir / SOURCE_FILE).read_text())
     shutil.rmtree(model_dir)  # 257 MiB: pytest keeps the last three runs' temporaries

@@ -19,6 +19,7 @@ from conftest import REPO
 from loratune.config import TRIAL_METRICS
 from loratune.training import DatasetSpec, TrainingSettings, TrialMetrics, prepare_dataset, run_trial
 from loratune.training.data import read_prepared, tokenize_examples
+from loratune.training.metrics import ADAPTER_STEP_FILE
 from loratune.training.models import add_lora, load_base_model, load_tokenizer
 from loratune.training.trainer import (
     Progress,
@@ -484,6 +485,8 @@ def test_select_best_reports_and_keeps_the_lowest_held_out_loss_along_the_curve(
     eval_set = [e for e in tokenize_examples(tokenizer, read_prepared(data_dir).eval, 256) if e.loss_tokens]
     kept = evaluate(model, eval_set, 8, pad_id=tokenizer.pad_token_id, device=CPU, dtype=torch.float32)
     assert kept == pytest.approx(best["eval_loss"], rel=1e-5)
+    step_file = tmp_path / "best" / "adapter" / ADAPTER_STEP_FILE
+    assert json.loads(step_file.read_text()) == {"step": lowest["step"]}  # the step it holds, saved beside it
 
 
 def test_the_log_of_a_job_gets_step_lines_and_no_progress_bar(tiny_model, data_dir, tmp_path, capfd):
@@ -492,3 +495,38 @@ def test_the_log_of_a_job_gets_step_lines_and_no_progress_bar(tiny_model, data_d
     err = capfd.readouterr().err
     assert "step 3/6 loss" in err and "step 6/6 loss" in err
     assert "\r" not in err and "train:" not in err
+
+
+def test_the_held_out_split_is_rendered_with_the_chat_template_as_training_is(tiny_model, tmp_path):
+    """dataset.template auto with a model that has a chat template: both splits use it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from loratune.training.trainer import prepare
+
+    chat_model = tmp_path / "chat-model"
+    shutil.copytree(tiny_model, chat_model)
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<s>' + m['role'] + '\n' + m['content'] + '</s>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}"
+    )
+    tokenizer.save_pretrained(chat_model)
+    words = "garden river stone cloud window pencil candle forest planet rocket".split()
+    source = tmp_path / "words.jsonl"
+    rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in words]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prepare_dataset(DatasetSpec(path=str(source), eval_fraction=0.3), tmp_path / "data")
+    data = read_prepared(tmp_path / "data")
+    assert data.template == "auto" and data.eval
+
+    trial = prepare(
+        HPARAMS, settings(), str(chat_model), tmp_path / "data", tmp_path / "trial", 0,
+        revision=None, trust_remote_code=False, until_step=None,
+    )  # fmt: skip
+    chat = tokenize_examples(tokenizer, data.eval, trial.settings.max_seq_length, "chat")
+    assert trial.eval_set == chat and len(chat) == len(data.eval)
+    assert all(tokenizer.decode(e.input_ids).startswith("<s>user\nReverse the word.\n\n") for e in trial.eval_set)
+    learned = [tokenizer.decode([t for t in e.labels if t != -100]) for e in trial.eval_set]
+    assert learned == [f"{e.completion}</s>" for e in data.eval]

@@ -5,6 +5,8 @@ the base model unquantized (the converted bf16 weights; float32 on the CPU) with
 top. That keeps it clear of the CPU bitsandbytes trap (a no-grad forward of a 4-bit model that
 is trained afterwards) and means an adapter trained on NF4 weights is scored on the 16-bit
 weights they were quantized from: the small quantization gap is the same for every trial.
+The job sets ``OFFLINE_ENVIRONMENT`` before anything imports the Hugging Face libraries (they
+read it at import), so nothing an evaluation loads can reach the network.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import re
 import tempfile
 import time
 import traceback
@@ -22,7 +24,7 @@ from typing import Any, Mapping
 from loratune.evaluation.tasks import task_config_fingerprint, write_builtin_tasks
 from loratune.training.data import read_prepared, resolve_template
 
-# Every library lm-eval loads through must stay off the network.
+# Every library lm-eval loads through must stay off the network (set by the evaluate_trial job).
 OFFLINE_ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -73,10 +75,6 @@ def evaluate_adapter(
     ``task_config_sha256``, ``template`` and ``eval_time``. It never raises for a failed
     evaluation: that comes back as ``status: failed`` with the error, and the study goes on.
     """
-    # Offline for the evaluation only: the caller's environment (a test process, a notebook)
-    # gets its own values back afterwards.
-    saved = {name: os.environ.get(name) for name in OFFLINE_ENVIRONMENT}
-    os.environ.update(OFFLINE_ENVIRONMENT)
     started = time.perf_counter()
     record: dict[str, Any] = {"status": "failed", "error": None, "lm_eval": {}, "lm_eval_version": None}
     try:
@@ -85,12 +83,6 @@ def evaluate_adapter(
     except Exception as error:  # noqa: BLE001 - any failure of one evaluation is recorded, not raised
         record["error"] = f"{type(error).__name__}: {error}"
         record["traceback"] = traceback.format_exc()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     record["eval_time"] = time.perf_counter() - started
     return record
 
@@ -158,6 +150,35 @@ def flatten(record: Mapping[str, Any], objectives: Mapping[str, str]) -> dict[st
     return values
 
 
+def adapter_of(metrics_path: str | Path, record: Mapping[str, Any]) -> Path:
+    """The saved adapter that the trial record ``metrics_path`` describes.
+
+    A full-budget record's adapter is beside it. A rung's (``step<k>/metrics.json``, early
+    stopping) is beside it too (the rung job keeps it there, ``trial.keep_rung_adapter``); a
+    rung record written before that falls back to the trial folder's, where the rung jobs train,
+    unless the trial trained on past the rung and replaced it, which its step file
+    (``ADAPTER_STEP_FILE``) tells.
+    """
+    from loratune.training.metrics import ADAPTER_STEP_FILE
+
+    metrics_path = Path(metrics_path)
+    places = [metrics_path.parent / "adapter"]
+    if re.fullmatch(r"step\d+", metrics_path.parent.name):
+        places.append(metrics_path.parent.parent / "adapter")
+    adapter = next((place for place in places if (place / "adapter_config.json").is_file()), None)
+    if adapter is None:
+        raise FileNotFoundError(f"{places[-1]}: no saved adapter (training.keep_adapter must be true)")
+    step_file = adapter / ADAPTER_STEP_FILE
+    if step_file.is_file() and record.get("best_step") is not None:
+        step = json.loads(step_file.read_text(encoding="utf-8"))["step"]
+        if step != record["best_step"]:
+            raise ValueError(
+                f"{adapter} holds step {step}, not step {record['best_step']} that {metrics_path} selected: "
+                f"the trial trained on after it, and that adapter is gone"
+            )
+    return adapter
+
+
 def evaluate_trial(
     metrics_path: str | Path,
     model_path: str | Path,
@@ -167,17 +188,26 @@ def evaluate_trial(
     *,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Evaluate the adapter of the trial whose metrics.json is ``metrics_path`` and write its
-    evaluation.json to ``output``. A failed trial has no adapter worth scoring: its evaluation
-    is recorded as failed without running lm-eval."""
+    """Evaluate the adapter of the trial record ``metrics_path`` (a full-budget metrics.json, or a
+    rung's where the trial stopped; see ``adapter_of``) and write its evaluation.json to
+    ``output``. A failed trial has no adapter worth scoring: its evaluation is recorded as failed
+    without running lm-eval, as is one whose adapter is missing."""
     from loratune import files, ledger
 
     trial = ledger.read_metrics(metrics_path)
     if (trial.get("status") or "ok") != "ok":
         record = {"status": "failed", "error": f"the trial did not train ({trial.get('status')})", "lm_eval": {}}
     else:
-        record = evaluate_adapter(
-            model_path, Path(metrics_path).parent / "adapter", data_dir, evaluation, device=device
-        )
+        try:
+            adapter = adapter_of(metrics_path, trial)
+        except (FileNotFoundError, ValueError) as error:
+            record = {"status": "failed", "error": f"{type(error).__name__}: {error}", "lm_eval": {}}
+        else:
+            record = {
+                **evaluate_adapter(model_path, adapter, data_dir, evaluation, device=device),
+                "adapter": str(adapter),
+            }
+    # Which record it scored: update_history joins it to that trial's row.
+    record = {**{k: trial[k] for k in ("trial_id", "best_step") if trial.get(k) is not None}, **record}
     files.atomic_write_json(output, record)
     return record

@@ -20,6 +20,7 @@ The instruction tasks are rendered as the adapter was trained: the study's ``dat
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ class BuiltinTask:
     name: str
     metric_list: tuple[dict[str, Any], ...]  # lm-eval's metric_list of the task
     help: str
+    output_type: str  # lm-eval's
+    # The task file's own fields (doc_to_target, ...); doc_to_text defaults to the question as
+    # the study renders it (``_builtin_config``).
+    fields: dict[str, Any]
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -62,12 +67,35 @@ BUILTIN_TASKS = {
                 {"metric": "chrf", "aggregation": "chrf", "higher_is_better": True},
             ),
             "held-out instructions: generated answers",
+            "generate_until",
+            {
+                "doc_to_target": "{{answer}}",
+                "target_delimiter": "",
+                "generation_kwargs": {
+                    "until": list(_STOP_SEQUENCES),
+                    "max_gen_toks": MAX_ANSWER_TOKENS,
+                    "do_sample": False,
+                },
+            },
         ),
-        BuiltinTask("loratune_classify", (_mean("acc"),), "held-out classification instructions: multiple choice"),
+        BuiltinTask(
+            "loratune_classify",
+            (_mean("acc"),),
+            "held-out classification instructions: multiple choice",
+            "multiple_choice",
+            {
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{label}}",
+                "target_delimiter": "",  # both renderings end the prompt where the answer starts
+            },
+        ),
+        # LAMBADA's scoring: the log-likelihood of " word" after the context; acc = it is the greedy continuation.
         BuiltinTask(
             "loratune_last_word",
             ({"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}, _mean("acc")),
             "held-out text: its last word",
+            "loglikelihood",
+            {"doc_to_text": "{{context}}", "doc_to_target": "{{' ' + word}}"},
         ),
     )
 }
@@ -182,45 +210,17 @@ def _documents(task: str, examples: Iterable[Example]) -> list[dict[str, Any]]:
 
 
 def _builtin_config(task: str, data_file: Path, chat: bool) -> dict[str, Any]:
-    source = {
+    """The lm-eval task file of a loratune task over the documents in ``data_file``."""
+    spec = BUILTIN_TASKS[task]
+    return {
         "task": task,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(data_file)}},
         "test_split": "test",
-    }
-    question = "{{user}}" if chat else "{{prompt}}"
-    metric_list = [dict(entry) for entry in BUILTIN_TASKS[task].metric_list]
-    if task == "loratune_instruct":
-        return {
-            **source,
-            "output_type": "generate_until",
-            "doc_to_text": question,
-            "doc_to_target": "{{answer}}",
-            "target_delimiter": "",
-            "generation_kwargs": {
-                "until": list(_STOP_SEQUENCES),
-                "max_gen_toks": MAX_ANSWER_TOKENS,
-                "do_sample": False,
-            },
-            "metric_list": metric_list,
-        }
-    if task == "loratune_classify":
-        return {
-            **source,
-            "output_type": "multiple_choice",
-            "doc_to_text": question,
-            "doc_to_choice": "{{choices}}",
-            "doc_to_target": "{{label}}",
-            "target_delimiter": "",  # both renderings end the prompt where the answer starts
-            "metric_list": metric_list,
-        }
-    # LAMBADA's scoring: the log-likelihood of " word" after the context; acc = it is the greedy continuation.
-    return {
-        **source,
-        "output_type": "loglikelihood",
-        "doc_to_text": "{{context}}",
-        "doc_to_target": "{{' ' + word}}",
-        "metric_list": metric_list,
+        "output_type": spec.output_type,
+        "doc_to_text": "{{user}}" if chat else "{{prompt}}",
+        **copy.deepcopy(spec.fields),
+        "metric_list": [dict(entry) for entry in spec.metric_list],
     }
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -30,8 +29,6 @@ BUILTIN_FILES = {"builtin:instructions": "instructions.jsonl"}
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _CHAT_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 _NO_HEADERS = dict.fromkeys(_CHAT_HEADERS, "")
-# A template that marks the assistant's text itself (HF's return_assistant_tokens_mask needs it).
-_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 Message = tuple[str, str]  # (role, content)
 
 
@@ -559,47 +556,64 @@ def _tokenize_segments(tokenizer: Any, examples: Sequence[Example], template: st
     return tokenized
 
 
-def _end_of_turn(tokenizer: Any, span: list[int]) -> list[int]:
-    """An assistant turn's tokens up to its template's end-of-turn token (``<|im_end|>``), without
-    the newline some templates put after it: the model generates the former, never the latter."""
-    special = set(tokenizer.all_special_ids)
-    last = max((i for i, token in enumerate(span) if token in special), default=None)
-    if last is not None and not tokenizer.decode(span[last + 1 :]).strip():
-        return span[: last + 1]
-    return span
+def _render(tokenizer: Any, messages: Sequence[Message], prompt: bool) -> str:
+    turns = [{"role": role, "content": content} for role, content in messages]
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
 
 
-def _chat_template_tokens(tokenizer: Any, example: Example, where: str) -> TokenizedExample:
-    messages = [{"role": role, "content": content} for role, content in example.messages]
-    if _GENERATION_TAG.search(tokenizer.chat_template):
-        # The template marks the assistant's tokens itself.
-        encoded = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        ids = list(encoded["input_ids"])
-        return TokenizedExample(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, encoded["assistant_masks"])])
+def assistant_spans(tokenizer: Any, example: Example, where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as the model's chat template renders it, and the character spans the loss
+    covers: each non-empty assistant message and the template's end-of-turn marker after it.
 
-    def encode(turns: list[dict], prompt: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
-
-    # Render the conversation up to each answer: the tokens an answer adds to its prompt are the
-    # answer's. Each rendering must be a token prefix of the whole, or the spans would be wrong.
-    ids = encode(messages, False)
-    labels = [IGNORE_INDEX] * len(ids)
+    An assistant turn is the text its message adds to the rendering of the conversation before
+    it with the generation prompt (``<|im_start|>assistant\\n``): for SmolLM2,
+    ``nedrag<|im_end|>\\n``. Its trailing whitespace is not learned: the model writes the
+    end-of-turn marker and stops; the newline after it is the template's, as is the next header.
+    The spans come from text alone, not from which tokens a tokenizer registers as special (that
+    differs between transformers versions for one GGUF file). Each rendering must be a prefix of
+    the whole, or the spans would be wrong.
+    """
+    text = _render(tokenizer, example.messages, False)
+    spans = []
     for index, (role, content) in enumerate(example.messages):
         if role != "assistant" or not content:
             continue
-        through = ids if index == len(messages) - 1 else encode(messages[: index + 1], False)
-        prompt = encode(messages[:index], True)
-        if ids[: len(through)] != through or through[: len(prompt)] != prompt:
+        if index == 0:
+            raise ValueError(
+                f"dataset.template: {where} opens with an assistant message, which a chat template "
+                f"cannot render as an answer; start it with a user message or use dataset.template: alpaca"
+            )
+        before = _render(tokenizer, example.messages[:index], True)
+        through = (
+            text if index == len(example.messages) - 1 else _render(tokenizer, example.messages[: index + 1], False)
+        )
+        if not text.startswith(through) or not through.startswith(before):
             raise ValueError(
                 f"dataset.template: the model's chat template does not render {where} turn by turn "
-                f"(message {index + 1} changes the tokens before it); use dataset.template: alpaca"
+                f"(message {index + 1} changes the text before it); use dataset.template: alpaca"
             )
-        span = _end_of_turn(tokenizer, through[len(prompt) :])
-        labels[len(prompt) : len(prompt) + len(span)] = span
-    return TokenizedExample(ids, labels)
+        spans.append((len(before), len(through.rstrip())))
+    return text, spans
+
+
+def _chat_template_tokens(tokenizer: Any, numbered: Sequence[tuple[int, Example]]) -> list[TokenizedExample]:
+    # Render each conversation once, tokenize all in one call, and learn exactly the tokens whose
+    # characters overlap an assistant span (a token across a span's edge holds answer text).
+    if not numbered:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            "dataset.template: the chat template's loss mask needs a fast (tokenizers) tokenizer for "
+            "character offsets; this model's is not; use dataset.template: alpaca"
+        )
+    rendered = [assistant_spans(tokenizer, example, f"example {number}") for number, example in numbered]
+    # The template writes its own BOS, so the tokenizer adds no special tokens.
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    tokenized = []
+    for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+        learned = [any(start < stop and end > begin for begin, stop in spans) for start, end in offsets]
+        tokenized.append(TokenizedExample(list(ids), [t if m else IGNORE_INDEX for t, m in zip(ids, learned)]))
+    return tokenized
 
 
 def tokenize_examples(
@@ -609,7 +623,7 @@ def tokenize_examples(
 
     ``template`` is ``dataset.template`` (see ``resolve_template``). With the chat template, an
     instruction or conversation is rendered as the model is used, and the loss covers exactly
-    each assistant message and the template's end-of-turn token; raw data (prompt/completion,
+    each assistant message and the template's end-of-turn marker (``assistant_spans``); raw data (prompt/completion,
     text) always keeps its own text. Otherwise ``header_segments`` renders it and each answer is
     followed by EOS. Sequences are cut at ``max_seq_length``; an example whose answers are cut
     away entirely has no loss tokens.
@@ -619,9 +633,10 @@ def tokenize_examples(
     rendering = resolve_template(template, tokenizer)
     templated = [rendering == "chat" and bool(example.messages) for example in examples]
     plain = iter(_tokenize_segments(tokenizer, [e for e, t in zip(examples, templated) if not t], rendering))
+    chat = iter(_chat_template_tokens(tokenizer, [(n, e) for n, (e, t) in enumerate(zip(examples, templated), 1) if t]))
     tokenized = []
-    for number, (example, uses_template) in enumerate(zip(examples, templated), start=1):
-        whole = _chat_template_tokens(tokenizer, example, f"example {number}") if uses_template else next(plain)
+    for uses_template in templated:
+        whole = next(chat) if uses_template else next(plain)
         tokenized.append(TokenizedExample(whole.input_ids[:max_seq_length], whole.labels[:max_seq_length]))
     return tokenized
 

@@ -17,6 +17,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# Written into a kept adapter folder: {"step": the training step whose weights it holds}, to
+# match against a record's best_step (an adapter belongs to the record that selected its step).
+ADAPTER_STEP_FILE = "loratune_adapter.json"
+
 
 def _metric(help: str, default: Any = None, *, objective: bool = False) -> Any:
     return field(default=default, metadata={"help": help, "objective": objective})

@@ -62,14 +62,42 @@ def _read_source(model_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Write the model and tokenizer of ``gguf_path`` as a bf16 safetensors model folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# Special tokens and the model config ids that name them (from the GGUF's tokenizer.ggml.*_token_id).
+_SPECIAL_TOKEN_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "pad_token": "pad_token_id",
+    "unk_token": "unk_token_id",
+}
 
-    folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.bfloat16)
+
+def load_gguf_tokenizer(gguf_path: Path, config: Any):
+    """The tokenizer of a GGUF file, its special tokens set from the ids its model ``config`` read.
+
+    transformers' GGUF tokenizer converter differs between versions: 5.17's sets the EOS token to
+    the BOS token (``<|im_start|>`` for SmolLM2, whose turns end with ``<|im_end|>``) and no pad
+    token, 5.24's reads them right; the config's ids are right in both. Setting them here makes
+    the converted tokenizer, and so every answer's EOS, the same whichever version converts.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    for name, id_name in _SPECIAL_TOKEN_IDS.items():
+        token_id = getattr(config, id_name, None)
+        token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(token_id))
+    return tokenizer
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, str]:
+    """Write the model and tokenizer of ``gguf_path`` as a bf16 safetensors model folder; returns
+    the tokenizer's special tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.bfloat16)
+    tokenizer = load_gguf_tokenizer(gguf_path, loaded.config)
     # save_pretrained refuses a model that still carries the gguf quantization_config: rebuild it
     # without one (on the meta device: no second random init) and hand it the loaded tensors.
     config = copy.deepcopy(loaded.config)
@@ -79,10 +107,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    return {name: str(getattr(tokenizer, name)) for name in _SPECIAL_TOKEN_IDS if getattr(tokenizer, name) is not None}
 
 
 def _conversion_of(model_dir: Path, gguf_sha256: str) -> bool:
-    return (model_dir / "config.json").is_file() and _read_source(model_dir).get("gguf_sha256") == gguf_sha256
+    # A conversion without recorded special tokens predates load_gguf_tokenizer: its EOS may be wrong.
+    source = _read_source(model_dir)
+    return (
+        (model_dir / "config.json").is_file()
+        and source.get("gguf_sha256") == gguf_sha256
+        and "special_tokens" in source
+    )
 
 
 def _cached_conversion(gguf_path: Path, target: Path, source: str) -> str:
@@ -94,10 +129,16 @@ def _cached_conversion(gguf_path: Path, target: Path, source: str) -> str:
     # half model under the real name.
     scratch = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        convert_gguf(gguf_path, scratch)
+        special_tokens = convert_gguf(gguf_path, scratch)
         atomic_write_json(
             scratch / SOURCE_FILE,
-            {"source": source, "gguf_file": gguf_path.name, "gguf_sha256": gguf_sha256, "dtype": "bfloat16"},
+            {
+                "source": source,
+                "gguf_file": gguf_path.name,
+                "gguf_sha256": gguf_sha256,
+                "dtype": "bfloat16",
+                "special_tokens": special_tokens,
+            },
         )
         model_fingerprint(str(scratch))  # hash the weights now, not in the first trial
         if target.exists():  # a conversion of an older file of the same name

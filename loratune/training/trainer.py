@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from loratune.files import atomic_write_json  # noqa: E402
 from loratune.training import fused as fused_path  # noqa: E402
 from loratune.training import state as saved  # noqa: E402
 from loratune.training.data import (  # noqa: E402
@@ -57,7 +58,7 @@ from loratune.training.data import (  # noqa: E402
     read_prepared,
     tokenize_examples,
 )
-from loratune.training.metrics import TrialMetrics  # noqa: E402
+from loratune.training.metrics import ADAPTER_STEP_FILE, TrialMetrics  # noqa: E402
 from loratune.training.models import (  # noqa: E402
     BaseModels,
     add_lora,
@@ -452,14 +453,17 @@ def train(
                 )
 
 
-def save_adapter(model, target: Path) -> None:
-    """Save the LoRA adapter to ``target`` through a scratch folder, so it is complete or absent;
-    an adapter already there is moved aside first and removed after."""
+def save_adapter(model, target: Path, step: int) -> None:
+    """Save the LoRA adapter of training step ``step`` to ``target`` through a scratch folder, so it
+    is complete or absent; an adapter already there is moved aside first and removed after. The
+    step goes beside it (``ADAPTER_STEP_FILE``): a record that selected another step (a rung's,
+    after the trial trained on) can tell that this adapter is not its own."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     scratch, previous = target.parent / f".{target.name}.{tag}.tmp", target.parent / f".{target.name}.{tag}.old"
     try:
         model.save_pretrained(scratch)
+        atomic_write_json(scratch / ADAPTER_STEP_FILE, {"step": step})
         if target.exists():
             target.rename(previous)
         scratch.rename(target)
@@ -718,7 +722,7 @@ def train_and_evaluate(
             "step %d/%d: held-out loss %s", stop, trial.total_steps, "-" if eval_loss is None else f"{eval_loss:.4f}"
         )
         if settings.keep_adapter and progress.selected(settings.select) is point:
-            save_adapter(trainer.model, trial.output_dir / "adapter")
+            save_adapter(trainer.model, trial.output_dir / "adapter", stop)
         if stop < trial.total_steps:
             save_trial_state(trial, trainer, progress, segment)
     if progress.steps >= trial.total_steps:

@@ -3,9 +3,13 @@ from loratune.logs import log_to_file
 log_to_file(snakemake.log[0])
 
 import json
+import os
 from pathlib import Path
 
-from loratune.evaluation.harness import evaluate_trial
+from loratune.evaluation.harness import OFFLINE_ENVIRONMENT, evaluate_trial
+
+# Offline before lm-eval, datasets or transformers is imported: they read these at import.
+os.environ.update(OFFLINE_ENVIRONMENT)
 
 with open(snakemake.input.model) as handle:
     model_path = json.load(handle)["path"]

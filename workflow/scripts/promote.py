@@ -12,5 +12,6 @@ promote_rung(
     proposals_path=snakemake.input.proposals,
     previous_path=snakemake.input.previous or None,
     metrics_paths=snakemake.input.metrics,
+    evaluation_paths=snakemake.input.evaluations,
     output=snakemake.output.promoted,
 )
