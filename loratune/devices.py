@@ -59,6 +59,21 @@ def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
     return _probed_gpu_count(tuple(sorted(environ.items())))
 
 
+def trial_threads(config: Mapping, environ: Mapping[str, str] = os.environ) -> int:
+    """CPU threads of a trial job: Snakemake's ``threads``, which it also exports to the job as
+    ``OMP_NUM_THREADS`` (and MKL's, OpenBLAS's), so torch computes with that many threads.
+
+    A trial that trains on the CPU gets ``resources.cpus_per_trial`` (Snakemake caps it at
+    ``--cores``): without it a job gets one thread, half of a 2-core machine. A trial on a GPU
+    keeps one: its CPU side is one Python thread feeding the GPU, and the trials that share a
+    GPU (``trials_per_gpu``) must not be held back by cores they do not use."""
+    if config.get("backend") != "qlora":
+        return 1
+    cpus = int(config["resources"]["cpus_per_trial"])
+    on_cpu = config["resources"]["gpus_per_trial"] == 0 or config["training"].get("device") == "cpu"
+    return cpus if on_cpu or gpu_count(environ) == 0 else 1
+
+
 @functools.cache
 def _probed_gpu_count(environ: tuple[tuple[str, str], ...]) -> int:
     """torch's device count in a child process, once per process and environment: a trial job

@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 from loratune.config import ARM_NAME_PATTERN, ConfigError, validate_config
 from loratune.ledger import PILOT, proposed_trial_ids, read_table
 from loratune.loop import rung_candidates
-from loratune import study_state
+from loratune import devices, study_state
 
 # Switches of one run, not part of the study (given as --config recompute=true, retry_failed=...).
 RECOMPUTE = str(config.pop("recompute", False)).lower() in ("true", "yes", "1")
@@ -106,6 +106,13 @@ def get_trial_inputs(wildcards):
 
 def get_trial_gpus(wildcards):
     return config["resources"]["gpus_per_trial"] if config["backend"] == "qlora" else 0
+
+
+TRIAL_THREADS = devices.trial_threads(config)
+
+
+def get_trial_threads(wildcards):
+    return TRIAL_THREADS
 
 
 def get_final_histories(wildcards=None):

@@ -16,6 +16,7 @@ rule train_rung:
         f"{OUT}/seed{{seed}}/trials/{{trial}}/step{{step}}/benchmark.tsv"
     wildcard_constraints:
         step=r"\d+",
+    threads: get_trial_threads
     resources:
         gpu=get_trial_gpus,
         mem_mb=config["resources"]["mem_mb"],

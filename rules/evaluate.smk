@@ -12,6 +12,7 @@ rule evaluate_trial:
         f"{OUT}/seed{{seed}}/trials/{{record}}/evaluate.log",
     benchmark:
         f"{OUT}/seed{{seed}}/trials/{{record}}/evaluate_benchmark.tsv"
+    threads: get_trial_threads
     resources:
         gpu=get_trial_gpus,
         mem_mb=config["resources"]["mem_mb"],

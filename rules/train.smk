@@ -7,6 +7,7 @@ rule train_trial:
         f"{OUT}/seed{{seed}}/trials/{{trial}}/train.log",
     benchmark:
         f"{OUT}/seed{{seed}}/trials/{{trial}}/benchmark.tsv"
+    threads: get_trial_threads
     resources:
         gpu=get_trial_gpus,
         mem_mb=config["resources"]["mem_mb"],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loratune.devices import claim_gpu, gpu_count, local_pool
+from loratune.devices import claim_gpu, gpu_count, local_pool, trial_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,6 +144,21 @@ def test_gpu_count_validates_the_environment():
     assert gpu_count({"LORATUNE_GPUS": "3"}) == 3
     with pytest.raises(ValueError, match="LORATUNE_GPUS: expected a non-negative integer, got 'two'"):
         gpu_count({"LORATUNE_GPUS": "two"})
+
+
+def test_a_trial_on_the_cpu_gets_its_cores_and_one_on_a_gpu_one_thread():
+    # Snakemake exports a job's threads as OMP_NUM_THREADS: a CPU trial with the default of one
+    # thread would train on half of a 2-core machine.
+    config = {
+        "backend": "qlora",
+        "resources": {"cpus_per_trial": 4, "gpus_per_trial": 1},
+        "training": {"device": "auto"},
+    }
+    assert trial_threads(config, {"LORATUNE_GPUS": "0"}) == 4
+    assert trial_threads(config, {"LORATUNE_GPUS": "2"}) == 1
+    assert trial_threads({**config, "training": {"device": "cpu"}}, {"LORATUNE_GPUS": "2"}) == 4
+    assert trial_threads({**config, "resources": {"cpus_per_trial": 3, "gpus_per_trial": 0}}, {"LORATUNE_GPUS": "2"}) == 3
+    assert trial_threads({**config, "backend": "benchmark"}, {"LORATUNE_GPUS": "0"}) == 1
 
 
 # ---- GPUs shared by several trials (resources.trials_per_gpu) -----------------------------
