@@ -87,10 +87,18 @@ def curve_rows(hparams: dict, seed: int, metrics: dict) -> list[dict]:
     return rows
 
 
+_BASE_MODELS = None  # a worker process's loaded base model, kept between its trials
+
+
 def _worker(args) -> list[dict]:
+    global _BASE_MODELS
     points, model_path, data_dir, settings, out_root, seed, curves = args
     from loratune.training import TrainingSettings, run_trial
+    from loratune.training.models import BaseModels
 
+    # Loading and quantizing the base model once per worker, not once per trial, as the study's
+    # trial worker does (loratune.training.worker): every trial still gets fresh adapters.
+    _BASE_MODELS = _BASE_MODELS or BaseModels()
     rows = []
     for rank, alpha, lr in points:
         hparams = {"lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr, "lora_dropout": 0.05}
@@ -101,6 +109,7 @@ def _worker(args) -> list[dict]:
             data_dir=data_dir,
             output_dir=str(Path(out_root) / f"r{rank}_a{alpha}_lr{lr:g}_{time.time_ns()}"),
             seed=seed,
+            base_models=_BASE_MODELS,
         )
         if curves:
             trial_rows = curve_rows(hparams, seed, metrics)
