@@ -14,6 +14,8 @@ Run from the repository root (a few minutes on 2 shared cores):
 
     .venv/bin/python bench/importance_agreement.py
     .venv/bin/python bench/importance_agreement.py --from-runs bench/results/warm_start_<commit>_runs.tsv
+    .venv/bin/python bench/importance_agreement.py --tables bench/data/curves_self_instruct.jsonl \
+        bench/data/curves_gemma_self_instruct.jsonl --from-runs bench/results/warm_start_gemma_<commit>_runs.tsv
 
 It prints a Markdown report and writes it to ``bench/results/importance_agreement.md``.
 """
@@ -30,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.efficiency.problems import BENCH_PROBLEMS, CURVE_TABLES  # noqa: E402
+from bench.efficiency.problems import ALL_CURVE_TABLES, BENCH_PROBLEMS, TABLE_MODELS  # noqa: E402
 from loratune.benchmarks import CurveTable  # noqa: E402
 import yaml  # noqa: E402
 
@@ -41,7 +43,7 @@ from loratune.space import SearchSpace  # noqa: E402
 TABLES = ["bench/data/curves_self_instruct.jsonl", "bench/data/curves_instructions.jsonl"]
 # The goal's objectives: the held-out loss and the costs the hyperparameters move (a run's
 # adapter size and its peak GPU memory). train_time is reported too, as what it is on these
-# tables: the time of a run sharing the GPU with 11 others, noise the hyperparameters barely move.
+# tables: the time of a run sharing the GPU with up to 13 others, noise the hyperparameters barely move.
 OBJECTIVES = {"eval_loss": "min", "trainable_params": "min", "peak_memory_gib": "min"}
 NOISE = {"train_time": "min"}
 
@@ -61,13 +63,20 @@ def default_arm_points(runs: pd.DataFrame, table: CurveTable, space, n: int, see
     """The first ``n`` trials of the default arm's cold run of ``table`` with ``seed``, as
     bench/warm_start.py recorded them (``<out>_runs.tsv``, arm ``cold``): a study's trials
     gather where the proposer looked, unlike a Latin hypercube's."""
-    problem = next(name for name, t in CURVE_TABLES.items() if Path(t.path).name == Path(table.path).name)
+    problem = problem_of(table)
+    if problem is None:
+        raise SystemExit(f"--from-runs: {table.path} is the table of no bench problem, so no run names it")
     run = runs[(runs["problem"] == problem) & (runs["arm"] == "cold") & (runs["seed"] == seed)]
     run = run.sort_values("n_trials").head(n)
     if len(run) < n:
         raise SystemExit(f"--from-runs: {problem} seed {seed} has {len(run)} cold trials, not {n}")
     bench_space = BENCH_PROBLEMS[problem].space
     return [space.snap(bench_space.parse_trial_id(trial_id)) for trial_id in run["trial_id"]]
+
+
+def problem_of(table: CurveTable) -> str | None:
+    """The bench problem of a measured table (by file name), None for a table of no bench problem."""
+    return next((name for name, t in ALL_CURVE_TABLES.items() if Path(t.path).name == Path(table.path).name), None)
 
 
 def study_trials(table: CurveTable, space, points: list[dict], seed: int, objectives) -> pd.DataFrame:
@@ -105,6 +114,9 @@ def main() -> None:
     )
     parser.add_argument("--output", default=str(REPO / "bench/results/importance_agreement.md"))
     args = parser.parse_args()
+    missing = [path for path in args.tables if not Path(path).is_file()]
+    if missing:
+        raise SystemExit(f"--tables: no learning-curve table at {', '.join(missing)}")
 
     default = yaml.safe_load((REPO / "config/config.yaml").read_text(encoding="utf-8"))
     space = SearchSpace.from_config(default["search_space"])
@@ -122,7 +134,7 @@ def main() -> None:
         "",
         f"fANOVA (``loratune.importance``), objectives {list(OBJECTIVES)} (the goal's) and {list(NOISE)} "
         f"(noise, below), space of the default study; {design}, {args.seeds} seeds. A table's train_time is "
-        "the time of a run sharing the GPU with 11 others "
+        "the time of a run sharing the GPU with other runs "
         "(bench/data/README.md), which the hyperparameters barely move.",
         "",
     ]
@@ -130,8 +142,9 @@ def main() -> None:
     for path in args.tables:
         table = CurveTable(path)
         full = importance_table(full_table_trials(table, space), space, measured)
+        model = TABLE_MODELS.get(problem_of(table) or "")
         lines += [
-            f"## {path}",
+            f"## {path}" + (f" ({model})" if model else ""),
             "",
             "Full table (every run at its best step):",
             "",

@@ -1,8 +1,9 @@
 """Measure a grid of real LoRA trials (rank x alpha x learning rate) for the `lora_table` benchmark.
 
-Each grid point is one real QLoRA trial of loratune's trainer: SmolLM2-135M-Instruct (NF4) on the
-175 self-instruct seed tasks, with held-out eval loss. The table lets searches over a real LoRA
-response surface cost nothing (benchmark problem `lora_table`, nearest grid point).
+Each grid point is one real QLoRA trial of loratune's trainer: by default SmolLM2-135M-Instruct
+(NF4; `--model` names another, e.g. builtin:gemma3-270m) on the 175 self-instruct seed tasks, with
+held-out eval loss. The table lets searches over a real LoRA response surface cost nothing
+(benchmark problem `lora_table`, nearest grid point).
 
     python bench/lora_grid.py --data ../shared/data/self_instruct_seed_tasks.jsonl --out bench/data/lora_grid.tsv
 
@@ -17,6 +18,8 @@ the loss went non-finite). `--eval-every` sets how often a trial evaluates its h
 
     python bench/lora_grid.py --data builtin:instructions --out bench/data/curves_instructions.jsonl \
         --ranks 4,16,64,256 --alphas 4,16,64,256 --lrs 1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2 --eval-every 10
+
+A run stopped by SIGTERM (``timeout``) ends its trials in flight and keeps the rows of those finished.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -82,10 +87,18 @@ def curve_rows(hparams: dict, seed: int, metrics: dict) -> list[dict]:
     return rows
 
 
+_BASE_MODELS = None  # a worker process's loaded base model, kept between its trials
+
+
 def _worker(args) -> list[dict]:
+    global _BASE_MODELS
     points, model_path, data_dir, settings, out_root, seed, curves = args
     from loratune.training import TrainingSettings, run_trial
+    from loratune.training.models import BaseModels
 
+    # Loading and quantizing the base model once per worker, not once per trial, as the study's
+    # trial worker does (loratune.training.worker): every trial still gets fresh adapters.
+    _BASE_MODELS = _BASE_MODELS or BaseModels()
     rows = []
     for rank, alpha, lr in points:
         hparams = {"lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr, "lora_dropout": 0.05}
@@ -96,6 +109,7 @@ def _worker(args) -> list[dict]:
             data_dir=data_dir,
             output_dir=str(Path(out_root) / f"r{rank}_a{alpha}_lr{lr:g}_{time.time_ns()}"),
             seed=seed,
+            base_models=_BASE_MODELS,
         )
         if curves:
             trial_rows = curve_rows(hparams, seed, metrics)
@@ -111,6 +125,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="self-instruct seed tasks (JSONL), or builtin:instructions")
     parser.add_argument("--out", required=True, help="TSV to append rows to")
+    parser.add_argument("--model", default="builtin:smollm2-135m", help="model.name of the trials' base model")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="training.gradient_checkpointing (off: faster where memory allows, same losses)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="trials training at once on the GPU")
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -136,7 +157,7 @@ def main() -> None:
     from loratune.training import DatasetSpec, ModelSpec, prepare_dataset, prepare_model
 
     scratch = Path(args.scratch)
-    model_path = prepare_model(ModelSpec(), cache_dir=str(scratch / "models"))
+    model_path = prepare_model(ModelSpec(name=args.model), cache_dir=str(scratch / "models"))
     data_dir = scratch / "data"
     data_format = "auto" if args.data.startswith("builtin:") else "self_instruct"
     prepare_dataset(DatasetSpec(path=args.data, format=data_format, eval_fraction=0.15), out_dir=data_dir)
@@ -148,6 +169,7 @@ def main() -> None:
         scheduler="cosine",
         warmup_ratio=0.05,
         keep_adapter=False,
+        gradient_checkpointing={"auto": "auto", "on": True, "off": False}[args.gradient_checkpointing],
     )
     out = Path(args.out)
     curves = out.suffix == ".jsonl"
@@ -175,6 +197,9 @@ def main() -> None:
     todo = [p for repeat in range(args.repeats) for p in grid if done.get(p, 0) <= repeat]
     print(json.dumps({"grid": len(todo), "already": sum(done.values()), "settings": settings}), flush=True)
     started = time.time()
+    # timeout's SIGTERM would end this process alone, leaving the pool's workers training: exit
+    # through the pool's context manager instead, which terminates them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     chunks = [todo[i :: args.workers] for i in range(args.workers)]
     # One point per task keeps the table growing row by row across workers.
     tasks = [

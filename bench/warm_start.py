@@ -1,7 +1,9 @@
 """Warm start against cold start: one measured table searched after a study of the other.
 
-The two learning-curve tables (bench/data/README.md) are SmolLM2-135M on two datasets, the
-same design: to a study of one, a study of the other is a *related task*. Per seed:
+A pair of learning-curve tables of the same design (bench/data/README.md, ``--pair``): SmolLM2-135M
+on two datasets (the default), or SmolLM2-135M and Gemma 3 270M on the self-instruct tasks
+(``--pair table_self_instruct,table_gemma_self_instruct``). To a study of one, a study of the other is a
+*related task*. Per seed:
 
 - **cold**: the default arm (optuna-gp) on the target table from its Latin-hypercube pilot
   (``--pilot``), batches of ``--batch`` up to ``--budget`` trials: bench/efficiency's runner,
@@ -19,6 +21,8 @@ whose HV reaches that seed's cold HV@16; median over seeds), and its median HV i
 the cold start's at any trial count, in each direction.
 
     .venv/bin/python bench/warm_start.py            # 10 seeds, both directions (bench/results/warm_start_<commit>.md)
+    .venv/bin/python bench/warm_start.py --pair table_self_instruct,table_gemma_self_instruct \
+        --out bench/results/warm_start_gemma_<commit>        # across models
 
 Runs recorded at ``--out`` (``<out>_runs.tsv``) are kept and not run again: a new transfer costs only
 its own runs (the plan must be the one they were run with).
@@ -44,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.efficiency.problems import BENCH_PROBLEMS, CURVE_TABLES  # noqa: E402
+from bench.efficiency.problems import ALL_CURVE_TABLES, BENCH_PROBLEMS, CURVE_TABLES, TABLE_MODELS  # noqa: E402
 from bench.efficiency.report import trials_to_reach  # noqa: E402
 from bench.efficiency.runner import ARMS, Plan, Task, _quiet_worker, add_hypervolume, run_task, scale_of  # noqa: E402
 from loratune.warm_start import TRANSFERS  # noqa: E402
@@ -56,6 +60,12 @@ GOAL_TRIALS = 6
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--pair",
+        default=",".join(CURVE_TABLES),
+        help=f"the two tables, each warm-started from the other (of {','.join(ALL_CURVE_TABLES)}; "
+        f"default {','.join(CURVE_TABLES)})",
+    )
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (default 10)")
     parser.add_argument(
         "--first-seed", type=int, default=0, help="start at this seed (another process runs the others)"
@@ -72,7 +82,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="write the .md from the runs recorded so far in <out>_runs.tsv (seeds whose every run finished)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.tables = pair_of(args.pair)
+    return args
+
+
+def pair_of(text: str) -> list[str]:
+    """The two table problems ``--pair`` names, checked before any run."""
+    tables = text.split(",")
+    if len(tables) != 2 or tables[0] == tables[1] or not set(tables) <= set(ALL_CURVE_TABLES):
+        raise SystemExit(f"--pair: expected two different tables of {list(ALL_CURVE_TABLES)}, got {text!r}")
+    for name in tables:
+        reason = BENCH_PROBLEMS[name].skip_reason()
+        if reason:
+            raise SystemExit(f"--pair: {name}: {reason}")
+    return tables
 
 
 def related_from(run: list[dict], problem: str) -> pd.DataFrame:
@@ -124,7 +148,7 @@ def summarize(curves: pd.DataFrame, budget: int) -> pd.DataFrame:
 
 def markdown(summary: pd.DataFrame, args: argparse.Namespace, command: str, elapsed: float) -> str:
     lines = [
-        "# Warm start against cold start on the two measured tables",
+        f"# Warm start against cold start on {' and '.join(args.tables)}",
         "",
         f"Command: `{command}` ({elapsed / 60:.1f} min wall clock, 2 shared CPU cores).",
         "",
@@ -141,8 +165,8 @@ def markdown(summary: pd.DataFrame, args: argparse.Namespace, command: str, elap
     ]
     checkpoints = [n for n in (2, 4, 6, 8, 10, 12, 14, 16) if n <= args.budget]
     for problem, rows in summary.groupby("problem", sort=False):
-        source = [name for name in CURVE_TABLES if name != problem][0]
-        lines += [f"## {problem} warm-started from {source}", ""]
+        source = [name for name in args.tables if name != problem][0]
+        lines += [f"## {problem} ({TABLE_MODELS[problem]}) warm-started from {source} ({TABLE_MODELS[source]})", ""]
         lines.append("| arm | reach (median) | " + " | ".join(f"HV@{n}" for n in checkpoints) + " |")
         lines.append("|---|---|" + "---|" * len(checkpoints))
         for row in rows.itertuples(index=False):
@@ -165,10 +189,10 @@ def markdown(summary: pd.DataFrame, args: argparse.Namespace, command: str, elap
 def render(args: argparse.Namespace, command: str, elapsed: float) -> str:
     """The curves and the report from the runs recorded so far, over the seeds every run of
     which (cold and warm, both directions) has finished."""
-    tables = list(CURVE_TABLES)
+    tables = args.tables
     arms = ["cold", *(f"warm-{t}" for t in args.transfers.split(","))]
     rows = pd.read_csv(str(args.out) + "_runs.tsv", sep="\t")
-    rows = rows[rows["arm"].isin(arms)]
+    rows = rows[rows["arm"].isin(arms) & rows["problem"].isin(tables)]
     runs = rows.groupby("seed")[["problem", "arm"]].apply(lambda t: len(t.drop_duplicates()))
     expected = len(tables) * len(arms)
     complete = sorted(runs.index[runs == expected])
@@ -191,6 +215,12 @@ def _recorded(args: argparse.Namespace) -> tuple[list[dict], set[tuple[str, int,
     if not path.is_file():
         return [], set()
     rows = pd.read_csv(path, sep="\t").to_dict("records")
+    # A warm run is recorded by its target alone: runs of another pair would pass for this pair's.
+    others = sorted({r["problem"] for r in rows} - set(args.tables))
+    if others:
+        raise SystemExit(
+            f"--out: {path} holds runs of {others}, not of --pair {args.pair}; give each pair its own --out"
+        )
     return rows, {(r["problem"], int(r["seed"]), r["arm"]) for r in rows}
 
 
@@ -205,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         command = " ".join([".venv/bin/python bench/warm_start.py", *(sys.argv[1:] if argv is None else argv)])
         print(render(args, command, float("nan")), flush=True)
         return
-    tables = list(CURVE_TABLES)
+    tables = args.tables
     transfers = args.transfers.split(",")
     cold_plan = Plan(args.seeds, args.pilot, args.batch, args.budget)
     warm_plan = Plan(args.seeds, args.warm_pilot, args.batch, args.budget)

