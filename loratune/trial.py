@@ -188,31 +188,6 @@ def _evaluate_qlora(
     )
 
 
-def _gpu_plan(study: Study, model_path: str | None) -> tuple[int, str]:
-    """How many trials may share this trial's GPU (``resources.trials_per_gpu``), and why."""
-    from loratune import packing
-    from loratune.devices import local_pool, under_slurm
-
-    setting = study.config["resources"]["trials_per_gpu"]
-    if study.config["backend"] != "qlora" or study.config["resources"]["gpus_per_trial"] != 1:
-        return 1, "one trial per GPU: not one GPU per trial"
-    if under_slurm():
-        return 1, "Slurm chose the GPU"
-    pool = local_pool()
-    if not pool:
-        return 1, "no GPU"
-    memory = [packing.gpu_memory_gib(device) for device in pool]
-    training = study.config["training"]
-    return packing.resolve_trials_per_gpu(
-        setting,
-        model_path,
-        tokens=training["batch_size"] * training["max_seq_length"],
-        quantization=training["quantization"],
-        gpu_gib=None if None in memory else min(memory),
-        cpus=packing.cpus_per_gpu(len(pool)),
-    )
-
-
 def _budget_share(study: Study, share) -> float | None:
     """The fused path's memory budget of a trial on a shared GPU: its share of the GPU (None:
     alone, the planner's default of 90% of the GPU)."""
@@ -340,13 +315,14 @@ def _train_and_record(
     log_path: str | Path | None,
 ) -> dict:
     from loratune.devices import claim_gpu, claim_gpu_share
+    from loratune.packing import study_trials_per_gpu
     from loratune.training.worker import TrialRaised, WorkerDied
 
     hparams = study.space.parse_trial_id(trial_id)
     started_at, started = _now(), time.perf_counter()
     deadline = _deadline(runtime_minutes, time.time())
     gpus = study.config["resources"]["gpus_per_trial"] if study.config["backend"] == "qlora" else 0
-    trials_per_gpu, why = _gpu_plan(study, model_path)
+    trials_per_gpu, why = study_trials_per_gpu(study.config, model_path)
     claim = claim_gpu_share(trials_per_gpu) if gpus == 1 else claim_gpu(gpus)
     with claim as share:
         device = share.device if gpus == 1 else share

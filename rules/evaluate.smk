@@ -14,6 +14,7 @@ rule evaluate_trial:
         f"{OUT}/seed{{seed}}/trials/{{record}}/evaluate_benchmark.tsv"
     resources:
         gpu=get_trial_gpus,
+        gpu_share=get_exclusive_gpu_share,
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime"],
         cpus_per_task=config["resources"]["cpus_per_trial"],
