@@ -51,6 +51,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.shapes import config_kwargs  # noqa: E402
+
 MODES = {
     "job": {"trials_per_gpu": 1, "trial_worker": False},
     "process": {"trials_per_gpu": 1, "trial_worker": True},
@@ -166,27 +168,6 @@ def run_mode(name: str, config: dict, trials: list[str], concurrency: int, work:
     return record
 
 
-# bench/train_speed.py's random-weight shapes (those of ../shared/bench/hf_qlora_baseline.py).
-SHAPES = {
-    "llama3-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    ),
-    "llama3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    ),
-}
-
-
 def shape_model(shape: str, root: Path, tokenizer_from: str, weights: bool) -> str:
     """A random-weight model of ``shape``, saved once (built on the GPU in a child process, so
     this one never touches CUDA), with SmolLM2's tokenizer; without ``weights`` only its
@@ -194,15 +175,14 @@ def shape_model(shape: str, root: Path, tokenizer_from: str, weights: bool) -> s
     path = root / shape
     code = (
         "import json, sys, torch; from transformers import LlamaConfig, LlamaForCausalLM\n"
-        "config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, "
-        "torch_dtype='bfloat16', **json.loads(sys.argv[1]))\n"
+        "config = LlamaConfig(**json.loads(sys.argv[1]))\n"
         "if sys.argv[3] == '0': config.save_pretrained(sys.argv[2]); sys.exit()\n"
         "with torch.device('cuda' if torch.cuda.is_available() else 'cpu'): model = LlamaForCausalLM(config).to(torch.bfloat16)\n"
         "model.save_pretrained(sys.argv[2])\n"
     )
     if not (path / "config.json").exists() or (weights and not list(path.glob("*.safetensors"))):
         subprocess.run(
-            [sys.executable, "-c", code, json.dumps(SHAPES[shape]), str(path), str(int(weights))], check=True
+            [sys.executable, "-c", code, json.dumps(config_kwargs(shape)), str(path), str(int(weights))], check=True
         )
     for name in [*Path(tokenizer_from).glob("tokenizer*"), *Path(tokenizer_from).glob("special_tokens_map.json")]:
         shutil.copy(name, path / name.name)

@@ -9,15 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.shapes import LLAMA3, SHAPES
 from loratune import packing
 
 # The shapes of the issue's measurement (issue 17): SmolLM2-135M, a Llama-3.2-1B and a Llama-3-8B shape.
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+LLAMA_1B = {**SHAPES["llama3-1b"], "vocab_size": LLAMA3["vocab_size"]}
+LLAMA_8B = {**SHAPES["llama3-8b"], "vocab_size": LLAMA3["vocab_size"]}
 H200_GIB = 139.8
 
 
