@@ -13,10 +13,10 @@ Finished runs are recorded in ``<out>_runs.tsv`` after each one and never run ag
 
 from __future__ import annotations
 
-import os
-
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_variable, "1")
+if __package__:  # imported as bench.<script>
+    from bench._preamble import REPO
+else:  # run as python bench/<script>.py
+    from _preamble import REPO
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
@@ -25,10 +25,6 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from bench.efficiency.problems import BENCH_PROBLEMS, CURVE_TABLES  # noqa: E402
 from bench.efficiency.runner import Arm, Plan, Task, add_hypervolume, run_task, scale_of  # noqa: E402

@@ -43,12 +43,13 @@ development) and exits.
 
 from __future__ import annotations
 
-import os
-
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_variable, "1")
+if __package__:  # imported as bench.<script>
+    from bench._preamble import REPO
+else:  # run as python bench/<script>.py
+    from _preamble import REPO
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -63,10 +64,6 @@ from typing import Any, Mapping  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from bench.efficiency.problems import SPACE  # noqa: E402
 from bench.efficiency.runner import Scale, _quiet_worker  # noqa: E402

@@ -18,12 +18,10 @@ A quick look: ``--seeds 2 --budget 12 --problems zdt1 --arms random,botorch``. I
 
 from __future__ import annotations
 
-import os
-
-# One BLAS/OpenMP thread per worker process: the workers are the parallelism, and the
-# machine is shared. Set before numpy and torch load (spawned workers re-import this file).
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_variable, "1")
+if __package__:  # imported as bench.<script>
+    from bench._preamble import REPO
+else:  # run as python bench/<script>.py
+    from _preamble import REPO
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -34,11 +32,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pandas as pd  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-# Runs as a plain script; spawned workers import this file by path, so they need it too.
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from bench.efficiency.problems import BENCH_PROBLEMS  # noqa: E402
 from bench.efficiency.report import bounds, figure, markdown, summarize  # noqa: E402

@@ -24,11 +24,16 @@ job time of the trials a worker trained after its first (stated as an extrapolat
 The shapes check (``--shapes``: llama3-1b, llama3-8b, random weights, the shapes of
 bench/train_speed.py) asks ``auto`` what it packs for each shape on this GPU (it must keep one
 trial per GPU) and times ``job`` against ``both`` for the shapes in ``--run-shapes`` over a few
-trials and steps: the worker must not cost throughput either.
+trials and steps: the worker must not cost throughput either. ``both`` runs as many jobs at once as
+``auto`` gives slots, as the local profile's ``gpu_share`` lets Snakemake do. ``--only-shapes``
+measures just that (no SmolLM2 modes, no warm-up job; both shapes timed, 2 trials of 5 steps).
 
     # H200 (~7 min):
     source bench/gpu/setup.sh && python bench/throughput.py --data /tmp/keep/self_instruct_seed_tasks.jsonl \\
         --out $OUT/throughput
+    # H200, the shapes alone (``--only-shapes``: both shapes timed, 2 trials of 5 steps per mode; < 300 s):
+    source bench/gpu/setup.sh && python bench/throughput.py --only-shapes \\
+        --data /tmp/keep/self_instruct_seed_tasks.jsonl --out $OUT/throughput_shapes
     # CPU, tiny (two fake GPU slots on the CPU, the tests' tiny random Llama, 2 steps):
     .venv/bin/python bench/throughput.py --tiny --out /tmp/throughput-tiny
 """
@@ -50,6 +55,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.shapes import config_kwargs  # noqa: E402
 
 MODES = {
     "job": {"trials_per_gpu": 1, "trial_worker": False},
@@ -166,27 +173,6 @@ def run_mode(name: str, config: dict, trials: list[str], concurrency: int, work:
     return record
 
 
-# bench/train_speed.py's random-weight shapes (those of ../shared/bench/hf_qlora_baseline.py).
-SHAPES = {
-    "llama3-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    ),
-    "llama3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    ),
-}
-
-
 def shape_model(shape: str, root: Path, tokenizer_from: str, weights: bool) -> str:
     """A random-weight model of ``shape``, saved once (built on the GPU in a child process, so
     this one never touches CUDA), with SmolLM2's tokenizer; without ``weights`` only its
@@ -194,15 +180,14 @@ def shape_model(shape: str, root: Path, tokenizer_from: str, weights: bool) -> s
     path = root / shape
     code = (
         "import json, sys, torch; from transformers import LlamaConfig, LlamaForCausalLM\n"
-        "config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, "
-        "torch_dtype='bfloat16', **json.loads(sys.argv[1]))\n"
+        "config = LlamaConfig(**json.loads(sys.argv[1]))\n"
         "if sys.argv[3] == '0': config.save_pretrained(sys.argv[2]); sys.exit()\n"
         "with torch.device('cuda' if torch.cuda.is_available() else 'cpu'): model = LlamaForCausalLM(config).to(torch.bfloat16)\n"
         "model.save_pretrained(sys.argv[2])\n"
     )
     if not (path / "config.json").exists() or (weights and not list(path.glob("*.safetensors"))):
         subprocess.run(
-            [sys.executable, "-c", code, json.dumps(SHAPES[shape]), str(path), str(int(weights))], check=True
+            [sys.executable, "-c", code, json.dumps(config_kwargs(shape)), str(path), str(int(weights))], check=True
         )
     for name in [*Path(tokenizer_from).glob("tokenizer*"), *Path(tokenizer_from).glob("special_tokens_map.json")]:
         shutil.copy(name, path / name.name)
@@ -211,10 +196,14 @@ def shape_model(shape: str, root: Path, tokenizer_from: str, weights: bool) -> s
 
 def summarize(records: list[dict], shapes: list[dict]) -> str:
     by_mode = {r["mode"]: r for r in records if "mode" in r and "shape" not in r}
-    lines = [
-        "| mode | trials | trials/GPU | workers | wall s | trials/hour | vs job | steady trials/hour (extrapolated) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = (
+        [
+            "| mode | trials | trials/GPU | workers | wall s | trials/hour | vs job | steady trials/hour (extrapolated) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        if by_mode.keys() & MODES.keys()
+        else []
+    )
     base = by_mode.get("job", {}).get("trials_per_hour")
     for name in MODES:
         r = by_mode.get(name)
@@ -266,7 +255,12 @@ def main() -> None:
     parser.add_argument("--shape-trials", type=int, default=2)
     parser.add_argument("--shape-steps", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="CPU check: fake GPU slots, 2 steps, few trials")
+    parser.add_argument(
+        "--only-shapes", action="store_true", help="only the shapes check, every shape timed, 2 trials of 5 steps"
+    )
     args = parser.parse_args()
+    if args.only_shapes:
+        args.run_shapes, args.shape_trials, args.shape_steps = args.shapes, 2, 5
 
     from loratune.training import DatasetSpec, ModelSpec, prepare_dataset, prepare_model
 
@@ -318,11 +312,16 @@ def main() -> None:
         }
     )
     ids = trial_ids(max(int(n) for n in counts.values()))
-    # One untimed job first: it fills the on-disk kernel caches (torch.compile's) that every later
-    # job of a study finds warm, so no mode pays the study's first compilation.
-    warmup = study_config(model, args.data, {**training, "max_steps": 2}, {**MODES["job"], "worker_idle_seconds": 120})
-    warmup.update(_model_path=model, _data_dir=str(data_dir))
-    run_mode("warmup", warmup, ids[-1:], 1, work, env, emit)
+    if args.only_shapes:
+        modes = {}
+    else:
+        # One untimed job first: it fills the on-disk kernel caches (torch.compile's) that every
+        # later job of a study finds warm, so no mode pays the study's first compilation.
+        warmup = study_config(
+            model, args.data, {**training, "max_steps": 2}, {**MODES["job"], "worker_idle_seconds": 120}
+        )
+        warmup.update(_model_path=model, _data_dir=str(data_dir))
+        run_mode("warmup", warmup, ids[-1:], 1, work, env, emit)
     for name, resources in modes.items():
         config = study_config(model, args.data, training, {**resources, "worker_idle_seconds": 120})
         config.update(_model_path=model, _data_dir=str(data_dir))
@@ -349,18 +348,12 @@ def main() -> None:
             for name in ("both", "job"):  # one trial per job second: it finds the kernel caches warm
                 config = study_config(path, args.data, shape_training, {**MODES[name], "worker_idle_seconds": 120})
                 config.update(_model_path=path, _data_dir=str(data_dir))
-                record = run_mode(
-                    f"{shape}-{name}",
-                    config,
-                    ids[: args.shape_trials],
-                    1 if name == "job" else args.concurrency,
-                    work,
-                    env,
-                    emit,
-                )
+                at_once = n if name == "both" else 1
+                record = run_mode(f"{shape}-{name}", config, ids[: args.shape_trials], at_once, work, env, emit)
                 result[name] = record["trials_per_hour"]
         emit(result)
         shapes.append(result)
+        (args.out / "throughput.md").write_text(summarize(records, shapes))  # what a cut run has done
     (args.out / "throughput.md").write_text(summarize(records, shapes))
     print((args.out / "throughput.md").read_text())
 

@@ -30,10 +30,10 @@ its own runs (the plan must be the one they were run with).
 
 from __future__ import annotations
 
-import os
-
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_variable, "1")
+if __package__:  # imported as bench.<script>
+    from bench._preamble import REPO
+else:  # run as python bench/<script>.py
+    from _preamble import REPO
 
 import argparse  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -43,10 +43,6 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from bench.efficiency.problems import ALL_CURVE_TABLES, BENCH_PROBLEMS, CURVE_TABLES, TABLE_MODELS  # noqa: E402
 from bench.efficiency.report import trials_to_reach  # noqa: E402

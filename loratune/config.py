@@ -28,7 +28,13 @@ from loratune.space import SearchSpace, SpaceError
 from loratune.training.metrics import OBJECTIVE_METRICS
 
 __all__ = [
-    "ConfigError", "Study", "dataclass_schema", "load_schema", "step_budget", "validate_config", "ARM_NAME_PATTERN",
+    "ConfigError",
+    "Study",
+    "dataclass_schema",
+    "load_schema",
+    "step_budget",
+    "validate_config",
+    "ARM_NAME_PATTERN",
 ]
 
 ARM_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9-]*"
@@ -264,8 +270,7 @@ def _check_arms(config: dict) -> tuple[Arm, ...]:
             raise ConfigError(f"arms.{name}: {name!r} is reserved; choose another arm name")
         if spec["proposer"] not in AVAILABLE_PROPOSERS:
             raise ConfigError(
-                f"arms.{name}.proposer: unknown {spec['proposer']!r}; "
-                f"choose one of {sorted(AVAILABLE_PROPOSERS)}"
+                f"arms.{name}.proposer: unknown {spec['proposer']!r}; " f"choose one of {sorted(AVAILABLE_PROPOSERS)}"
             )
         try:
             check_options(spec["proposer"], spec["options"])
@@ -359,9 +364,7 @@ def _check_dataset_source(name: str) -> None:
     if path.exists() or data.looks_like_local_path(name):
         return
     if "/" not in name:
-        raise ConfigError(
-            f"dataset.path: no such file or directory: {name} (a hub dataset id has the form owner/name)"
-        )
+        raise ConfigError(f"dataset.path: no such file or directory: {name} (a hub dataset id has the form owner/name)")
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         raise ConfigError(f"dataset.path: {name} is not a local path and the hub is offline (HF_HUB_OFFLINE)")
 
@@ -423,7 +426,9 @@ def validate_config(config: dict) -> Study:
     except SpaceError as error:
         raise ConfigError(str(error)) from None
     if not re.fullmatch(STUDY_NAME_PATTERN, config["study"]):
-        raise ConfigError(f"study: {config['study']!r} must be letters, digits, _ . - (starting with a letter or digit)")
+        raise ConfigError(
+            f"study: {config['study']!r} must be letters, digits, _ . - (starting with a letter or digit)"
+        )
     results_dir = Path(config["results_dir"]).expanduser()
     if results_dir.exists() and not results_dir.is_dir():
         raise ConfigError(f"results_dir: {config['results_dir']} is a file, not a folder")

@@ -153,8 +153,7 @@ def _wait(attempt, what: str, lock_dir: Path, poll_seconds: float, timeout_secon
 def _check_cuda_untouched() -> None:
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         raise RuntimeError(
-            "claim_gpu: CUDA is already initialized in this process; "
-            "claim the GPU before the first CUDA call"
+            "claim_gpu: CUDA is already initialized in this process; " "claim the GPU before the first CUDA call"
         )
 
 
@@ -284,8 +283,9 @@ def claim_gpu_share(
     if trials_per_gpu < 1:
         raise ValueError(f"claim_gpu_share: trials_per_gpu must be >= 1, got {trials_per_gpu}")
     if trials_per_gpu == 1 or under_slurm(environ) or not local_pool(environ):
-        with claim_gpu(1, lock_dir=lock_dir, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
-                       environ=environ) as device:
+        with claim_gpu(
+            1, lock_dir=lock_dir, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds, environ=environ
+        ) as device:
             yield GpuShare(device=device, slot=None, trials_per_gpu=1, trials_at_start=1)
         return
     _check_cuda_untouched()

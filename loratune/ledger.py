@@ -96,9 +96,7 @@ def read_metrics(path: str | os.PathLike) -> dict:
     try:
         metrics = json.loads(text)
     except json.JSONDecodeError as bad:
-        raise ValueError(
-            f"{path}: not valid JSON (line {bad.lineno}, column {bad.colno}: {bad.msg})"
-        ) from None
+        raise ValueError(f"{path}: not valid JSON (line {bad.lineno}, column {bad.colno}: {bad.msg})") from None
     if not isinstance(metrics, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
     return metrics
@@ -170,10 +168,7 @@ def build_history(
     if previous is not None:
         require_columns(previous, (*ID_COLUMNS, "status"), "previous history")
         if _param_columns(previous) != params:
-            raise ValueError(
-                f"previous history has parameters {_param_columns(previous)}, "
-                f"proposals have {params}"
-            )
+            raise ValueError(f"previous history has parameters {_param_columns(previous)}, " f"proposals have {params}")
 
     missing = [t for t in proposals["trial_id"] if t not in metrics_by_trial]
     if missing:
@@ -195,9 +190,7 @@ def build_history(
                 history[column] = previous[column]
     repeated = history.duplicated(["seed", "trial_id"], keep="first")
     if repeated.any():
-        raise ValueError(
-            f"trial(s) {list(history.loc[repeated, 'trial_id'])} appear twice in one history"
-        )
+        raise ValueError(f"trial(s) {list(history.loc[repeated, 'trial_id'])} appear twice in one history")
     return history[_order_columns(history.columns, params)]
 
 
@@ -224,10 +217,7 @@ def collect_trials(histories: Iterable[pd.DataFrame]) -> pd.DataFrame:
             if seed not in pilots:
                 pilots[seed], pilot_source[seed] = pilot, arm
             elif set(pilot["trial_id"]) != set(pilots[seed]["trial_id"]):
-                raise ValueError(
-                    f"seed {seed}: the pilot rows of {arm} differ from those of "
-                    f"{pilot_source[seed]}"
-                )
+                raise ValueError(f"seed {seed}: the pilot rows of {arm} differ from those of " f"{pilot_source[seed]}")
         parts.append(own)
     pilot_rows = [p.assign(arm=PILOT) for p in pilots.values()]
     trials = _settle_types(pd.concat([*pilot_rows, *parts], ignore_index=True))
@@ -255,9 +245,7 @@ def _gptune_time(timestamp: Any) -> dict[str, int] | None:
         try:
             moment = datetime.fromisoformat(str(timestamp))
         except ValueError:
-            raise ValueError(
-                f"timestamp {timestamp!r}: expected ISO 8601 text or seconds since the epoch"
-            ) from None
+            raise ValueError(f"timestamp {timestamp!r}: expected ISO 8601 text or seconds since the epoch") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
     fields = moment.astimezone(timezone.utc).timetuple()
@@ -313,9 +301,7 @@ def to_gptune_db(
                 }
                 for name, value in results.items()
             },
-            "additional_output": {
-                k: v for k, v in row.items() if k not in parameter_columns and k not in objectives
-            },
+            "additional_output": {k: v for k, v in row.items() if k not in parameter_columns and k not in objectives},
             "source": "measure",
             "uid": str(uuid.uuid5(_UID_NAMESPACE, f"seed{row['seed']}/trials/{row['trial_id']}")),
         }

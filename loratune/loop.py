@@ -49,9 +49,9 @@ def sample_pilot(study: Study, seed: int, output: str | Path, trials_dir: str | 
     from loratune import warm_start
 
     pilot = study.config["pilot"]
-    observed = warm_start.observations(study.config, study.space, study.objectives, seed) if study.config[
-        "warm_start"
-    ] else []
+    observed = (
+        warm_start.observations(study.config, study.space, study.objectives, seed) if study.config["warm_start"] else []
+    )
     if observed and trials_dir is None:
         raise ValueError("sample_pilot: warm-start observations need the trials folder to record them in")
     for record in observed:
@@ -66,7 +66,11 @@ def sample_pilot(study: Study, seed: int, output: str | Path, trials_dir: str | 
     frame = proposals_frame(study, [*observed, *new], seed, PILOT, 0)
     ledger.write_table(frame, output)
     log.info(
-        "pilot of seed %d: %d new trials (%s), %d warm-start observations", seed, len(new), pilot["design"], len(observed)
+        "pilot of seed %d: %d new trials (%s), %d warm-start observations",
+        seed,
+        len(new),
+        pilot["design"],
+        len(observed),
     )
     return frame
 
@@ -116,7 +120,12 @@ def propose_round(
     ledger.write_table(frame, output)
     log.info(
         "%s round %d of seed %d: %d proposals from %d trials of history in %.1f s",
-        arm_name, round_, seed, len(frame), len(history), time.perf_counter() - started,
+        arm_name,
+        round_,
+        seed,
+        len(frame),
+        len(history),
+        time.perf_counter() - started,
     )
     for point in points:
         log.info("  %s", study.space.describe(point))
@@ -230,7 +239,12 @@ def promote_rung(
     promoted = decided.loc[(decided["rung"] == rung) & decided["promoted"].astype(bool), "trial_id"]
     log.info(
         "%s rung %d (step %d): %d of %d trials go on: %s",
-        arm_name, rung, step, len(promoted), len(candidates), ", ".join(map(str, promoted)),
+        arm_name,
+        rung,
+        step,
+        len(promoted),
+        len(candidates),
+        ", ".join(map(str, promoted)),
     )
     return decided
 
@@ -270,7 +284,7 @@ def trial_metrics_path(results: Path, seed: Any, trial_id: str) -> Path | None:
     trial = results / f"seed{seed}" / "trials" / str(trial_id)
     if (trial / "metrics.json").is_file():
         return trial / "metrics.json"
-    rungs = sorted(trial.glob("step*/metrics.json"), key=lambda p: int(p.parent.name[len("step"):]))
+    rungs = sorted(trial.glob("step*/metrics.json"), key=lambda p: int(p.parent.name[len("step") :]))
     return rungs[-1] if rungs else None
 
 
@@ -357,16 +371,27 @@ def study_facts(study: Study, counts: Mapping[str, Any]) -> list[tuple[str, str]
         ("study", study.name),
         ("model", model),
         ("dataset", dataset),
-        ("objectives", ", ".join(f"{n} ({'minimized' if s == 'min' else 'maximized'})"
-                                 for n, s in study.objectives.items())),
+        (
+            "objectives",
+            ", ".join(f"{n} ({'minimized' if s == 'min' else 'maximized'})" for n, s in study.objectives.items()),
+        ),
         ("search space", space_summary(study.space)),
         ("pilot", f"{config['pilot']['n']} trials ({config['pilot']['design']}) per seed"),
         ("arms", "; ".join(arms)),
         ("seeds", ", ".join(map(str, study.seeds))),
-        ("trials", f"{counts['trials']} ran: {counts['ok']} ok, {counts['stopped']} stopped early, "
-                   f"{counts['failed']} failed"),
-        ("training time", f"{counts['train_seconds']:.0f} s ({minutes:.1f} min) over all trials"
-         if math.isfinite(counts["train_seconds"]) else "not recorded"),
+        (
+            "trials",
+            f"{counts['trials']} ran: {counts['ok']} ok, {counts['stopped']} stopped early, "
+            f"{counts['failed']} failed",
+        ),
+        (
+            "training time",
+            (
+                f"{counts['train_seconds']:.0f} s ({minutes:.1f} min) over all trials"
+                if math.isfinite(counts["train_seconds"])
+                else "not recorded"
+            ),
+        ),
     ]
 
 
@@ -392,8 +417,10 @@ def write_report(
     objectives, space = study.objectives, study.space
     results = Path(output).parent
     recommended = report.recommended_trials(trials, objectives)
-    adapters = [results / f"seed{seed}" / "trials" / str(trial) / "adapter"
-                for seed, trial in zip(recommended["seed"], recommended["trial_id"])]
+    adapters = [
+        results / f"seed{seed}" / "trials" / str(trial) / "adapter"
+        for seed, trial in zip(recommended["seed"], recommended["trial_id"])
+    ]
     recommended["adapter"] = [str(path) if path.is_dir() else "" for path in adapters]
     intro = plots.summary_html(study_facts(study, report.trial_counts(trials)), recommended, objectives, space)
     loss = report.first_loss_objective(objectives)
@@ -402,19 +429,33 @@ def write_report(
         ("Hypervolume against trials", plots.hypervolume_figure(curves)),
     ]
     if "train_seconds" in curves.columns:
-        sections.append(("Hypervolume against training time", plots.hypervolume_cost_figure(
-            report.hypervolume_cost_curves(curves, "train_seconds"), "train_seconds")))
+        sections.append(
+            (
+                "Hypervolume against training time",
+                plots.hypervolume_cost_figure(report.hypervolume_cost_curves(curves, "train_seconds"), "train_seconds"),
+            )
+        )
     sections += [
-        ("Each objective against each parameter", plots.slice_figure(
-            report.slice_data(trials, objectives, space), objectives, space)),
-        (f"{loss} over learning rate and alpha / rank", plots.contour_figure(
-            report.contour_data(trials, loss, space), loss)),
+        (
+            "Each objective against each parameter",
+            plots.slice_figure(report.slice_data(trials, objectives, space), objectives, space),
+        ),
+        (
+            f"{loss} over learning rate and alpha / rank",
+            plots.contour_figure(report.contour_data(trials, loss, space), loss),
+        ),
     ]
     if importance_path is not None:
         sections.append(("Hyperparameter importance", plots.importance_figure(ledger.read_table(importance_path))))
     if learning_curves_path is not None:
-        sections.append(("Learning curves", plots.learning_curves_figure(
-            report.learning_curve_data(ledger.read_table(learning_curves_path), trials, objectives))))
+        sections.append(
+            (
+                "Learning curves",
+                plots.learning_curves_figure(
+                    report.learning_curve_data(ledger.read_table(learning_curves_path), trials, objectives)
+                ),
+            )
+        )
     sections += [
         ("Trials per device over time", plots.timeline_figure(report.timeline_data(trials))),
         ("Pareto set of each arm", plots.pareto_set_figure(trials, objectives, space)),

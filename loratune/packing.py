@@ -20,11 +20,13 @@ shape: ``bench/throughput.py`` checks it, and a number in the config overrides i
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,9 +115,11 @@ def auto_trials_per_gpu(
     return limits[reason], reason
 
 
+@functools.cache
 def gpu_memory_gib(device: str) -> float | None:
     """Total memory of GPU ``device`` (an index or UUID) from ``nvidia-smi``, without touching
-    CUDA in this process (see ``loratune.devices``); None where it cannot say."""
+    CUDA in this process (see ``loratune.devices``); None where it cannot say. Asked once per
+    process: Snakemake's head asks it for every trial job it schedules (``gpu_job_share``)."""
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", device],
@@ -152,3 +156,65 @@ def resolve_trials_per_gpu(
     if shape is None:
         return 1, f"no model shape in {model_path!r}"
     return auto_trials_per_gpu(shape, tokens, quantization, gpu_gib, cpus)
+
+
+def study_trials_per_gpu(
+    config: Mapping, model_path: str | None, environ: Mapping[str, str] = os.environ
+) -> tuple[int, str]:
+    """How many trials of the study ``config`` may share one GPU of this machine, and why: what a
+    trial job claims (``loratune.trial``) and what Snakemake's head schedules for
+    (``gpu_job_share``), so both count the same slots."""
+    from loratune.devices import local_pool, under_slurm
+
+    if config["backend"] != "qlora" or config["resources"]["gpus_per_trial"] != 1:
+        return 1, "one trial per GPU: not one GPU per trial"
+    if under_slurm(environ):
+        return 1, "Slurm chose the GPU"
+    pool = local_pool(environ)
+    if not pool:
+        return 1, "no GPU"
+    memory = [gpu_memory_gib(device) for device in pool]
+    training = config["training"]
+    return resolve_trials_per_gpu(
+        config["resources"]["trials_per_gpu"],
+        model_path,
+        tokens=training["batch_size"] * training["max_seq_length"],
+        quantization=training["quantization"],
+        gpu_gib=None if None in memory else min(memory),
+        cpus=cpus_per_gpu(len(pool)),
+    )
+
+
+# The local machine's GPUs as one whole of SHARE_UNITS parts: the `gpu_share` resource that
+# profiles/local caps at SHARE_UNITS. Snakemake rounds a resource to an integer, so a job that may
+# run beside k - 1 others asks SHARE_UNITS // k; that lets exactly k run at once for any k with
+# k * (k + 1) < SHARE_UNITS.
+SHARE_UNITS = 1_000_000
+
+
+def gpu_job_share(
+    config: Mapping,
+    model_path: str | None,
+    exclusive: bool = False,
+    environ: Mapping[str, str] = os.environ,
+) -> int:
+    """The part of ``SHARE_UNITS`` a GPU job of the study asks of Snakemake's local scheduler, so
+    that the default profile runs as many GPU jobs at once as this machine's GPUs take: all of it
+    on a machine without GPUs (one trial at a time: it uses every core), one GPU's part per job
+    of ``gpus_per_trial`` GPUs, and a slot's part (1 / (GPUs x trials per GPU)) for a trial
+    that may share its GPU; nothing for a job without a GPU (benchmark trials) or inside a Slurm
+    job (Slurm rations the GPUs). ``exclusive``: a job that takes its GPU alone (evaluation).
+    ``model_path`` None (the model not prepared yet, as in a dry run) counts as one trial per GPU
+    for ``auto``; Snakemake asks again once the job's inputs exist."""
+    from loratune.devices import local_pool, under_slurm
+
+    gpus = config["resources"]["gpus_per_trial"] if config["backend"] == "qlora" else 0
+    if gpus == 0 or under_slurm(environ):
+        return 0
+    pool = local_pool(environ)
+    if not pool:
+        return SHARE_UNITS
+    at_once = max(1, len(pool) // gpus)
+    if gpus == 1 and not exclusive:
+        at_once *= study_trials_per_gpu(config, model_path, environ)[0]
+    return SHARE_UNITS // at_once

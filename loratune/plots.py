@@ -78,8 +78,7 @@ def _format_value(value: Any) -> str:
 def _check_objectives(objectives: Mapping[str, str], what: str, allowed: Sequence[int]) -> None:
     if len(objectives) not in allowed:
         raise ValueError(
-            f"{what}: needs {' or '.join(map(str, allowed))} objectives, "
-            f"got {len(objectives)} ({list(objectives)})"
+            f"{what}: needs {' or '.join(map(str, allowed))} objectives, " f"got {len(objectives)} ({list(objectives)})"
         )
 
 
@@ -98,9 +97,7 @@ def _hover_text(row: Mapping[str, Any], objectives: Mapping[str, str], space: Se
     return "<br>".join(lines)
 
 
-def _display_positions(
-    trials: pd.DataFrame, objectives: Mapping[str, str]
-) -> tuple[np.ndarray, np.ndarray]:
+def _display_positions(trials: pd.DataFrame, objectives: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """Where each trial is drawn, and which trials count as failed.
 
     A failed trial usually lacks some objective; it is drawn on the worst edge of what the
@@ -137,9 +134,7 @@ def _grid(n_panels: int) -> tuple[int, int]:
     return math.ceil(n_panels / cols), cols
 
 
-def pareto_figure(
-    trials: pd.DataFrame, objectives: Mapping[str, str], space: SearchSpace
-) -> go.Figure:
+def pareto_figure(trials: pd.DataFrame, objectives: Mapping[str, str], space: SearchSpace) -> go.Figure:
     """Every trial coloured by arm, with the Pareto fronts of the pilot and of pilot + each arm.
 
     ``trials`` is the study's tidy table (``ledger.collect_trials``). One panel per seed; two
@@ -219,29 +214,31 @@ def pareto_figure(
             if three_d:
                 x, y, z = (front[n].to_numpy(dtype=float) for n in names)
                 trace = go.Scatter3d(
-                    x=x, y=y, z=z, mode="markers",
-                    marker=dict(symbol="diamond-open", size=9, color=colors[arm]), **style,
+                    x=x,
+                    y=y,
+                    z=z,
+                    mode="markers",
+                    marker=dict(symbol="diamond-open", size=9, color=colors[arm]),
+                    **style,
                 )
             else:
                 trace = go.Scatter(
-                    x=front[names[0]], y=front[names[1]], mode="lines",
-                    line=dict(shape=step_shape, color=colors[arm], width=2,
-                              dash="dash" if arm == PILOT else "solid"),
+                    x=front[names[0]],
+                    y=front[names[1]],
+                    mode="lines",
+                    line=dict(shape=step_shape, color=colors[arm], width=2, dash="dash" if arm == PILOT else "solid"),
                     **style,
                 )
             fig.add_trace(trace, row=row, col=col)
 
     titles = [_axis_title(n, objectives[n]) for n in names]
     if three_d:
-        fig.update_scenes(
-            xaxis_title_text=titles[0], yaxis_title_text=titles[1], zaxis_title_text=titles[2]
-        )
+        fig.update_scenes(xaxis_title_text=titles[0], yaxis_title_text=titles[1], zaxis_title_text=titles[2])
     else:
         fig.update_xaxes(title_text=titles[0])
         fig.update_yaxes(title_text=titles[1])
     if failed.all():
-        fig.add_annotation(text="no trial succeeded", showarrow=False, xref="paper", yref="paper",
-                           x=0.5, y=0.5)
+        fig.add_annotation(text="no trial succeeded", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
     fig.update_layout(
         title="Trials and Pareto fronts",
         hovermode="closest",
@@ -281,11 +278,7 @@ def hypervolume_figure(curves: pd.DataFrame) -> go.Figure:
             per_arm = per_arm[per_arm["n_trials"] >= pilot_end]
         if per_arm.empty:
             continue
-        spread = (
-            per_arm.groupby("n_trials")["hypervolume"]
-            .agg(["median", "min", "max", "count"])
-            .reset_index()
-        )
+        spread = per_arm.groupby("n_trials")["hypervolume"].agg(["median", "min", "max", "count"]).reset_index()
         color = colors[arm]
         n = spread["n_trials"].to_numpy()
         fig.add_trace(
@@ -342,9 +335,7 @@ def hypervolume_figure(curves: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def pareto_set_figure(
-    trials: pd.DataFrame, objectives: Mapping[str, str], space: SearchSpace
-) -> go.Figure:
+def pareto_set_figure(trials: pd.DataFrame, objectives: Mapping[str, str], space: SearchSpace) -> go.Figure:
     """The Pareto set as a table: per seed, the front of all arms together, then the front of
     pilot + each arm (``pareto.arm_fronts``); a row's ``found by`` names the arm whose trial it is.
 
@@ -354,15 +345,30 @@ def pareto_set_figure(
     table = fronts[fronts["front"] != front_label(PILOT)].reset_index(drop=True)
 
     params = space.tunable_names
-    headers = ["seed", "front", "trial id", "found by", "round", *params,
-               *(_axis_title(n, objectives[n]) for n in objectives)]
-    columns = [table["seed"], table["front"], table["trial_id"], table["arm"], table["round"],
-               *(table[p] for p in params), *(table[n] for n in objectives)]
+    headers = [
+        "seed",
+        "front",
+        "trial id",
+        "found by",
+        "round",
+        *params,
+        *(_axis_title(n, objectives[n]) for n in objectives),
+    ]
+    columns = [
+        table["seed"],
+        table["front"],
+        table["trial_id"],
+        table["arm"],
+        table["round"],
+        *(table[p] for p in params),
+        *(table[n] for n in objectives),
+    ]
     cells = [[_format_value(v) for v in column.tolist()] for column in columns]
     fig = go.Figure(
         go.Table(
-            header=dict(values=[f"<b>{html.escape(h)}</b>" for h in headers], align="left",
-                        fill_color="#e8e8e8", height=30),
+            header=dict(
+                values=[f"<b>{html.escape(h)}</b>" for h in headers], align="left", fill_color="#e8e8e8", height=30
+            ),
             cells=dict(values=cells, align="left", height=26),
             # Relative widths: trial ids are the longest entries.
             columnwidth=[0.5, 1.3, 2.0, 0.9, 0.6, *[1.0] * len(params), *[1.2] * len(objectives)],
@@ -386,19 +392,24 @@ def hypervolume_cost_figure(cost_curves: pd.DataFrame, cost: str) -> go.Figure:
     for (arm, seed), rows in cost_curves.groupby(["arm", "seed"], sort=False):
         fig.add_trace(
             go.Scatter(
-                x=rows[cost], y=rows["hypervolume"], mode="lines+markers", name=arm, legendgroup=arm,
+                x=rows[cost],
+                y=rows["hypervolume"],
+                mode="lines+markers",
+                name=arm,
+                legendgroup=arm,
                 showlegend=arm not in seen,
                 line=dict(shape="hv", color=colors[arm], width=2, dash="dash" if arm == PILOT else "solid"),
                 marker=dict(size=4),
                 customdata=rows[["n_trials"]].to_numpy(),
-                hovertemplate=(f"{html.escape(str(arm))}, seed {seed}<br>%{{x:.4g}} {cost}"
-                               "<br>%{customdata[0]} trials, hypervolume %{y:.4g}<extra></extra>"),
+                hovertemplate=(
+                    f"{html.escape(str(arm))}, seed {seed}<br>%{{x:.4g}} {cost}"
+                    "<br>%{customdata[0]} trials, hypervolume %{y:.4g}<extra></extra>"
+                ),
             )
         )
         seen.add(arm)
     if cost_curves.empty:
-        fig.add_annotation(text=f"no trial recorded {cost}", showarrow=False, xref="paper", yref="paper",
-                           x=0.5, y=0.5)
+        fig.add_annotation(text=f"no trial recorded {cost}", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
     label = "training seconds" if cost == "train_seconds" else "training steps"
     fig.update_layout(
         title=f"Hypervolume against cumulative {label} (every trial, stopped and failed included)",
@@ -446,8 +457,14 @@ def slice_figure(slices: pd.DataFrame, objectives: Mapping[str, str], space: Sea
     a stopped trial is an open circle (its value was measured after fewer steps). ``slices`` is
     ``report.slice_data``'s table."""
     names, params = list(objectives), space.tunable_names
-    fig = make_subplots(rows=len(names), cols=len(params), shared_yaxes=True, shared_xaxes=True,
-                        horizontal_spacing=0.03, vertical_spacing=0.06)
+    fig = make_subplots(
+        rows=len(names),
+        cols=len(params),
+        shared_yaxes=True,
+        shared_xaxes=True,
+        horizontal_spacing=0.03,
+        vertical_spacing=0.06,
+    )
     colors = _arm_colors(arms_in_order(slices["arm"]) if len(slices) else [])
     seen = set()
     for row, objective in enumerate(names, start=1):
@@ -457,15 +474,23 @@ def slice_figure(slices: pd.DataFrame, objectives: Mapping[str, str], space: Sea
                 stopped = (per_arm["status"] != "ok").to_numpy()
                 fig.add_trace(
                     go.Scatter(
-                        x=per_arm["value"], y=per_arm["objective_value"], mode="markers", name=arm,
-                        legendgroup=arm, showlegend=arm not in seen,
-                        marker=dict(color=colors[arm], size=7, opacity=0.8,
-                                    symbol=np.where(stopped, "circle-open", "circle")),
-                        text=[f"{html.escape(str(t))}<br>seed {s}, {html.escape(str(st))}"
-                              for t, s, st in zip(per_arm["trial_id"], per_arm["seed"], per_arm["status"])],
+                        x=per_arm["value"],
+                        y=per_arm["objective_value"],
+                        mode="markers",
+                        name=arm,
+                        legendgroup=arm,
+                        showlegend=arm not in seen,
+                        marker=dict(
+                            color=colors[arm], size=7, opacity=0.8, symbol=np.where(stopped, "circle-open", "circle")
+                        ),
+                        text=[
+                            f"{html.escape(str(t))}<br>seed {s}, {html.escape(str(st))}"
+                            for t, s, st in zip(per_arm["trial_id"], per_arm["seed"], per_arm["status"])
+                        ],
                         hovertemplate=f"%{{text}}<br>{name} %{{x}}<br>{objective} %{{y:.5g}}<extra></extra>",
                     ),
-                    row=row, col=col,
+                    row=row,
+                    col=col,
                 )
                 seen.add(arm)
             if row == len(names):
@@ -473,11 +498,16 @@ def slice_figure(slices: pd.DataFrame, objectives: Mapping[str, str], space: Sea
             else:
                 fig.update_xaxes(type="log" if _log_axis(space[name]) else None, row=row, col=col)
         values = slices.loc[slices["objective"] == objective, "objective_value"]
-        fig.update_yaxes(title_text=_axis_title(objective, objectives[objective]), range=_robust_range(values)[0],
-                         row=row, col=1)
-    fig.update_layout(title="Each objective against each parameter (open circles: stopped early; "
-                            f"axes stop at the {PERCENTILE} percentile, double-click to see all)",
-                      height=320 * len(names) + 80, template="plotly_white", legend_title_text="arm")
+        fig.update_yaxes(
+            title_text=_axis_title(objective, objectives[objective]), range=_robust_range(values)[0], row=row, col=1
+        )
+    fig.update_layout(
+        title="Each objective against each parameter (open circles: stopped early; "
+        f"axes stop at the {PERCENTILE} percentile, double-click to see all)",
+        height=320 * len(names) + 80,
+        template="plotly_white",
+        legend_title_text="arm",
+    )
     return fig
 
 
@@ -486,39 +516,72 @@ def contour_figure(contour: Mapping[str, Any] | None, objective: str) -> go.Figu
     the trials as dots and dotted lines of equal lr * alpha / rank (the update's size)."""
     fig = go.Figure()
     if contour is None:
-        fig.add_annotation(text="needs learning_rate, lora_alpha and lora_rank and three ok trials",
-                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+        fig.add_annotation(
+            text="needs learning_rate, lora_alpha and lora_rank and three ok trials",
+            showarrow=False,
+            xref="paper",
+            yref="paper",
+            x=0.5,
+            y=0.5,
+        )
         fig.update_layout(title=f"{objective} over learning rate and alpha / rank", template="plotly_white")
         return fig
     x, y = contour["x"], contour["y"]
     colour_range, capped = _robust_range(contour["points"]["value"])
     colours = dict(zmin=float(np.nanmin(contour["z"])), zmax=colour_range[1]) if capped else {}
-    fig.add_trace(go.Contour(x=x, y=y, z=contour["z"], colorscale="Viridis", ncontours=24, **colours,
-                             colorbar=dict(title=dict(text=objective)), connectgaps=False,
-                             hovertemplate=f"log10 lr %{{x:.2f}}<br>log2 α/r %{{y:.2f}}<br>{objective} %{{z:.4g}}"
-                                           "<extra>interpolated</extra>"))
+    fig.add_trace(
+        go.Contour(
+            x=x,
+            y=y,
+            z=contour["z"],
+            colorscale="Viridis",
+            ncontours=24,
+            **colours,
+            colorbar=dict(title=dict(text=objective)),
+            connectgaps=False,
+            hovertemplate=f"log10 lr %{{x:.2f}}<br>log2 α/r %{{y:.2f}}<br>{objective} %{{z:.4g}}"
+            "<extra>interpolated</extra>",
+        )
+    )
     points = contour["points"]
-    fig.add_trace(go.Scatter(
-        x=points["x"], y=points["y"], mode="markers", name="trials",
-        marker=dict(color="white", size=7, line=dict(color="black", width=1)),
-        text=[f"{html.escape(str(t))} (seed {s}, {html.escape(str(a))})"
-              for t, s, a in zip(points["trial_id"], points["seed"], points["arm"])],
-        customdata=points[["value"]].to_numpy(),
-        hovertemplate=f"%{{text}}<br>{objective} %{{customdata[0]:.5g}}<extra></extra>",
-    ))
+    fig.add_trace(
+        go.Scatter(
+            x=points["x"],
+            y=points["y"],
+            mode="markers",
+            name="trials",
+            marker=dict(color="white", size=7, line=dict(color="black", width=1)),
+            text=[
+                f"{html.escape(str(t))} (seed {s}, {html.escape(str(a))})"
+                for t, s, a in zip(points["trial_id"], points["seed"], points["arm"])
+            ],
+            customdata=points[["value"]].to_numpy(),
+            hovertemplate=f"%{{text}}<br>{objective} %{{customdata[0]:.5g}}<extra></extra>",
+        )
+    )
     # log10(lr * alpha / rank) = x + y * log10(2): constant along lines of slope -1 / log10(2).
     scale = x[None, :] + y[:, None] * math.log10(2)
     for level in range(math.ceil(scale.min()), math.floor(scale.max()) + 1):
         line_y = (level - x) / math.log10(2)
         inside = (line_y >= y.min()) & (line_y <= y.max())
-        fig.add_trace(go.Scatter(x=x[inside], y=line_y[inside], mode="lines", showlegend=False,
-                                 line=dict(color="rgba(255,255,255,0.6)", dash="dot", width=1),
-                                 hovertemplate=f"lr·α/r = 1e{level}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=x[inside],
+                y=line_y[inside],
+                mode="lines",
+                showlegend=False,
+                line=dict(color="rgba(255,255,255,0.6)", dash="dot", width=1),
+                hovertemplate=f"lr·α/r = 1e{level}<extra></extra>",
+            )
+        )
     fig.update_layout(
         title=f"{objective} over learning rate × alpha / rank (dotted: equal lr·α/r"
-              + (f"; colours stop at the {PERCENTILE} percentile)" if capped else ")"),
-        xaxis_title="log10 learning rate", yaxis_title="log2(alpha / rank)",
-        template="plotly_white", height=560, showlegend=False,
+        + (f"; colours stop at the {PERCENTILE} percentile)" if capped else ")"),
+        xaxis_title="log10 learning rate",
+        yaxis_title="log2(alpha / rank)",
+        template="plotly_white",
+        height=560,
+        showlegend=False,
     )
     return fig
 
@@ -527,29 +590,54 @@ def importance_figure(importance: pd.DataFrame) -> go.Figure:
     """Per objective, the fANOVA importance of each tuned parameter (``importance.tsv``) and,
     beside it, the shares of the fit that adds log(lr·α/r)."""
     objectives = list(pd.unique(importance["objective"]))
-    fig = make_subplots(rows=1, cols=max(len(objectives), 1), subplot_titles=objectives, shared_yaxes=False,
-                        horizontal_spacing=0.12)
+    fig = make_subplots(
+        rows=1, cols=max(len(objectives), 1), subplot_titles=objectives, shared_yaxes=False, horizontal_spacing=0.12
+    )
     with_scale = importance["importance_with_update_scale"].notna().any()
     for col, objective in enumerate(objectives, start=1):
         rows = importance[importance["objective"] == objective]
         rows = rows.assign(order=rows["importance"].fillna(-1)).sort_values("order")
-        fig.add_trace(go.Bar(x=rows["importance"], y=rows["parameter"], orientation="h", name="tuned parameters",
-                             legendgroup="plain", showlegend=col == 1, marker_color=ARM_COLORS[0],
-                             customdata=rows[["n_trials"]].to_numpy(),
-                             hovertemplate="%{y}: %{x:.3f} (%{customdata[0]} trials)<extra></extra>"),
-                      row=1, col=col)
+        fig.add_trace(
+            go.Bar(
+                x=rows["importance"],
+                y=rows["parameter"],
+                orientation="h",
+                name="tuned parameters",
+                legendgroup="plain",
+                showlegend=col == 1,
+                marker_color=ARM_COLORS[0],
+                customdata=rows[["n_trials"]].to_numpy(),
+                hovertemplate="%{y}: %{x:.3f} (%{customdata[0]} trials)<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
         if with_scale:
-            fig.add_trace(go.Bar(x=rows["importance_with_update_scale"], y=rows["parameter"], orientation="h",
-                                 name="with log(lr·α/r) added", legendgroup="scale", showlegend=col == 1,
-                                 marker_color=ARM_COLORS[1],
-                                 hovertemplate="%{y}: %{x:.3f} with the update scale<extra></extra>"),
-                          row=1, col=col)
+            fig.add_trace(
+                go.Bar(
+                    x=rows["importance_with_update_scale"],
+                    y=rows["parameter"],
+                    orientation="h",
+                    name="with log(lr·α/r) added",
+                    legendgroup="scale",
+                    showlegend=col == 1,
+                    marker_color=ARM_COLORS[1],
+                    hovertemplate="%{y}: %{x:.3f} with the update scale<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
         fig.update_xaxes(title_text="fANOVA importance (share of variance)", range=[0, 1], row=1, col=col)
     if not objectives or importance["importance"].isna().all():
-        fig.add_annotation(text="too few ok trials to estimate importance", showarrow=False, xref="paper",
-                           yref="paper", x=0.5, y=0.5)
-    fig.update_layout(title="Hyperparameter importance (fANOVA over the ok trials)", barmode="group",
-                      template="plotly_white", height=140 + 60 * importance["parameter"].nunique())
+        fig.add_annotation(
+            text="too few ok trials to estimate importance", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5
+        )
+    fig.update_layout(
+        title="Hyperparameter importance (fANOVA over the ok trials)",
+        barmode="group",
+        template="plotly_white",
+        height=140 + 60 * importance["parameter"].nunique(),
+    )
     return fig
 
 
@@ -557,8 +645,9 @@ def learning_curves_figure(curves: pd.DataFrame) -> go.Figure:
     """Held-out and training loss against step of every trial with a recorded curve
     (``report.learning_curve_data``): coloured by arm, Pareto-set trials drawn bold, stopped
     trials dotted, failed ones grey."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["held-out loss (eval_loss)", "training loss"],
-                        horizontal_spacing=0.08)
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=["held-out loss (eval_loss)", "training loss"], horizontal_spacing=0.08
+    )
     colors = _arm_colors(arms_in_order(curves["arm"]) if len(curves) else [])
     seen = set()
     order = {arm: index for index, arm in enumerate(colors)}
@@ -570,23 +659,39 @@ def learning_curves_figure(curves: pd.DataFrame) -> go.Figure:
         label = f"{html.escape(str(trial_id))} (seed {seed}, {html.escape(str(arm))}, {html.escape(str(status))}"
         label += ", Pareto set)" if on_front else ")"
         for col, metric in enumerate(["eval_loss", "train_loss"], start=1):
-            fig.add_trace(go.Scatter(
-                x=rows["step"], y=rows[metric], mode="lines+markers", name=arm, legendgroup=arm,
-                showlegend=col == 1 and arm not in seen, line=style, marker=dict(size=4, color=color),
-                opacity=0.95 if on_front else 0.55,
-                hovertemplate=f"{label}<br>step %{{x}}: {metric} %{{y:.4f}}<extra></extra>",
-            ), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["step"],
+                    y=rows[metric],
+                    mode="lines+markers",
+                    name=arm,
+                    legendgroup=arm,
+                    showlegend=col == 1 and arm not in seen,
+                    line=style,
+                    marker=dict(size=4, color=color),
+                    opacity=0.95 if on_front else 0.55,
+                    hovertemplate=f"{label}<br>step %{{x}}: {metric} %{{y:.4f}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
         seen.add(arm)
     if curves.empty:
-        fig.add_annotation(text="no trial recorded a learning curve", showarrow=False, xref="paper", yref="paper",
-                           x=0.5, y=0.5)
+        fig.add_annotation(
+            text="no trial recorded a learning curve", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5
+        )
     fig.update_xaxes(title_text="step")
     for col, metric in enumerate(["eval_loss", "train_loss"], start=1):
         fig.update_yaxes(range=_robust_range(curves[metric])[0], row=1, col=col)
     fig.update_yaxes(title_text="loss", col=1)
-    fig.update_layout(title="Learning curves (bold: Pareto set; dotted: stopped early; "
-                            f"axes stop at the {PERCENTILE} percentile, double-click to see all)", template="plotly_white",
-                      height=480, legend_title_text="arm", hovermode="closest")
+    fig.update_layout(
+        title="Learning curves (bold: Pareto set; dotted: stopped early; "
+        f"axes stop at the {PERCENTILE} percentile, double-click to see all)",
+        template="plotly_white",
+        height=480,
+        legend_title_text="arm",
+        hovermode="closest",
+    )
     return fig
 
 
@@ -601,23 +706,43 @@ def timeline_figure(timeline: pd.DataFrame) -> go.Figure:
     colors = _arm_colors(arms_in_order(timeline["arm"]) if len(timeline) else [])
     for arm, rows in timeline.groupby("arm", sort=False):
         duration = (rows["finish"] - rows["start"]).dt.total_seconds()
-        fig.add_trace(go.Bar(
-            base=rows["start"].map(lambda t: t.isoformat()), x=np.maximum(duration * 1000, MIN_BAR_MS),
-            y=rows["lane"], orientation="h", name=arm,
-            marker_color=[colors[arm] if s != "failed" else FAILED_COLOR for s in rows["status"]],
-            text=rows["trial_id"], textposition="inside", insidetextanchor="start",
-            customdata=np.stack([duration, rows["status"], rows["seed"]], axis=1),
-            hovertemplate=("%{text}<br>seed %{customdata[2]}, %{customdata[1]}<br>%{base} + %{customdata[0]:.0f} s"
-                           "<extra>%{y}</extra>"),
-        ))
+        fig.add_trace(
+            go.Bar(
+                base=rows["start"].map(lambda t: t.isoformat()),
+                x=np.maximum(duration * 1000, MIN_BAR_MS),
+                y=rows["lane"],
+                orientation="h",
+                name=arm,
+                marker_color=[colors[arm] if s != "failed" else FAILED_COLOR for s in rows["status"]],
+                text=rows["trial_id"],
+                textposition="inside",
+                insidetextanchor="start",
+                customdata=np.stack([duration, rows["status"], rows["seed"]], axis=1),
+                hovertemplate=(
+                    "%{text}<br>seed %{customdata[2]}, %{customdata[1]}<br>%{base} + %{customdata[0]:.0f} s"
+                    "<extra>%{y}</extra>"
+                ),
+            )
+        )
     if timeline.empty:
-        fig.add_annotation(text="no trial recorded started_at and finished_at", showarrow=False, xref="paper",
-                           yref="paper", x=0.5, y=0.5)
+        fig.add_annotation(
+            text="no trial recorded started_at and finished_at",
+            showarrow=False,
+            xref="paper",
+            yref="paper",
+            x=0.5,
+            y=0.5,
+        )
     lanes = timeline["lane"].nunique() if len(timeline) else 1
     fig.update_xaxes(type="date", title_text="time (UTC)")
     fig.update_yaxes(autorange="reversed", title_text="device")
-    fig.update_layout(title="Trials per device over time", barmode="overlay", template="plotly_white",
-                      height=max(300, 160 + 34 * lanes), legend_title_text="arm")
+    fig.update_layout(
+        title="Trials per device over time",
+        barmode="overlay",
+        template="plotly_white",
+        height=max(300, 160 + 34 * lanes),
+        legend_title_text="arm",
+    )
     return fig
 
 
@@ -644,7 +769,7 @@ def summary_html(
     """The top of the report: the study's facts (label, value) and the recommended trials
     (``report.recommended_trials`` with an ``adapter`` column: a path, or empty where no
     adapter was kept), the knee point of each seed marked."""
-    parts = ["<dl class=\"facts\">"]
+    parts = ['<dl class="facts">']
     for label, value in facts:
         parts.append(f"<dt>{html.escape(label)}</dt><dd>{html.escape(value)}</dd>")
     parts.append("</dl>")
@@ -658,21 +783,31 @@ def summary_html(
         "to its worst (1) value over the study: the balanced choice.</p>"
     )
     params = space.tunable_names
-    headers = ["", "seed", "trial id", "found by", *params, *(_axis_title(n, s) for n, s in objectives.items()),
-               "distance to ideal", "adapter"]
+    headers = [
+        "",
+        "seed",
+        "trial id",
+        "found by",
+        *params,
+        *(_axis_title(n, s) for n, s in objectives.items()),
+        "distance to ideal",
+        "adapter",
+    ]
     rows = []
     for record in recommended.to_dict("records"):
         adapter = record.get("adapter")
-        rows.append([
-            "★ knee" if record["knee"] else "",
-            html.escape(_format_value(record["seed"])),
-            f"<code>{html.escape(str(record['trial_id']))}</code>",
-            html.escape(str(record["arm"])),
-            *(html.escape(_format_value(record[p])) for p in params),
-            *(html.escape(_format_value(record[n])) for n in objectives),
-            f"{record['distance']:.3f}",
-            f"<code>{html.escape(adapter)}</code>" if isinstance(adapter, str) and adapter else "not kept",
-        ])
+        rows.append(
+            [
+                "★ knee" if record["knee"] else "",
+                html.escape(_format_value(record["seed"])),
+                f"<code>{html.escape(str(record['trial_id']))}</code>",
+                html.escape(str(record["arm"])),
+                *(html.escape(_format_value(record[p])) for p in params),
+                *(html.escape(_format_value(record[n])) for n in objectives),
+                f"{record['distance']:.3f}",
+                f"<code>{html.escape(adapter)}</code>" if isinstance(adapter, str) and adapter else "not kept",
+            ]
+        )
     parts.append(_html_table(headers, rows, list(recommended["knee"])))
     return Html("".join(parts))
 

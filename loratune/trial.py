@@ -188,31 +188,6 @@ def _evaluate_qlora(
     )
 
 
-def _gpu_plan(study: Study, model_path: str | None) -> tuple[int, str]:
-    """How many trials may share this trial's GPU (``resources.trials_per_gpu``), and why."""
-    from loratune import packing
-    from loratune.devices import local_pool, under_slurm
-
-    setting = study.config["resources"]["trials_per_gpu"]
-    if study.config["backend"] != "qlora" or study.config["resources"]["gpus_per_trial"] != 1:
-        return 1, "one trial per GPU: not one GPU per trial"
-    if under_slurm():
-        return 1, "Slurm chose the GPU"
-    pool = local_pool()
-    if not pool:
-        return 1, "no GPU"
-    memory = [packing.gpu_memory_gib(device) for device in pool]
-    training = study.config["training"]
-    return packing.resolve_trials_per_gpu(
-        setting,
-        model_path,
-        tokens=training["batch_size"] * training["max_seq_length"],
-        quantization=training["quantization"],
-        gpu_gib=None if None in memory else min(memory),
-        cpus=packing.cpus_per_gpu(len(pool)),
-    )
-
-
 def _budget_share(study: Study, share) -> float | None:
     """The fused path's memory budget of a trial on a shared GPU: its share of the GPU (None:
     alone, the planner's default of 90% of the GPU)."""
@@ -235,10 +210,41 @@ def _worker_slot(study: Study, share) -> str | None:
         return None
     if setting == "auto" and (share.device is None or under_slurm()):
         return None
-    name = "cpu" if share.device is None else f"gpu{share.device}"
-    if share.slot is not None:
-        name += f".slot{share.slot}"
+    name = _worker_slot_name(share.device, share.slot)
     return f"{name}.job{os.environ['SLURM_JOB_ID']}" if under_slurm() else name
+
+
+def _lone_slot(device: str) -> str:
+    return f"gpu{device}"
+
+
+def _worker_slot_name(device: str | None, slot: int | None) -> str:
+    name = "cpu" if device is None else _lone_slot(device)
+    return name if slot is None else f"{name}.slot{slot}"
+
+
+def retire_workers_in_the_way(
+    device: str | None, slot: int | None, own_slot: str | None, lock_dir: Path | None = None
+) -> list[int]:
+    """Before a trial trains on the local GPU ``device`` it just claimed (``slot``: its slot there,
+    None: the GPU to itself), end the idle trial workers that hold memory there and that it will
+    not use (``worker.retire_workers``; their pids). A trial alone on the GPU ends every other
+    worker of the GPU; a sharing trial the GPU's lone-trial worker and another worker of its own
+    slot (an older loratune's). The claim makes them idle: a lone trial's claim excludes every
+    sharer of the GPU, a sharer's every lone trial and its slot's other holders."""
+    from loratune.devices import default_lock_dir, under_slurm
+    from loratune.training.worker import retire_workers, socket_path_for
+
+    if device is None or under_slurm():
+        return []
+    lock_dir = lock_dir if lock_dir is not None else default_lock_dir()
+    lone, mine = _lone_slot(device), _worker_slot_name(device, slot)
+
+    def in_the_way(name: str) -> bool:
+        return name == lone or (name.startswith(f"{lone}.slot") if slot is None else name == mine)
+
+    keep = socket_path_for(own_slot, lock_dir) if own_slot is not None else None
+    return retire_workers(lock_dir, in_the_way, keep=keep)
 
 
 def keep_rung_adapter(adapter: Path, target: Path) -> None:
@@ -340,20 +346,26 @@ def _train_and_record(
     log_path: str | Path | None,
 ) -> dict:
     from loratune.devices import claim_gpu, claim_gpu_share
+    from loratune.packing import study_trials_per_gpu
     from loratune.training.worker import TrialRaised, WorkerDied
 
     hparams = study.space.parse_trial_id(trial_id)
     started_at, started = _now(), time.perf_counter()
     deadline = _deadline(runtime_minutes, time.time())
     gpus = study.config["resources"]["gpus_per_trial"] if study.config["backend"] == "qlora" else 0
-    trials_per_gpu, why = _gpu_plan(study, model_path)
+    trials_per_gpu, why = study_trials_per_gpu(study.config, model_path)
     claim = claim_gpu_share(trials_per_gpu) if gpus == 1 else claim_gpu(gpus)
     with claim as share:
         device = share.device if gpus == 1 else share
-        sharing = {}
+        sharing, worker_slot = {}, None
         if gpus == 1:
             sharing = {"trials_per_gpu": share.trials_per_gpu, "gpu_trials_at_start": share.trials_at_start}
             log.info("up to %d trial(s) per GPU (%s); %d on this one now", trials_per_gpu, why, share.trials_at_start)
+            worker_slot = _worker_slot(study, share)
+            retire_workers_in_the_way(share.device, share.slot, worker_slot)
+        else:
+            for one in (device or "").split(","):
+                retire_workers_in_the_way(one or None, None, None)
         log.info("trial %s (seed %d) on %s: %s", trial_id, seed, device or "cpu", study.space.describe(hparams))
         try:
             if study.config["backend"] == "benchmark":
@@ -369,7 +381,7 @@ def _train_and_record(
                     deadline,
                     until_step,
                     memory_budget_gib=_budget_share(study, share) if gpus == 1 else None,
-                    worker_slot=_worker_slot(study, share) if gpus == 1 else None,
+                    worker_slot=worker_slot,
                     log_path=log_path,
                 )
         except WorkerDied:

@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ from loratune.config import ARM_NAME_PATTERN, ConfigError, validate_config
 from loratune.ledger import PILOT, proposed_trial_ids, read_table
 from loratune.loop import rung_candidates
 from loratune import devices, study_state
+from loratune.packing import gpu_job_share
 
 # Switches of one run, not part of the study (given as --config recompute=true, retry_failed=...).
 RECOMPUTE = str(config.pop("recompute", False)).lower() in ("true", "yes", "1")
@@ -113,6 +115,23 @@ TRIAL_THREADS = devices.trial_threads(config)
 
 def get_trial_threads(wildcards):
     return TRIAL_THREADS
+
+
+def get_prepared_model_path(input):
+    """The prepared model's folder, or None before prepare_model has run (a dry run)."""
+    if "model" not in input.keys() or not Path(input.model).is_file():
+        return None
+    return json.loads(Path(input.model).read_text())["path"]
+
+
+def get_trial_gpu_share(wildcards, input):
+    """The trial job's part of this machine's GPUs (`gpu_share`, capped by profiles/local)."""
+    return gpu_job_share(config, get_prepared_model_path(input))
+
+
+def get_exclusive_gpu_share(wildcards, input):
+    """A GPU job that takes its GPU alone (evaluate_trial): one GPU's part of `gpu_share`."""
+    return gpu_job_share(config, None, exclusive=True)
 
 
 def get_final_histories(wildcards=None):

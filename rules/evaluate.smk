@@ -15,6 +15,7 @@ rule evaluate_trial:
     threads: get_trial_threads
     resources:
         gpu=get_trial_gpus,
+        gpu_share=get_exclusive_gpu_share,
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime"],
         cpus_per_task=config["resources"]["cpus_per_trial"],

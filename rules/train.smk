@@ -10,6 +10,7 @@ rule train_trial:
     threads: get_trial_threads
     resources:
         gpu=get_trial_gpus,
+        gpu_share=get_trial_gpu_share,
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime"],
         cpus_per_task=config["resources"]["cpus_per_trial"],

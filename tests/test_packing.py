@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
+import yaml
 
+from bench.shapes import LLAMA3, SHAPES
 from loratune import packing
 
 # The shapes of the issue's measurement (issue 17): SmolLM2-135M, a Llama-3.2-1B and a Llama-3-8B shape.
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+LLAMA_1B = {**SHAPES["llama3-1b"], "vocab_size": LLAMA3["vocab_size"]}
+LLAMA_8B = {**SHAPES["llama3-8b"], "vocab_size": LLAMA3["vocab_size"]}
 H200_GIB = 139.8
 
 
@@ -55,3 +56,84 @@ def test_parameters_come_from_the_safetensors_headers(tmp_path):
                          "__metadata__": {"format": "pt"}}).encode()
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(400))
     assert packing.model_shape(folder).params == 200
+
+
+# ---- how many GPU jobs Snakemake's head runs at once (the `gpu_share` resource) ------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def study(trials_per_gpu="auto", gpus_per_trial=1, backend="qlora"):
+    training = {"batch_size": 8, "max_seq_length": 512, "quantization": "nf4"}
+    return {"backend": backend, "training": training,
+            "resources": {"gpus_per_trial": gpus_per_trial, "trials_per_gpu": trials_per_gpu}}
+
+
+def jobs_at_once(share: int) -> int:
+    """What the local scheduler does with the profile's cap: as many jobs as fit in it."""
+    return packing.SHARE_UNITS // share if share else float("inf")
+
+
+@pytest.mark.parametrize(
+    "gpus, config, exclusive, expected",
+    [
+        ("0", study(3), False, 1),  # no GPU: one trial at a time (it uses every core), as before
+        ("1", study(1), False, 1),  # one trial per GPU: today's behaviour
+        ("2", study(1), False, 2),
+        ("2", study(3), False, 6),  # 3 slots on each of 2 GPUs
+        ("8", study(8), False, 64),
+        ("3", study(7), False, 21),
+        ("2", study("auto"), False, 2),  # fake GPUs: their size unknown, so auto keeps one per GPU
+        ("4", study(8, gpus_per_trial=2), False, 2),  # two GPUs per trial: 4 GPUs take two
+        ("2", study(8), True, 2),  # an evaluation takes its GPU alone
+        ("0", study(8), True, 1),
+    ],
+)
+def test_the_default_profile_runs_as_many_gpu_jobs_as_the_gpus_take(gpus, config, exclusive, expected):
+    share = packing.gpu_job_share(config, None, exclusive=exclusive, environ={"LORATUNE_GPUS": gpus})
+    assert jobs_at_once(share) == expected
+
+
+def test_jobs_without_a_gpu_and_slurm_jobs_ask_no_share():
+    assert packing.gpu_job_share(study(backend="benchmark"), None, environ={"LORATUNE_GPUS": "2"}) == 0
+    assert packing.gpu_job_share(study(gpus_per_trial=0), None, environ={"LORATUNE_GPUS": "2"}) == 0
+    slurm = {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "0", "LORATUNE_GPUS": "2"}
+    assert packing.gpu_job_share(study(3), None, environ=slurm) == 0
+
+
+def test_the_share_follows_the_model_once_it_is_prepared(tmp_path, monkeypatch):
+    """`auto` with the prepared model: what the trial job will claim (study_trials_per_gpu)."""
+    monkeypatch.setattr(packing, "gpu_memory_gib", lambda device: H200_GIB)  # no nvidia-smi here
+    monkeypatch.setattr(packing, "cpus_per_gpu", lambda n_gpus: 16)
+    smol, big = model_folder(tmp_path, SMOLLM2), model_folder(tmp_path, LLAMA_8B, "8b")
+    env = {"LORATUNE_GPUS": "2"}
+    assert packing.study_trials_per_gpu(study(), smol, env)[0] == 8
+    assert jobs_at_once(packing.gpu_job_share(study(), smol, environ=env)) == 16
+    assert jobs_at_once(packing.gpu_job_share(study(), big, environ=env)) == 2
+
+
+def test_the_local_profile_caps_the_share_at_share_units():
+    profile = yaml.safe_load((REPO / "profiles" / "local" / "config.yaml").read_text())
+    assert profile["resources"] == [f"gpu_share={packing.SHARE_UNITS}"]
+
+
+@pytest.mark.slow
+def test_a_dry_run_gives_trial_jobs_their_slot_of_the_fake_gpus(tmp_path, monkeypatch):
+    """The real DAG: after the pilot, `snakemake -n` on a machine of 2 (fake) GPUs with 3 trials
+    per GPU gives each train_trial job a sixth of the GPUs, and the whole without GPUs."""
+    from conftest import load_test_config, run_workflow, write_config
+    from tiny_models import build_tiny_llama
+
+    config = load_test_config("tiny_qlora.yaml")
+    config["model"]["name"] = str(build_tiny_llama(tmp_path / "tiny-llama"))
+    rows = [{"instruction": f"Repeat the word number {i}.", "input": "", "output": f"word {i}"} for i in range(24)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config["dataset"]["path"] = str(tmp_path / "data.jsonl")
+    config["resources"] = {"gpus_per_trial": 1, "trials_per_gpu": 3}
+    configfile = write_config(tmp_path / "config.yaml", config)
+    run_workflow(tmp_path, configfile, "results/tiny-qlora/seed0/pilot/round0/proposals.tsv")
+    for gpus, share in (("2", packing.SHARE_UNITS // 6), ("0", packing.SHARE_UNITS)):
+        monkeypatch.setenv("LORATUNE_GPUS", gpus)
+        dry = run_workflow(tmp_path, configfile, "-n")
+        trial_jobs = [job for job in dry.stdout.split("rule ")[1:] if job.startswith("train_trial:")]
+        assert len(trial_jobs) == config["pilot"]["n"]
+        assert all(f"gpu_share={share}," in job for job in trial_jobs), trial_jobs[0]

@@ -111,3 +111,83 @@ def test_a_base_model_reused_in_process_gives_the_same_trials(tiny_model, data_d
         reused = run_trial(hparams, settings, tiny_model, data_dir, tmp_path / f"r{i}", seed=3, base_models=cache)
         same(reused, lone(hparams, settings, tiny_model, data_dir, tmp_path / f"l{i}"))
     assert cache.loads == 2  # the failed trial's model was dropped
+
+
+KEY = "from loratune.training.worker import worker_key; print(worker_key('gpu0.slot1'))"
+
+
+def test_an_edited_loratune_never_reaches_a_worker_of_the_old_code(tmp_path):
+    """The worker key covers the contents of loratune's files: a job that runs an edited copy
+    asks for another worker than one running the copy before the edit."""
+    import shutil
+    import subprocess
+    import sys
+
+    import loratune
+
+    copy = tmp_path / "checkout"
+    shutil.copytree(Path(loratune.__file__).parent, copy / "loratune", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(copy)}
+
+    def key() -> str:
+        run = subprocess.run([sys.executable, "-c", KEY], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+        return run.stdout
+
+    before = key()
+    assert key() == before  # stable while nothing changes
+    ledger = copy / "loratune" / "ledger.py"
+    ledger.write_text(ledger.read_text() + "\n# an edit\n")
+    edited = key()
+    assert edited != before
+    (copy / "loratune" / "__pycache__").mkdir(exist_ok=True)
+    (copy / "loratune" / "__pycache__" / "stale.pyc").write_bytes(b"compiled")
+    assert key() == edited  # compiled caches are no source
+
+
+def test_a_trial_alone_on_a_gpu_first_ends_the_idle_workers_holding_memory_there(monkeypatch):
+    """Fake GPUs (LORATUNE_GPUS=2), real worker processes: a trial that claims GPU 0 to itself
+    ends the idle worker of a sharing slot of GPU 0, keeps its own and GPU 1's; a sharing trial
+    then ends GPU 0's lone-trial worker."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from loratune.devices import claim_gpu_share
+    from loratune.trial import retire_workers_in_the_way
+    from loratune.training.worker import socket_path_for
+
+    for name in [n for n in os.environ if n.startswith("SLURM_")] + ["CUDA_VISIBLE_DEVICES"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LORATUNE_GPUS", "2")
+    locks = Path(tempfile.mkdtemp(prefix="lt-", dir="/tmp"))  # a short path: the sockets live beside the locks
+    workers = {}
+    try:
+        for slot in ("gpu0.slot0", "gpu1.slot0", "gpu0"):
+            # Keyed as the job that started it keys it, inside its claim (CUDA_VISIBLE_DEVICES set).
+            path = socket_path_for(slot, locks, {**os.environ, "CUDA_VISIBLE_DEVICES": slot[3]})
+            workers[slot] = subprocess.Popen(
+                [sys.executable, "-m", "loratune.training.worker", str(path), "600", slot],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 120
+        while len(list(locks.glob("worker-*.slot"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        with claim_gpu_share(1, lock_dir=locks) as alone:
+            assert (alone.device, alone.slot) == ("0", None)
+            retired = retire_workers_in_the_way(alone.device, alone.slot, "gpu0", lock_dir=locks)
+        assert retired == [workers["gpu0.slot0"].pid]
+        assert workers["gpu0.slot0"].wait(timeout=5) == 0  # exited before the trial would train
+        assert workers["gpu0"].poll() is None and workers["gpu1.slot0"].poll() is None
+
+        with claim_gpu_share(4, lock_dir=locks) as shared:
+            assert (shared.device, shared.slot) == ("0", 0)
+            retired = retire_workers_in_the_way(shared.device, shared.slot, None, lock_dir=locks)
+        assert retired == [workers["gpu0"].pid] and workers["gpu0"].wait(timeout=5) == 0
+        assert workers["gpu1.slot0"].poll() is None  # another GPU's worker is no one's way
+        assert [p.read_text() for p in locks.glob("worker-*.slot")] == ["gpu1.slot0"]
+    finally:
+        for process in workers.values():
+            process.kill()
+        shutil.rmtree(locks, ignore_errors=True)

@@ -14,8 +14,15 @@ trial and loads it again for the next). If the worker dies, the job waiting on i
 (``WorkerDied``) and the next job starts a fresh worker; if the job dies, the worker stops
 training its trial at once by exiting, so a trial never has two trainers.
 
+An idle worker still holds its GPU memory. A job that claims a GPU asks the idle workers in its way
+to exit first (``retire_workers``): a trial that has the GPU to itself those of every other slot of
+the GPU, a sharing trial those of the GPU's lone-trial slot. The job's claim guarantees they are
+idle: no job can hand them a trial while it holds it.
+
 A worker is found by a key over what must match for it to stand in for a fresh process: the
-Python and loratune it runs, the slot, and the environment that configures the libraries.
+Python and loratune it runs (the package's folder and the contents of its files, so a worker
+started before an edit never trains a trial with the old code), the slot, and the environment
+that configures the libraries.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +59,22 @@ class TrialRaised(RuntimeError):
     """``run_trial`` raised in the worker; the message is ``"<ExceptionName>: <message>"``."""
 
 
+def source_digest(package: Path) -> str:
+    """A digest of every file of the package folder ``package`` (names and contents; compiled
+    caches left out): it changes with any edit of the code a worker would run."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(package)).encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def worker_key(slot: str, environ=os.environ) -> str:
     import loratune
 
+    package = Path(loratune.__file__).resolve().parent
     keyed = sorted((name, value) for name, value in environ.items() if name.startswith(KEYED_ENV))
-    identity = [sys.executable, str(Path(loratune.__file__).resolve().parent), slot, keyed]
+    identity = [sys.executable, str(package), source_digest(package), slot, keyed]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
@@ -94,13 +112,10 @@ def _exit_if_client_leaves(conn: socket.socket, done: threading.Event) -> None:
             os._exit(3)
 
 
-def _handle(conn: socket.socket, base_models, served: int) -> int:
-    """Train the trial ``conn`` asks for; returns how many trials this worker has trained."""
+def _handle(conn: socket.socket, request: dict, base_models, served: int) -> int:
+    """Train the trial ``request`` (from ``conn``) asks for; returns how many trials this worker has trained."""
     from loratune.training.trainer import run_trial
 
-    request = _receive(conn)
-    if request is None:
-        return served
     done = threading.Event()
     threading.Thread(target=_exit_if_client_leaves, args=(conn, done), daemon=True).start()
     Path(request["log_path"]).parent.mkdir(parents=True, exist_ok=True)
@@ -140,8 +155,27 @@ def _handle(conn: socket.socket, base_models, served: int) -> int:
     return served
 
 
-def serve(socket_path: Path, idle_seconds: float) -> None:
-    """Answer trial requests on ``socket_path`` one at a time until idle for ``idle_seconds``."""
+def _slot_file(socket_path: Path) -> Path:
+    """Beside a worker's socket, for as long as it listens: the slot it trains (``retire_workers``)."""
+    return socket_path.with_suffix(".slot")
+
+
+@contextmanager
+def _closing_if_alone(server: socket.socket, socket_path: Path) -> Iterator[bool]:
+    """Under the start lock: close the server and take its files away unless a job is waiting to
+    connect; yields whether it closed (the worker then exits)."""
+    with _start_lock(socket_path):
+        alone = not select.select([server], [], [], 0)[0]
+        if alone:
+            socket_path.unlink(missing_ok=True)
+            _slot_file(socket_path).unlink(missing_ok=True)
+            server.close()
+        yield alone
+
+
+def serve(socket_path: Path, idle_seconds: float, slot: str) -> None:
+    """Answer trial requests on ``socket_path`` one at a time until idle for ``idle_seconds`` or
+    asked to retire while idle."""
     from loratune.training.models import BaseModels
 
     base_models = BaseModels()
@@ -149,22 +183,33 @@ def serve(socket_path: Path, idle_seconds: float) -> None:
     socket_path.unlink(missing_ok=True)
     server.bind(str(socket_path))
     server.listen(8)
+    _slot_file(socket_path).write_text(slot)
     import loratune.training.trainer  # noqa: F401  (the imports a job would pay, paid once here)
 
-    log.info("trial worker %d listening on %s", os.getpid(), socket_path)
+    log.info("trial worker %d of slot %s listening on %s", os.getpid(), slot, socket_path)
     served = 0
     while True:
         readable, _, _ = select.select([server], [], [], idle_seconds)
         if not readable:
-            with _start_lock(socket_path):
-                if not select.select([server], [], [], 0)[0]:
-                    socket_path.unlink(missing_ok=True)
-                    server.close()
+            with _closing_if_alone(server, socket_path) as closed:
+                if closed:
                     log.info("trial worker %d idle for %s s: exiting", os.getpid(), idle_seconds)
                     return
         conn, _ = server.accept()
         with conn:
-            served = _handle(conn, base_models, served)
+            request = _receive(conn)
+            if request is None:
+                continue
+            if request.get("retire"):
+                with _closing_if_alone(server, socket_path) as closed:
+                    _send(conn, {"retired": os.getpid()} if closed else {"busy": os.getpid()})
+                    if closed:
+                        log.info("trial worker %d asked to free its GPU: exiting", os.getpid())
+                        # At once, the connection still open: the kernel closes it as it frees the
+                        # process's GPU memory, which is what the asking job waits for.
+                        os._exit(0)
+                continue
+            served = _handle(conn, request, base_models, served)
 
 
 def _connect(socket_path: Path) -> socket.socket | None:
@@ -177,7 +222,7 @@ def _connect(socket_path: Path) -> socket.socket | None:
     return conn
 
 
-def _start(socket_path: Path, idle_seconds: float) -> socket.socket:
+def _start(socket_path: Path, idle_seconds: float, slot: str) -> socket.socket:
     """Start a worker in its own session (it outlives the job that started it) and connect."""
     import loratune
 
@@ -187,7 +232,7 @@ def _start(socket_path: Path, idle_seconds: float) -> socket.socket:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
     with open(log_path, "a") as worker_log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "loratune.training.worker", str(socket_path), str(idle_seconds)],
+            [sys.executable, "-m", "loratune.training.worker", str(socket_path), str(idle_seconds), slot],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=worker_log,
@@ -206,10 +251,50 @@ def _start(socket_path: Path, idle_seconds: float) -> socket.socket:
     raise WorkerDied(f"the trial worker did not listen within {START_SECONDS} s; see {log_path}")
 
 
-def socket_path_for(slot: str, lock_dir: Path, environ=os.environ) -> Path:
-    folder = lock_dir if len(str(lock_dir)) < 80 else Path("/tmp") / f"loratune-workers-{os.getuid()}"
+def socket_folder(lock_dir: Path) -> Path:
+    """Where the workers of ``lock_dir``'s GPUs listen (a short path: a socket's is limited)."""
+    folder = Path(lock_dir) if len(str(lock_dir)) < 80 else Path("/tmp") / f"loratune-workers-{os.getuid()}"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return folder / f"worker-{worker_key(slot, environ)}.sock"
+    return folder
+
+
+def socket_path_for(slot: str, lock_dir: Path, environ=os.environ) -> Path:
+    return socket_folder(lock_dir) / f"worker-{worker_key(slot, environ)}.sock"
+
+
+def retire_workers(
+    lock_dir: Path, retire: Callable[[str], bool], keep: Path | None = None, timeout_seconds: float = 60
+) -> list[int]:
+    """Ask every listening worker whose slot ``retire`` names (but the one on ``keep``) to exit,
+    and wait until each has (its GPU memory is freed with its process); the pids that exited. The
+    caller's GPU claim must make them idle; one that is not answers busy and is left alone."""
+    retired = []
+    for slot_file in sorted(socket_folder(lock_dir).glob("worker-*.slot")):
+        socket_path = slot_file.with_suffix(".sock")
+        try:
+            slot = slot_file.read_text()
+        except OSError:
+            continue  # it exited meanwhile
+        if socket_path == keep or not retire(slot):
+            continue
+        conn = _connect(socket_path)
+        if conn is None:
+            continue  # it exited meanwhile, or died: nothing holds memory
+        with conn:
+            conn.settimeout(timeout_seconds)
+            try:
+                _send(conn, {"retire": True})
+                reply = _receive(conn) or {}
+                if "retired" in reply:
+                    conn.recv(1)  # returns at the worker's exit, as the kernel closes its files and frees its GPU
+            except OSError as error:  # a timeout included
+                reply = {"error": str(error)}
+        if "retired" not in reply:
+            log.warning("the trial worker on %s (slot %s) did not retire: %s", socket_path, slot, reply or "no answer")
+            continue
+        log.info("the idle trial worker %d of slot %s exited to free its GPU", reply["retired"], slot)
+        retired.append(reply["retired"])
+    return retired
 
 
 def run_in_worker(
@@ -223,7 +308,7 @@ def run_in_worker(
         conn = _connect(socket_path)
         started = conn is None
         if started:
-            conn = _start(socket_path, idle_seconds)
+            conn = _start(socket_path, idle_seconds, slot)
     with conn:
         log.info(
             "trial handed to the %s trial worker of slot %s (%s)", "new" if started else "running", slot, socket_path
@@ -242,4 +327,4 @@ def run_in_worker(
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(Path(sys.argv[1]), float(sys.argv[2]))
+    serve(Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3])
