@@ -57,6 +57,12 @@ def test_chunked_cross_entropy_equals_the_dense_loss_and_gradient(device):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # evaluation: the loss alone
         assert chunked_cross_entropy(hidden, weight, targets).item() == pytest.approx(dense.item(), rel=1e-5)
+    # bf16 logits, as in training: the gradient (rounded, the target's -1 added after) stays close
+    half = hidden.detach().bfloat16().requires_grad_()
+    rounded = chunked_cross_entropy(half, weight.bfloat16(), targets, chunk=3)
+    (got,) = torch.autograd.grad(2 * rounded, half)
+    assert rounded.dtype == torch.float32 and rounded.item() == pytest.approx(dense.item(), rel=2e-2)
+    assert ((got.float() - expected).norm() / expected.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("device", DEVICES)

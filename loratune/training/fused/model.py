@@ -147,4 +147,7 @@ class FusedCausalLM:
         if offload:
             offload.prefetch()  # the last checkpointed layer's input comes back while the later layers' backward runs
         hidden = self.kernels.rms_norm(hidden, self.norm, self.eps)
-        return chunked_cross_entropy(hidden, self.lm_head.to(self.dtype), batch.targets, self.plan.loss_chunk)
+        weight = self.lm_head.to(self.dtype)
+        return chunked_cross_entropy(
+            hidden, weight, batch.targets, self.plan.loss_chunk, self.kernels.cross_entropy_chunk
+        )
