@@ -139,9 +139,8 @@ class FusedCausalLM:
         for index, layer in enumerate(self.layers):
             if index in checkpointed:
                 with offload.layer_input(hidden) if offload else contextlib.nullcontext():
-                    hidden = torch.utils.checkpoint.checkpoint(
-                        _Checkpointed(layer), hidden, cos, sin, batch, self.kernels, self.shape, training, use_reentrant=False
-                    )
+                    args = (hidden, cos, sin, batch, self.kernels, self.shape, training)
+                    hidden = torch.utils.checkpoint.checkpoint(_Checkpointed(layer), *args, use_reentrant=False)
             else:
                 hidden = layer.forward(hidden, cos, sin, batch, self.kernels, self.shape, training)
         if offload:
