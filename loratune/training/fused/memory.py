@@ -6,8 +6,8 @@ and the largest micro-batch), enumerates the plans its levers allow, and takes t
 fits the budget by a simple cost model in units of one layer's training time. The levers:
 
 * gradient checkpointing per layer (recompute a layer's activations in the backward pass: about a
-  third of the layer's time; the first layers recompute, the last layers' activations are the
-  first the backward needs);
+  third of the layer's time, less the down projection's frozen matmul, which the recomputation
+  skips; the first layers recompute, the last layers' activations are the first the backward needs);
 * offloading the checkpointed layers' inputs (the fp32 residual stream, 128 MiB per layer at the
   8B shape and 8,192 tokens) to pinned host memory in the compute dtype (64 MiB), copied on a side
   stream while the GPU computes, each brought back one layer ahead of its backward;
