@@ -187,7 +187,9 @@ def time_training(
 
 
 def profile_steps(model, examples, fused, target: Path, **options) -> None:
-    """Two profiled steps: the kernels that take the GPU's time, largest first."""
+    """Two profiled steps: the kernels that take the GPU's time, largest first, then the host's
+    calls that take its time (synchronizations, pinned allocations, the launches of a CPU-bound
+    stretch: what the GPU table cannot show, the GPU's idle time)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -199,6 +201,9 @@ def profile_steps(model, examples, fused, target: Path, **options) -> None:
             break
         except (AttributeError, KeyError, ValueError):
             continue
+    table += "\n\nBy the host's own time:\n" + averages.table(
+        sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90
+    )
     target.write_text(table)
     print(table[:6000], flush=True)
 

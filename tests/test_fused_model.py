@@ -217,6 +217,37 @@ def test_every_plan_gives_the_same_gradients_dropout_included(tiny_model, device
     assert relative_error(grads[1], grads[0]) < 1e-5
 
 
+def test_the_recomputation_skips_only_the_down_projections_frozen_matmul(tiny_model):
+    """A checkpointed layer's backward recomputes its forward but for the down projection's frozen
+    matmul (its output is used by nothing the backward needs), and the gradients stay the same."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = examples()
+    tokens = sum(len(e.input_ids) for e in batch)
+    backward_flops, grads = [], []
+    for checkpointed in (frozenset(), frozenset({0, 1})):
+        model = lora_model(tiny_model, fused=True)
+        fused = FusedCausalLM(model)
+        fused.apply_plan(MemoryPlan(checkpointed=checkpointed, dequant_cache=False))
+        loss = fused.loss(pack(batch, torch.device("cpu")), training=True)
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        backward_flops.append(counter.get_total_flops())
+        grads.append(lora_grads(model))
+    config = model.config
+    hidden = torch.randn(tokens, config.hidden_size)
+    packed = pack(batch, torch.device("cpu"))
+    cos, sin = fused.rotary_emb(hidden, packed.position_ids[None])
+    layer_flops = []
+    for recompute in (False, True):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fused.layers[0].forward(hidden, cos[0], sin[0], packed, fused.kernels, fused.shape, True, recompute)
+        layer_flops.append(counter.get_total_flops())
+    assert layer_flops[0] - layer_flops[1] == 2 * tokens * config.intermediate_size * config.hidden_size
+    assert backward_flops[1] - backward_flops[0] == 2 * layer_flops[1]  # two layers recomputed, down's matmul not
+    assert relative_error(grads[1], grads[0]) < 1e-5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the embedding moves only from a GPU")
 def test_the_embedding_in_host_memory_changes_nothing(untied_tiny_model):
     batch = examples()

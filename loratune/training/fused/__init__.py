@@ -16,9 +16,11 @@ with fewer, larger kernels and less memory:
 * the residual stream and its gradient stay fp32, as in the plain QLoRA recipe; the rest runs in
   the compute dtype (bf16);
 * the loss is a chunked cross-entropy over the output layer that never holds more than one
-  chunk's logits, and computes its input gradient on the way;
-* gradient checkpointing is chosen per layer from a memory budget (``plan_memory``), and the
-  dequantized weights may be kept when the budget leaves room for them;
+  chunk's logits, and computes its input gradient on the way (each chunk's log-sum-exp and
+  gradient compiled with the other kernels);
+* gradient checkpointing is chosen per layer from a memory budget (``plan_memory``; a recomputed
+  layer skips the down projection's frozen matmul, and its input may wait in host memory in bf16),
+  and the dequantized weights may be kept when the budget leaves room for them;
 * RMSNorm and SwiGLU run inside the projection that follows them and are recomputed in the
   backward pass instead of saved; on CUDA they, RoPE and the dropout arithmetic are compiled
   into fused kernels when ``compile`` is on; AdamW takes its fused kernel.

@@ -1,4 +1,5 @@
-"""The elementwise pieces of a layer (RMSNorm, RoPE, SwiGLU, dropout arithmetic), eager or compiled."""
+"""The elementwise pieces of a layer (RMSNorm, RoPE, SwiGLU, dropout arithmetic) and of the loss's
+chunks, eager or compiled."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from loratune.training.fused.loss import cross_entropy_chunk
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,6 +67,7 @@ class Kernels:
     residual_add: Callable = residual_add
     masked_scale: Callable = masked_scale
     masked_accumulate: Callable = masked_accumulate
+    cross_entropy_chunk: Callable = cross_entropy_chunk
 
 
 def is_compile_error(error: BaseException) -> bool:
@@ -80,5 +84,13 @@ def make_kernels(compile: bool) -> Kernels:
     # Default dynamism: a first compile for the first shapes, one more with only the dimensions
     # that changed (the token count) symbolic. dynamic=True made every dimension symbolic, and its
     # index arithmetic ran the SwiGLU backward at a third of the memory bandwidth (H200 profile).
-    names = ("rms_norm", "split_rotary", "swiglu", "residual_add", "masked_scale", "masked_accumulate")
+    names = (
+        "rms_norm",
+        "split_rotary",
+        "swiglu",
+        "residual_add",
+        "masked_scale",
+        "masked_accumulate",
+        "cross_entropy_chunk",
+    )
     return Kernels(**{name: torch.compile(globals()[name]) for name in names})

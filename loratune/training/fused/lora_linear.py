@@ -114,9 +114,13 @@ class FrozenLinearLora(torch.autograd.Function):
         kernels: Kernels,
         prologue: Callable | None,
         chunk_bytes: int | None = None,
+        output: bool = True,
     ):
         x = prologue(u) if prologue is not None else u
-        y = F.linear(x, weights.get(), weights.bias)
+        if output:
+            y = F.linear(x, weights.get(), weights.bias)
+        else:  # a recomputation for the backward: only what is saved counts, y is a placeholder
+            y = x.new_zeros(()).expand(x.shape[0], sum(weights.sizes))
         ctx.weights, ctx.kernels, ctx.prologue, ctx.chunk_bytes = weights, kernels, prologue, chunk_bytes
         ctx.has_lora = lora_a is not None
         ctx.dropout = dropout
@@ -128,7 +132,8 @@ class FrozenLinearLora(torch.autograd.Function):
             a = lora_a.to(x.dtype)
             b = lora_b.to(x.dtype)
             z = x_dropped @ a.t()
-            y.addmm_(z, b.t())
+            if output:
+                y.addmm_(z, b.t())
             ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(u, z, a, b, mask)
         return y
@@ -174,7 +179,7 @@ class FrozenLinearLora(torch.autograd.Function):
                 grad_u[part] = grad_u_part
         if grad_a is not None:
             grad_a = grad_a.to(ctx.lora_dtypes[0])
-        return grad_u, grad_a, grad_b, None, None, None, None, None
+        return grad_u, grad_a, grad_b, None, None, None, None, None, None
 
 
 def _backward_rows(ctx, u, grad_y, grad_z, mask, weight, a, scale: float, needs_input: bool):
@@ -213,14 +218,22 @@ class Group:
     backward_chunk_bytes: int | None = None  # the memory plan's: chunk the backward's recomputation
 
     def __call__(
-        self, u: torch.Tensor, training: bool, kernels: Kernels, prologue: Callable | None = None
+        self,
+        u: torch.Tensor,
+        training: bool,
+        kernels: Kernels,
+        prologue: Callable | None = None,
+        output: bool = True,
     ) -> torch.Tensor:
-        """The projection of ``prologue(u)`` (or of ``u``)."""
+        """The projection of ``prologue(u)`` (or of ``u``); with ``output`` False (a checkpointed
+        layer's recomputation, which needs only what the projection saves) the frozen matmul is
+        skipped and the result is a placeholder of the right shape."""
+        chunk = self.backward_chunk_bytes
         if all(a is None for a in self.lora_a):
-            return FrozenLinearLora.apply(u, None, None, self.weights, 0.0, kernels, prologue)
+            return FrozenLinearLora.apply(u, None, None, self.weights, 0.0, kernels, prologue, None, output)
         a, b = self._stacked()
         dropout = self.dropout if training else 0.0
-        return FrozenLinearLora.apply(u, a, b, self.weights, dropout, kernels, prologue, self.backward_chunk_bytes)
+        return FrozenLinearLora.apply(u, a, b, self.weights, dropout, kernels, prologue, chunk, output)
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         present = [i for i, a in enumerate(self.lora_a) if a is not None]

@@ -6,11 +6,11 @@ and the largest micro-batch), enumerates the plans its levers allow, and takes t
 fits the budget by a simple cost model in units of one layer's training time. The levers:
 
 * gradient checkpointing per layer (recompute a layer's activations in the backward pass: about a
-  third of the layer's time; the first layers recompute, the last layers' activations are the
-  first the backward needs);
+  third of the layer's time, less the down projection's frozen matmul, which the recomputation
+  skips; the first layers recompute, the last layers' activations are the first the backward needs);
 * offloading the checkpointed layers' inputs (the fp32 residual stream, 128 MiB per layer at the
-  8B shape and 8,192 tokens) to pinned host memory, copied on a side stream while the GPU computes,
-  each brought back one layer ahead of its backward;
+  8B shape and 8,192 tokens) to pinned host memory in the compute dtype (64 MiB), copied on a side
+  stream while the GPU computes, each brought back one layer ahead of its backward;
 * smaller cross-entropy chunks (the logits of a 1,024-token chunk of a 128k vocabulary take 1.2
   GiB with their fp32 copy and gradient; 256 tokens take a quarter of that);
 * the backward pass's recomputation of a projection's prologue (SwiGLU before the down
@@ -39,7 +39,9 @@ LOSS_CHUNKS = (LOSS_CHUNK_TOKENS, 256)
 # The cost model, in units of one layer's forward and backward time (8B shape, H200: 17 ms), fitted
 # to the step times of the four plans measured in bench/results/train_speed_peers_h200_2026-12-01_f2d31a7.md
 # (0, 13, 23 and 32 layers recomputed: 0.545, 0.651, 0.716 and 0.795 s), the small-chunk cost assumed.
-RECOMPUTE_COST = 0.37
+# Since, the recomputation skips the down projection's frozen matmul (0.96 TFLOP at 8,192 tokens,
+# 1.26 ms at the 763 TFLOP/s of the forward projections in the 40 GiB profile of 72aaf14: 0.07).
+RECOMPUTE_COST = 0.37 - 0.07
 OFFLOAD_COST = 0.02  # per offloaded input: the copies overlap the compute; what is left is synchronization
 SMALL_CHUNK_COST = 0.05  # 4x as many (still large) cross-entropy matmuls
 EMBED_HOST_COST = 1.1  # measured with the lookup behind a synchronization (since: pinned, none)
@@ -104,6 +106,7 @@ class Footprint:
     fixed: float
     per_layer: float  # activations a layer keeps for its backward when not checkpointed
     layer_input: float  # what a checkpointed layer keeps instead: its input (the fp32 residual stream)
+    offloaded_input: float  # the same input as it waits in host memory and comes back (compute dtype)
     at_loss: float  # at the loss: the last hidden state (fp32), its norm and the norm's gradient
     in_backward: (
         float  # in a layer's backward: the residual stream's gradient (fp32, bf16), the dequantized down projection
@@ -121,9 +124,12 @@ class Footprint:
         activations, recomputed if checkpointed, with the backward's transients)."""
         checkpointed = len(plan.checkpointed)
         kept = self.n_layers - checkpointed
-        # The checkpointed layers' inputs; offloaded, only the one prefetched (and, when every layer
-        # is checkpointed, the one in use).
-        inputs = min(checkpointed, (1 if kept else 2) if plan.offload else checkpointed) * self.layer_input
+        # The checkpointed layers' inputs; offloaded, only the one prefetched (in the compute dtype)
+        # and, when every layer is checkpointed, the one in use (restored to the residual dtype).
+        if plan.offload:
+            inputs = min(checkpointed, 1) * self.offloaded_input + (0 if kept else self.layer_input)
+        else:
+            inputs = checkpointed * self.layer_input
         loss = min(plan.loss_chunk, self.tokens) * self.logits_per_token
         at_loss = kept * self.per_layer + self.at_loss + loss
         # A recomputed layer's activations include its input, already counted among the inputs.
@@ -169,6 +175,7 @@ def footprint(
         fixed=resident_bytes + 16 * request.trainable_params + SAFETY_MARGIN,  # fp32 gradient, AdamW moments, a spare
         per_layer=factor * per_token * tokens,
         layer_input=tokens * hidden * residual,
+        offloaded_input=tokens * hidden * size,
         at_loss=tokens * hidden * (residual + 2 * size),
         in_backward=tokens * hidden * (residual + size)
         + intermediate * hidden * size,  # down's backward is the largest
