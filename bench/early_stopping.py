@@ -261,7 +261,13 @@ def run_task(task: Task) -> list[dict]:
         if fit == "predicted":
             fitted = _predicted_history(fitted, problem.objectives, reference, budget)
         points = next_proposals(
-            space, problem.objectives, arm, fitted, task.seed, round_, stopped="highest_rung" if fit == "predicted" else fit or None
+            space,
+            problem.objectives,
+            arm,
+            fitted,
+            task.seed,
+            round_,
+            stopped="highest_rung" if fit == "predicted" else fit or None,
         )
         by_id = {space.trial_id(p): p for p in points}
         trained: dict[str, dict] = {}
