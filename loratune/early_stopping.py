@@ -37,6 +37,7 @@ from loratune.pareto import REFERENCE, hypervolume, non_dominated, normalize, to
 __all__ = [
     "EarlyStopping",
     "PROMOTIONS",
+    "STUDY_PROMOTIONS",
     "crowding_distance",
     "non_dominated_fronts",
     "predict_final",
@@ -54,6 +55,9 @@ __all__ = [
 # "predicted", as "crowding" but on each trial's predicted value at the full budget
 # (``predict_final``) where a learning curve gives one, known values (costs) as measured.
 PROMOTIONS = ("crowding", "hypervolume", "predicted")
+# The rules a study's promote job applies: "predicted" needs the complete curves of the arm's
+# earlier trials, which only bench/early_stopping.py passes (it did not pay: README).
+STUDY_PROMOTIONS = ("crowding", "hypervolume")
 # The neighbours (in update scale) whose rung-to-final gain ``predict_final`` takes the median of.
 NEIGHBOURS = 3
 

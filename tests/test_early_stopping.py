@@ -165,6 +165,8 @@ def test_arm_schedules_are_checked_with_the_config():
         validate_config(config({"rungs": [0.1, 0.2, 1.0], "keep": 0.5}, max_steps=5))
     with pytest.raises(ConfigError, match=r"^arms.es.early_stopping: rungs are fractions of training.max_steps"):
         validate_config(config({"rungs": [0.5, 1.0], "keep": 0.5}, max_steps=None))
+    with pytest.raises(ConfigError, match=r"^arms.es.early_stopping.promote: 'predicted' is measured by bench"):
+        validate_config(config({"rungs": [0.5, 1.0], "keep": 0.5, "promote": "predicted"}, max_steps=90))
 
 
 def test_successive_halving_in_one_process_trains_each_rung_once():
@@ -245,7 +247,7 @@ def test_hypervolume_promotion_skips_failed_trials_and_names_bad_rules():
     table = promotion(rung_results(rows), TWO, n_keep=3, promote="hypervolume")
     assert table["promoted"].tolist() == [False, True, True]
     with pytest.raises(
-        ValueError, match=r"^arms.a.early_stopping.promote: must be one of \['crowding', 'hypervolume'\]"
+        ValueError, match=r"^arms.a.early_stopping.promote: must be one of \['crowding', 'hypervolume', 'predicted'\]"
     ):
         EarlyStopping.from_config({"rungs": [0.5, 1.0], "keep": 0.5, "promote": "best"}, field="arms.a.early_stopping")
     assert EarlyStopping.from_config({"rungs": [0.5, 1.0], "keep": 0.5}).promote == "crowding"
