@@ -452,7 +452,8 @@ def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapse
         f"shared, its cost left out); a table is searched over its own measured levels. One arm, {args.batch} "
         f"trials a round (proposer options {json.dumps(args.options)}). Without early stopping ('full', the arm "
         f"at its full budget): {args.rounds} rounds, each trial trained to the full budget. With it ('es<i>', "
-        "schedule i: rungs as fractions of the budget, keep): the same arm and batch through the rungs, round "
+        f"schedule i: rungs as fractions of the budget, keep): the same arm, {args.es_batch or args.batch} trials a "
+        "round through the rungs, round "
         "after round until it has spent as many training seconds as 'full' in every accounting (the round that "
         "crosses it completes).",
         "",
@@ -577,7 +578,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--fits",
         default="full_budget",
-        help="fits of stopped trials other than proposers.base.STOPPED_FIT to measure for model-based proposers",
+        help="fits of stopped trials other than proposers.base.STOPPED_FIT to measure for model-based proposers, "
+        "with the first schedule; 'predicted' (this bench only): stopped trials at their predict_final values",
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="output path without suffix (default: by commit)")
