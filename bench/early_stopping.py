@@ -70,7 +70,7 @@ from bench.efficiency.runner import Scale, _quiet_worker  # noqa: E402
 from loratune.benchmarks import CurveTable, evaluate, get_problem, true_front  # noqa: E402
 from loratune.config import Arm  # noqa: E402
 from loratune.designs import pilot_design  # noqa: E402
-from loratune.early_stopping import EarlyStopping, successive_halving  # noqa: E402
+from loratune.early_stopping import EarlyStopping, predict_final, successive_halving  # noqa: E402
 from loratune.loop import next_proposals  # noqa: E402
 from loratune.pareto import (
     REFERENCE,
@@ -217,8 +217,21 @@ def run_task(task: Task) -> list[dict]:
     events: list[dict] = []
     spent = {"seconds": 0.0, "steady_seconds": 0.0, "segments": 0}
 
+    # Complete learning curves (pilot and trials trained to the full budget): promote: predicted
+    # and the 'predicted' fit read their rung-to-final gains (early_stopping.predict_final).
+    reference: list[dict] = []
+
     def record(point: dict, metrics: Mapping[str, Any]) -> None:
-        history.append({**point, **{n: metrics.get(n) for n in names}, "status": metrics.get("status") or "ok"})
+        history.append(
+            {
+                **point,
+                **{n: metrics.get(n) for n in names},
+                "status": metrics.get("status") or "ok",
+                "steps": int(metrics["steps"]),
+            }
+        )
+        if int(metrics["steps"]) >= budget and (metrics.get("status") or "ok") == "ok":
+            reference.append({**point, "curve": metrics.get("curve") or []})
 
     for point in pilot_design(space, plan["pilot"], "lhs", task.seed):
         metrics = problem.answer(space, point, budget, task.seed)
@@ -236,13 +249,22 @@ def run_task(task: Task) -> list[dict]:
 
     index, _, fit = task.variant.removeprefix("es").partition("-")
     schedule = EarlyStopping.from_config(schedule_spec(plan["schedules"][int(index)]))
-    arm = Arm(f"{task.proposer}-es", proposer, plan["max_rounds"], plan["batch"], options, schedule)
+    arm = Arm(f"{task.proposer}-es", proposer, plan["max_rounds"], plan["es_batch"] or plan["batch"], options, schedule)
     round_ = 0
     cap = plan["seconds_cap"][task.seed]
     while any(spent[c] < cap[c] for c in cap) and round_ < plan["max_rounds"]:
         round_ += 1
+        fitted = pd.DataFrame(history)
+        if fit == "predicted":
+            fitted = _predicted_history(fitted, problem.objectives, reference, budget)
         points = next_proposals(
-            space, problem.objectives, arm, pd.DataFrame(history), task.seed, round_, stopped=fit or None
+            space,
+            problem.objectives,
+            arm,
+            fitted,
+            task.seed,
+            round_,
+            stopped="highest_rung" if fit == "predicted" else fit or None,
         )
         by_id = {space.trial_id(p): p for p in points}
         trained: dict[str, dict] = {}
@@ -253,7 +275,7 @@ def run_task(task: Task) -> list[dict]:
             trained[trial_id] = metrics
             return metrics
 
-        outcome = successive_halving(list(by_id), schedule, budget, problem.objectives, train)
+        outcome = successive_halving(list(by_id), schedule, budget, problem.objectives, train, by_id, list(reference))
         for trial_id, metrics in outcome.items():
             record(by_id[trial_id], metrics)
         if _volume(problem, events) >= plan["target_hv"][task.seed] - 1e-12:
@@ -262,6 +284,20 @@ def run_task(task: Task) -> list[dict]:
             # exceeds its final value. Training on would change no result.
             break
     return events
+
+
+def _predicted_history(history: pd.DataFrame, objectives, reference: list[dict], budget: int) -> pd.DataFrame:
+    """The 'predicted' fit: each stopped trial's curve objectives at their predicted full-budget
+    values (``predict_final`` from the complete curves so far), so the proposer fits them as
+    full-budget results instead of at their worse rung values."""
+    history = history.copy()
+    stopped = history["status"] == "stopped"
+    for step, rows in history[stopped].groupby("steps"):
+        for name, sense in objectives.items():
+            if any(name in row for run in reference for row in run["curve"]):
+                predicted = predict_final(rows.to_dict("records"), rows[name], int(step), reference, name, sense)
+                history.loc[rows.index, name] = predicted
+    return history
 
 
 _SCALES: dict[str, Scale] = {}
@@ -413,7 +449,8 @@ def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapse
         f"shared, its cost left out); a table is searched over its own measured levels. One arm, {args.batch} "
         f"trials a round (proposer options {json.dumps(args.options)}). Without early stopping ('full', the arm "
         f"at its full budget): {args.rounds} rounds, each trial trained to the full budget. With it ('es<i>', "
-        "schedule i: rungs as fractions of the budget, keep): the same arm and batch through the rungs, round "
+        f"schedule i: rungs as fractions of the budget, keep): the same arm, {args.es_batch or args.batch} trials a "
+        "round through the rungs, round "
         "after round until it has spent as many training seconds as 'full' in every accounting (the round that "
         "crosses it completes).",
         "",
@@ -511,6 +548,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the arm without early stopping (default 3)")
     parser.add_argument("--batch", type=int, default=9, help="trials per round, both variants (default 9)")
     parser.add_argument(
+        "--es-batch", type=int, default=0, help="trials per round of the early-stopping arms (default --batch)"
+    )
+    parser.add_argument(
         "--schedules",
         type=json.loads,
         default=[[[0.111, 0.333, 1.0], 0.334]],
@@ -535,7 +575,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--fits",
         default="full_budget",
-        help="fits of stopped trials other than proposers.base.STOPPED_FIT to measure for model-based proposers",
+        help="fits of stopped trials other than proposers.base.STOPPED_FIT to measure for model-based proposers, "
+        "with the first schedule; 'predicted' (this bench only): stopped trials at their predict_final values",
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="output path without suffix (default: by commit)")
@@ -570,6 +611,7 @@ def main(argv=None) -> None:
         "pilot": args.pilot,
         "rounds": args.rounds,
         "batch": args.batch,
+        "es_batch": args.es_batch,
         "schedules": args.schedules,
         "options": args.options,
         "max_rounds": 50,

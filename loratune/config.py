@@ -22,7 +22,7 @@ import jsonschema
 import yaml
 
 from loratune.designs import DESIGNS
-from loratune.early_stopping import EarlyStopping
+from loratune.early_stopping import STUDY_PROMOTIONS, EarlyStopping
 from loratune.ledger import PILOT
 from loratune.space import SearchSpace, SpaceError
 from loratune.training.metrics import OBJECTIVE_METRICS
@@ -287,6 +287,11 @@ def _check_arms(config: dict) -> tuple[Arm, ...]:
                         f"{field}: rungs are fractions of training.max_steps, which must be set (not null)"
                     )
                 early_stopping.rung_steps(budget, field=f"{field}.rungs")
+                if early_stopping.promote not in STUDY_PROMOTIONS:
+                    raise ValueError(
+                        f"{field}.promote: {early_stopping.promote!r} is measured by bench/early_stopping.py only "
+                        f"(a study's promote job reads no complete curves); choose one of {list(STUDY_PROMOTIONS)}"
+                    )
             except ValueError as error:
                 raise ConfigError(str(error)) from None
         arms.append(

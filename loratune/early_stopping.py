@@ -37,8 +37,11 @@ from loratune.pareto import REFERENCE, hypervolume, non_dominated, normalize, to
 __all__ = [
     "EarlyStopping",
     "PROMOTIONS",
+    "STUDY_PROMOTIONS",
     "crowding_distance",
     "non_dominated_fronts",
+    "predict_final",
+    "update_scale",
     "promotion",
     "rung_results",
     "successive_halving",
@@ -49,7 +52,14 @@ __all__ = [
 # How a rung picks the trials it promotes (``promotion``): "crowding", whole non-dominated fronts
 # then NSGA-II's crowding distance; "hypervolume", greedily the trials that add most to the
 # rung's hypervolume, normalized as the benchmarks normalize a front (``rung_scale``).
-PROMOTIONS = ("crowding", "hypervolume")
+# "predicted", as "crowding" but on each trial's predicted value at the full budget
+# (``predict_final``) where a learning curve gives one, known values (costs) as measured.
+PROMOTIONS = ("crowding", "hypervolume", "predicted")
+# The rules a study's promote job applies: "predicted" needs the complete curves of the arm's
+# earlier trials, which only bench/early_stopping.py passes (it did not pay: README).
+STUDY_PROMOTIONS = ("crowding", "hypervolume")
+# The neighbours (in update scale) whose rung-to-final gain ``predict_final`` takes the median of.
+NEIGHBOURS = 3
 
 
 @dataclass(frozen=True)
@@ -166,8 +176,70 @@ def _greedy_hypervolume(Y_min: np.ndarray, n_keep: int) -> list[int]:
     return chosen
 
 
+def update_scale(point: Mapping[str, Any]) -> float:
+    """log(learning_rate * lora_alpha / lora_rank): the size of a LoRA update, the coordinate the
+    measured tables' curve shapes follow (a large one falls fast, then overfits; a small one
+    starts slowly); NaN when the point lacks one of the three."""
+    try:
+        value = float(point["learning_rate"]) * float(point["lora_alpha"]) / float(point["lora_rank"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return math.nan
+    return math.log(value) if value > 0 else math.nan
+
+
+def _gain(curve: Sequence[Mapping[str, Any]], objective: str, step: int, sign: float) -> float:
+    """How much better a complete curve's best value is than its best up to ``step`` (<= 0 in
+    minimization form); NaN when the curve has no finite value up to ``step``."""
+    values = [(int(r["step"]), sign * float(r[objective])) for r in curve if r.get(objective) is not None]
+    values = [(s, v) for s, v in values if math.isfinite(v)]
+    early = [v for s, v in values if s <= step]
+    return min(v for _, v in values) - min(early) if early else math.nan
+
+
+def predict_final(
+    points: Sequence[Mapping[str, Any]],
+    values: Sequence[float],
+    step: int,
+    reference: Sequence[Mapping[str, Any]],
+    objective: str,
+    sense: str = "min",
+    neighbours: int = NEIGHBOURS,
+) -> np.ndarray:
+    """Each trial's predicted best ``objective`` at the full budget, from its best value up to
+    ``step`` (``values``) and the complete learning curves of ``reference`` (trials trained to
+    the full budget, each ``{**point, "curve": [{step, objective, ...}, ...]}``): its value plus
+    the median gain from ``step`` to the end of the ``neighbours`` reference runs nearest in
+    ``update_scale`` (all of them where a scale is missing). Robust by construction: a median of
+    measured gains, no fitted slope to extrapolate. No usable reference: the values as they are."""
+    sign = 1.0 if sense == "min" else -1.0
+    gains, scales = [], []
+    for run in reference:
+        gain = _gain(run.get("curve") or [], objective, step, sign)
+        if math.isfinite(gain):
+            gains.append(gain)
+            scales.append(update_scale(run))
+    out = np.array(values, dtype=float)
+    if not gains:
+        return out
+    gains, scales = np.array(gains), np.array(scales)
+    known = np.isfinite(scales)
+    for i, point in enumerate(points):
+        scale = update_scale(point)
+        if math.isfinite(scale) and known.any():
+            nearest = np.argsort(np.abs(scales[known] - scale), kind="stable")[:neighbours]
+            gain = np.median(gains[known][nearest])
+        else:
+            gain = np.median(gains)
+        out[i] += sign * gain
+    return out
+
+
 def promotion(
-    results: pd.DataFrame, objectives: Mapping[str, str], n_keep: int, promote: str = "crowding"
+    results: pd.DataFrame,
+    objectives: Mapping[str, str],
+    n_keep: int,
+    promote: str = "crowding",
+    reference: Sequence[Mapping[str, Any]] = (),
 ) -> pd.DataFrame:
     """Which trials of a rung go on to the next one.
 
@@ -177,7 +249,11 @@ def promotion(
     ``promote="crowding"``: whole fronts in order while they fit into ``n_keep``, then the
     largest crowding distances of the next front (ties: the earlier row). ``"hypervolume"``:
     first the trials that add most to the rung's hypervolume (``_greedy_hypervolume``), then,
-    while places are left, as ``"crowding"`` fills them among the rest.
+    while places are left, as ``"crowding"`` fills them among the rest. ``"predicted"``: as
+    ``"crowding"``, each objective that ``reference``'s curves record (``predict_final``; a
+    cost such as ``trainable_params`` is known exactly and stays as measured) replaced by its
+    prediction at the full budget, written as ``predicted_<objective>``; it needs the point's
+    parameters and ``step`` in ``results``.
     """
     if promote not in PROMOTIONS:
         raise ValueError(f"promotion: promote must be one of {list(PROMOTIONS)}, got {promote!r}")
@@ -185,7 +261,15 @@ def promotion(
     if missing:
         raise ValueError(f"promotion: the rung's results lack column(s) {missing}")
     table = results.reset_index(drop=True).copy()
-    values = table[list(objectives)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    values = table[list(objectives)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float, copy=True)
+    if promote == "predicted":
+        # Curves record losses; train_time there is the cost so far, which stays as measured.
+        recorded = {k for run in reference for row in run.get("curve") or [] for k in row} - {"step", "train_time"}
+        step = int(table["step"].max()) if len(table) else 0
+        for j, (name, sense) in enumerate(objectives.items()):
+            if name in recorded:
+                values[:, j] = predict_final(table.to_dict("records"), values[:, j], step, reference, name, sense)
+                table[f"predicted_{name}"] = values[:, j]
     Y = to_minimization(values.reshape(len(table), len(objectives)), list(objectives.values()))
     alive = (table["status"].astype(str) == "ok").to_numpy() & np.isfinite(Y).all(axis=1)
     Y[~alive] = np.nan  # a failed or diverged trial is in no front: it stops here
@@ -216,8 +300,15 @@ def promotion(
     return table
 
 
-def rung_results(records: Mapping[str, Mapping[str, Any]], objectives: Mapping[str, str], rung: int, step: int):
-    """A rung's trials as ``promotion`` reads them, from their metrics records (by trial id)."""
+def rung_results(
+    records: Mapping[str, Mapping[str, Any]],
+    objectives: Mapping[str, str],
+    rung: int,
+    step: int,
+    points: Mapping[str, Mapping[str, Any]] | None = None,
+):
+    """A rung's trials as ``promotion`` reads them, from their metrics records (by trial id);
+    with ``points`` (by trial id), their parameters too (``promote: predicted`` needs them)."""
     rows = [
         {
             "trial_id": trial_id,
@@ -225,10 +316,12 @@ def rung_results(records: Mapping[str, Mapping[str, Any]], objectives: Mapping[s
             "step": step,
             "status": record.get("status") or "ok",
             **{name: record.get(name) for name in objectives},
+            **(dict(points[trial_id]) if points else {}),
         }
         for trial_id, record in records.items()
     ]
-    return pd.DataFrame(rows, columns=["trial_id", "rung", "step", "status", *objectives])
+    extra = list(dict.fromkeys(k for p in (points or {}).values() for k in p if k not in objectives))
+    return pd.DataFrame(rows, columns=["trial_id", "rung", "step", "status", *objectives, *extra])
 
 
 def successive_halving(
@@ -237,10 +330,13 @@ def successive_halving(
     max_steps: int,
     objectives: Mapping[str, str],
     train: Callable[[str, int], Mapping[str, Any]],
+    points: Mapping[str, Mapping[str, Any]] | None = None,
+    reference: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, dict]:
     """One round's rungs in one process (what the workflow's train_rung and promote jobs do
     through files; benchmarks use this): ``train(trial_id, step)`` gives a trial's metrics
-    after ``step`` steps. Returns each trial's metrics at the highest rung it reached, with
+    after ``step`` steps; ``points`` and ``reference`` as ``promotion`` needs them for
+    ``promote: predicted`` (the trials' parameters by id; complete curves). Returns each trial's metrics at the highest rung it reached, with
     status ``stopped`` where it was not promoted past a rung (a failed one stays failed)."""
     steps = schedule.rung_steps(max_steps)
     alive = list(trial_ids)
@@ -251,7 +347,11 @@ def successive_halving(
         if rung == len(steps) - 1:
             break
         decided = promotion(
-            rung_results(records, objectives, rung, step), objectives, schedule.n_keep(len(alive)), schedule.promote
+            rung_results(records, objectives, rung, step, points),
+            objectives,
+            schedule.n_keep(len(alive)),
+            schedule.promote,
+            reference,
         )
         alive = decided.loc[decided["promoted"], "trial_id"].tolist()
         for trial_id in decided.loc[~decided["promoted"], "trial_id"]:

@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from loratune.early_stopping import EarlyStopping, crowding_distance, non_dominated_fronts, promotion
+from loratune.early_stopping import (
+    EarlyStopping,
+    crowding_distance,
+    non_dominated_fronts,
+    predict_final,
+    promotion,
+    update_scale,
+)
 
 TWO = {"loss": "min", "cost": "min"}
 
@@ -158,6 +165,8 @@ def test_arm_schedules_are_checked_with_the_config():
         validate_config(config({"rungs": [0.1, 0.2, 1.0], "keep": 0.5}, max_steps=5))
     with pytest.raises(ConfigError, match=r"^arms.es.early_stopping: rungs are fractions of training.max_steps"):
         validate_config(config({"rungs": [0.5, 1.0], "keep": 0.5}, max_steps=None))
+    with pytest.raises(ConfigError, match=r"^arms.es.early_stopping.promote: 'predicted' is measured by bench"):
+        validate_config(config({"rungs": [0.5, 1.0], "keep": 0.5, "promote": "predicted"}, max_steps=90))
 
 
 def test_successive_halving_in_one_process_trains_each_rung_once():
@@ -238,7 +247,7 @@ def test_hypervolume_promotion_skips_failed_trials_and_names_bad_rules():
     table = promotion(rung_results(rows), TWO, n_keep=3, promote="hypervolume")
     assert table["promoted"].tolist() == [False, True, True]
     with pytest.raises(
-        ValueError, match=r"^arms.a.early_stopping.promote: must be one of \['crowding', 'hypervolume'\]"
+        ValueError, match=r"^arms.a.early_stopping.promote: must be one of \['crowding', 'hypervolume', 'predicted'\]"
     ):
         EarlyStopping.from_config({"rungs": [0.5, 1.0], "keep": 0.5, "promote": "best"}, field="arms.a.early_stopping")
     assert EarlyStopping.from_config({"rungs": [0.5, 1.0], "keep": 0.5}).promote == "crowding"
@@ -256,3 +265,89 @@ def test_successive_halving_promotes_by_the_schedules_rule():
         lambda trial_id, step: {"status": "ok", "loss": values[trial_id][0], "cost": values[trial_id][1]},
     )
     assert [t for t, m in outcome.items() if m["status"] == "ok"] == ["A", "B"]
+
+
+def _run(rank, alpha, lr, losses):
+    """A complete reference run: its parameters and a curve evaluated every 10 steps."""
+    return {
+        "lora_rank": rank,
+        "lora_alpha": alpha,
+        "learning_rate": lr,
+        "curve": [{"step": 10 * (i + 1), "loss": v, "train_time": float(i)} for i, v in enumerate(losses)],
+    }
+
+
+# Reference curves whose answer is known: small updates (lr * alpha / rank = 1e-4) start slowly
+# and gain 0.3 after step 20; large ones (1e-1) are at their best by step 20 and then overfit.
+SLOW = [_run(8, 8, 1e-4, [3.0, 2.9, 2.7, 2.6]), _run(16, 16, 1e-4, [3.1, 3.0, 2.8, 2.7])]
+FAST = [_run(8, 8, 1e-1, [2.7, 2.6, 2.8, 2.9]), _run(16, 32, 5e-2, [2.8, 2.7, 2.9, 3.0])]
+
+
+def test_update_scale_is_the_log_of_lr_times_alpha_over_rank():
+    assert update_scale({"learning_rate": 1e-3, "lora_alpha": 32, "lora_rank": 8}) == pytest.approx(math.log(4e-3))
+    assert math.isnan(update_scale({"learning_rate": 1e-3, "lora_rank": 8}))
+
+
+def test_predict_final_adds_the_gain_of_the_nearest_curves_in_update_scale():
+    points = [
+        {"lora_rank": 4, "lora_alpha": 4, "learning_rate": 1e-4},
+        {"lora_rank": 4, "lora_alpha": 8, "learning_rate": 5e-2},
+    ]
+    # Up to step 20 the slow runs' best is 2.9 and 3.0, their final best 0.3 lower; the fast
+    # runs' best is already final (gain 0). With one neighbour each point takes its own kind.
+    predicted = predict_final(points, [3.0, 2.5], 20, SLOW + FAST, "loss", neighbours=1)
+    assert predicted == pytest.approx([2.7, 2.5])
+    # Two neighbours of the slow point are the two slow runs: the median of -0.3 and -0.3.
+    assert predict_final(points[:1], [3.0], 20, SLOW + FAST, "loss", neighbours=2) == pytest.approx([2.7])
+    # A "max" objective gains upwards; no reference leaves the values as they are.
+    flipped = [{**run, "curve": [{**r, "loss": -r["loss"]} for r in run["curve"]]} for run in SLOW]
+    assert predict_final(points[:1], [-3.0], 20, flipped, "loss", "max", neighbours=1) == pytest.approx([-2.7])
+    assert predict_final(points, [3.0, 2.5], 20, [], "loss").tolist() == [3.0, 2.5]
+    # A point without the three parameters takes the median gain of every reference run.
+    assert predict_final([{}], [3.0], 20, SLOW + FAST, "loss") == pytest.approx([2.85])
+
+
+def test_predicted_promotion_ranks_slow_starters_by_their_final_value_and_costs_as_measured():
+    # At step 20, S (a slow starter) is behind F (fast) by 0.1 but will gain 0.3; both cost the
+    # same, so as measured F dominates S, and as predicted S dominates F.
+    results = pd.DataFrame(
+        [
+            {
+                "trial_id": "F",
+                "status": "ok",
+                "step": 20,
+                "loss": 2.6,
+                "cost": 5.0,
+                "lora_rank": 8,
+                "lora_alpha": 16,
+                "learning_rate": 5e-2,
+            },
+            {
+                "trial_id": "S",
+                "status": "ok",
+                "step": 20,
+                "loss": 2.7,
+                "cost": 5.0,
+                "lora_rank": 8,
+                "lora_alpha": 8,
+                "learning_rate": 1e-4,
+            },
+            {
+                "trial_id": "C",
+                "status": "ok",
+                "step": 20,
+                "loss": 3.5,
+                "cost": 1.0,
+                "lora_rank": 8,
+                "lora_alpha": 8,
+                "learning_rate": 1e-4,
+            },
+        ]
+    )
+    measured = promotion(results, TWO, n_keep=2)
+    assert measured.loc[measured["promoted"], "trial_id"].tolist() == ["F", "C"]
+    predicted = promotion(results, TWO, n_keep=2, promote="predicted", reference=SLOW + FAST)
+    assert predicted.loc[predicted["promoted"], "trial_id"].tolist() == ["S", "C"]
+    assert predicted["predicted_loss"].tolist() == pytest.approx([2.6, 2.4, 3.2])
+    assert "predicted_cost" not in predicted  # the cost is not on the curves: known, as measured
+    assert predicted["loss"].tolist() == [2.6, 2.7, 3.5]  # the measured values stay in the table
