@@ -780,7 +780,7 @@ def summary_html(
     parts.append(
         "<p>The Pareto set of each seed (no other trial is at least as good in every objective). "
         "<b>★ knee</b>: the point closest to the ideal one once every objective is scaled from its best (0) "
-        "to its worst (1) value over the study: the balanced choice.</p>"
+        "to its worst (1) value over the Pareto set: the balanced choice.</p>"
     )
     params = space.tunable_names
     headers = [

@@ -22,8 +22,6 @@ from loratune.pareto import (
     ALL_ARMS,
     arm_fronts,
     arms_in_order,
-    normalization_bounds,
-    normalize,
     to_minimization,
 )
 from loratune.space import ChoiceParam, FixedParam, FloatParam, IntParam, SearchSpace
@@ -81,17 +79,23 @@ def trial_counts(trials: pd.DataFrame) -> dict[str, Any]:
 
 def recommended_trials(trials: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFrame:
     """The Pareto set of each seed (all arms together, ``pareto.arm_fronts``' ``ALL_ARMS``
-    front) with ``distance``, the Euclidean distance to the ideal point in objectives
-    normalized over the study's ok trials (best 0, worst 1, as the hypervolume is measured),
-    and ``knee``: True on the front point of each seed closest to the ideal, the one balanced
-    choice when no objective is preferred (the first such point on a tie)."""
+    front) with ``distance``, the Euclidean distance to the ideal point once each objective is
+    scaled over the seed's Pareto set (its best value 0, its worst 1), and ``knee``: True on the
+    front point of each seed closest to the ideal, the one balanced choice when no objective is
+    preferred (the first such point on a tie). Scaled over the front, not over every trial: a
+    study's diverged or far-off trials would otherwise squeeze the front's losses together and
+    make the knee the cheapest point whatever its loss."""
     fronts = arm_fronts(trials, objectives)
     front = fronts[fronts["front"] == ALL_ARMS].drop(columns="front").reset_index(drop=True)
     if front.empty:
         return front.assign(distance=pd.Series(dtype=float), knee=pd.Series(dtype=bool))
-    lower, upper = normalization_bounds(trials, objectives)
-    Y = front[list(objectives)].apply(pd.to_numeric).to_numpy(dtype=float)
-    distance = np.linalg.norm(normalize(to_minimization(Y, list(objectives.values())), lower, upper), axis=1)
+    Y = to_minimization(front[list(objectives)].apply(pd.to_numeric).to_numpy(dtype=float), list(objectives.values()))
+    distance = np.zeros(len(front))
+    for _, per_seed in front.groupby("seed", sort=False):
+        rows = per_seed.index.to_numpy()
+        lower, upper = Y[rows].min(axis=0), Y[rows].max(axis=0)
+        spread = np.where(upper > lower, upper - lower, 1.0)
+        distance[rows] = np.linalg.norm((Y[rows] - lower) / spread, axis=1)
     front = front.assign(distance=distance, knee=False)
     for _, per_seed in front.groupby("seed", sort=False):
         front.loc[per_seed["distance"].idxmin(), "knee"] = True

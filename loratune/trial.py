@@ -247,6 +247,17 @@ def retire_workers_in_the_way(
     return retire_workers(lock_dir, in_the_way, keep=keep)
 
 
+def retire_idle_workers(lock_dir: Path | None = None) -> list[int]:
+    """At the end of a run (the workflow's onsuccess and onerror): end this user's idle trial
+    workers on this machine (their pids), so that nothing of a finished study keeps running and
+    holding memory for ``worker_idle_seconds``. A worker that is training (another study's) says
+    busy and is left alone; an idle one of another study is started again by its next trial."""
+    from loratune.devices import default_lock_dir
+    from loratune.training.worker import retire_workers
+
+    return retire_workers(lock_dir if lock_dir is not None else default_lock_dir(), lambda slot: True)
+
+
 def keep_rung_adapter(adapter: Path, target: Path) -> None:
     """Give a rung's record (``step<k>/``) the adapter its rung selected, as hard links (a copy
     where links fail): the trial folder's adapter moves on when the trial is promoted, and the

@@ -60,7 +60,17 @@ rule write_report:
         "../workflow/scripts/write_report.py"
 
 
+# A run's end ends this user's idle trial workers (loratune.trial.retire_idle_workers).
 onsuccess:
+    from loratune.trial import retire_idle_workers
+
+    retire_idle_workers()
     summary = Path(f"{OUT}/summary.txt")
     if summary.exists():
         print(summary.read_text())
+
+
+onerror:
+    from loratune.trial import retire_idle_workers
+
+    retire_idle_workers()

@@ -14,6 +14,8 @@ import pytest
 from loratune.training import ModelSpec, prepare_model
 from loratune.files import atomic_write_json
 from loratune.training.models import (
+    SUBWORD_PROBE,
+    check_subword,
     BUILTIN_GGUF,
     FINGERPRINT_FILE,
     SOURCE_FILE,
@@ -179,6 +181,28 @@ def _split_packages(root, monkeypatch, contents: list[bytes], sha256: str | None
     )
     monkeypatch.setitem(BUILTIN_GGUF, "builtin:split", builtin)
     return builtin
+
+
+def _fast_tokenizer(model):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="?")
+
+
+def test_a_tokenizer_of_single_characters_is_refused_in_one_line():
+    from tokenizers import models
+
+    # What transformers 5.17 makes of Gemma 3's GGUF tokenizer: no merges, one token per character.
+    chars = {c: i for i, c in enumerate(sorted(set("?" + SUBWORD_PROBE)))}
+    per_character = _fast_tokenizer(models.BPE(vocab=chars, merges=[], unk_token="?"))
+    with pytest.raises(ValueError, match=r"^model.name: g.gguf: its tokenizer splits text into single characters \(6\d tokens"):
+        check_subword(per_character, "model.name: g.gguf")
+    # Whole words, as a subword tokenizer gives common words, pass.
+    words = {w: i for i, w in enumerate(["?", *SUBWORD_PROBE.replace(".", " .").split()])}
+    check_subword(_fast_tokenizer(models.WordLevel(vocab=words, unk_token="?")), "model.name: g.gguf")
 
 
 def test_split_builtin_gguf_is_joined_once_in_the_cache(tmp_path, monkeypatch):

@@ -243,7 +243,7 @@ def tiny_trials(values, statuses=None, arms=None) -> pd.DataFrame:
 
 
 def test_the_knee_is_the_front_point_nearest_the_ideal_in_normalized_objectives():
-    # Normalized over the ok trials: (0, 1), (0.3, 0.3) and (1, 0); (0.9, 0.9) is dominated.
+    # Normalized over the Pareto set: (0, 1), (0.3, 0.3) and (1, 0); (0.9, 0.9) is dominated.
     trials = tiny_trials([(0.0, 20.0), (3.0, 13.0), (10.0, 10.0), (9.0, 19.0), (1.0, 10.5)],
                          statuses=["ok", "ok", "ok", "ok", "failed"])
     trials.loc[4, ["train_loss", "train_time"]] = np.nan
@@ -255,6 +255,11 @@ def test_the_knee_is_the_front_point_nearest_the_ideal_in_normalized_objectives(
     flipped = report.recommended_trials(trials, {"train_loss": "max", "train_time": "min"})
     assert flipped["trial_id"].tolist() == ["t2"] and flipped["knee"].tolist() == [True]
     assert flipped["distance"].tolist() == pytest.approx([0.0])
+    # A far-off dominated trial (a diverged loss of 90) does not squeeze the front's losses: scaled
+    # over the study, t2 (0.11, 0) would be the knee before t1 (0.03, 0.2); over the front it is t1.
+    far = tiny_trials([(0.0, 20.0), (3.0, 13.0), (10.0, 10.0), (90.0, 25.0)])
+    knee = report.recommended_trials(far, OBJECTIVES)
+    assert knee.loc[knee["knee"], "trial_id"].tolist() == ["t1"]
 
 
 def test_trial_counts_count_each_trial_once_by_status_with_its_seconds():

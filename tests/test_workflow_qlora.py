@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pandas as pd
@@ -75,7 +77,12 @@ def test_trials_of_a_study_train_in_one_worker_with_their_own_logs(tmp_path):
             assert handed < log.index("LossDiverged") < log.rindex("recorded as failed")
     trials = pd.read_csv(out / "trials.tsv", sep="\t")
     assert (trials[trials.status == "failed"].learning_rate == 1e30).all()
-    import os
-    import signal
-
-    os.kill(workers.pop(), signal.SIGTERM)
+    # The run's end (onsuccess) retired the idle worker: nothing of the study keeps running.
+    pid = workers.pop()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        pass
+    else:
+        os.kill(pid, signal.SIGTERM)
+        raise AssertionError(f"the trial worker {pid} outlived the study")

@@ -147,6 +147,24 @@ def load_gguf_tokenizer(gguf_path: Path, config: Any):
     return tokenizer
 
 
+SUBWORD_PROBE = "Fine-tuning adapts a language model to the instructions people give it."
+
+
+def check_subword(tokenizer: Any, where: str) -> None:
+    """Refuse a tokenizer that splits text into single characters: transformers 5.17 converts
+    Gemma 3's GGUF tokenizer into a Unigram model without scores, one token per character (5.24
+    reads it right), and a model trained and scored on such tokens learns nothing of its own."""
+    import transformers
+
+    ids = tokenizer(SUBWORD_PROBE, add_special_tokens=False)["input_ids"]
+    if len(ids) >= 0.8 * len(SUBWORD_PROBE):
+        raise ValueError(
+            f"{where}: its tokenizer splits text into single characters ({len(ids)} tokens for "
+            f"{len(SUBWORD_PROBE)} characters) as transformers {transformers.__version__} converts it; "
+            "convert it with a transformers that reads this GGUF's tokenizer (5.24 does), or name a converted model folder"
+        )
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, str]:
     """Write the model and tokenizer of ``gguf_path`` as a bf16 safetensors model folder; returns
     the tokenizer's special tokens."""
@@ -155,6 +173,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, str]:
 
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.bfloat16)
     tokenizer = load_gguf_tokenizer(gguf_path, loaded.config)
+    check_subword(tokenizer, f"model.name: {gguf_path.name}")
     # save_pretrained refuses a model that still carries the gguf quantization_config: rebuild it
     # without one (on the meta device: no second random init) and hand it the loaded tensors.
     config = copy.deepcopy(loaded.config)
