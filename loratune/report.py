@@ -22,6 +22,7 @@ from loratune.pareto import (
     ALL_ARMS,
     arm_fronts,
     arms_in_order,
+    normalize,
     to_minimization,
 )
 from loratune.space import ChoiceParam, FixedParam, FloatParam, IntParam, SearchSpace
@@ -93,12 +94,9 @@ def recommended_trials(trials: pd.DataFrame, objectives: Mapping[str, str]) -> p
     distance = np.zeros(len(front))
     for _, per_seed in front.groupby("seed", sort=False):
         rows = per_seed.index.to_numpy()
-        lower, upper = Y[rows].min(axis=0), Y[rows].max(axis=0)
-        spread = np.where(upper > lower, upper - lower, 1.0)
-        distance[rows] = np.linalg.norm((Y[rows] - lower) / spread, axis=1)
+        distance[rows] = np.linalg.norm(normalize(Y[rows], Y[rows].min(axis=0), Y[rows].max(axis=0)), axis=1)
     front = front.assign(distance=distance, knee=False)
-    for _, per_seed in front.groupby("seed", sort=False):
-        front.loc[per_seed["distance"].idxmin(), "knee"] = True
+    front.loc[front.groupby("seed", sort=False)["distance"].idxmin(), "knee"] = True
     return front
 
 

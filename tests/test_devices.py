@@ -157,7 +157,9 @@ def test_a_trial_on_the_cpu_gets_its_cores_and_one_on_a_gpu_one_thread():
     assert trial_threads(config, {"LORATUNE_GPUS": "0"}) == 4
     assert trial_threads(config, {"LORATUNE_GPUS": "2"}) == 1
     assert trial_threads({**config, "training": {"device": "cpu"}}, {"LORATUNE_GPUS": "2"}) == 4
-    assert trial_threads({**config, "resources": {"cpus_per_trial": 3, "gpus_per_trial": 0}}, {"LORATUNE_GPUS": "2"}) == 3
+    assert (
+        trial_threads({**config, "resources": {"cpus_per_trial": 3, "gpus_per_trial": 0}}, {"LORATUNE_GPUS": "2"}) == 3
+    )
     assert trial_threads({**config, "backend": "benchmark"}, {"LORATUNE_GPUS": "0"}) == 1
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.shapes import config_kwargs
 from loratune.training.data import IGNORE_INDEX, TokenizedExample
 from loratune.training.fused import (
     Kernels,
@@ -120,15 +121,7 @@ def test_variable_length_attention_equals_attending_example_by_example():
 
 # ---- memory plan -------------------------------------------------------------------------
 GIB = 2**30
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    tie_word_embeddings=False,
-)
+LLAMA3_8B = config_kwargs("llama3-8b")  # the shape bench/train_speed.py measures
 R16_ALL_LINEAR = 32 * 16 * (8192 + 5120 + 5120 + 8192 + 3 * 18432)  # trainable LoRA weights at r=16
 
 

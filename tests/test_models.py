@@ -198,7 +198,9 @@ def test_a_tokenizer_of_single_characters_is_refused_in_one_line():
     # What transformers 5.17 makes of Gemma 3's GGUF tokenizer: no merges, one token per character.
     chars = {c: i for i, c in enumerate(sorted(set("?" + SUBWORD_PROBE)))}
     per_character = _fast_tokenizer(models.BPE(vocab=chars, merges=[], unk_token="?"))
-    with pytest.raises(ValueError, match=r"^model.name: g.gguf: its tokenizer splits text into single characters \(6\d tokens"):
+    with pytest.raises(
+        ValueError, match=r"^model.name: g.gguf: its tokenizer splits text into single characters \(6\d tokens"
+    ):
         check_subword(per_character, "model.name: g.gguf")
     # Whole words, as a subword tokenizer gives common words, pass.
     words = {w: i for i, w in enumerate(["?", *SUBWORD_PROBE.replace(".", " .").split()])}

@@ -130,7 +130,9 @@ def test_an_edited_loratune_never_reaches_a_worker_of_the_old_code(tmp_path):
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(copy)}
 
     def key() -> str:
-        run = subprocess.run([sys.executable, "-c", KEY], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", KEY], env=env, cwd=tmp_path, capture_output=True, text=True, check=True
+        )
         return run.stdout
 
     before = key()
@@ -168,7 +170,8 @@ def test_a_trial_alone_on_a_gpu_first_ends_the_idle_workers_holding_memory_there
             path = socket_path_for(slot, locks, {**os.environ, "CUDA_VISIBLE_DEVICES": slot[3]})
             workers[slot] = subprocess.Popen(
                 [sys.executable, "-m", "loratune.training.worker", str(path), "600", slot],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + 120
         while len(list(locks.glob("worker-*.slot"))) < 3 and time.monotonic() < deadline:
