@@ -110,11 +110,8 @@ def get_trial_gpus(wildcards):
     return config["resources"]["gpus_per_trial"] if config["backend"] == "qlora" else 0
 
 
+# A trial job's threads (Snakemake exports them as OMP_NUM_THREADS): see devices.trial_threads.
 TRIAL_THREADS = devices.trial_threads(config)
-
-
-def get_trial_threads(wildcards):
-    return TRIAL_THREADS
 
 
 def get_prepared_model_path(input):

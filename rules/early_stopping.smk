@@ -16,7 +16,7 @@ rule train_rung:
         f"{OUT}/seed{{seed}}/trials/{{trial}}/step{{step}}/benchmark.tsv"
     wildcard_constraints:
         step=r"\d+",
-    threads: get_trial_threads
+    threads: TRIAL_THREADS
     resources:
         gpu=get_trial_gpus,
         gpu_share=get_trial_gpu_share,

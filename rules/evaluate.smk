@@ -12,7 +12,7 @@ rule evaluate_trial:
         f"{OUT}/seed{{seed}}/trials/{{record}}/evaluate.log",
     benchmark:
         f"{OUT}/seed{{seed}}/trials/{{record}}/evaluate_benchmark.tsv"
-    threads: get_trial_threads
+    threads: TRIAL_THREADS
     resources:
         gpu=get_trial_gpus,
         gpu_share=get_exclusive_gpu_share,

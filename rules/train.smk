@@ -7,7 +7,7 @@ rule train_trial:
         f"{OUT}/seed{{seed}}/trials/{{trial}}/train.log",
     benchmark:
         f"{OUT}/seed{{seed}}/trials/{{trial}}/benchmark.tsv"
-    threads: get_trial_threads
+    threads: TRIAL_THREADS
     resources:
         gpu=get_trial_gpus,
         gpu_share=get_trial_gpu_share,
