@@ -1,4 +1,3 @@
-import json
 import sys
 from pathlib import Path
 
@@ -9,6 +8,7 @@ from loratune.ledger import PILOT, proposed_trial_ids, read_table
 from loratune.loop import rung_candidates
 from loratune import devices, study_state
 from loratune.packing import gpu_job_share
+from loratune.training.models import read_model_marker
 
 # Switches of one run, not part of the study (given as --config recompute=true, retry_failed=...).
 RECOMPUTE = str(config.pop("recompute", False)).lower() in ("true", "yes", "1")
@@ -116,9 +116,7 @@ TRIAL_THREADS = devices.trial_threads(config)
 
 def get_prepared_model_path(input):
     """The prepared model's folder, or None before prepare_model has run (a dry run)."""
-    if "model" not in input.keys() or not Path(input.model).is_file():
-        return None
-    return json.loads(Path(input.model).read_text())["path"]
+    return read_model_marker(input.model) if "model" in input.keys() else None
 
 
 def get_trial_gpu_share(wildcards, input):

@@ -22,6 +22,8 @@ from loratune.training.models import (
     BuiltinGGUF,
     builtin_gguf_path,
     model_fingerprint,
+    read_model_marker,
+    write_model_marker,
 )
 from loratune.training.settings import BUILTIN_MODELS
 from tiny_models import build_tiny_llama
@@ -287,3 +289,13 @@ def test_gemma3_270m_converts_and_trains_with_loss_on_the_answer_and_eos(tmp_pat
     assert all(math.isfinite(point["eval_loss"]) and point["eval_loss"] > 0 for point in metrics["curve"])
     assert metrics["curve"][0]["eval_loss"] != metrics["curve"][1]["eval_loss"]  # the adapter trained
     shutil.rmtree(cache)  # 540 MB
+
+
+def test_model_marker_round_trip_and_missing(tmp_path):
+    """The marker prepare_model writes is what the trial, dataset and GPU-share steps read; before
+    prepare_model has run (a dry run) it reads as no model yet."""
+    marker = tmp_path / "resources" / "models" / "m.json"
+    assert read_model_marker(marker) is None
+    marker.parent.mkdir(parents=True)
+    write_model_marker(marker, ModelSpec(name="builtin:smollm2-135m"), tmp_path / "cache" / "smollm2")
+    assert read_model_marker(marker) == str(tmp_path / "cache" / "smollm2")

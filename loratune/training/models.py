@@ -252,6 +252,21 @@ def prepare_model(spec: ModelSpec, cache_dir: str | Path) -> str:
     return download_hub_model(spec, Path(cache_dir) / spec.name.replace("/", "--"))
 
 
+def write_model_marker(marker: str | Path, spec: ModelSpec, path: str | Path) -> None:
+    """Record where prepare_model put the model: the marker file is what the workflow's jobs depend
+    on (the model itself lives in the shared cache beside it)."""
+    atomic_write_json(marker, {"name": spec.name, "path": str(path)})
+
+
+def read_model_marker(marker: str | Path) -> str | None:
+    """The prepared model's folder from its marker file, or None while the marker does not exist
+    (a dry run before prepare_model has run)."""
+    marker = Path(marker)
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text())["path"]
+
+
 def download_hub_model(spec: ModelSpec, target: Path) -> str:
     """Download a hub model's config, tokenizer and safetensors weights (not the original
     checkpoints) once; the token comes from HF_TOKEN / HF_TOKEN_PATH, never from the config."""

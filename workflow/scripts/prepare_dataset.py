@@ -2,16 +2,14 @@ from loratune.logs import log_to_file, one_line_errors
 
 log_to_file(snakemake.log[0])
 
-import json
 from pathlib import Path
 
 from loratune.training import DatasetSpec, TrainingSettings, prepare_dataset
 from loratune.training.data import check_fits, read_prepared
-from loratune.training.models import load_tokenizer
+from loratune.training.models import load_tokenizer, read_model_marker
 
 out_dir = Path(snakemake.output.manifest).parent
-with open(snakemake.input.model) as handle:
-    model_path = json.load(handle)["path"]
+model_path = read_model_marker(snakemake.input.model)
 model = snakemake.params.model
 
 with one_line_errors():

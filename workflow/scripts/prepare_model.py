@@ -4,11 +4,11 @@ log_to_file(snakemake.log[0])
 
 from pathlib import Path
 
-from loratune.files import atomic_write_json
 from loratune.training import ModelSpec, prepare_model
+from loratune.training.models import write_model_marker
 
 spec = ModelSpec(**snakemake.params.model)
 # The converted model lives beside its marker file, in the shared model cache.
 with one_line_errors():
     path = prepare_model(spec, cache_dir=Path(snakemake.output.marker).parent)
-atomic_write_json(snakemake.output.marker, {"name": spec.name, "path": str(path)})
+write_model_marker(snakemake.output.marker, spec, path)

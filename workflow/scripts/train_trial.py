@@ -2,17 +2,14 @@ from loratune.logs import log_to_file, one_line_errors
 
 log_to_file(snakemake.log[0])
 
-import json
 from pathlib import Path
 
 from loratune.config import validate_config
+from loratune.training.models import read_model_marker
 from loratune.trial import run_trial_job
 
 rung = "step" in snakemake.wildcards.keys()
-model_path = None
-if "model" in snakemake.input.keys():
-    with open(snakemake.input.model) as handle:
-        model_path = json.load(handle)["path"]
+model_path = read_model_marker(snakemake.input.model) if "model" in snakemake.input.keys() else None
 
 with one_line_errors():
     run_trial_job(
