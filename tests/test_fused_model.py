@@ -218,9 +218,16 @@ def test_every_plan_gives_the_same_gradients_dropout_included(tiny_model, device
 
 
 def test_the_recomputation_skips_only_the_down_projections_frozen_matmul(tiny_model):
-    """A checkpointed layer's backward recomputes its forward but for the down projection's frozen
-    matmul (its output is used by nothing the backward needs), and the gradients stay the same."""
+    """A checkpointed layer's backward recomputes its forward but for the down projection's output
+    (its frozen matmul and LoRA up-projection: used by nothing the backward needs), and the
+    gradients stay the same."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    def counter():  # torch counts addmm, not the in-place addmm_ the projections accumulate with
+        def addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs):
+            return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+        return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops})
 
     batch = examples()
     tokens = sum(len(e.input_ids) for e in batch)
@@ -230,9 +237,9 @@ def test_the_recomputation_skips_only_the_down_projections_frozen_matmul(tiny_mo
         fused = FusedCausalLM(model)
         fused.apply_plan(MemoryPlan(checkpointed=checkpointed, dequant_cache=False))
         loss = fused.loss(pack(batch, torch.device("cpu")), training=True)
-        with FlopCounterMode(display=False) as counter:
+        with counter() as count:
             loss.backward()
-        backward_flops.append(counter.get_total_flops())
+        backward_flops.append(count.get_total_flops())
         grads.append(lora_grads(model))
     config = model.config
     hidden = torch.randn(tokens, config.hidden_size)
@@ -240,10 +247,11 @@ def test_the_recomputation_skips_only_the_down_projections_frozen_matmul(tiny_mo
     cos, sin = fused.rotary_emb(hidden, packed.position_ids[None])
     layer_flops = []
     for recompute in (False, True):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), counter() as count:
             fused.layers[0].forward(hidden, cos[0], sin[0], packed, fused.kernels, fused.shape, True, recompute)
-        layer_flops.append(counter.get_total_flops())
-    assert layer_flops[0] - layer_flops[1] == 2 * tokens * config.intermediate_size * config.hidden_size
+        layer_flops.append(count.get_total_flops())
+    rank = fused.layers[0].down.lora_a[0].shape[0]  # and the up-projection of its LoRA branch
+    assert layer_flops[0] - layer_flops[1] == 2 * tokens * (config.intermediate_size + rank) * config.hidden_size
     assert backward_flops[1] - backward_flops[0] == 2 * layer_flops[1]  # two layers recomputed, down's matmul not
     assert relative_error(grads[1], grads[0]) < 1e-5
 
