@@ -397,15 +397,18 @@ class Trainer:
                 raise
             self.optimizer.zero_grad(set_to_none=True)  # the same step again, with eager kernels
             summed_loss = self._forward_backward(micro, loss_tokens)
-        step_loss = summed_loss.item() / loss_tokens  # the step's one host sync
-        if not math.isfinite(step_loss):
-            raise LossDiverged(f"loss became {'NaN' if math.isnan(step_loss) else 'inf'} at step {step + 1}")
         if check_gradients:
             require_lora_gradients(self.model)
         if self.settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # The step's one host sync, after the update is queued: the host's work for clipping and
+        # AdamW then overlaps the GPU's backward instead of leaving the GPU idle after it. A
+        # diverged step's update is thrown away with the trial (its state and adapter are removed).
+        step_loss = summed_loss.item() / loss_tokens
+        if not math.isfinite(step_loss):
+            raise LossDiverged(f"loss became {'NaN' if math.isnan(step_loss) else 'inf'} at step {step + 1}")
         progress.loss_curve.append(step_loss)
         progress.train_tokens += sum(len(example.input_ids) for batch in micro for example in batch)
         progress.train_time += time.perf_counter() - started
