@@ -11,8 +11,6 @@ with fewer, larger kernels and less memory:
 * q/k/v and gate/up are one matmul each over their weights dequantized side by side, with the
   LoRA branches of a group as one down- and one block-diagonal up-projection, inside a custom
   autograd function that saves only what the LoRA gradients need (never a dequantized weight);
-  the frozen matmul accumulates into the LoRA branch's low-rank product (forward and input
-  gradient), so no separate pass adds the branch into the output;
 * LoRA dropout draws one mask per shared input (q/k/v share one, gate/up another), where peft
   draws one per projection: the same distribution, not the same random numbers;
 * the residual stream and its gradient stay fp32, as in the plain QLoRA recipe; the rest runs in

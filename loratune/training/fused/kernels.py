@@ -40,13 +40,18 @@ def split_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads:
 
 
 def masked_scale(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Dropout with a known mask, or its backward: x·mask·scale."""
+    """Dropout with a known mask: x·mask·scale."""
     return x * mask * scale
 
 
 def residual_add(hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """The fp32 residual stream plus a compute-dtype layer output."""
     return hidden + delta
+
+
+def masked_accumulate(total: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """total + delta·mask·scale: a dropout's backward added into an input gradient, in one pass."""
+    return total + delta * mask * scale
 
 
 def swiglu(gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
@@ -61,6 +66,7 @@ class Kernels:
     swiglu: Callable = swiglu
     residual_add: Callable = residual_add
     masked_scale: Callable = masked_scale
+    masked_accumulate: Callable = masked_accumulate
     cross_entropy_chunk: Callable = cross_entropy_chunk
 
 
@@ -84,6 +90,7 @@ def make_kernels(compile: bool) -> Kernels:
         "swiglu",
         "residual_add",
         "masked_scale",
+        "masked_accumulate",
         "cross_entropy_chunk",
     )
     return Kernels(**{name: torch.compile(globals()[name]) for name in names})

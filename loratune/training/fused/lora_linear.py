@@ -99,9 +99,8 @@ class FrozenLinearLora(torch.autograd.Function):
     The prologue (the RMSNorm before q/k/v and gate/up, the SwiGLU before down) is cheap
     elementwise work: the function saves its input u and the dropout mask, and recomputes x and
     dropout(x) in the backward pass rather than keeping them (28% less activation memory per
-    layer, so fewer layers need checkpointing). It never saves a dequantized weight. Both the
-    output and the input gradient start from the LoRA branch's low-rank product, the frozen matmul
-    accumulating into it (``_frozen_plus_low_rank``).
+    layer, so fewer layers need checkpointing). It never saves a dequantized weight; the input
+    gradient takes the LoRA branch's share through the mask in one pass.
     """
 
     @staticmethod
@@ -118,6 +117,10 @@ class FrozenLinearLora(torch.autograd.Function):
         output: bool = True,
     ):
         x = prologue(u) if prologue is not None else u
+        if output:
+            y = F.linear(x, weights.get(), weights.bias)
+        else:  # a recomputation for the backward: only what is saved counts, y is a placeholder
+            y = x.new_zeros(()).expand(x.shape[0], sum(weights.sizes))
         ctx.weights, ctx.kernels, ctx.prologue, ctx.chunk_bytes = weights, kernels, prologue, chunk_bytes
         ctx.has_lora = lora_a is not None
         ctx.dropout = dropout
@@ -129,11 +132,9 @@ class FrozenLinearLora(torch.autograd.Function):
             a = lora_a.to(x.dtype)
             b = lora_b.to(x.dtype)
             z = x_dropped @ a.t()
+            if output:
+                y.addmm_(z, b.t())
             ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
-        if output:
-            y = _frozen_plus_low_rank(x, weights.get(), weights.bias, z, b)
-        else:  # a recomputation for the backward: only what is saved counts, y is a placeholder
-            y = x.new_zeros(()).expand(x.shape[0], sum(weights.sizes))
         ctx.save_for_backward(u, z, a, b, mask)
         return y
 
@@ -195,31 +196,14 @@ def _backward_rows(ctx, u, grad_y, grad_z, mask, weight, a, scale: float, needs_
         grad_a = grad_z.t() @ x_dropped
         del x_dropped
     if needs_input:
-        if ctx.has_lora:  # the LoRA branch's share first (through the dropout), the frozen matmul added into it
-            low_rank = grad_z @ a
-            if mask is not None:
-                low_rank = ctx.kernels.masked_scale(low_rank, mask, scale)
-            grad_x = low_rank.addmm_(grad_y, weight)
-        else:
-            grad_x = grad_y @ weight
+        grad_x = grad_y @ weight
+        if ctx.has_lora:
+            if mask is None:
+                grad_x.addmm_(grad_z, a)
+            else:
+                grad_x = ctx.kernels.masked_accumulate(grad_x, grad_z @ a, mask, scale)
         grad_u = grad_x if ctx.prologue is None else torch.autograd.grad(x, u, grad_x)[0]
     return grad_u, grad_a
-
-
-def _frozen_plus_low_rank(x, weight, bias, z, b) -> torch.Tensor:
-    """x W^T (+ bias) (+ z B^T when the layer has LoRA weights).
-
-    The low-rank product comes first and the frozen matmul accumulates into it (cuBLAS with
-    beta = 1): its epilogue reads the output while the matmul's inner loop keeps the GPU busy. The
-    other order, the frozen matmul first and then ``addmm_`` of the rank-r product, is a separate
-    memory-bound pass that reads and writes the whole output once more: the 40 GiB H200 profile of
-    783a439 had those passes (forward here, input gradient in the backward) at 5.6% of the CUDA
-    time, 376 us for gate|up's 8,192 x 28,672 output. The sum is rounded once, not twice.
-    """
-    if z is None:
-        return F.linear(x, weight, bias)
-    y = z @ b.t() if bias is None else torch.addmm(bias, z, b.t())
-    return y.addmm_(x, weight.t())
 
 
 @dataclass
