@@ -21,6 +21,11 @@ except ConfigError as error:
 
 OUT = f"{config['results_dir']}/{STUDY.name}"
 
+# A head inside a Slurm allocation shares the allocation's GPUs out to its jobs as a workstation's
+# (profiles/slurm-node): they inherit the mark (loratune/devices.py).
+if workflow.is_main_process:
+    devices.mark_allocation_head()
+
 # Before any job: one head per study, and the study folder reconciled with this config
 # (changed config, lost or corrupt files, failed trials to retry): see loratune/study_state.py.
 if workflow.is_main_process:
