@@ -11,7 +11,7 @@ drops it when the process exits, crash or kill included, so a stale lock cannot 
 
 Slurm is either of two things to a trial. A job that Snakemake's Slurm executor submitted for
 one trial got its GPU from Slurm (``CUDA_VISIBLE_DEVICES``), and we keep it: ``slurm_placed``. A
-Snakemake head that runs *inside* a Slurm allocation (``sbatch profiles/slurm-node/study.sbatch``)
+Snakemake head that runs *inside* a Slurm allocation (``sbatch profiles/wave/study.sbatch``)
 runs its trials as local jobs on the allocation's GPUs, and they claim them as on a workstation:
 the head marks its job (``mark_allocation_head``), its jobs inherit the mark, and the pool is the
 allocation's ``CUDA_VISIBLE_DEVICES``, with locks of its own (``default_lock_dir``).
@@ -36,9 +36,7 @@ from pathlib import Path
 
 GPU_COUNT_ENV = "LORATUNE_GPUS"
 VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
-
-
-ALLOCATION_ENV = "LORATUNE_SLURM_ALLOCATION"
+ALLOCATION_ENV = "LORATUNE_SLURM_ALLOCATION"  # the Slurm job id of the allocation a head runs in
 
 
 def default_lock_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -222,8 +220,8 @@ def claim_gpu(
 
     ``count=0`` (a CPU trial) claims nothing and yields None. In a Slurm job of one trial
     (``slurm_placed``), yield what Slurm put in ``CUDA_VISIBLE_DEVICES`` for the job (None if it
-    got no GPU) and take no lock. Locally and inside a head's allocation, yield None on a machine without GPUs; otherwise lock ``count`` free
-    devices of ``local_pool``, waiting ``poll_seconds`` between attempts while too few are
+    got no GPU) and take no lock. Locally and inside a head's allocation, yield None without
+    GPUs; otherwise lock ``count`` free devices of ``local_pool``, waiting ``poll_seconds`` between attempts while too few are
     free (for ever, or until ``timeout_seconds``, then ``TimeoutError``), set
     ``CUDA_VISIBLE_DEVICES`` to them ("0" or "2,3") and yield that. On exit the previous
     ``CUDA_VISIBLE_DEVICES`` is restored and the locks released.

@@ -203,8 +203,9 @@ def gpu_job_share(
     on a machine without GPUs (one trial at a time: it uses every core), one GPU's part per job
     of ``gpus_per_trial`` GPUs, and a slot's part (1 / (GPUs x trials per GPU)) for a trial
     that may share its GPU; nothing for a job without a GPU (benchmark trials) or in a Slurm job of
-    one trial (Slurm rations the GPUs). Inside a head's Slurm allocation the GPUs are the
-    allocation's (``loratune.devices.in_allocation``). ``exclusive``: a job that takes its GPU alone (evaluation).
+    one trial (Slurm rations the GPUs); inside a head's Slurm allocation, "this machine's GPUs" are
+    the allocation's (``loratune.devices.in_allocation``). ``exclusive``: a job that takes its GPU
+    alone (evaluation).
     ``model_path`` None (the model not prepared yet, as in a dry run) counts as one trial per GPU
     for ``auto``; Snakemake asks again once the job's inputs exist."""
     from loratune.devices import local_pool, slurm_placed
