@@ -9,6 +9,13 @@ plus one of the device's ``trials_per_gpu`` slot locks each, so a lone trial and
 mix and at most ``trials_per_gpu`` share. A lock is an ``flock`` on an open file: the kernel
 drops it when the process exits, crash or kill included, so a stale lock cannot outlive its trial.
 
+Slurm is either of two things to a trial. A job that Snakemake's Slurm executor submitted for
+one trial got its GPU from Slurm (``CUDA_VISIBLE_DEVICES``), and we keep it: ``slurm_placed``. A
+Snakemake head that runs *inside* a Slurm allocation (``sbatch profiles/wave/study.sbatch``)
+runs its trials as local jobs on the allocation's GPUs, and they claim them as on a workstation:
+the head marks its job (``mark_allocation_head``), its jobs inherit the mark, and the pool is the
+allocation's ``CUDA_VISIBLE_DEVICES``, with locks of its own (``default_lock_dir``).
+
 ``CUDA_VISIBLE_DEVICES`` is read once, when CUDA initializes, so the claim must happen
 before the first CUDA call of the process.
 """
@@ -29,16 +36,43 @@ from pathlib import Path
 
 GPU_COUNT_ENV = "LORATUNE_GPUS"
 VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+ALLOCATION_ENV = "LORATUNE_SLURM_ALLOCATION"  # the Slurm job id of the allocation a head runs in
 
 
 def default_lock_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """``${TMPDIR:-/tmp}/loratune-gpus-<uid>``: per user, so users of a shared machine never block each other's locks."""
-    return Path(environ.get("TMPDIR") or "/tmp") / f"loratune-gpus-{os.getuid()}"
+    """``${TMPDIR:-/tmp}/loratune-gpus-<uid>``: per user, so users of a shared machine never block
+    each other's locks; inside a head's allocation ``...-<uid>-job<id>``: two allocations of one
+    user on one node hold different GPUs that Slurm may number alike (both "0" under cgroups)."""
+    name = f"loratune-gpus-{os.getuid()}"
+    if in_allocation(environ):
+        name += f"-job{environ['SLURM_JOB_ID']}"
+    return Path(environ.get("TMPDIR") or "/tmp") / name
 
 
-def under_slurm(environ: Mapping[str, str] = os.environ) -> bool:
-    """True inside a Slurm job (batch script or job step)."""
-    return bool(environ.get("SLURM_JOB_ID"))
+def in_allocation(environ: Mapping[str, str] = os.environ) -> bool:
+    """True in the Slurm job of a Snakemake head that runs inside it (the head and its local jobs):
+    the allocation's GPUs are this head's to share out, as a workstation's are."""
+    job = environ.get("SLURM_JOB_ID")
+    return bool(job) and environ.get(ALLOCATION_ENV) == job
+
+
+def slurm_placed(environ: Mapping[str, str] = os.environ) -> bool:
+    """True in a Slurm job that is not a head's allocation: a job that Snakemake's Slurm executor
+    submitted for one trial, whose GPU Slurm chose (its ``CUDA_VISIBLE_DEVICES``) and which ends
+    with that trial."""
+    return bool(environ.get("SLURM_JOB_ID")) and not in_allocation(environ)
+
+
+def mark_allocation_head(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Called once by the Snakemake head (rules/common.smk): inside a Slurm job, mark the job as
+    the head's allocation, for the head and every job it starts (they inherit the mark); the job
+    id, or None outside Slurm. The jobs that a head's Slurm executor submits carry the mark too
+    (sbatch passes the environment on) but run in jobs of their own ids, so they stay
+    ``slurm_placed``; the executor itself drops the head's ``SLURM_*`` before it submits."""
+    job = environ.get("SLURM_JOB_ID")
+    if job:
+        environ[ALLOCATION_ENV] = job
+    return job or None
 
 
 def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
@@ -93,11 +127,14 @@ def local_pool(environ: Mapping[str, str] = os.environ) -> list[str]:
     """The device ids a local trial may claim.
 
     A ``CUDA_VISIBLE_DEVICES`` set by the user restricts the pool to those devices (ids,
-    UUIDs or MIG names); otherwise every GPU counts, by index.
+    UUIDs or MIG names), as Slurm's does inside a head's allocation (none there without it);
+    otherwise every GPU counts, by index.
     """
     visible = environ.get(VISIBLE_ENV)
     if visible is not None:
         return [device.strip() for device in visible.split(",") if device.strip()]
+    if in_allocation(environ):
+        return []  # Slurm names every GPU it allocates there; the node's others are not ours
     return [str(index) for index in range(gpu_count(environ))]
 
 
@@ -181,10 +218,10 @@ def claim_gpu(
 ) -> Iterator[str | None]:
     """Claim ``count`` GPUs for the duration of the ``with`` block; yield their ids, or None.
 
-    ``count=0`` (a CPU trial) claims nothing and yields None. Inside a Slurm job, yield what
-    Slurm put in ``CUDA_VISIBLE_DEVICES`` for the job (None if it got no GPU) and take no
-    lock. Locally, yield None on a machine without GPUs; otherwise lock ``count`` free
-    devices of ``local_pool``, waiting ``poll_seconds`` between attempts while too few are
+    ``count=0`` (a CPU trial) claims nothing and yields None. In a Slurm job of one trial
+    (``slurm_placed``), yield what Slurm put in ``CUDA_VISIBLE_DEVICES`` for the job (None if it
+    got no GPU) and take no lock. Locally and inside a head's allocation, yield None without
+    GPUs; otherwise lock ``count`` free devices of ``local_pool``, waiting ``poll_seconds`` between attempts while too few are
     free (for ever, or until ``timeout_seconds``, then ``TimeoutError``), set
     ``CUDA_VISIBLE_DEVICES`` to them ("0" or "2,3") and yield that. On exit the previous
     ``CUDA_VISIBLE_DEVICES`` is restored and the locks released.
@@ -195,7 +232,7 @@ def claim_gpu(
     if count == 0:
         yield None
         return
-    if under_slurm(environ):
+    if slurm_placed(environ):
         yield environ.get(VISIBLE_ENV) or None
         return
 
@@ -282,7 +319,7 @@ def claim_gpu_share(
     """
     if trials_per_gpu < 1:
         raise ValueError(f"claim_gpu_share: trials_per_gpu must be >= 1, got {trials_per_gpu}")
-    if trials_per_gpu == 1 or under_slurm(environ) or not local_pool(environ):
+    if trials_per_gpu == 1 or slurm_placed(environ) or not local_pool(environ):
         with claim_gpu(
             1, lock_dir=lock_dir, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds, environ=environ
         ) as device:

@@ -164,12 +164,12 @@ def study_trials_per_gpu(
     """How many trials of the study ``config`` may share one GPU of this machine, and why: what a
     trial job claims (``loratune.trial``) and what Snakemake's head schedules for
     (``gpu_job_share``), so both count the same slots."""
-    from loratune.devices import local_pool, under_slurm
+    from loratune.devices import local_pool, slurm_placed
 
     if config["backend"] != "qlora" or config["resources"]["gpus_per_trial"] != 1:
         return 1, "one trial per GPU: not one GPU per trial"
-    if under_slurm(environ):
-        return 1, "Slurm chose the GPU"
+    if slurm_placed(environ):
+        return 1, "Slurm chose the GPU of this trial's job"
     pool = local_pool(environ)
     if not pool:
         return 1, "no GPU"
@@ -202,14 +202,16 @@ def gpu_job_share(
     that the default profile runs as many GPU jobs at once as this machine's GPUs take: all of it
     on a machine without GPUs (one trial at a time: it uses every core), one GPU's part per job
     of ``gpus_per_trial`` GPUs, and a slot's part (1 / (GPUs x trials per GPU)) for a trial
-    that may share its GPU; nothing for a job without a GPU (benchmark trials) or inside a Slurm
-    job (Slurm rations the GPUs). ``exclusive``: a job that takes its GPU alone (evaluation).
+    that may share its GPU; nothing for a job without a GPU (benchmark trials) or in a Slurm job of
+    one trial (Slurm rations the GPUs); inside a head's Slurm allocation, "this machine's GPUs" are
+    the allocation's (``loratune.devices.in_allocation``). ``exclusive``: a job that takes its GPU
+    alone (evaluation).
     ``model_path`` None (the model not prepared yet, as in a dry run) counts as one trial per GPU
     for ``auto``; Snakemake asks again once the job's inputs exist."""
-    from loratune.devices import local_pool, under_slurm
+    from loratune.devices import local_pool, slurm_placed
 
     gpus = config["resources"]["gpus_per_trial"] if config["backend"] == "qlora" else 0
-    if gpus == 0 or under_slurm(environ):
+    if gpus == 0 or slurm_placed(environ):
         return 0
     pool = local_pool(environ)
     if not pool:

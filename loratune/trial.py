@@ -201,17 +201,18 @@ def _budget_share(study: Study, share) -> float | None:
 
 def _worker_slot(study: Study, share) -> str | None:
     """The slot whose trial worker trains this trial, or None: train in this process.
-    ``resources.trial_worker``: true, false, or auto (a worker on a locally claimed GPU; on the
-    CPU one trial already uses every core, and a Slurm job ends with its one trial)."""
-    from loratune.devices import under_slurm
+    ``resources.trial_worker``: true, false, or auto (a worker on a GPU claimed locally or in a
+    head's Slurm allocation; on the CPU one trial already uses every core, and a Slurm job of one
+    trial ends with it)."""
+    from loratune.devices import slurm_placed
 
     setting = study.config["resources"]["trial_worker"]
     if study.config["backend"] != "qlora" or setting is False:
         return None
-    if setting == "auto" and (share.device is None or under_slurm()):
+    if setting == "auto" and (share.device is None or slurm_placed()):
         return None
     name = _worker_slot_name(share.device, share.slot)
-    return f"{name}.job{os.environ['SLURM_JOB_ID']}" if under_slurm() else name
+    return f"{name}.job{os.environ['SLURM_JOB_ID']}" if slurm_placed() else name
 
 
 def _lone_slot(device: str) -> str:
@@ -232,10 +233,10 @@ def retire_workers_in_the_way(
     worker of the GPU; a sharing trial the GPU's lone-trial worker and another worker of its own
     slot (an older loratune's). The claim makes them idle: a lone trial's claim excludes every
     sharer of the GPU, a sharer's every lone trial and its slot's other holders."""
-    from loratune.devices import default_lock_dir, under_slurm
+    from loratune.devices import default_lock_dir, slurm_placed
     from loratune.training.worker import retire_workers, socket_path_for
 
-    if device is None or under_slurm():
+    if device is None or slurm_placed():
         return []
     lock_dir = lock_dir if lock_dir is not None else default_lock_dir()
     lone, mine = _lone_slot(device), _worker_slot_name(device, slot)

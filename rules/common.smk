@@ -21,9 +21,12 @@ except ConfigError as error:
 
 OUT = f"{config['results_dir']}/{STUDY.name}"
 
-# Before any job: one head per study, and the study folder reconciled with this config
-# (changed config, lost or corrupt files, failed trials to retry): see loratune/study_state.py.
+# Before any job: a head inside a Slurm allocation (profiles/wave/study.sbatch) marks it, so
+# that its jobs share the allocation's GPUs out as a workstation's (loratune/devices.py); one head
+# per study, and the study folder reconciled with this config (changed config, lost or corrupt
+# files, failed trials to retry): see loratune/study_state.py.
 if workflow.is_main_process:
+    devices.mark_allocation_head()
     LOOKING = study_state.only_looks(sys.argv)
     if not LOOKING:
         try:

@@ -41,6 +41,11 @@ def load_test_config(name: str) -> dict:
     return yaml.safe_load((REPO / "tests" / "configs" / name).read_text())
 
 
+def workflow_env() -> dict[str, str]:
+    """The environment of a workflow run: this checkout's loratune, offline."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
 def run_workflow(workdir: Path, configfile: Path, *args: str, timeout: float = 900, check: bool = True,
                  profile: str | Path | None = "profiles/local") -> subprocess.CompletedProcess:
     """Run Snakemake on the repo's Snakefile in ``workdir``, the way a user runs it."""
@@ -48,8 +53,7 @@ def run_workflow(workdir: Path, configfile: Path, *args: str, timeout: float = 9
     if profile:
         command += ["--profile", str(REPO / profile)]
     command += list(args)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=workflow_env())
     if check and result.returncode != 0:
         raise AssertionError(
             f"snakemake failed ({result.returncode}): {' '.join(command)}\n"

@@ -43,8 +43,8 @@ def start_worker(lock_dir: Path, hold: float, env: dict[str, str]) -> subprocess
 
 def local_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    env.pop("LORATUNE_GPUS", None)
+    for name in ("CUDA_VISIBLE_DEVICES", "LORATUNE_GPUS", "LORATUNE_SLURM_ALLOCATION"):
+        env.pop(name, None)
     return {**env, **extra}
 
 
@@ -111,6 +111,47 @@ def test_slurm_choice_is_kept_and_no_lock_is_taken(tmp_path):
     assert not (tmp_path / "locks").exists()
     with claim_gpu(lock_dir=tmp_path / "locks", environ=local_env(SLURM_JOB_ID="43")) as device:
         assert device is None  # a Slurm job without a GPU
+
+
+def test_inside_a_heads_allocation_its_jobs_share_the_allocations_gpus(tmp_path):
+    """A head inside a Slurm job marks the job; its jobs (which inherit the mark) claim the
+    allocation's GPUs as on a workstation, under locks of that job's own; a job of another id
+    (one the Slurm executor submitted for one trial) keeps Slurm's choice."""
+    from loratune.devices import (
+        ALLOCATION_ENV,
+        claim_gpu_share,
+        default_lock_dir,
+        in_allocation,
+        mark_allocation_head,
+        slurm_placed,
+    )
+
+    head = local_env(SLURM_JOB_ID="42", CUDA_VISIBLE_DEVICES="2,3", LORATUNE_GPUS="8", TMPDIR=str(tmp_path))
+    assert slurm_placed(head) and not in_allocation(head)
+    assert mark_allocation_head(head) == "42" and head[ALLOCATION_ENV] == "42"
+    assert in_allocation(head) and not slurm_placed(head)
+    assert local_pool(head) == ["2", "3"]  # Slurm's GPUs, not the node's 8
+    assert default_lock_dir(head) == tmp_path / f"loratune-gpus-{os.getuid()}-job42"
+    with (
+        claim_gpu_share(2, environ=dict(head)) as a,
+        claim_gpu_share(2, environ=dict(head)) as b,
+        claim_gpu_share(2, environ=dict(head)) as c,
+    ):
+        # Slot 0 of each of the allocation's GPUs, then a second trial on the first.
+        assert [(x.device, x.slot, x.trials_at_start) for x in (a, b, c)] == [("2", 0, 1), ("3", 0, 1), ("2", 1, 2)]
+        assert {p.name for p in tmp_path.iterdir()} == {f"loratune-gpus-{os.getuid()}-job42"}
+        # Another allocation of this user on this node has its own locks: nothing of ours blocks it.
+        other = {**head, "SLURM_JOB_ID": "44", ALLOCATION_ENV: "44"}
+        with claim_gpu_share(2, timeout_seconds=0, environ=other) as d:
+            assert (d.device, d.slot, d.trials_at_start) == ("2", 0, 1)
+
+    trial_job = {**head, "SLURM_JOB_ID": "43", "CUDA_VISIBLE_DEVICES": "1"}  # the mark inherited, another job
+    assert slurm_placed(trial_job)
+    with claim_gpu_share(4, environ=trial_job) as e:
+        assert (e.device, e.slot, e.trials_per_gpu) == ("1", None, 1)
+    assert mark_allocation_head(local_env()) is None  # no Slurm job: nothing to mark
+    no_gpu = {k: v for k, v in head.items() if k != "CUDA_VISIBLE_DEVICES"}
+    assert local_pool(no_gpu) == []  # an allocation without GPUs has none, whatever the node holds
 
 
 def test_cpu_only_machine_and_cpu_trials_yield_none(tmp_path):

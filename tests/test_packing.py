@@ -98,6 +98,15 @@ def test_jobs_without_a_gpu_and_slurm_jobs_ask_no_share():
     assert packing.gpu_job_share(study(gpus_per_trial=0), None, environ={"LORATUNE_GPUS": "2"}) == 0
     slurm = {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "0", "LORATUNE_GPUS": "2"}
     assert packing.gpu_job_share(study(3), None, environ=slurm) == 0
+    assert packing.study_trials_per_gpu(study(3), None, environ=slurm) == (1, "Slurm chose the GPU of this trial's job")
+
+
+def test_a_head_inside_a_slurm_allocation_packs_the_allocations_gpus():
+    """The head's allocation (loratune.devices.in_allocation) counts as a machine of its GPUs."""
+    allocation = {"SLURM_JOB_ID": "7", "LORATUNE_SLURM_ALLOCATION": "7", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert packing.study_trials_per_gpu(study(3), None, environ=allocation) == (3, "resources.trials_per_gpu")
+    assert jobs_at_once(packing.gpu_job_share(study(3), None, environ=allocation)) == 6
+    assert jobs_at_once(packing.gpu_job_share(study(3), None, exclusive=True, environ=allocation)) == 2
 
 
 def test_the_share_follows_the_model_once_it_is_prepared(tmp_path, monkeypatch):
@@ -120,14 +129,10 @@ def test_the_local_profile_caps_the_share_at_share_units():
 def test_a_dry_run_gives_trial_jobs_their_slot_of_the_fake_gpus(tmp_path, monkeypatch):
     """The real DAG: after the pilot, `snakemake -n` on a machine of 2 (fake) GPUs with 3 trials
     per GPU gives each train_trial job a sixth of the GPUs, and the whole without GPUs."""
-    from conftest import load_test_config, run_workflow, write_config
-    from tiny_models import build_tiny_llama
+    from conftest import run_workflow, write_config
+    from tiny_models import tiny_qlora_study
 
-    config = load_test_config("tiny_qlora.yaml")
-    config["model"]["name"] = str(build_tiny_llama(tmp_path / "tiny-llama"))
-    rows = [{"instruction": f"Repeat the word number {i}.", "input": "", "output": f"word {i}"} for i in range(24)]
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config["dataset"]["path"] = str(tmp_path / "data.jsonl")
+    config = tiny_qlora_study(tmp_path)
     config["resources"] = {"gpus_per_trial": 1, "trials_per_gpu": 3}
     configfile = write_config(tmp_path / "config.yaml", config)
     run_workflow(tmp_path, configfile, "results/tiny-qlora/seed0/pilot/round0/proposals.tsv")

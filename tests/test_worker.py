@@ -194,3 +194,18 @@ def test_a_trial_alone_on_a_gpu_first_ends_the_idle_workers_holding_memory_there
         for process in workers.values():
             process.kill()
         shutil.rmtree(locks, ignore_errors=True)
+
+
+def test_workers_of_long_lock_folders_listen_in_folders_of_their_own(tmp_path):
+    """A lock folder too long for a socket's path (a site's TMPDIR, a Slurm allocation's suffix)
+    gets a short one under /tmp of its own: another allocation's workers are never in it."""
+    from loratune.training.worker import socket_folder
+
+    first, second = tmp_path / ("a" * 80) / "loratune-gpus-0-job7", tmp_path / ("a" * 80) / "loratune-gpus-0-job8"
+    folders = [socket_folder(first), socket_folder(first), socket_folder(second)]
+    try:
+        assert folders[0] == folders[1] != folders[2]
+        assert all(len(str(folder)) < 80 and folder.is_dir() for folder in folders)
+    finally:
+        for folder in set(folders):
+            folder.rmdir()

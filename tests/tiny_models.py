@@ -57,3 +57,22 @@ def build_tiny_llama(folder: Path, seed: int = 0, tie_word_embeddings: bool = Tr
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def write_alpaca(path: Path, n: int = 24) -> Path:
+    """``n`` one-line instructions in alpaca form ("Repeat the word number i." -> "word i")."""
+    import json
+
+    rows = [{"instruction": f"Repeat the word number {i}.", "input": "", "output": f"word {i}"} for i in range(n)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def tiny_qlora_study(folder: Path) -> dict:
+    """tests/configs/tiny_qlora.yaml with the tiny model and the alpaca rows, built in ``folder``."""
+    from conftest import load_test_config
+
+    config = load_test_config("tiny_qlora.yaml")
+    config["model"]["name"] = str(build_tiny_llama(folder / "tiny-llama"))
+    config["dataset"]["path"] = str(write_alpaca(folder / "data.jsonl"))
+    return config

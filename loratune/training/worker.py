@@ -252,8 +252,11 @@ def _start(socket_path: Path, idle_seconds: float, slot: str) -> socket.socket:
 
 
 def socket_folder(lock_dir: Path) -> Path:
-    """Where the workers of ``lock_dir``'s GPUs listen (a short path: a socket's is limited)."""
-    folder = Path(lock_dir) if len(str(lock_dir)) < 80 else Path("/tmp") / f"loratune-workers-{os.getuid()}"
+    """Where the workers of ``lock_dir``'s GPUs listen (a short path: a socket's is limited): the
+    lock folder, or one under /tmp named after it, so that the workers of another lock folder (a
+    Slurm allocation's: ``devices.default_lock_dir``) are never asked to retire."""
+    short = hashlib.sha256(str(lock_dir).encode()).hexdigest()[:12]
+    folder = Path(lock_dir) if len(str(lock_dir)) < 80 else Path("/tmp") / f"loratune-workers-{os.getuid()}-{short}"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     return folder
 
