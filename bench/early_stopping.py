@@ -220,6 +220,8 @@ def run_task(task: Task) -> list[dict]:
     # Complete learning curves (pilot and trials trained to the full budget): promote: predicted
     # and the 'predicted' fit read their rung-to-final gains (early_stopping.predict_final).
     reference: list[dict] = []
+    # Every trained trial's curve so far (complete or stopped at a rung): the 'mf' fit's data.
+    observed: list[dict] = []
 
     def record(point: dict, metrics: Mapping[str, Any]) -> None:
         history.append(
@@ -232,6 +234,7 @@ def run_task(task: Task) -> list[dict]:
         )
         if int(metrics["steps"]) >= budget and (metrics.get("status") or "ok") == "ok":
             reference.append({**point, "curve": metrics.get("curve") or []})
+        observed.append({**point, "curve": metrics.get("curve") or []})
 
     for point in pilot_design(space, plan["pilot"], "lhs", task.seed):
         metrics = problem.answer(space, point, budget, task.seed)
@@ -257,6 +260,8 @@ def run_task(task: Task) -> list[dict]:
         fitted = pd.DataFrame(history)
         if fit == "predicted":
             fitted = _predicted_history(fitted, problem.objectives, reference, budget)
+        elif fit == "mf":
+            fitted = _multi_fidelity_history(fitted, problem.objectives, observed, budget, space)
         points = next_proposals(
             space,
             problem.objectives,
@@ -264,7 +269,7 @@ def run_task(task: Task) -> list[dict]:
             fitted,
             task.seed,
             round_,
-            stopped="highest_rung" if fit == "predicted" else fit or None,
+            stopped="highest_rung" if fit in ("predicted", "mf") else fit or None,
         )
         by_id = {space.trial_id(p): p for p in points}
         trained: dict[str, dict] = {}
@@ -297,6 +302,49 @@ def _predicted_history(history: pd.DataFrame, objectives, reference: list[dict],
             if any(name in row for run in reference for row in run["curve"]):
                 predicted = predict_final(rows.to_dict("records"), rows[name], int(step), reference, name, sense)
                 history.loc[rows.index, name] = predicted
+    return history
+
+
+def _multi_fidelity_history(
+    history: pd.DataFrame, objectives, observed: list[dict], budget: int, space: SearchSpace
+) -> pd.DataFrame:
+    """The 'mf' fit: one GP over (the point's unit coordinates, log(step / budget)) fitted on
+    every evaluation of every trial trained so far (complete curves and stopped trials' curves up
+    to their rung; each value the best so far, as select best records it), and each stopped
+    trial's curve objectives moved by that GP's predicted gain from its rung to the full budget
+    (never up: a best-so-far value cannot get worse), so the proposer fits them as full-budget
+    results and the low-rung trials inform it through the curves of all the others."""
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+
+    history = history.copy()
+    stopped = (history["status"] == "stopped").to_numpy()
+    if not stopped.any():
+        return history
+    for name, sense in objectives.items():
+        sign = 1.0 if sense == "min" else -1.0
+        X, y = [], []
+        for run in observed:
+            unit = space.to_unit(run)
+            best = np.inf
+            for row in sorted(run["curve"], key=lambda r: r["step"]):
+                value = row.get(name)
+                if value is None or not np.isfinite(value):
+                    continue
+                best = min(best, sign * float(value))
+                X.append([*unit, np.log(row["step"] / budget)])
+                y.append(best)
+        if len(y) < 3:
+            continue  # not a curve objective (a cost such as trainable_params stays as measured)
+        kernel = ConstantKernel() * Matern(length_scale=np.ones(space.dim + 1), nu=2.5) + WhiteKernel(1e-3)
+        model = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=2, random_state=0)
+        model.fit(np.array(X), np.array(y))
+        rows = history[stopped]
+        unit = space.to_unit_rows(rows[space.tunable_names].to_dict("records"))
+        at_rung = np.column_stack([unit, np.log(rows["steps"].to_numpy(dtype=float) / budget)])
+        at_end = np.column_stack([unit, np.zeros(len(rows))])
+        gain = np.minimum(model.predict(at_end) - model.predict(at_rung), 0.0)
+        history.loc[stopped, name] = rows[name].to_numpy(dtype=float) + sign * gain
     return history
 
 
@@ -576,7 +624,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fits",
         default="full_budget",
         help="fits of stopped trials other than proposers.base.STOPPED_FIT to measure for model-based proposers, "
-        "with the first schedule; 'predicted' (this bench only): stopped trials at their predict_final values",
+        "with the first schedule; 'predicted' (this bench only): stopped trials at their predict_final values; 'mf' (this bench only): at a multi-fidelity GP's predicted full-budget values",
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="output path without suffix (default: by commit)")
