@@ -70,7 +70,12 @@ from bench.efficiency.runner import Scale, _quiet_worker  # noqa: E402
 from loratune.benchmarks import CurveTable, evaluate, get_problem, true_front  # noqa: E402
 from loratune.config import Arm  # noqa: E402
 from loratune.designs import pilot_design  # noqa: E402
-from loratune.early_stopping import EarlyStopping, predict_final, successive_halving  # noqa: E402
+from loratune.early_stopping import (  # noqa: E402
+    EarlyStopping,
+    multi_fidelity_final,
+    predict_final,
+    successive_halving,
+)
 from loratune.loop import next_proposals  # noqa: E402
 from loratune.pareto import (
     REFERENCE,
@@ -308,43 +313,20 @@ def _predicted_history(history: pd.DataFrame, objectives, reference: list[dict],
 def _multi_fidelity_history(
     history: pd.DataFrame, objectives, observed: list[dict], budget: int, space: SearchSpace
 ) -> pd.DataFrame:
-    """The 'mf' fit: one GP over (the point's unit coordinates, log(step / budget)) fitted on
-    every evaluation of every trial trained so far (complete curves and stopped trials' curves up
-    to their rung; each value the best so far, as select best records it), and each stopped
-    trial's curve objectives moved by that GP's predicted gain from its rung to the full budget
-    (never up: a best-so-far value cannot get worse), so the proposer fits them as full-budget
-    results and the low-rung trials inform it through the curves of all the others."""
-    from sklearn.gaussian_process import GaussianProcessRegressor
-    from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
-
+    """The 'mf' fit: each stopped trial's curve objectives at their full-budget values as
+    ``multi_fidelity_final`` predicts them from every curve so far (complete and cut at a rung),
+    so the proposer fits them as full-budget results and the low-rung trials inform it through
+    the curves of all the others."""
     history = history.copy()
     stopped = (history["status"] == "stopped").to_numpy()
     if not stopped.any():
         return history
+    rows = history[stopped]
     for name, sense in objectives.items():
-        sign = 1.0 if sense == "min" else -1.0
-        X, y = [], []
-        for run in observed:
-            unit = space.to_unit(run)
-            best = np.inf
-            for row in sorted(run["curve"], key=lambda r: r["step"]):
-                value = row.get(name)
-                if value is None or not np.isfinite(value):
-                    continue
-                best = min(best, sign * float(value))
-                X.append([*unit, np.log(row["step"] / budget)])
-                y.append(best)
-        if len(y) < 3:
-            continue  # not a curve objective (a cost such as trainable_params stays as measured)
-        kernel = ConstantKernel() * Matern(length_scale=np.ones(space.dim + 1), nu=2.5) + WhiteKernel(1e-3)
-        model = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=2, random_state=0)
-        model.fit(np.array(X), np.array(y))
-        rows = history[stopped]
-        unit = space.to_unit_rows(rows[space.tunable_names].to_dict("records"))
-        at_rung = np.column_stack([unit, np.log(rows["steps"].to_numpy(dtype=float) / budget)])
-        at_end = np.column_stack([unit, np.zeros(len(rows))])
-        gain = np.minimum(model.predict(at_end) - model.predict(at_rung), 0.0)
-        history.loc[stopped, name] = rows[name].to_numpy(dtype=float) + sign * gain
+        if any(name in row for run in observed for row in run["curve"]):
+            history.loc[stopped, name] = multi_fidelity_final(
+                rows.to_dict("records"), rows[name], rows["steps"], observed, name, budget, space.tunable_names, sense
+            )
     return history
 
 
@@ -624,7 +606,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fits",
         default="full_budget",
         help="fits of stopped trials other than proposers.base.STOPPED_FIT to measure for model-based proposers, "
-        "with the first schedule; 'predicted' (this bench only): stopped trials at their predict_final values; 'mf' (this bench only): at a multi-fidelity GP's predicted full-budget values",
+        "with the first schedule; 'predicted' (this bench only): stopped trials at their predict_final values; "
+        "'mf' (this bench only): at a multi-fidelity GP's predicted full-budget values",
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="output path without suffix (default: by commit)")
