@@ -225,8 +225,6 @@ def run_task(task: Task) -> list[dict]:
     # Complete learning curves (pilot and trials trained to the full budget): promote: predicted
     # and the 'predicted' fit read their rung-to-final gains (early_stopping.predict_final).
     reference: list[dict] = []
-    # Every trained trial's curve so far (complete or stopped at a rung): the 'mf' fit's data.
-    observed: list[dict] = []
 
     def record(point: dict, metrics: Mapping[str, Any]) -> None:
         history.append(
@@ -239,7 +237,6 @@ def run_task(task: Task) -> list[dict]:
         )
         if int(metrics["steps"]) >= budget and (metrics.get("status") or "ok") == "ok":
             reference.append({**point, "curve": metrics.get("curve") or []})
-        observed.append({**point, "curve": metrics.get("curve") or []})
 
     for point in pilot_design(space, plan["pilot"], "lhs", task.seed):
         metrics = problem.answer(space, point, budget, task.seed)
@@ -266,7 +263,7 @@ def run_task(task: Task) -> list[dict]:
         if fit == "predicted":
             fitted = _predicted_history(fitted, problem.objectives, reference, budget)
         elif fit == "mf":
-            fitted = _multi_fidelity_history(fitted, problem.objectives, observed, budget, space)
+            fitted = _multi_fidelity_history(fitted, problem.objectives, reference, budget, space)
         points = next_proposals(
             space,
             problem.objectives,
@@ -311,21 +308,20 @@ def _predicted_history(history: pd.DataFrame, objectives, reference: list[dict],
 
 
 def _multi_fidelity_history(
-    history: pd.DataFrame, objectives, observed: list[dict], budget: int, space: SearchSpace
+    history: pd.DataFrame, objectives, reference: list[dict], budget: int, space: SearchSpace
 ) -> pd.DataFrame:
     """The 'mf' fit: each stopped trial's curve objectives at their full-budget values as
-    ``multi_fidelity_final`` predicts them from every curve so far (complete and cut at a rung),
-    so the proposer fits them as full-budget results and the low-rung trials inform it through
-    the curves of all the others."""
+    ``multi_fidelity_final`` predicts them from the complete curves so far, so the proposer fits
+    them as full-budget results (a rung-aware fit: the rung's gain modelled across the space)."""
     history = history.copy()
     stopped = (history["status"] == "stopped").to_numpy()
     if not stopped.any():
         return history
     rows = history[stopped]
     for name, sense in objectives.items():
-        if any(name in row for run in observed for row in run["curve"]):
+        if any(name in row for run in reference for row in run["curve"]):
             history.loc[stopped, name] = multi_fidelity_final(
-                rows.to_dict("records"), rows[name], rows["steps"], observed, name, budget, space.tunable_names, sense
+                rows.to_dict("records"), rows[name], rows["steps"], reference, name, budget, space.tunable_names, sense
             )
     return history
 

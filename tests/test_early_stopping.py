@@ -358,7 +358,7 @@ def test_predicted_promotion_ranks_slow_starters_by_their_final_value_and_costs_
 PARAMETERS = ("lora_rank", "lora_alpha", "learning_rate")
 
 
-def test_multi_fidelity_final_predicts_the_gain_of_curves_like_each_trials():
+def test_multi_fidelity_final_predicts_the_gain_of_complete_curves_like_each_trials():
     slow = {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-4}
     fast = {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-1}
     # At step 20 the slow runs' best is 0.3 above their final best, the fast runs' already final.
@@ -370,8 +370,10 @@ def test_multi_fidelity_final_predicts_the_gain_of_curves_like_each_trials():
     # A "max" objective gains upwards.
     flipped = [{**run, "curve": [{**r, "loss": -r["loss"]} for r in run["curve"]]} for run in SLOW + FAST]
     assert multi_fidelity_final([slow], [-2.9], [20], flipped, "loss", 40, PARAMETERS, "max")[0] > -2.9 + 0.15
-    # Fewer than three evaluations to fit: the values as they are.
+    # Fewer than three evaluations to fit, or curves that end before the budget (no known gain):
+    # the values as they are.
     assert multi_fidelity_final([slow], [2.9], [20], [], "loss", 40, PARAMETERS).tolist() == [2.9]
+    assert multi_fidelity_final([slow], [2.9], [20], SLOW + FAST, "loss", 60, PARAMETERS).tolist() == [2.9]
 
 
 def test_multi_fidelity_promotion_ranks_slow_starters_by_their_predicted_final_value():
