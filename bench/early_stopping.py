@@ -223,7 +223,8 @@ def run_task(task: Task) -> list[dict]:
     spent = {"seconds": 0.0, "steady_seconds": 0.0, "segments": 0}
 
     # Complete learning curves (pilot and trials trained to the full budget): promote: predicted
-    # and the 'predicted' fit read their rung-to-final gains (early_stopping.predict_final).
+    # and multi_fidelity, and the 'predicted' and 'mf' fits read their rung-to-final gains
+    # (early_stopping.predict_final, multi_fidelity_final).
     reference: list[dict] = []
 
     def record(point: dict, metrics: Mapping[str, Any]) -> None:
