@@ -70,7 +70,12 @@ from bench.efficiency.runner import Scale, _quiet_worker  # noqa: E402
 from loratune.benchmarks import CurveTable, evaluate, get_problem, true_front  # noqa: E402
 from loratune.config import Arm  # noqa: E402
 from loratune.designs import pilot_design  # noqa: E402
-from loratune.early_stopping import EarlyStopping, predict_final, successive_halving  # noqa: E402
+from loratune.early_stopping import (  # noqa: E402
+    EarlyStopping,
+    multi_fidelity_final,
+    predict_final,
+    successive_halving,
+)
 from loratune.loop import next_proposals  # noqa: E402
 from loratune.pareto import (
     REFERENCE,
@@ -218,7 +223,8 @@ def run_task(task: Task) -> list[dict]:
     spent = {"seconds": 0.0, "steady_seconds": 0.0, "segments": 0}
 
     # Complete learning curves (pilot and trials trained to the full budget): promote: predicted
-    # and the 'predicted' fit read their rung-to-final gains (early_stopping.predict_final).
+    # and multi_fidelity, and the 'predicted' and 'mf' fits read their rung-to-final gains
+    # (early_stopping.predict_final, multi_fidelity_final).
     reference: list[dict] = []
 
     def record(point: dict, metrics: Mapping[str, Any]) -> None:
@@ -257,6 +263,8 @@ def run_task(task: Task) -> list[dict]:
         fitted = pd.DataFrame(history)
         if fit == "predicted":
             fitted = _predicted_history(fitted, problem.objectives, reference, budget)
+        elif fit == "mf":
+            fitted = _multi_fidelity_history(fitted, problem.objectives, reference, budget, space)
         points = next_proposals(
             space,
             problem.objectives,
@@ -264,7 +272,7 @@ def run_task(task: Task) -> list[dict]:
             fitted,
             task.seed,
             round_,
-            stopped="highest_rung" if fit == "predicted" else fit or None,
+            stopped="highest_rung" if fit in ("predicted", "mf") else fit or None,
         )
         by_id = {space.trial_id(p): p for p in points}
         trained: dict[str, dict] = {}
@@ -297,6 +305,25 @@ def _predicted_history(history: pd.DataFrame, objectives, reference: list[dict],
             if any(name in row for run in reference for row in run["curve"]):
                 predicted = predict_final(rows.to_dict("records"), rows[name], int(step), reference, name, sense)
                 history.loc[rows.index, name] = predicted
+    return history
+
+
+def _multi_fidelity_history(
+    history: pd.DataFrame, objectives, reference: list[dict], budget: int, space: SearchSpace
+) -> pd.DataFrame:
+    """The 'mf' fit: each stopped trial's curve objectives at their full-budget values as
+    ``multi_fidelity_final`` predicts them from the complete curves so far, so the proposer fits
+    them as full-budget results (a rung-aware fit: the rung's gain modelled across the space)."""
+    history = history.copy()
+    stopped = (history["status"] == "stopped").to_numpy()
+    if not stopped.any():
+        return history
+    rows = history[stopped]
+    for name, sense in objectives.items():
+        if any(name in row for run in reference for row in run["curve"]):
+            history.loc[stopped, name] = multi_fidelity_final(
+                rows.to_dict("records"), rows[name], rows["steps"], reference, name, budget, space.tunable_names, sense
+            )
     return history
 
 
@@ -576,7 +603,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fits",
         default="full_budget",
         help="fits of stopped trials other than proposers.base.STOPPED_FIT to measure for model-based proposers, "
-        "with the first schedule; 'predicted' (this bench only): stopped trials at their predict_final values",
+        "with the first schedule; 'predicted' (this bench only): stopped trials at their predict_final values; "
+        "'mf' (this bench only): at a multi-fidelity GP's predicted full-budget values",
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="output path without suffix (default: by commit)")

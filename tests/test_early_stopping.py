@@ -11,6 +11,7 @@ import pytest
 from loratune.early_stopping import (
     EarlyStopping,
     crowding_distance,
+    multi_fidelity_final,
     non_dominated_fronts,
     predict_final,
     promotion,
@@ -247,7 +248,8 @@ def test_hypervolume_promotion_skips_failed_trials_and_names_bad_rules():
     table = promotion(rung_results(rows), TWO, n_keep=3, promote="hypervolume")
     assert table["promoted"].tolist() == [False, True, True]
     with pytest.raises(
-        ValueError, match=r"^arms.a.early_stopping.promote: must be one of \['crowding', 'hypervolume', 'predicted'\]"
+        ValueError,
+        match=r"^arms.a.early_stopping.promote: must be one of \['crowding', 'hypervolume', 'predicted', 'multi_fidelity'\]",
     ):
         EarlyStopping.from_config({"rungs": [0.5, 1.0], "keep": 0.5, "promote": "best"}, field="arms.a.early_stopping")
     assert EarlyStopping.from_config({"rungs": [0.5, 1.0], "keep": 0.5}).promote == "crowding"
@@ -351,3 +353,64 @@ def test_predicted_promotion_ranks_slow_starters_by_their_final_value_and_costs_
     assert predicted["predicted_loss"].tolist() == pytest.approx([2.6, 2.4, 3.2])
     assert "predicted_cost" not in predicted  # the cost is not on the curves: known, as measured
     assert predicted["loss"].tolist() == [2.6, 2.7, 3.5]  # the measured values stay in the table
+
+
+PARAMETERS = ("lora_rank", "lora_alpha", "learning_rate")
+
+
+def test_multi_fidelity_final_predicts_the_gain_of_complete_curves_like_each_trials():
+    slow = {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-4}
+    fast = {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-1}
+    # At step 20 the slow runs' best is 0.3 above their final best, the fast runs' already final.
+    predicted = multi_fidelity_final([slow, fast], [2.9, 2.6], [20, 20], SLOW + FAST, "loss", 40, PARAMETERS)
+    assert predicted[0] < 2.9 - 0.15  # it will gain, as the slow curves did
+    assert 2.6 - 0.05 < predicted[1] <= 2.6  # it has no gain left; a best so far never gets worse
+    # At the full budget nothing is left to gain.
+    assert multi_fidelity_final([slow], [2.6], [40], SLOW + FAST, "loss", 40, PARAMETERS) == pytest.approx([2.6])
+    # A "max" objective gains upwards.
+    flipped = [{**run, "curve": [{**r, "loss": -r["loss"]} for r in run["curve"]]} for run in SLOW + FAST]
+    assert multi_fidelity_final([slow], [-2.9], [20], flipped, "loss", 40, PARAMETERS, "max")[0] > -2.9 + 0.15
+    # Fewer than three evaluations to fit, or curves that end before the budget (no known gain):
+    # the values as they are.
+    assert multi_fidelity_final([slow], [2.9], [20], [], "loss", 40, PARAMETERS).tolist() == [2.9]
+    assert multi_fidelity_final([slow], [2.9], [20], SLOW + FAST, "loss", 60, PARAMETERS).tolist() == [2.9]
+
+
+def test_multi_fidelity_promotion_ranks_slow_starters_by_their_predicted_final_value():
+    # F (fast) is ahead of S (a slow starter) at step 20 at the same cost; the curves say S will
+    # gain and F will not, so predicted, S goes on; C (the cheapest) goes on either way.
+    rows = [
+        ("F", 2.6, 5.0, {"lora_rank": 8, "lora_alpha": 16, "learning_rate": 5e-2}),
+        ("S", 2.7, 5.0, {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-4}),
+        ("C", 3.5, 1.0, {"lora_rank": 8, "lora_alpha": 8, "learning_rate": 1e-4}),
+    ]
+    results = pd.DataFrame(
+        [{"trial_id": t, "status": "ok", "step": 20, "loss": loss, "cost": cost, **p} for t, loss, cost, p in rows]
+    )
+    assert promotion(results, TWO, n_keep=2).query("promoted")["trial_id"].tolist() == ["F", "C"]
+    decided = promotion(results, TWO, n_keep=2, promote="multi_fidelity", reference=SLOW + FAST)
+    assert decided.query("promoted")["trial_id"].tolist() == ["S", "C"]
+    assert decided["predicted_loss"].iloc[1] < decided["predicted_loss"].iloc[0]
+    assert decided["loss"].tolist() == [2.6, 2.7, 3.5]  # the measured values stay in the table
+    assert "predicted_cost" not in decided  # a cost that no curve records stays as measured
+
+
+@pytest.mark.parametrize("rule", ["predicted", "multi_fidelity"])
+def test_a_study_refuses_the_promotions_that_need_earlier_curves(rule):
+    from conftest import STUDY_SPACE
+    from loratune.config import ConfigError, validate_config
+
+    spec = {"rungs": [0.5, 1.0], "keep": 0.5, "promote": rule}
+    config = {
+        "backend": "benchmark",
+        "benchmark": {"problem": "zdt1"},
+        "objectives": {"train_loss": "min", "train_time": "min"},
+        "search_space": STUDY_SPACE,
+        "training": {"max_steps": 60},
+        "arms": {"es": {"proposer": "random", "batch_size": 3, "early_stopping": spec}},
+    }
+    with pytest.raises(ConfigError, match=rf"^arms.es.early_stopping.promote: '{rule}' is measured by bench"):
+        validate_config(config)
+    validate_config(
+        {**config, "arms": {"es": {**config["arms"]["es"], "early_stopping": {**spec, "promote": "crowding"}}}}
+    )
