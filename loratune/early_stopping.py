@@ -336,19 +336,21 @@ def promotion(
         # Curves record losses; train_time there is the cost so far, which stays as measured.
         recorded = {k for run in reference for row in run.get("curve") or [] for k in row} - {"step", "train_time"}
         step = int(table["step"].max()) if len(table) else 0
-        parameters = [
-            c
-            for c in table.columns
-            if c not in {"trial_id", "rung", "step", "status", *objectives} and pd.api.types.is_numeric_dtype(table[c])
-        ]
+        if promote == "multi_fidelity" and recorded:
+            parameters = [
+                c
+                for c in table.columns
+                if c not in {"trial_id", "rung", "step", "status", *objectives}
+                and pd.api.types.is_numeric_dtype(table[c])
+            ]
+            # The budget: the longest reference curve's last step (a complete run's).
+            budget = max(int(row["step"]) for run in reference for row in run.get("curve") or [])
         for j, (name, sense) in enumerate(objectives.items()):
             if name not in recorded:
                 continue
             if promote == "predicted":
                 values[:, j] = predict_final(table.to_dict("records"), values[:, j], step, reference, name, sense)
             else:
-                # The budget: the longest reference curve's last step (a complete run's).
-                budget = max(int(row["step"]) for run in reference for row in run.get("curve") or [])
                 values[:, j] = multi_fidelity_final(
                     table.to_dict("records"),
                     values[:, j],
