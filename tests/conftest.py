@@ -62,6 +62,16 @@ def run_workflow(workdir: Path, configfile: Path, *args: str, timeout: float = 9
     return result
 
 
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` still runs. One that exited but is not yet reaped (a zombie: an
+    orphan waits for the container's init, which reaps now and then) runs no more and holds no memory."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

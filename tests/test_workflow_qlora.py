@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import load_test_config, run_workflow, write_config
+from conftest import load_test_config, process_running, run_workflow, write_config
 from tiny_models import build_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -79,10 +79,6 @@ def test_trials_of_a_study_train_in_one_worker_with_their_own_logs(tmp_path):
     assert (trials[trials.status == "failed"].learning_rate == 1e30).all()
     # The run's end (onsuccess) retired the idle worker: nothing of the study keeps running.
     pid = workers.pop()
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        pass
-    else:
+    if process_running(pid):
         os.kill(pid, signal.SIGTERM)
         raise AssertionError(f"the trial worker {pid} outlived the study")
