@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2, help="proposals per round (default 2)")
     parser.add_argument("--budget", type=int, default=16, help="trials per run, pilot included (default 16)")
     parser.add_argument("--transfers", default=",".join(TRANSFERS), help=f"of {','.join(TRANSFERS)}")
+    parser.add_argument(
+        "--warm-arm",
+        default=ARM,
+        help=f"the arm of the warm runs (default {ARM}, the cold runs' arm); another is labelled warm-<arm>-<transfer>",
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--out", type=Path, default=RESULTS / "warm_start", help="output path without suffix")
     parser.add_argument(
@@ -111,11 +116,15 @@ def _cold(args: tuple[str, int, Plan]) -> tuple[str, int, list[dict]]:
     return problem, seed, run_task(Task(problem, ARMS[ARM], seed, plan))
 
 
-def _warm(args: tuple[str, int, Plan, str, pd.DataFrame]) -> tuple[str, int, str, list[dict]]:
-    problem, seed, plan, transfer, related = args
-    rows = run_task(Task(problem, ARMS[ARM], seed, plan), related=related, transfer=transfer)
+def warm_label(arm: str, transfer: str) -> str:
+    return f"warm-{transfer}" if arm == ARM else f"warm-{arm}-{transfer}"
+
+
+def _warm(args: tuple[str, int, Plan, str, pd.DataFrame, str]) -> tuple[str, int, str, list[dict]]:
+    problem, seed, plan, transfer, related, arm = args
+    rows = run_task(Task(problem, ARMS[arm], seed, plan), related=related, transfer=transfer)
     for row in rows:
-        row["arm"] = f"warm-{transfer}"
+        row["arm"] = warm_label(arm, transfer)
     return problem, seed, transfer, rows
 
 
@@ -186,7 +195,7 @@ def render(args: argparse.Namespace, command: str, elapsed: float) -> str:
     """The curves and the report from the runs recorded so far, over the seeds every run of
     which (cold and warm, both directions) has finished."""
     tables = args.tables
-    arms = ["cold", *(f"warm-{t}" for t in args.transfers.split(","))]
+    arms = ["cold", *(warm_label(args.warm_arm, t) for t in args.transfers.split(","))]
     rows = pd.read_csv(str(args.out) + "_runs.tsv", sep="\t")
     rows = rows[rows["arm"].isin(arms) & rows["problem"].isin(tables)]
     runs = rows.groupby("seed")[["problem", "arm"]].apply(lambda t: len(t.drop_duplicates()))
@@ -253,12 +262,12 @@ def main(argv: list[str] | None = None) -> None:
                     r for r in rows if (r["problem"], r["seed"], r["arm"]) == (problem, seed, "cold")
                 ]
             warm_jobs = [
-                (target, seed, warm_plan, transfer, related_from(runs[(source, seed)], source))
+                (target, seed, warm_plan, transfer, related_from(runs[(source, seed)], source), args.warm_arm)
                 for target in tables
                 for source in tables
                 if source != target
                 for transfer in transfers
-                if (target, seed, f"warm-{transfer}") not in done
+                if (target, seed, warm_label(args.warm_arm, transfer)) not in done
             ]
             for _, _, _, run in pool.map(_warm, warm_jobs):
                 rows += run

@@ -34,6 +34,7 @@ import pandas as pd
 import yaml
 
 from loratune import ledger
+from loratune.proposers.base import RELATED  # noqa: F401  (warm_start.RELATED: the mark of a related row)
 from loratune.space import ChoiceParam, SearchSpace
 
 __all__ = [
@@ -251,7 +252,8 @@ def transfer_history(
         taken = {space.key(space.snap(p)) for p in own[space.tunable_names].to_dict("records")}
         keys = [space.key(space.snap(p)) for p in related[space.tunable_names].to_dict("records")]
         related = related[[key not in taken for key in keys]]
-    return pd.concat([related, own], ignore_index=True)
+    own = own.assign(**{RELATED: False}) if own is not None and len(own) else own
+    return pd.concat([related.assign(**{RELATED: True}), own], ignore_index=True)
 
 
 def _ok_values(table: pd.DataFrame, name: str) -> pd.Series:

@@ -294,3 +294,50 @@ def test_a_study_recorded_before_warm_start_existed_is_unchanged_by_its_empty_de
     assert config_differences({"pilot": {"n": 6}}, {"pilot": {"n": 6}, "warm_start": []}) == []
     ((field, old, new),) = config_differences({"warm_start": []}, {"warm_start": [{"path": "a.tsv"}]})
     assert field == "warm_start" and change_scope(field, "qlora") == "pilot"
+
+
+def test_a_proposer_that_models_the_related_task_may_measure_its_points_here():
+    """On a space of four points, two measured here and the other two by a related task: BoTorch,
+    which fits the related rows as another task of a multi-task GP, proposes those two; the
+    proposers that pool them with this study's rows take them as observations (nothing left)."""
+    from loratune.proposers import make_proposer
+    from loratune.space import SearchSpace
+
+    space = SearchSpace.from_config(
+        {"lora_rank": {"type": "choice", "values": [4, 8]}, "lora_alpha": {"type": "choice", "values": [16, 32]}}
+    )
+    grid = [{"lora_rank": r, "lora_alpha": a} for r in (4, 8) for a in (16, 32)]
+    rows = pd.DataFrame(grid).assign(eval_loss=[1.0, 2.0, 3.0, 4.0], trainable_params=[4.0, 4.0, 8.0, 8.0], status="ok")
+    own, related = rows.iloc[[0, 3]], rows.iloc[[1, 2]]
+    fitted = warm_start.transfer_history(space, OBJECTIVES, own, related, "aligned")
+    assert list(fitted[warm_start.RELATED]) == [True, True, False, False]
+    botorch = make_proposer("botorch", space=space, objectives=OBJECTIVES, seed=0)
+    proposed = botorch.propose(fitted, n=4)
+    assert sorted(space.key(p) for p in proposed) == sorted(
+        space.key(p) for p in related[space.tunable_names].to_dict("records")
+    )
+    for name, options in [("random", {}), ("optuna", {"sampler": "gp"})]:
+        assert make_proposer(name, space=space, objectives=OBJECTIVES, seed=0, **options).propose(fitted, n=4) == []
+
+
+def test_the_multi_task_model_follows_this_task_where_the_related_one_disagrees():
+    """A related task whose loss runs the other way (its best where this task's is worst): pooled
+    with this study's four rows it moves the predicted best; as another task of BoTorch's
+    multi-task GP, whose fitted task covariance weighs it by agreement, it does not."""
+    import torch
+
+    from loratune.proposers import make_proposer
+    from loratune.space import SearchSpace
+
+    space = SearchSpace.from_config({"learning_rate": {"type": "float", "low": 0.0, "high": 1.0}})
+    own_x, related_x = np.array([0.0, 0.35, 0.65, 1.0]), np.linspace(0.0, 1.0, 12)
+    X = np.concatenate([own_x, related_x])[:, None]
+    loss = np.concatenate([(own_x - 0.3) ** 2, 1.0 - (related_x - 0.3) ** 2])[:, None]
+    own = np.arange(len(X)) < len(own_x)
+    proposer = make_proposer("botorch", space=space, objectives={"eval_loss": "min"}, seed=0)
+    grid = torch.linspace(0, 1, 101, dtype=torch.double)[:, None]
+    models = proposer._fit_multitask(X, -loss, own), proposer._fit(torch.tensor(X), torch.tensor(-loss))
+    with torch.no_grad():
+        multitask, pooled = (model.posterior(grid).mean.squeeze() for model in models)
+    assert abs(float(grid[int(multitask.argmax())]) - 0.3) < 0.1
+    assert abs(float(grid[int(pooled.argmax())]) - 0.3) > 0.1  # pooling is misled

@@ -48,6 +48,9 @@ __all__ = ["ACQUISITIONS", "BotorchProposer"]
 log = logging.getLogger(__name__)
 
 ACQUISITIONS = ("auto", "nehvi", "parego")
+# A related task's rows are fitted as another task of a multi-task GP once this task has this
+# many ok rows of its own; before, they are pooled with them.
+MULTITASK_MIN_OWN = 2
 
 
 class BotorchProposer(Proposer):
@@ -55,6 +58,7 @@ class BotorchProposer(Proposer):
     qLogNParEGO (several objectives); qLogNEI (one)."""
 
     name = "botorch"
+    models_tasks = True
 
     @dataclass(frozen=True)
     class Options:
@@ -106,7 +110,7 @@ class BotorchProposer(Proposer):
                 distinct,
                 ", all objectives constant" if distinct >= self.options.min_points else "",
             )
-            return space_filling_new_points(self.space, n, history.evaluated, rng)
+            return space_filling_new_points(self.space, n, history.taken, rng)
 
         import torch
 
@@ -114,9 +118,14 @@ class BotorchProposer(Proposer):
         with _torch_session(int(rng.integers(2**31))), _warnings_to_log():
             started = time.perf_counter()
             # BoTorch maximizes: flip the minimization values.
-            model = self._fit(torch.tensor(X, dtype=torch.double), torch.tensor(-Y, dtype=torch.double))
+            own = ~history.ok_related if history.related_ok else np.ones(len(X), bool)
+            if history.related_ok and own.sum() >= MULTITASK_MIN_OWN:
+                model = self._fit_multitask(X, -Y, own)
+                X, Y = X[own], Y[own]  # the front to improve is this task's own
+            else:
+                model = self._fit(torch.tensor(X, dtype=torch.double), torch.tensor(-Y, dtype=torch.double))
             fitted = time.perf_counter()
-            points = self._search(model, X, -Y, n, history.evaluated, rng, self.last_acquisition)
+            points = self._search(model, X, -Y, n, history.taken, rng, self.last_acquisition)
             searched = time.perf_counter()
         self.last_timings = {"fit_s": fitted - started, "search_s": searched - fitted}
         log.info(
@@ -156,6 +165,31 @@ class BotorchProposer(Proposer):
         for column in range(Y.shape[-1]):
             warp = Warp(d=X.shape[-1], indices=list(range(X.shape[-1])))
             model = SingleTaskGP(X, Y[:, [column]], outcome_transform=Standardize(m=1), input_transform=warp)
+            fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+            models.append(model)
+        return models[0] if len(models) == 1 else ModelListGP(*models)
+
+    def _fit_multitask(self, X: np.ndarray, Y_max: np.ndarray, own: np.ndarray):
+        """A multi-task GP per objective over this task's rows (task 0) and a related task's
+        (task 1), predicting task 0: the inter-task covariance is fitted with the kernel, so the
+        related rows count for as much as they agree with this task's own."""
+        import torch
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import ModelListGP, MultiTaskGP
+        from botorch.models.transforms.outcome import Standardize
+        from gpytorch.mlls import ExactMarginalLogLikelihood
+
+        task = torch.tensor((~own).astype(float), dtype=torch.double).unsqueeze(-1)
+        train_X = torch.cat([torch.tensor(X, dtype=torch.double), task], dim=-1)
+        models = []
+        for column in range(Y_max.shape[-1]):
+            model = MultiTaskGP(
+                train_X,
+                torch.tensor(Y_max[:, [column]], dtype=torch.double),
+                task_feature=-1,
+                output_tasks=[0],
+                outcome_transform=Standardize(m=1),
+            )
             fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
             models.append(model)
         return models[0] if len(models) == 1 else ModelListGP(*models)
