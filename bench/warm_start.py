@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=ARM,
         help=f"the arm of the warm runs (default {ARM}, the cold runs' arm); another is labelled warm-<arm>-<transfer>",
     )
+    parser.add_argument(
+        "--reference-arms",
+        default="",
+        help="more arms run cold, as references (labelled cold-<arm>), e.g. the warm arm's own cold start",
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--out", type=Path, default=RESULTS / "warm_start", help="output path without suffix")
     parser.add_argument(
@@ -85,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.tables = pair_of(args.pair)
+    args.references = [a for a in args.reference_arms.split(",") if a]
+    for arm in [args.warm_arm, *args.references]:
+        if arm not in ARMS:
+            raise SystemExit(f"--warm-arm, --reference-arms: expected arms of {list(ARMS)}, got {arm!r}")
     return args
 
 
@@ -111,9 +120,13 @@ def related_from(run: list[dict], problem: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cold(args: tuple[str, int, Plan]) -> tuple[str, int, list[dict]]:
-    problem, seed, plan = args
-    return problem, seed, run_task(Task(problem, ARMS[ARM], seed, plan))
+def _cold(args: tuple[str, int, Plan, str]) -> tuple[str, int, list[dict]]:
+    problem, seed, plan, arm = args
+    return problem, seed, [{**r, "arm": cold_label(arm)} for r in run_task(Task(problem, ARMS[arm], seed, plan))]
+
+
+def cold_label(arm: str) -> str:
+    return "cold" if arm == ARM else f"cold-{arm}"
 
 
 def warm_label(arm: str, transfer: str) -> str:
@@ -159,9 +172,12 @@ def markdown(summary: pd.DataFrame, args: argparse.Namespace, command: str, elap
         "",
         f"Protocol: {args.seeds} seeds; objectives eval_loss min, trainable_params min; arm {ARM} (the default). "
         f"cold: a {args.pilot}-point Latin-hypercube pilot, then batches of {args.batch} to {args.budget} trials. "
-        f"warm-<transfer>: a {args.warm_pilot}-point pilot, then the same arm, every round fitting the "
+        f"warm-<transfer>: a {args.warm_pilot}-point pilot, then "
+        f"{'the same arm' if args.warm_arm == ARM else f'the arm {args.warm_arm}'}, every round fitting the "
         f"{args.budget} trials of the *other* table's cold run with the same seed as a related task "
-        "(loratune.warm_start.transfer_history). HV: hypervolume of the noise-free values found so far over "
+        "(loratune.warm_start.transfer_history). "
+        + (f"cold-<arm>: the arm {', '.join(args.references)} run as cold is, a reference. " if args.references else "")
+        + "HV: hypervolume of the noise-free values found so far over "
         "the target's true front's (1 = the whole front), on the table's scale (bench/efficiency/runner.py "
         "Scale.of_table: per objective the front's best value -> 0, the larger of the front's worst value and "
         "the median over all the table's runs -> 1, reference point 1.1). 'reach': trials until a run's HV "
@@ -178,7 +194,7 @@ def markdown(summary: pd.DataFrame, args: argparse.Namespace, command: str, elap
             cells = " | ".join(f"{getattr(row, f'hv{n}'):.3f}" for n in checkpoints)
             lines.append(f"| {row.arm} | {row.reach_median:g} | {cells} |")
         cold = rows[rows["arm"] == "cold"].iloc[0]
-        for row in rows[rows["arm"] != "cold"].itertuples(index=False):
+        for row in rows[~rows["arm"].str.startswith("cold")].itertuples(index=False):
             below = [n for n in range(1, args.budget + 1) if getattr(row, f"hv{n}") < cold[f"hv{n}"] - 1e-12]
             met = row.reach_median <= GOAL_TRIALS and not below
             lines.append(
@@ -195,12 +211,14 @@ def render(args: argparse.Namespace, command: str, elapsed: float) -> str:
     """The curves and the report from the runs recorded so far, over the seeds every run of
     which (cold and warm, both directions) has finished."""
     tables = args.tables
-    arms = ["cold", *(warm_label(args.warm_arm, t) for t in args.transfers.split(","))]
+    arms = ["cold", *map(cold_label, args.references), *(warm_label(args.warm_arm, t) for t in args.transfers.split(","))]
     rows = pd.read_csv(str(args.out) + "_runs.tsv", sep="\t")
     rows = rows[rows["arm"].isin(arms) & rows["problem"].isin(tables)]
     runs = rows.groupby("seed")[["problem", "arm"]].apply(lambda t: len(t.drop_duplicates()))
     expected = len(tables) * len(arms)
     complete = sorted(runs.index[runs == expected])
+    if not complete:
+        raise SystemExit(f"{args.out}_runs.tsv: no seed has finished every run of {arms} on {tables}")
     rows = rows[rows["seed"].isin(complete)]
     args.seeds = len(complete)
     scales = {p: scale_of(BENCH_PROBLEMS[p]) for p in tables}
@@ -254,9 +272,14 @@ def main(argv: list[str] | None = None) -> None:
         # Seed by seed (its two cold runs, then its warm runs, which fit the other table's cold
         # run), so that a bench stopped early leaves whole seeds behind.
         for seed in range(args.first_seed, args.seeds):
-            cold_jobs = [(t, seed, cold_plan) for t in tables if (t, seed, "cold") not in done]
+            cold_jobs = [
+                (t, seed, cold_plan, arm)
+                for arm in [ARM, *args.references]
+                for t in tables
+                if (t, seed, cold_label(arm)) not in done
+            ]
             for problem, _, run in pool.map(_cold, cold_jobs):
-                rows += [{**r, "arm": "cold"} for r in run]
+                rows += run
             for problem in tables:
                 runs[(problem, seed)] = [
                     r for r in rows if (r["problem"], r["seed"], r["arm"]) == (problem, seed, "cold")
