@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -293,3 +294,28 @@ def test_a_rung_keeps_the_adapter_it_selected_when_the_trial_trains_on(tmp_path,
     assert json.loads((trial / "step10" / "adapter" / ADAPTER_STEP_FILE).read_text()) == {"step": 10}
     record = {"status": "ok", "best_step": 10}
     assert adapter_of(trial / "step10" / "metrics.json", record) == trial / "step10" / "adapter"
+
+
+def test_an_evaluation_claims_its_gpu_as_a_trial_does(tmp_path, tiny_model, monkeypatch):
+    """evaluate_trial(gpus=1) holds a GPU of the local pool while lm-eval runs (the pool here: a
+    device named by CUDA_VISIBLE_DEVICES; this machine has no CUDA, so lm-eval runs on the CPU),
+    records it, and frees it after: an evaluation never lands on a GPU that a trial holds."""
+    from loratune.devices import claim_gpu, default_lock_dir
+    from loratune.evaluation.harness import evaluate_trial
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    data_dir = tmp_path / "data"
+    prepare_dataset(DatasetSpec(path=str(_passages(tmp_path / "p.jsonl")), eval_fraction=0.5), data_dir)
+    trial = tmp_path / "trial"
+    metrics = run_trial(HPARAMS, SETTINGS_CPU, tiny_model, data_dir, trial, seed=0)
+    files.atomic_write_json(trial / "metrics.json", metrics)
+    evaluation = {"tasks": ["loratune_last_word"], "include_path": None, "limit": 2, "batch_size": 2}
+    record = evaluate_trial(trial / "metrics.json", tiny_model, data_dir, evaluation, trial / "evaluation.json", gpus=1)
+    assert record["status"] == "ok", record.get("error")
+    assert record["gpu"] == "7"
+    assert (default_lock_dir() / "7.lock").exists()  # claimed through the trials' lock
+    with claim_gpu(1, timeout_seconds=1) as free:  # released
+        assert free == "7"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"  # restored

@@ -21,4 +21,5 @@ evaluate_trial(
     evaluation=snakemake.params.evaluation,
     output=snakemake.output.evaluation,
     device=snakemake.params.device,
+    gpus=int(snakemake.resources.gpu),
 )
