@@ -17,7 +17,7 @@ import traceback
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from loratune import files, ledger
 from loratune.config import Study
@@ -248,6 +248,18 @@ def retire_workers_in_the_way(
     return retire_workers(lock_dir, in_the_way, keep=keep)
 
 
+@contextmanager
+def claim_gpus_alone(count: int) -> Iterator[str | None]:
+    """``devices.claim_gpu(count)`` for a job that has its GPUs to itself (a trial of several GPUs,
+    an evaluation), the idle trial workers holding memory there retired first; yields the ids."""
+    from loratune.devices import claim_gpu
+
+    with claim_gpu(count) as devices:
+        for device in (devices or "").split(","):
+            retire_workers_in_the_way(device or None, None, None)
+        yield devices
+
+
 def retire_idle_workers(lock_dir: Path | None = None) -> list[int]:
     """At the end of a run (the workflow's onsuccess and onerror): end this user's idle trial
     workers on this machine (their pids), so that nothing of a finished study keeps running and
@@ -357,7 +369,7 @@ def _train_and_record(
     trial_dir: Path,
     log_path: str | Path | None,
 ) -> dict:
-    from loratune.devices import claim_gpu, claim_gpu_share
+    from loratune.devices import claim_gpu_share
     from loratune.packing import study_trials_per_gpu
     from loratune.training.worker import TrialRaised, WorkerDied
 
@@ -366,7 +378,7 @@ def _train_and_record(
     deadline = _deadline(runtime_minutes, time.time())
     gpus = study.config["resources"]["gpus_per_trial"] if study.config["backend"] == "qlora" else 0
     trials_per_gpu, why = study_trials_per_gpu(study.config, model_path)
-    claim = claim_gpu_share(trials_per_gpu) if gpus == 1 else claim_gpu(gpus)
+    claim = claim_gpu_share(trials_per_gpu) if gpus == 1 else claim_gpus_alone(gpus)
     with claim as share:
         device = share.device if gpus == 1 else share
         sharing, worker_slot = {}, None
@@ -375,9 +387,6 @@ def _train_and_record(
             log.info("up to %d trial(s) per GPU (%s); %d on this one now", trials_per_gpu, why, share.trials_at_start)
             worker_slot = _worker_slot(study, share)
             retire_workers_in_the_way(share.device, share.slot, worker_slot)
-        else:
-            for one in (device or "").split(","):
-                retire_workers_in_the_way(one or None, None, None)
         log.info("trial %s (seed %d) on %s: %s", trial_id, seed, device or "cpu", study.space.describe(hparams))
         try:
             if study.config["backend"] == "benchmark":

@@ -34,7 +34,7 @@ import pandas as pd
 import yaml
 
 from loratune import ledger
-from loratune.proposers.base import RELATED  # noqa: F401  (warm_start.RELATED: the mark of a related row)
+from loratune.proposers.base import RELATED_COLUMN
 from loratune.space import ChoiceParam, SearchSpace
 
 __all__ = [
@@ -236,8 +236,10 @@ def transfer_history(
     method: str = TRANSFER,
 ) -> pd.DataFrame | None:
     """The history a model-based proposer fits: the related rows (see ``TRANSFERS``) before
-    this study's own. A related point is then taken like any fitted one: the proposers look
-    for better points near it rather than measuring it again as it is."""
+    this study's own, each row marked in the ``RELATED_COLUMN`` column. A proposer that pools the two
+    takes a related point like any fitted one: it looks for better points near it rather than
+    measuring it again as it is; one that models the related task as another task (BoTorch's,
+    ``Proposer.models_tasks``) may measure it here."""
     if method not in TRANSFERS:
         raise ValueError(f"warm start transfer: must be one of {list(TRANSFERS)}, got {method!r}")
     if related is None or len(related) == 0:
@@ -252,8 +254,8 @@ def transfer_history(
         taken = {space.key(space.snap(p)) for p in own[space.tunable_names].to_dict("records")}
         keys = [space.key(space.snap(p)) for p in related[space.tunable_names].to_dict("records")]
         related = related[[key not in taken for key in keys]]
-    own = own.assign(**{RELATED: False}) if own is not None and len(own) else own
-    return pd.concat([related.assign(**{RELATED: True}), own], ignore_index=True)
+    marked = [related.assign(**{RELATED_COLUMN: True}), own.assign(**{RELATED_COLUMN: False})]
+    return pd.concat(marked, ignore_index=True)
 
 
 def _ok_values(table: pd.DataFrame, name: str) -> pd.Series:

@@ -16,6 +16,7 @@ from conftest import load_test_config, run_workflow, write_config
 from loratune import ledger, warm_start
 from loratune.config import ConfigError, validate_config
 from loratune.loop import next_proposals
+from loratune.proposers.base import RELATED_COLUMN
 
 OBJECTIVES = {"eval_loss": "min", "trainable_params": "min"}
 
@@ -310,7 +311,7 @@ def test_a_proposer_that_models_the_related_task_may_measure_its_points_here():
     rows = pd.DataFrame(grid).assign(eval_loss=[1.0, 2.0, 3.0, 4.0], trainable_params=[4.0, 4.0, 8.0, 8.0], status="ok")
     own, related = rows.iloc[[0, 3]], rows.iloc[[1, 2]]
     fitted = warm_start.transfer_history(space, OBJECTIVES, own, related, "aligned")
-    assert list(fitted[warm_start.RELATED]) == [True, True, False, False]
+    assert list(fitted[RELATED_COLUMN]) == [True, True, False, False]
     botorch = make_proposer("botorch", space=space, objectives=OBJECTIVES, seed=0)
     proposed = botorch.propose(fitted, n=4)
     assert sorted(space.key(p) for p in proposed) == sorted(

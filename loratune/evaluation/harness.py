@@ -11,7 +11,6 @@ read it at import), so nothing an evaluation loads can reach the network.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -20,7 +19,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from loratune.evaluation.tasks import task_config_fingerprint, write_builtin_tasks
 from loratune.training.data import read_prepared, resolve_template
@@ -194,9 +193,10 @@ def evaluate_trial(
     rung's where the trial stopped; see ``adapter_of``) and write its evaluation.json to
     ``output``. A failed trial has no adapter worth scoring: its evaluation is recorded as failed
     without running lm-eval, as is one whose adapter is missing. ``gpus``: the GPUs the job asked
-    for, claimed as a trial claims them (``devices.claim_gpu``; the idle trial workers holding
-    memory there retire first), so that an evaluation never runs on a GPU a trial holds."""
+    for, claimed as a trial alone on its GPUs claims them (``trial.claim_gpus_alone``: the idle trial
+    workers holding memory there retire first), so that an evaluation never runs on a GPU a trial holds."""
     from loratune import files, ledger
+    from loratune.trial import claim_gpus_alone
 
     trial = ledger.read_metrics(metrics_path)
     if (trial.get("status") or "ok") != "ok":
@@ -207,7 +207,7 @@ def evaluate_trial(
         except (FileNotFoundError, ValueError) as error:
             record = {"status": "failed", "error": f"{type(error).__name__}: {error}", "lm_eval": {}}
         else:
-            with _claimed(gpus) as gpu:
+            with claim_gpus_alone(gpus) as gpu:
                 record = {
                     **evaluate_adapter(model_path, adapter, data_dir, evaluation, device=device),
                     "adapter": str(adapter),
@@ -217,16 +217,3 @@ def evaluate_trial(
     record = {**{k: trial[k] for k in ("trial_id", "best_step") if trial.get(k) is not None}, **record}
     files.atomic_write_json(output, record)
     return record
-
-
-@contextlib.contextmanager
-def _claimed(gpus: int) -> Iterator[str | None]:
-    """``gpus`` GPUs held for an evaluation, as a trial alone on them holds them; their ids (None: none)."""
-    from loratune.devices import claim_gpu
-    from loratune.trial import retire_workers_in_the_way
-
-    with claim_gpu(gpus) as devices:
-        for device in (devices or "").split(","):
-            if device:
-                retire_workers_in_the_way(device, None, None)
-        yield devices

@@ -74,7 +74,7 @@ LARGE_FRONT = 16
 STOPPED_FITS = ("full_budget", "highest_rung")
 STOPPED_FIT = "highest_rung"
 # A history column that marks a related task's rows (warm_start.transfer_history): fitted, not taken.
-RELATED = "related_task"
+RELATED_COLUMN = "related_task"
 # Random top-up draws this many candidates per missing point before it lists a finite space.
 _DRAWS_PER_POINT = 50
 
@@ -100,16 +100,18 @@ class History:
     ok_points: list[Point]  # rows with status ok and finite objectives, in history order
     X_unit: np.ndarray  # (n_ok, dim): their unit-cube coordinates
     Y_min: np.ndarray  # (n_ok, n_objectives): their objectives, "max" columns negated
-    evaluated: list[Point]  # every row, failed ones included
-    # Every row but a related task's (warm_start.RELATED), whose points are yet to be measured on
+    # Every row, failed ones included: never to be proposed again (by a proposer that pools a
+    # related task's rows with this study's own; see Proposer.models_tasks).
+    evaluated: list[Point]
+    # Every row but a related task's (RELATED_COLUMN), whose points are yet to be measured on
     # this task: the rows never to be proposed again by a proposer that models the related task.
     taken: list[Point]
-    # Per ok row: whether it is a related task's (warm_start.transfer_history marks them).
-    ok_related: np.ndarray | None = None
+    # (n_ok,): whether each ok row is a related task's (warm_start.transfer_history marks them).
+    ok_related: np.ndarray
 
     @property
     def related_ok(self) -> bool:
-        return self.ok_related is not None and bool(self.ok_related.any())
+        return bool(self.ok_related.any())
 
 
 def fitting_history(history: pd.DataFrame | None, stopped: str = STOPPED_FIT) -> pd.DataFrame | None:
@@ -135,7 +137,7 @@ def split_history(
     """
     names = list(objectives)
     if history is None or len(history) == 0:
-        return History([], np.empty((0, space.dim)), np.empty((0, len(names))), [], [])
+        return History([], np.empty((0, space.dim)), np.empty((0, len(names))), [], [], np.zeros(0, bool))
     if not isinstance(history, pd.DataFrame):
         raise ValueError(f"history: must be a pandas DataFrame, got {type(history).__name__}")
     for column in [*space.tunable_names, *names]:
@@ -154,9 +156,11 @@ def split_history(
     evaluated = [space.snap(row) for row in history[space.tunable_names].to_dict("records")]
     ok_points = [point for point, good in zip(evaluated, ok) if good]
     Y_min = to_minimization(values[ok].reshape(-1, len(names)), [objectives[n] for n in names])
-    related = history[RELATED].fillna(False).astype(bool).to_numpy() if RELATED in history.columns else np.zeros(len(history), bool)
+    related = np.zeros(len(history), bool)
+    if RELATED_COLUMN in history.columns:
+        related = history[RELATED_COLUMN].fillna(False).astype(bool).to_numpy()
     taken = [point for point, theirs in zip(evaluated, related) if not theirs]
-    return History(ok_points, space.to_unit_rows(ok_points), Y_min, evaluated, taken, related[ok].astype(bool))
+    return History(ok_points, space.to_unit_rows(ok_points), Y_min, evaluated, taken, related[ok])
 
 
 class Proposer(abc.ABC):

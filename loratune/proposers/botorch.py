@@ -118,7 +118,7 @@ class BotorchProposer(Proposer):
         with _torch_session(int(rng.integers(2**31))), _warnings_to_log():
             started = time.perf_counter()
             # BoTorch maximizes: flip the minimization values.
-            own = ~history.ok_related if history.related_ok else np.ones(len(X), bool)
+            own = ~history.ok_related
             if history.related_ok and own.sum() >= MULTITASK_MIN_OWN:
                 model = self._fit_multitask(X, -Y, own)
                 X, Y = X[own], Y[own]  # the front to improve is this task's own
