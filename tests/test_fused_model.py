@@ -102,11 +102,12 @@ def test_fused_loss_and_lora_gradients_equal_the_plain_path_in_fp32(tiny_model, 
     plain.train()
     expected = summed_token_loss(plain, collate(batch, 0, torch.device("cpu")), torch.float32)
     expected.backward()
-    fused_model = lora_model(tiny_model, fused=True, targets=targets)
-    got = FusedCausalLM(fused_model).loss(pack(batch, torch.device("cpu")), training=True)
-    got.backward()
-    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert relative_error(lora_grads(fused_model), lora_grads(plain)) < 1e-4
+    for join_lora in (False, True):
+        fused_model = lora_model(tiny_model, fused=True, targets=targets)
+        got = FusedCausalLM(fused_model, join_lora=join_lora).loss(pack(batch, torch.device("cpu")), training=True)
+        got.backward()
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert relative_error(lora_grads(fused_model), lora_grads(plain)) < 1e-4
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -160,9 +161,11 @@ def untied_tiny_model(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("plan", [None, *PLANS_NF4])
-def test_nf4_fused_gradients_are_as_exact_as_the_plain_qlora_recipe(tiny_model, device, plan):
+@pytest.mark.parametrize("join_lora", [None, True, False])
+def test_nf4_fused_gradients_are_as_exact_as_the_plain_qlora_recipe(tiny_model, device, plan, join_lora):
     """Against fp32 arithmetic on the same dequantized NF4 weights, the fused path's LoRA
-    gradients are no further off than the plain recipe's (which keeps the residual stream fp32)."""
+    gradients are no further off than the plain recipe's (which keeps the residual stream fp32),
+    with the LoRA up-projection joined to the frozen matmul (None: where it pays, on CUDA) or not."""
     if four_bit_unusable(device):
         pytest.skip(four_bit_unusable(device))
     import bitsandbytes.functional as bnb
@@ -183,7 +186,7 @@ def test_nf4_fused_gradients_are_as_exact_as_the_plain_qlora_recipe(tiny_model, 
     plain = lora_model(tiny_model, quantization="nf4", dtype=torch.bfloat16, device=device, fused=False)
     plain.train()
     summed_token_loss(plain, collate(batch, 0, dev), torch.bfloat16).backward()
-    fused = FusedCausalLM(quantized, compile=device == "cuda")
+    fused = FusedCausalLM(quantized, compile=device == "cuda", join_lora=join_lora)
     if plan is not None:
         fused.apply_plan(PLANS_NF4[plan])
     fused.loss(pack(batch, dev), training=True).backward()

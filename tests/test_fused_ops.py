@@ -25,8 +25,8 @@ from loratune.training.fused import (
     pack,
 )
 from loratune.training.fused.memory import LOSS_CHUNKS, Footprint, footprint, model_bytes, plan_cost
-from loratune.training.fused.kernels import rms_norm, swiglu
-from loratune.training.fused.lora_linear import FrozenLinearLora, FrozenWeights
+from loratune.training.fused.kernels import rms_norm, swiglu, swiglu_with_grad
+from loratune.training.fused.lora_linear import FrozenLinearLora, FrozenWeights, Prologue
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -67,15 +67,18 @@ def test_chunked_cross_entropy_equals_the_dense_loss_and_gradient(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("prologue", [None, "rms_norm", "swiglu"])
+@pytest.mark.parametrize("prologue", [None, "rms_norm", "swiglu", "swiglu in one pass"])
 @pytest.mark.parametrize("chunk_bytes", [None, 200])
-def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(device, prologue, chunk_bytes):
+@pytest.mark.parametrize("join", [False, True])
+def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(device, prologue, chunk_bytes, join):
     """The autograd function that recomputes its prologue and dropout against plain autograd,
-    its backward in one piece or in chunks of tokens (here of 2 or 3 of the 9)."""
+    its backward in one piece or in chunks of tokens (here of 2 or 3 of the 9), its forward with
+    the LoRA up-projection joined to the frozen matmul ([x | z] [W | B]^T) or apart."""
     generator = torch.Generator().manual_seed(0)
-    width = 32 if prologue == "swiglu" else 16
+    width = 32 if prologue and "swiglu" in prologue else 16
     norm_weight = (1 + 0.1 * torch.randn(16, generator=generator)).to(device)
     functions = {None: None, "rms_norm": lambda u: rms_norm(u, norm_weight, 1e-5), "swiglu": lambda u: swiglu(u, 16)}
+    functions["swiglu in one pass"] = Prologue(lambda u: swiglu(u, 16), lambda u, g: swiglu_with_grad(u, g, 16))
     function = functions[prologue]
     linear = torch.nn.Linear(16, 12, bias=True).to(device).requires_grad_(False)
     u = torch.randn(9, width, generator=generator).to(device).requires_grad_()
@@ -83,7 +86,7 @@ def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(de
     lora_b = (torch.randn(12, 4, generator=generator) * 0.3).to(device).requires_grad_()
     torch.manual_seed(3)
     weights = FrozenWeights([linear], torch.float32)
-    y = FrozenLinearLora.apply(u, lora_a, lora_b, weights, 0.25, Kernels(), function, chunk_bytes)
+    y = FrozenLinearLora.apply(u, lora_a, lora_b, weights, 0.25, Kernels(), function, chunk_bytes, True, join)
     got = torch.autograd.grad(y.square().sum(), (u, lora_a, lora_b))
     x = function(u) if function else u
     torch.manual_seed(3)  # the same mask, by the same call on the same RNG state
@@ -93,6 +96,48 @@ def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(de
     torch.testing.assert_close(y, expected_y)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+NF4_KERNEL_CHECK = """
+import sys, types, torch, bitsandbytes.functional as bnb
+from loratune.training.fused import nf4
+device, rows, cols, extra, nested = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+generator = torch.Generator().manual_seed(rows + cols + extra)
+weight = torch.randn(rows, cols, generator=generator).to(device, torch.bfloat16)
+packed, state = bnb.quantize_4bit(weight, quant_type="nf4", compress_statistics=nested)
+linear = types.SimpleNamespace(weight=types.SimpleNamespace(data=packed, quant_state=state))
+# the interpreter (CPU) rounds to bf16 its own way: compare fp32 output there, bf16 on CUDA
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+state.dtype = dtype
+expected = bnb.dequantize_4bit(packed, state)
+out = torch.full((rows, cols), float("nan"), dtype=dtype, device=device)
+nf4.dequantize(linear, out)
+assert torch.equal(out, expected), (out - expected).abs().max()
+wide = torch.full((rows, cols + extra), float("nan"), dtype=dtype, device=device)  # a slice of a wider buffer
+nf4.dequantize(linear, wide[:, :cols])
+assert torch.equal(wide[:, :cols], expected) and wide[:, cols:].isnan().all()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(96, 200, 16, True), (64, 128, 48, False), (40, 330, 4, True)])
+def test_the_nf4_kernel_dequantizes_bit_for_bit_as_bitsandbytes(device, shape):
+    """Our Triton kernel against bitsandbytes' dequantization, nested scales or not, odd shapes,
+    into its own buffer or a slice of a wider one. On a CPU it runs under Triton's interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    args = [str(int(v)) for v in shape]
+    done = subprocess.run(
+        [sys.executable, "-c", NF4_KERNEL_CHECK, device, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length kernel is CUDA only")

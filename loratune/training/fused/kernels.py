@@ -59,11 +59,24 @@ def swiglu(gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_with_grad(gate_up: torch.Tensor, grad: torch.Tensor, intermediate: int):
+    """SwiGLU's output and the gradient of its input for the output's gradient ``grad``, in one
+    pass (fp32 inside): the backward's recomputation and autograd's backward read gate|up twice
+    and ran at 40% of the H200's bandwidth."""
+    gate, up = gate_up[:, :intermediate].float(), gate_up[:, intermediate:].float()
+    sigmoid = torch.sigmoid(gate)
+    silu = gate * sigmoid
+    g = grad.float()
+    grad_gate = g * up * sigmoid * (1 + gate * (1 - sigmoid))
+    return (silu * up).to(gate_up.dtype), torch.cat([grad_gate, g * silu], dim=1).to(gate_up.dtype)
+
+
 @dataclass
 class Kernels:
     rms_norm: Callable = rms_norm
     split_rotary: Callable = split_rotary
     swiglu: Callable = swiglu
+    swiglu_with_grad: Callable = swiglu_with_grad
     residual_add: Callable = residual_add
     masked_scale: Callable = masked_scale
     masked_accumulate: Callable = masked_accumulate
@@ -88,6 +101,7 @@ def make_kernels(compile: bool) -> Kernels:
         "rms_norm",
         "split_rotary",
         "swiglu",
+        "swiglu_with_grad",
         "residual_add",
         "masked_scale",
         "masked_accumulate",

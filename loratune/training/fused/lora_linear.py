@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from loratune.training.fused import nf4
 from loratune.training.fused.support import lora_parts
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ class FrozenWeights:
                     for b, n in zip(biases, self.sizes)
                 ]
             )
+        # our NF4 kernel (one pass, and a LoRA update folded in for free) where it runs, else bitsandbytes'
+        self.kernel = self.quantized and nf4.available(self.device) and all(nf4.supports(li) for li in self.linears)
         if not self.quantized and len(self.linears) > 1:
             self.cache = self._dense()  # plain weights: stack them once
         self.stacked_plain = not self.quantized and len(self.linears) > 1
@@ -58,7 +61,23 @@ class FrozenWeights:
         return sum(self.sizes) * self.in_features * torch.finfo(self.dtype).bits // 8
 
     @torch.no_grad()
-    def _dense(self) -> torch.Tensor:
+    def _dense(self, beside: torch.Tensor | None = None, width: int = 0) -> torch.Tensor:
+        """The dense weight stack; with ``beside`` (a row per output), [W | beside | zeros] of
+        ``width`` columns."""
+        if beside is not None and not self.kernel:
+            pad = width - self.in_features - beside.shape[1]
+            return F.pad(torch.cat([self._dense(), beside.to(self.dtype)], dim=1), (0, pad))
+        if self.kernel:
+            columns = width if beside is not None else self.in_features
+            out = torch.empty(sum(self.sizes), columns, dtype=self.dtype, device=self.device)
+            row = 0
+            for linear, size in zip(self.linears, self.sizes):
+                nf4.dequantize(linear, out[row : row + size, : self.in_features])
+                row += size
+            if beside is not None:
+                out[:, self.in_features : self.in_features + beside.shape[1]] = beside
+                out[:, self.in_features + beside.shape[1] :] = 0
+            return out
         if len(self.linears) == 1 and not self.quantized:
             weight = self.linears[0].weight
             return weight if weight.dtype == self.dtype else weight.to(self.dtype)
@@ -87,6 +106,19 @@ class FrozenWeights:
     def get(self) -> torch.Tensor:
         return self.cache if self.cache is not None else self._dense()
 
+    def joined(self, b: torch.Tensor, width: int) -> torch.Tensor:
+        """[W | b | zeros] (``width`` columns): the frozen weight with a LoRA up-weight beside it."""
+        if self.cache is not None:
+            pad = width - self.in_features - b.shape[1]
+            return F.pad(torch.cat([self.cache, b], dim=1), (0, pad))
+        return self._dense(b, width)
+
+    @property
+    def join_is_free(self) -> bool:
+        """Whether the LoRA up-weight can sit beside the frozen weight at no cost: our kernel
+        dequantizes on every use into a buffer of any width."""
+        return self.kernel and self.cache is None
+
     def keep_dequantized(self, keep: bool) -> None:
         if self.stacked_plain:
             return
@@ -101,6 +133,11 @@ class FrozenLinearLora(torch.autograd.Function):
     dropout(x) in the backward pass rather than keeping them (28% less activation memory per
     layer, so fewer layers need checkpointing). It never saves a dequantized weight; the input
     gradient takes the LoRA branch's share through the mask in one pass.
+
+    With ``join``, the forward is one matmul [x | z] [W | B]^T (z = dropout(x) A^T): our NF4
+    kernel dequantizes W into a buffer with room for B, and the rank-r pass over the output
+    (``y += z B^T``, 2 x tokens x out_features of memory traffic) goes away for the price of a
+    copy of x. Folding B A into W instead would round small LoRA updates away in bf16.
     """
 
     @staticmethod
@@ -115,12 +152,9 @@ class FrozenLinearLora(torch.autograd.Function):
         prologue: Callable | None,
         chunk_bytes: int | None = None,
         output: bool = True,
+        join: bool = False,
     ):
         x = prologue(u) if prologue is not None else u
-        if output:
-            y = F.linear(x, weights.get(), weights.bias)
-        else:  # a recomputation for the backward: only what is saved counts, y is a placeholder
-            y = x.new_zeros(()).expand(x.shape[0], sum(weights.sizes))
         ctx.weights, ctx.kernels, ctx.prologue, ctx.chunk_bytes = weights, kernels, prologue, chunk_bytes
         ctx.has_lora = lora_a is not None
         ctx.dropout = dropout
@@ -132,9 +166,22 @@ class FrozenLinearLora(torch.autograd.Function):
             a = lora_a.to(x.dtype)
             b = lora_b.to(x.dtype)
             z = x_dropped @ a.t()
-            if output:
-                y.addmm_(z, b.t())
             ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
+        if not output:  # a recomputation for the backward: only what is saved counts, y is a placeholder
+            y = x.new_zeros(()).expand(x.shape[0], sum(weights.sizes))
+        elif join and ctx.has_lora:  # [x | z] [W | B]^T: the LoRA up-projection inside the one matmul
+            columns = x.shape[1] + z.shape[1]
+            width = -(-columns // 8) * 8  # rows of 16-byte multiples keep cuBLAS on its fast kernels
+            joined = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
+            joined[:, : x.shape[1]] = x
+            joined[:, x.shape[1] : columns] = z
+            joined[:, columns:] = 0
+            y = F.linear(joined, weights.joined(b, width), weights.bias)
+            del joined
+        else:
+            y = F.linear(x, weights.get(), weights.bias)
+            if ctx.has_lora:
+                y.addmm_(z, b.t())
         ctx.save_for_backward(u, z, a, b, mask)
         return y
 
@@ -179,11 +226,25 @@ class FrozenLinearLora(torch.autograd.Function):
                 grad_u[part] = grad_u_part
         if grad_a is not None:
             grad_a = grad_a.to(ctx.lora_dtypes[0])
-        return grad_u, grad_a, grad_b, None, None, None, None, None, None
+        return grad_u, grad_a, grad_b, None, None, None, None, None, None, None
 
 
 def _backward_rows(ctx, u, grad_y, grad_z, mask, weight, a, scale: float, needs_input: bool):
     """The input gradient (or None) and lora_a's gradient (or None) of some rows (tokens)."""
+    with_grad = getattr(ctx.prologue, "with_grad", None)
+    if with_grad is not None and needs_input:  # the prologue and its gradient in one pass over u
+        grad_x = grad_y @ weight
+        if ctx.has_lora:
+            if mask is None:
+                grad_x.addmm_(grad_z, a)
+            else:
+                grad_x = ctx.kernels.masked_accumulate(grad_x, grad_z @ a, mask, scale)
+        x, grad_u = with_grad(u, grad_x)
+        del grad_x
+        grad_a = None
+        if ctx.has_lora:
+            grad_a = grad_z.t() @ (x if mask is None else ctx.kernels.masked_scale(x, mask, scale))
+        return grad_u, grad_a
     if ctx.prologue is None:
         x = u
     else:
@@ -206,6 +267,18 @@ def _backward_rows(ctx, u, grad_y, grad_z, mask, weight, a, scale: float, needs_
     return grad_u, grad_a
 
 
+@dataclass(frozen=True)
+class Prologue:
+    """Elementwise work before a projection: ``forward(u)`` is its input x; ``with_grad(u,
+    grad_x)``, where given, returns x and the gradient of u in one pass (else autograd's)."""
+
+    forward: Callable
+    with_grad: Callable | None = None
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return self.forward(u)
+
+
 @dataclass
 class Group:
     """One fused projection: a frozen weight stack and the LoRA weights of its members."""
@@ -216,6 +289,7 @@ class Group:
     scales: list[float]
     dropout: float
     backward_chunk_bytes: int | None = None  # the memory plan's: chunk the backward's recomputation
+    join_lora: bool | None = None  # the LoRA up-projection inside the frozen matmul; None: where it pays
 
     def __call__(
         self,
@@ -233,7 +307,14 @@ class Group:
             return FrozenLinearLora.apply(u, None, None, self.weights, 0.0, kernels, prologue, None, output)
         a, b = self._stacked()
         dropout = self.dropout if training else 0.0
-        return FrozenLinearLora.apply(u, a, b, self.weights, dropout, kernels, prologue, chunk, output)
+        join = self.join_pays if self.join_lora is None else self.join_lora
+        return FrozenLinearLora.apply(u, a, b, self.weights, dropout, kernels, prologue, chunk, output, join)
+
+    @property
+    def join_pays(self) -> bool:
+        """Joining copies the input (tokens x in_features) into a wider buffer and saves the
+        rank-r pass over the output (tokens x out_features): it pays for q|k|v and gate|up."""
+        return self.weights.join_is_free and sum(self.weights.sizes) > self.weights.in_features
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         present = [i for i, a in enumerate(self.lora_a) if a is not None]

@@ -10,7 +10,7 @@ import torch.utils.checkpoint
 
 from loratune.training.fused.attention import PackedBatch, attention
 from loratune.training.fused.kernels import Kernels, is_compile_error, make_kernels
-from loratune.training.fused.lora_linear import BACKWARD_CHUNK_BYTES, make_group
+from loratune.training.fused.lora_linear import BACKWARD_CHUNK_BYTES, Prologue, make_group
 from loratune.training.fused.loss import chunked_cross_entropy
 from loratune.training.fused.memory import MemoryPlan, MemoryRequest, plan_memory
 from loratune.training.fused.offload import HostOffload
@@ -41,8 +41,14 @@ class Layer:
         gate_up = self.gate_up(hidden, training, kernels, lambda u: kernels.rms_norm(u, self.norm_post, self.eps))
         return kernels.residual_add(
             hidden,
-            self.down(gate_up, training, kernels, lambda u: kernels.swiglu(u, intermediate), output=not recompute),
+            self.down(gate_up, training, kernels, swiglu_prologue(kernels, intermediate), output=not recompute),
         )
+
+
+def swiglu_prologue(kernels: Kernels, intermediate: int) -> Prologue:
+    return Prologue(
+        lambda u: kernels.swiglu(u, intermediate), lambda u, grad: kernels.swiglu_with_grad(u, grad, intermediate)
+    )
 
 
 class _Checkpointed:
@@ -61,7 +67,14 @@ class _Checkpointed:
 class FusedCausalLM:
     """Loss of a (peft-wrapped) Llama-family model through the fused path; see the module docstring."""
 
-    def __init__(self, model, *, compile: bool = False, residual_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        model,
+        *,
+        compile: bool = False,
+        residual_dtype: torch.dtype = torch.float32,
+        join_lora: bool | None = None,
+    ):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"training.fused_kernels: cannot fuse this model: {reason}")
@@ -79,6 +92,9 @@ class FusedCausalLM:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.shape = (heads, config.num_key_value_heads, head_dim, config.intermediate_size)
         self.layers = [Layer(layer, self.dtype, config) for layer in inner.model.layers]
+        for layer in self.layers:  # None: the LoRA up-projection joins the frozen matmul where it pays
+            for group in layer.groups:
+                group.join_lora = join_lora
         self.kernels = make_kernels(compile)
         self.compiled = compile
         # The residual stream (and its gradient) stays fp32, as the plain QLoRA recipe keeps it: in
