@@ -39,7 +39,8 @@ def supports(linear) -> bool:
         return False
     if state.nested and state.state2.blocksize != 256:
         return False
-    return state.shape[0] * state.shape[1] % 2 == 0
+    # whole bytes per row, whole 4-bit blocks per byte pair; an int32 index
+    return state.shape[1] % 2 == 0 and state.blocksize % 2 == 0 and state.shape[0] * state.shape[1] < 2**31
 
 
 if triton is not None:
@@ -54,45 +55,51 @@ if triton is not None:
         code,
         out,
         rows_total,
-        cols_total,
+        row_bytes,
         stride_out,
         BLOCKSIZE: tl.constexpr,
         NESTED: tl.constexpr,
         BLOCK_ROWS: tl.constexpr,
-        BLOCK_COLS: tl.constexpr,
+        BLOCK_BYTES: tl.constexpr,
     ):
+        # a tile of BLOCK_ROWS x BLOCK_BYTES packed bytes: each byte two outputs, high nibble first
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-        inside = (rows[:, None] < rows_total) & (cols[None, :] < cols_total)
-        flat = rows[:, None].to(tl.int64) * cols_total + cols[None, :]
-        byte = tl.load(packed + flat // 2, mask=inside, other=0).to(tl.int32)
-        nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
-        value = tl.load(code + nibble, mask=inside, other=0.0)
-        block = flat // BLOCKSIZE
+        columns = tl.program_id(1) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+        inside = (rows[:, None] < rows_total) & (columns[None, :] < row_bytes)
+        index = rows[:, None] * row_bytes + columns[None, :]
+        byte = tl.load(packed + index, mask=inside, other=0).to(tl.int32)
+        block = index // (BLOCKSIZE // 2)
         if NESTED:
             quantized_scale = tl.load(absmax + block, mask=inside, other=0).to(tl.int32)
             scale = tl.load(code2 + quantized_scale, mask=inside, other=0.0) * tl.load(
                 absmax2 + block // 256, mask=inside, other=0.0
             )
-            scale = scale + offset
+            scale = scale + tl.load(offset)
         else:
             scale = tl.load(absmax + block, mask=inside, other=0.0)
-        weight = value * scale
-        tl.store(out + rows[:, None] * stride_out + cols[None, :], weight.to(out.dtype.element_ty), mask=inside)
+        high = tl.load(code + (byte >> 4), mask=inside, other=0.0) * scale
+        low = tl.load(code + (byte & 15), mask=inside, other=0.0) * scale
+        weight = tl.interleave(high, low)
+        out_columns = tl.program_id(1) * 2 * BLOCK_BYTES + tl.arange(0, 2 * BLOCK_BYTES)
+        stored = (rows[:, None] < rows_total) & (out_columns[None, :] < 2 * row_bytes)
+        tl.store(
+            out + rows[:, None] * stride_out + out_columns[None, :], weight.to(out.dtype.element_ty), mask=stored
+        )
 
 
 def dequantize(linear, out: torch.Tensor) -> torch.Tensor:
     """``out`` (rows x in_features, each row contiguous; its row stride may be larger, as in a
-    slice of a wider buffer) := the dense NF4 weight of ``linear``."""
+    slice of a wider buffer) := the dense NF4 weight of ``linear``. No host synchronization
+    (the nested scales' offset stays on the device): the host keeps running ahead."""
     state = linear.weight.quant_state
     rows_total, cols_total = state.shape
     if out.shape != (rows_total, cols_total) or out.stride(1) != 1:
         raise ValueError(f"out must be a {rows_total}x{cols_total} buffer with contiguous rows, got {tuple(out.shape)}")
     if state.nested:
-        absmax, code2, absmax2, offset = state.absmax, state.state2.code, state.state2.absmax, float(state.offset)
+        absmax, code2, absmax2, offset = state.absmax, state.state2.code, state.state2.absmax, state.offset
     else:
-        absmax, code2, absmax2, offset = state.absmax, state.code, state.absmax, 0.0
-    grid = (triton.cdiv(rows_total, 32), triton.cdiv(cols_total, 128))
+        absmax, code2, absmax2, offset = state.absmax, state.code, state.absmax, state.absmax
+    grid = (triton.cdiv(rows_total, BLOCK_ROWS), triton.cdiv(cols_total // 2, BLOCK_BYTES))
     _dequantize[grid](
         linear.weight.data,
         absmax,
@@ -102,12 +109,15 @@ def dequantize(linear, out: torch.Tensor) -> torch.Tensor:
         state.code,
         out,
         rows_total,
-        cols_total,
+        cols_total // 2,
         out.stride(0),
         BLOCKSIZE=state.blocksize,
         NESTED=bool(state.nested),
-        BLOCK_ROWS=32,
-        BLOCK_COLS=128,
+        BLOCK_ROWS=BLOCK_ROWS,
+        BLOCK_BYTES=BLOCK_BYTES,
         num_warps=4,
     )
     return out
+
+
+BLOCK_ROWS, BLOCK_BYTES = 16, 128  # a program's tile: 16 rows of 256 outputs
