@@ -76,7 +76,8 @@ class FrozenWeights:
                 row += size
             if beside is not None:
                 out[:, self.in_features : self.in_features + beside.shape[1]] = beside
-                out[:, self.in_features + beside.shape[1] :] = 0
+                if width > self.in_features + beside.shape[1]:
+                    out[:, self.in_features + beside.shape[1] :] = 0
             return out
         if len(self.linears) == 1 and not self.quantized:
             weight = self.linears[0].weight
@@ -175,7 +176,8 @@ class FrozenLinearLora(torch.autograd.Function):
             joined = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
             joined[:, : x.shape[1]] = x
             joined[:, x.shape[1] : columns] = z
-            joined[:, columns:] = 0
+            if width > columns:
+                joined[:, columns:] = 0
             y = F.linear(joined, weights.joined(b, width), weights.bias)
             del joined
         else:
