@@ -314,9 +314,9 @@ def test_nan_loss_is_a_failed_trial(tiny_model, data_dir, tmp_path):
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "state").exists()  # nothing to go on from
 
 
-def test_a_diverged_step_is_named_when_its_loss_reaches_the_host_a_step_later(tiny_model, data_dir, tmp_path):
-    """A step's loss is read at the end of the next step (no sync a step): the trial still fails
-    naming the step that diverged, with the loss curve up to the step before it."""
+def test_a_diverged_step_is_named_in_a_run_of_many_steps(tiny_model, data_dir, tmp_path):
+    """Within one stretch of training (no evaluation between), the trial fails naming the step
+    that diverged, with the loss curve up to the step before it."""
     metrics = run_trial(
         {**HPARAMS, "learning_rate": 1e30}, settings(eval_every=1000, max_steps=6), tiny_model, data_dir, tmp_path
     )

@@ -81,28 +81,6 @@ log = logging.getLogger(__name__)
 PROVENANCE_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
 
 
-class PendingLoss:
-    """A step's summed loss on its way to the host: copied without a sync on CUDA (into pinned
-    memory, an event after it), read by ``read`` once the step's kernels are done."""
-
-    def __init__(self, step: int, summed: torch.Tensor, loss_tokens: int):
-        self.step = step
-        self.loss_tokens = loss_tokens
-        self.ready = None
-        if summed.device.type == "cuda":
-            self.value = torch.empty((), dtype=summed.dtype, pin_memory=True)
-            self.value.copy_(summed.detach(), non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-        else:
-            self.value = summed.detach()
-
-    def read(self) -> float:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.value.item() / self.loss_tokens
-
-
 class TimeLimitReached(RuntimeError):
     """The trial would outlive its job's wall-time limit: stop and record it, before Slurm kills it."""
 
@@ -329,7 +307,6 @@ class Trainer:
         fused: fused_path.FusedCausalLM | None = None,
     ):
         self.model, self.examples, self.settings, self.lora, self.fused = model, examples, settings, lora, fused
-        self._pending: PendingLoss | None = None  # the last step's loss, not yet read (``flush``)
         self.pad_id, self.device, self.dtype, self.seed = pad_id, device, dtype, seed
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         # The fused path also takes AdamW's fused CUDA kernel (17 ms a step for an 8B model's r=16
@@ -399,12 +376,8 @@ class Trainer:
             summed += loss.detach()
         return summed
 
-    def step(
-        self, step: int, progress: Progress, *, check_gradients: bool = False
-    ) -> tuple[tuple[int, float] | None, float]:
-        """Optimizer step ``step`` (0-based), recorded into ``progress``; returns (the previous step,
-        its loss), which reached the host meanwhile (None for a job's first step), and the learning
-        rate. The step's own loss is recorded at the next step or by ``flush``.
+    def step(self, step: int, progress: Progress, *, check_gradients: bool = False) -> tuple[float, float]:
+        """Optimizer step ``step`` (0-based), recorded into ``progress``; returns its loss and learning rate.
 
         ``check_gradients``: fail unless every LoRA weight got a gradient (the first step of a job,
         and the first after an evaluation, where the CPU 4-bit trap would show).
@@ -430,37 +403,16 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # No host sync here: the step's loss goes to the host on its own, and is read at the end of
-        # the next step (``_record``), once that step's kernels are queued. A sync at the end of
-        # every step let the GPU's queue run dry, and the next forward, as host-heavy as the GPU's
-        # work, started from an empty queue. A diverged step's update is thrown away with the trial
-        # (its state and adapter are removed).
-        previous, self._pending = self._pending, PendingLoss(step, summed_loss, loss_tokens)
+        # The step's one host sync, after the update is queued: the host's work for clipping and
+        # AdamW then overlaps the GPU's backward instead of leaving the GPU idle after it. A
+        # diverged step's update is thrown away with the trial (its state and adapter are removed).
+        step_loss = summed_loss.item() / loss_tokens
+        if not math.isfinite(step_loss):
+            raise LossDiverged(f"loss became {'NaN' if math.isnan(step_loss) else 'inf'} at step {step + 1}")
+        progress.loss_curve.append(step_loss)
         progress.train_tokens += sum(len(example.input_ids) for batch in micro for example in batch)
-        try:
-            return (self._record(previous, progress) if previous else None), learning_rate
-        finally:
-            progress.train_time += time.perf_counter() - started
-
-    def flush(self, progress: Progress) -> tuple[int, float] | None:
-        """Wait for the last step's loss and record it (its wait counts as training time); returns
-        (that step, its loss), or None when every step's loss is recorded."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        started = time.perf_counter()
-        try:
-            return self._record(pending, progress)
-        finally:
-            progress.train_time += time.perf_counter() - started
-
-    def _record(self, pending: PendingLoss, progress: Progress) -> tuple[int, float]:
-        loss = pending.read()
-        if not math.isfinite(loss):
-            self._pending = None  # the trial ends here; a later step's loss means nothing
-            raise LossDiverged(f"loss became {'NaN' if math.isnan(loss) else 'inf'} at step {pending.step + 1}")
-        progress.loss_curve.append(loss)
-        return pending.step, loss
+        progress.train_time += time.perf_counter() - started
+        return step_loss, learning_rate
 
 
 def progress_bar(total: int, initial: int) -> tqdm:
@@ -490,27 +442,18 @@ def train(
     require_trainable_4bit_weights(trainer.model)
     trainer.model.train()
     with progress_bar(total, first) as bar:
-        try:
-            for step in range(first, stop):
-                if deadline is not None and time.time() > deadline:
-                    trainer.flush(progress)
-                    raise TimeLimitReached(f"stopped after {progress.steps} of {total} steps at the job's time limit")
-                done, learning_rate = trainer.step(step, progress, check_gradients=step == first)
-                if step + 1 == stop:
-                    done = trainer.flush(progress)
-                bar.update()
-                if done is None:
-                    continue
-                done_step, loss = done
-                tokens_per_second = progress.train_tokens / progress.train_time
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
-                if (done_step + 1) % trainer.settings.log_every == 0 or step + 1 == stop:
-                    bar.write(
-                        f"step {done_step + 1}/{total} loss {loss:.4f} lr {learning_rate:.3g} {tokens_per_second:.0f} tok/s",
-                        file=sys.stderr,
-                    )
-        finally:
-            trainer._pending = None  # an error ends the job's training: nothing is left to read
+        for step in range(first, stop):
+            if deadline is not None and time.time() > deadline:
+                raise TimeLimitReached(f"stopped after {step} of {total} steps at the job's time limit")
+            step_loss, learning_rate = trainer.step(step, progress, check_gradients=step == first)
+            tokens_per_second = progress.train_tokens / progress.train_time
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
+            bar.update()
+            if (step + 1) % trainer.settings.log_every == 0 or step + 1 == stop:
+                bar.write(
+                    f"step {step + 1}/{total} loss {step_loss:.4f} lr {learning_rate:.3g} {tokens_per_second:.0f} tok/s",
+                    file=sys.stderr,
+                )
 
 
 def save_adapter(model, target: Path, step: int) -> None:
