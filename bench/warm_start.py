@@ -9,7 +9,8 @@ on two datasets (the default), or SmolLM2-135M and Gemma 3 270M on the self-inst
   (``--pilot``), batches of ``--batch`` up to ``--budget`` trials: bench/efficiency's runner,
   the workflow's own round step (``loratune.loop.next_proposals``);
 - **source**: the cold run of the *other* table with the same seed; its trials are the
-  related rows (``loratune.warm_start.related_rows`` gives a study the same columns);
+  related rows (``loratune.warm_start.related_rows`` gives a study the same columns); with
+  ``--source table``, every measured point of the other table instead (a finished study of it);
 - **warm-<transfer>**: the same arm on the target with a pilot of ``--warm-pilot`` points,
   every round fitting the source's trials as ``transfer`` says (``warm_start.TRANSFERS``).
 
@@ -47,6 +48,7 @@ import pandas as pd  # noqa: E402
 from bench.efficiency.problems import ALL_CURVE_TABLES, BENCH_PROBLEMS, CURVE_TABLES, TABLE_MODELS  # noqa: E402
 from bench.efficiency.report import trials_to_reach  # noqa: E402
 from bench.efficiency.runner import ARMS, Plan, Task, _quiet_worker, add_hypervolume, run_task, scale_of  # noqa: E402
+from loratune.benchmarks import get_problem  # noqa: E402
 from loratune.warm_start import TRANSFERS  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -71,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2, help="proposals per round (default 2)")
     parser.add_argument("--budget", type=int, default=16, help="trials per run, pilot included (default 16)")
     parser.add_argument("--transfers", default=",".join(TRANSFERS), help=f"of {','.join(TRANSFERS)}")
+    parser.add_argument(
+        "--source",
+        choices=("run", "table"),
+        default="run",
+        help="the related rows: the other table's cold run with the same seed (run, default), or "
+        "every measured point of the other table (table)",
+    )
     parser.add_argument(
         "--warm-arm",
         default=ARM,
@@ -117,6 +126,21 @@ def related_from(run: list[dict], problem: str) -> pd.DataFrame:
     for row in run:
         values = {name: row[f"true_{name}"] for name in spec.objectives}  # noise-free tables: observed = true
         rows.append({**space.parse_trial_id(row["trial_id"]), **values, "status": row["status"]})
+    return pd.DataFrame(rows)
+
+
+def related_table(problem: str) -> pd.DataFrame:
+    """Every measured point of a table as related rows (``--source table``): what a study of
+    seed 0 sees at the full budget, failed (diverged) runs as failed rows."""
+    spec = BENCH_PROBLEMS[problem]
+    space = spec.space
+    points, _ = get_problem(spec.problem).points(space)
+    rows = []
+    for point in points.to_dict("records"):
+        point = space.snap(point)
+        observed, _ = spec.observe(space, point, 0)
+        values = {name: observed[name] for name in spec.objectives} if observed else {}
+        rows.append({**point, **values, "status": "ok" if observed else "failed"})
     return pd.DataFrame(rows)
 
 
@@ -174,8 +198,12 @@ def markdown(summary: pd.DataFrame, args: argparse.Namespace, command: str, elap
         f"cold: a {args.pilot}-point Latin-hypercube pilot, then batches of {args.batch} to {args.budget} trials. "
         f"warm-<transfer>: a {args.warm_pilot}-point pilot, then "
         f"{'the same arm' if args.warm_arm == ARM else f'the arm {args.warm_arm}'}, every round fitting the "
-        f"{args.budget} trials of the *other* table's cold run with the same seed as a related task "
-        "(loratune.warm_start.transfer_history). "
+        + (
+            "every measured point of the *other* table as a related task "
+            if args.source == "table"
+            else f"{args.budget} trials of the *other* table's cold run with the same seed as a related task "
+        )
+        + "(loratune.warm_start.transfer_history). "
         + (f"cold-<arm>: the arm {', '.join(args.references)} run as cold is, a reference. " if args.references else "")
         + "HV: hypervolume of the noise-free values found so far over "
         "the target's true front's (1 = the whole front), on the table's scale (bench/efficiency/runner.py "
@@ -284,8 +312,12 @@ def main(argv: list[str] | None = None) -> None:
                 runs[(problem, seed)] = [
                     r for r in rows if (r["problem"], r["seed"], r["arm"]) == (problem, seed, "cold")
                 ]
+            related = {
+                source: related_table(source) if args.source == "table" else related_from(runs[(source, seed)], source)
+                for source in tables
+            }
             warm_jobs = [
-                (target, seed, warm_plan, transfer, related_from(runs[(source, seed)], source), args.warm_arm)
+                (target, seed, warm_plan, transfer, related[source], args.warm_arm)
                 for target in tables
                 for source in tables
                 if source != target
