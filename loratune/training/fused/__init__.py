@@ -11,6 +11,9 @@ with fewer, larger kernels and less memory:
 * q/k/v and gate/up are one matmul each over their weights dequantized side by side, with the
   LoRA branches of a group as one down- and one block-diagonal up-projection, inside a custom
   autograd function that saves only what the LoRA gradients need (never a dequantized weight);
+  on CUDA our Triton kernel dequantizes the NF4 weights (bitsandbytes' values, one pass), with
+  room beside them for the LoRA up-weight, so that q|k|v and gate|up take their LoRA branch
+  inside the one matmul ([x | z] [W | B]^T);
 * LoRA dropout draws one mask per shared input (q/k/v share one, gate/up another), where peft
   draws one per projection: the same distribution, not the same random numbers;
 * the residual stream and its gradient stay fp32, as in the plain QLoRA recipe; the rest runs in
@@ -30,7 +33,7 @@ other than Llama-style ones (``unsupported_reason``) keep the plain path.
 
 The package keeps each op apart from the model that uses it (as Liger-Kernel does): ``support``
 (what can be fused), ``lora_linear`` (a frozen linear layer with its LoRA branch, and the
-projection groups), ``kernels`` (the elementwise pieces), ``attention`` (packing and attention
+projection groups), ``nf4`` (the NF4 dequantization kernel), ``kernels`` (the elementwise pieces), ``attention`` (packing and attention
 within each example), ``loss`` (the chunked cross-entropy), ``model`` (``FusedCausalLM``) and
 ``memory`` (the per-layer checkpointing and dequantization plan).
 """

@@ -46,7 +46,7 @@ class FrozenWeights:
                     for b, n in zip(biases, self.sizes)
                 ]
             )
-        # our NF4 kernel (one pass, and a LoRA update folded in for free) where it runs, else bitsandbytes'
+        # our NF4 kernel (one pass, into a buffer of any width) where it runs, else bitsandbytes'
         self.kernel = self.quantized and nf4.available(self.device) and all(nf4.supports(li) for li in self.linears)
         if not self.quantized and len(self.linears) > 1:
             self.cache = self._dense()  # plain weights: stack them once
@@ -65,8 +65,7 @@ class FrozenWeights:
         """The dense weight stack; with ``beside`` (a row per output), [W | beside | zeros] of
         ``width`` columns."""
         if beside is not None and not self.kernel:
-            pad = width - self.in_features - beside.shape[1]
-            return F.pad(torch.cat([self._dense(), beside.to(self.dtype)], dim=1), (0, pad))
+            return _side_by_side(self._dense(), beside, width)
         if self.kernel:
             columns = width if beside is not None else self.in_features
             out = torch.empty(sum(self.sizes), columns, dtype=self.dtype, device=self.device)
@@ -110,8 +109,7 @@ class FrozenWeights:
     def joined(self, b: torch.Tensor, width: int) -> torch.Tensor:
         """[W | b | zeros] (``width`` columns): the frozen weight with a LoRA up-weight beside it."""
         if self.cache is not None:
-            pad = width - self.in_features - b.shape[1]
-            return F.pad(torch.cat([self.cache, b], dim=1), (0, pad))
+            return _side_by_side(self.cache, b, width)
         return self._dense(b, width)
 
     @property
@@ -124,6 +122,12 @@ class FrozenWeights:
         if self.stacked_plain:
             return
         self.cache = self._dense() if keep and self.quantized else None
+
+
+def _side_by_side(weight: torch.Tensor, beside: torch.Tensor, width: int) -> torch.Tensor:
+    """[weight | beside | zeros] of ``width`` columns, as a new tensor."""
+    joined = torch.cat([weight, beside.to(weight.dtype)], dim=1)
+    return F.pad(joined, (0, width - joined.shape[1]))
 
 
 class FrozenLinearLora(torch.autograd.Function):
@@ -235,14 +239,7 @@ def _backward_rows(ctx, u, grad_y, grad_z, mask, weight, a, scale: float, needs_
     """The input gradient (or None) and lora_a's gradient (or None) of some rows (tokens)."""
     with_grad = getattr(ctx.prologue, "with_grad", None)
     if with_grad is not None and needs_input:  # the prologue and its gradient in one pass over u
-        grad_x = grad_y @ weight
-        if ctx.has_lora:
-            if mask is None:
-                grad_x.addmm_(grad_z, a)
-            else:
-                grad_x = ctx.kernels.masked_accumulate(grad_x, grad_z @ a, mask, scale)
-        x, grad_u = with_grad(u, grad_x)
-        del grad_x
+        x, grad_u = with_grad(u, _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale))
         grad_a = None
         if ctx.has_lora:
             grad_a = grad_z.t() @ (x if mask is None else ctx.kernels.masked_scale(x, mask, scale))
@@ -259,14 +256,21 @@ def _backward_rows(ctx, u, grad_y, grad_z, mask, weight, a, scale: float, needs_
         grad_a = grad_z.t() @ x_dropped
         del x_dropped
     if needs_input:
-        grad_x = grad_y @ weight
-        if ctx.has_lora:
-            if mask is None:
-                grad_x.addmm_(grad_z, a)
-            else:
-                grad_x = ctx.kernels.masked_accumulate(grad_x, grad_z @ a, mask, scale)
+        grad_x = _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale)
         grad_u = grad_x if ctx.prologue is None else torch.autograd.grad(x, u, grad_x)[0]
     return grad_u, grad_a
+
+
+def _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale: float) -> torch.Tensor:
+    """The gradient of the projection's input x: the frozen weight's share and the LoRA branch's
+    (through the dropout mask) in one tensor."""
+    grad_x = grad_y @ weight
+    if ctx.has_lora:
+        if mask is None:
+            grad_x.addmm_(grad_z, a)
+        else:
+            grad_x = ctx.kernels.masked_accumulate(grad_x, grad_z @ a, mask, scale)
+    return grad_x
 
 
 @dataclass(frozen=True)
