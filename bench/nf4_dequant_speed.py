@@ -34,7 +34,8 @@ def main() -> None:
 
     shapes = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
     for name, (rows, cols) in shapes.items():
-        weight = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(rows + cols))
+        generator = torch.Generator("cuda").manual_seed(rows + cols)
+        weight = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16, generator=generator)
         packed, state = bnb.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
         linear = types.SimpleNamespace(weight=types.SimpleNamespace(data=packed, quant_state=state))
         out = torch.empty(rows, cols, device="cuda", dtype=torch.bfloat16)

@@ -197,11 +197,11 @@ def markdown(summary: pd.DataFrame, args: argparse.Namespace, command: str, elap
         f"Protocol: {args.seeds} seeds; objectives eval_loss min, trainable_params min; arm {ARM} (the default). "
         f"cold: a {args.pilot}-point Latin-hypercube pilot, then batches of {args.batch} to {args.budget} trials. "
         f"warm-<transfer>: a {args.warm_pilot}-point pilot, then "
-        f"{'the same arm' if args.warm_arm == ARM else f'the arm {args.warm_arm}'}, every round fitting the "
+        f"{'the same arm' if args.warm_arm == ARM else f'the arm {args.warm_arm}'}, every round fitting "
         + (
             "every measured point of the *other* table as a related task "
             if args.source == "table"
-            else f"{args.budget} trials of the *other* table's cold run with the same seed as a related task "
+            else f"the {args.budget} trials of the *other* table's cold run with the same seed as a related task "
         )
         + "(loratune.warm_start.transfer_history). "
         + (f"cold-<arm>: the arm {', '.join(args.references)} run as cold is, a reference. " if args.references else "")
@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     context = multiprocessing.get_context("spawn")
     runs: dict[tuple[str, int], list[dict]] = {}
     rows, done = _recorded(args)
+    # --source table: the same related rows for every seed, read once
+    whole_tables = {source: related_table(source) for source in tables} if args.source == "table" else None
     with context.Pool(args.workers, initializer=_quiet_worker, initargs=(log_path,)) as pool:
         # Seed by seed (its two cold runs, then its warm runs, which fit the other table's cold
         # run), so that a bench stopped early leaves whole seeds behind.
@@ -312,10 +314,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[(problem, seed)] = [
                     r for r in rows if (r["problem"], r["seed"], r["arm"]) == (problem, seed, "cold")
                 ]
-            related = {
-                source: related_table(source) if args.source == "table" else related_from(runs[(source, seed)], source)
-                for source in tables
-            }
+            related = whole_tables or {source: related_from(runs[(source, seed)], source) for source in tables}
             warm_jobs = [
                 (target, seed, warm_plan, transfer, related[source], args.warm_arm)
                 for target in tables

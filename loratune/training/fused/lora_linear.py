@@ -74,9 +74,7 @@ class FrozenWeights:
                 nf4.dequantize(linear, out[row : row + size, : self.in_features])
                 row += size
             if beside is not None:
-                out[:, self.in_features : self.in_features + beside.shape[1]] = beside
-                if width > self.in_features + beside.shape[1]:
-                    out[:, self.in_features + beside.shape[1] :] = 0
+                _place_beside(out, self.in_features, beside)
             return out
         if len(self.linears) == 1 and not self.quantized:
             weight = self.linears[0].weight
@@ -124,10 +122,20 @@ class FrozenWeights:
         self.cache = self._dense() if keep and self.quantized else None
 
 
-def _side_by_side(weight: torch.Tensor, beside: torch.Tensor, width: int) -> torch.Tensor:
-    """[weight | beside | zeros] of ``width`` columns, as a new tensor."""
-    joined = torch.cat([weight, beside.to(weight.dtype)], dim=1)
-    return F.pad(joined, (0, width - joined.shape[1]))
+def _side_by_side(left: torch.Tensor, beside: torch.Tensor, width: int) -> torch.Tensor:
+    """[left | beside | zeros] of ``width`` columns, as a new tensor of ``left``'s dtype."""
+    out = torch.empty(left.shape[0], width, dtype=left.dtype, device=left.device)
+    out[:, : left.shape[1]] = left
+    _place_beside(out, left.shape[1], beside)
+    return out
+
+
+def _place_beside(out: torch.Tensor, start: int, beside: torch.Tensor) -> None:
+    """Columns ``start`` on of ``out`` := [beside | zeros]."""
+    end = start + beside.shape[1]
+    out[:, start:end] = beside
+    if out.shape[1] > end:
+        out[:, end:] = 0
 
 
 class FrozenLinearLora(torch.autograd.Function):
@@ -175,13 +183,9 @@ class FrozenLinearLora(torch.autograd.Function):
         if not output:  # a recomputation for the backward: only what is saved counts, y is a placeholder
             y = x.new_zeros(()).expand(x.shape[0], sum(weights.sizes))
         elif join and ctx.has_lora:  # [x | z] [W | B]^T: the LoRA up-projection inside the one matmul
-            columns = x.shape[1] + z.shape[1]
-            width = -(-columns // 8) * 8  # rows of 16-byte multiples keep cuBLAS on its fast kernels
-            joined = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
-            joined[:, : x.shape[1]] = x
-            joined[:, x.shape[1] : columns] = z
-            if width > columns:
-                joined[:, columns:] = 0
+            # rows of 16-byte multiples keep cuBLAS on its fast kernels
+            width = -(-(x.shape[1] + z.shape[1]) // 8) * 8
+            joined = _side_by_side(x, z, width)
             y = F.linear(joined, weights.joined(b, width), weights.bias)
             del joined
         else:
