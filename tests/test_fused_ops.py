@@ -8,6 +8,7 @@ lent H200: ``pytest tests/test_fused_ops.py``), so the GPU code path is checked 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,7 +131,8 @@ def test_the_nf4_kernel_dequantizes_bit_for_bit_as_bitsandbytes(device, shape):
     import sys
 
     pytest.importorskip("triton")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    repo = str(Path(__file__).resolve().parents[1])  # the subprocess imports loratune from this checkout
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     args = [str(int(v)) for v in shape]
