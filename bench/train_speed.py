@@ -178,6 +178,7 @@ def time_training(
             embed_on_host=plan.embed_on_host,
             chunked_backward=plan.chunked_backward,
             dequant_cache=plan.dequant_cache,
+            cached_layers=len(plan.cached_layer_indices(len(fused.layers))),
             estimate_gib=round(plan.estimate_gib, 1) if plan.estimate_gib is not None else None,
             compiled=fused.compiled,
         )
@@ -350,6 +351,7 @@ def peers_table(rows: list[dict], header: dict) -> str:
             plan += ", inputs in host memory" if row.get("offload") and row["checkpointed_layers"] else ""
             plan += ", embedding in host memory" if row.get("embed_on_host") else ""
             plan += ", backward in chunks" if row.get("chunked_backward") else ""
+            plan += f", {row['cached_layers']} layers' weights kept dequantized" if row.get("cached_layers") else ""
             plan += f", loss chunks of {row['loss_chunk']}, estimated {row['estimate_gib']} GiB"
         tokens = row["tokens_per_s"]
         versus = [f"{tokens / peer:.2f}" if peer else "" for peer in (plain, unsloth)]

@@ -91,6 +91,7 @@ PLANS_NF4 = {  # the memory plans of the 4-bit model, besides the default (nothi
         checkpointed=frozenset({0, 1}), dequant_cache=False, offload=True, loss_chunk=8, chunked_backward=True
     ),
     "cached, half checkpointed": MemoryPlan(checkpointed=frozenset({0}), dequant_cache=True),
+    "the last layer cached": MemoryPlan(checkpointed=frozenset({0}), dequant_cache=False, cached_layers=1),
 }
 
 
@@ -279,15 +280,76 @@ def test_a_tied_embedding_cannot_wait_in_host_memory(tiny_model):
 def test_dequantized_weight_cache_changes_nothing(tiny_model, device):
     if four_bit_unusable(device):
         pytest.skip(four_bit_unusable(device))
+    check_the_dequantized_weight_cache_changes_nothing(tiny_model, device)
+
+
+def check_the_dequantized_weight_cache_changes_nothing(tiny_model: str, device: str) -> None:
+    """No cache, the whole cache, the last layer's: the same loss and gradients, the LoRA
+    up-projection joined to the frozen matmul where it pays (with our NF4 kernel: into the cache's
+    room beside the frozen weight) or never."""
     batch = examples()
-    losses = []
-    for cache in (False, True):
-        model = lora_model(tiny_model, quantization="nf4", dtype=torch.bfloat16, device=device, fused=True)
-        fused = FusedCausalLM(model, join_lora=False)  # (joined, the LoRA up-projection rounds otherwise)
-        fused.apply_plan(MemoryPlan(checkpointed=frozenset(), dequant_cache=cache))
-        assert all(g.weights.cache is not None for g in fused.layers[0].groups) == cache
-        losses.append(fused.loss(pack(batch, torch.device(device)), training=True).item())
-    assert losses[0] == losses[1]
+    plans = {
+        "none": MemoryPlan(checkpointed=frozenset(), dequant_cache=False),
+        "every layer": MemoryPlan(checkpointed=frozenset(), dequant_cache=True),
+        "the last layer": MemoryPlan(checkpointed=frozenset({0}), dequant_cache=False, cached_layers=1),
+    }
+    for join_lora in (None, False):
+        results = {}
+        for name, plan in plans.items():
+            model = lora_model(tiny_model, quantization="nf4", dtype=torch.bfloat16, device=device, fused=True)
+            fused = FusedCausalLM(model, join_lora=join_lora)
+            fused.apply_plan(plan)
+            cached = [all(g.weights.cache is not None for g in layer.groups) for layer in fused.layers]
+            assert cached == [i in plan.cached_layer_indices(2) for i in range(2)], name
+            if join_lora is None:  # a cache keeps the join where it pays uncached (our kernel's)
+                assert [g.join_pays for g in fused.layers[1].groups] == [
+                    g.weights.kernel and sum(g.weights.sizes) > g.weights.in_features for g in fused.layers[1].groups
+                ]
+            for step in range(2):  # the second use writes the LoRA up-weight into the cache again
+                model.zero_grad()
+                loss = fused.loss(pack(batch, torch.device(device)), training=True)
+                loss.backward()
+            results[name] = (loss.item(), lora_grads(model))
+        for name in ("every layer", "the last layer"):
+            assert results[name][0] == results["none"][0], (join_lora, name)
+            assert relative_error(results[name][1], results["none"][1]) < 1e-2, (join_lora, name)
+
+
+CACHE_UNDER_TRITON = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from tiny_models import build_tiny_llama
+from test_fused_model import check_the_dequantized_weight_cache_changes_nothing
+from loratune.training.fused import nf4
+import torch
+assert nf4.available(torch.device("cpu"))
+check_the_dequantized_weight_cache_changes_nothing(str(build_tiny_llama(__import__("pathlib").Path(sys.argv[2]))), "cpu")
+print("ok")
+"""
+
+
+def test_the_cache_with_room_for_the_lora_weight_changes_nothing_under_triton(tmp_path):
+    """The same check where our NF4 kernel runs (CUDA; on a CPU, Triton's interpreter): the cache
+    is then [W | zeros] and each use writes the LoRA up-weight beside W."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    if four_bit_unusable("cpu"):
+        pytest.skip(four_bit_unusable("cpu"))
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tests.parent), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", CACHE_UNDER_TRITON, str(tests), str(tmp_path / "model")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 def test_compiled_kernels_compute_the_same_loss(tiny_model):
@@ -350,6 +412,7 @@ def test_a_fused_trial_follows_the_plain_trial_loss_curve(tiny_model, data_dir, 
         "embed_on_host": False,
         "chunked_backward": False,
         "dequant_cache": False,
+        "cached_layers": 0,
         "budget_gib": None,
         "estimate_gib": None,
         "compiled": False,

@@ -8,6 +8,7 @@ lent H200: ``pytest tests/test_fused_ops.py``), so the GPU code path is checked 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -126,20 +127,54 @@ print("ok")
 def test_the_nf4_kernel_dequantizes_bit_for_bit_as_bitsandbytes(device, shape):
     """Our Triton kernel against bitsandbytes' dequantization, nested scales or not, odd shapes,
     into its own buffer or a slice of a wider one. On a CPU it runs under Triton's interpreter."""
+    run_triton_check(NF4_KERNEL_CHECK, device, [str(int(v)) for v in shape])
+
+
+def run_triton_check(script: str, device: str, args: list[str]) -> None:
+    """Run ``script`` in a subprocess that imports loratune from this checkout; on a CPU under
+    Triton's interpreter (which must be set before Triton is imported). It must print ok."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    repo = str(Path(__file__).resolve().parents[1])  # the subprocess imports loratune from this checkout
+    repo = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    args = [str(int(v)) for v in shape]
     done = subprocess.run(
-        [sys.executable, "-c", NF4_KERNEL_CHECK, device, *args], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script, device, *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+SWIGLU_KERNEL_CHECK = """
+import sys, torch
+from loratune.training.fused import kernels, swiglu
+device, rows, intermediate, extra = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+generator = torch.Generator().manual_seed(rows + intermediate)
+# the interpreter (CPU) rounds to bf16 its own way: fp32 there (the same arithmetic as eager's), bf16 on CUDA
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+wide = (3 * torch.randn(rows, 2 * intermediate + extra, generator=generator)).to(device, dtype)
+gate_up = wide[:, : 2 * intermediate]  # rows of a wider buffer: a row stride of its own
+grad = torch.randn(rows, intermediate, generator=generator).to(device, dtype)
+assert swiglu.runs(gate_up, grad)
+x, grad_gate_up = swiglu.swiglu_with_grad(gate_up, grad, intermediate)
+expected_x, expected_grad = kernels.swiglu_with_grad(gate_up, grad, intermediate)
+tolerance = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+torch.testing.assert_close(x, expected_x, **tolerance)
+torch.testing.assert_close(grad_gate_up, expected_grad, **tolerance)
+assert x.is_contiguous() and grad_gate_up.is_contiguous() and grad_gate_up.dtype == dtype
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(7, 600, 16), (12, 512, 0), (1, 37, 3)])
+def test_the_swiglu_kernel_computes_what_the_compiled_backward_does(device, shape):
+    """SwiGLU's output and its input gradient in one Triton pass, against the function the
+    compiled path runs: odd token counts and widths (partial tiles), a strided gate|up."""
+    run_triton_check(SWIGLU_KERNEL_CHECK, device, [str(v) for v in shape])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length kernel is CUDA only")
@@ -231,6 +266,14 @@ def test_the_planner_takes_the_fastest_plan_that_fits_each_budget_of_the_8b_case
         assert not chosen[40].checkpointed and not chosen[40].embed_on_host and not chosen[40].chunked_backward
     assert chosen[16].offload  # the inputs of the many checkpointed layers wait in host memory
     assert not any(p.dequant_cache for p in chosen.values())  # 13 GiB of bf16 weights fit in none
+    for budget, plan in chosen.items():  # the room left over: the last layers' weights stay dequantized
+        assert plan.cached_layers <= 32 - len(plan.checkpointed)  # never a recomputed layer's
+        if plan.cached_layers < 32 - len(plan.checkpointed):  # as many as fit
+            assert sizes.peak(replace(plan, cached_layers=plan.cached_layers + 1)) > budget * GIB
+    if dropout == 0:  # at 40 GiB about 5 GiB are left: 10 or more layers of 0.44 GiB
+        assert chosen[40].cached_layers >= 10
+        assert plan_cost(chosen[40]) == 0 and sizes.peak(chosen[40]) <= 40 * GIB
+    assert not choose_plan(sizes, request_8b(dequant_cache=False), budget=40 * GIB, can_offload=True).cached_layers
     assert choose_plan(sizes, request, budget=80 * GIB, can_offload=True).dequant_cache
 
 

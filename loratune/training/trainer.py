@@ -884,6 +884,7 @@ def describe_plan(fused: fused_path.FusedCausalLM) -> dict[str, Any]:
         "embed_on_host": plan.embed_on_host,
         "chunked_backward": plan.chunked_backward,
         "dequant_cache": plan.dequant_cache,
+        "cached_layers": len(plan.cached_layer_indices(len(fused.layers))),
         "budget_gib": plan.budget_gib,
         "estimate_gib": plan.estimate_gib,
         "compiled": fused.compiled,

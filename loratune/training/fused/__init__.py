@@ -23,17 +23,20 @@ with fewer, larger kernels and less memory:
   gradient compiled with the other kernels);
 * gradient checkpointing is chosen per layer from a memory budget (``plan_memory``; a recomputed
   layer skips the down projection's frozen matmul, and its input may wait in host memory in bf16),
-  and the dequantized weights may be kept when the budget leaves room for them;
+  and the dequantized weights (of every layer, or of the last layers) may be kept when the budget
+  leaves room for them;
 * RMSNorm and SwiGLU run inside the projection that follows them and are recomputed in the
   backward pass instead of saved; on CUDA they, RoPE and the dropout arithmetic are compiled
-  into fused kernels when ``compile`` is on; AdamW takes its fused kernel.
+  into fused kernels when ``compile`` is on (SwiGLU's backward as one Triton pass of our own);
+  AdamW takes its fused kernel.
 
 The LoRA weights stay peft's own parameters, so adapters save and load as peft adapters. Models
 other than Llama-style ones (``unsupported_reason``) keep the plain path.
 
 The package keeps each op apart from the model that uses it (as Liger-Kernel does): ``support``
 (what can be fused), ``lora_linear`` (a frozen linear layer with its LoRA branch, and the
-projection groups), ``nf4`` (the NF4 dequantization kernel), ``kernels`` (the elementwise pieces), ``attention`` (packing and attention
+projection groups), ``nf4`` (the NF4 dequantization kernel), ``swiglu`` (SwiGLU's backward in one pass),
+``kernels`` (the elementwise pieces), ``attention`` (packing and attention
 within each example), ``loss`` (the chunked cross-entropy), ``model`` (``FusedCausalLM``) and
 ``memory`` (the per-layer checkpointing and dequantization plan).
 """

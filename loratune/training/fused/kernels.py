@@ -107,4 +107,18 @@ def make_kernels(compile: bool) -> Kernels:
         "masked_accumulate",
         "cross_entropy_chunk",
     )
-    return Kernels(**{name: torch.compile(globals()[name]) for name in names})
+    compiled = {name: torch.compile(globals()[name]) for name in names}
+    compiled["swiglu_with_grad"] = _one_pass_where_it_runs(compiled["swiglu_with_grad"])
+    return Kernels(**compiled)
+
+
+def _one_pass_where_it_runs(compiled: Callable) -> Callable:
+    """SwiGLU's backward as our one-pass Triton kernel (``swiglu``) where it runs, else ``compiled``."""
+    from loratune.training.fused import swiglu
+
+    def swiglu_with_grad(gate_up: torch.Tensor, grad: torch.Tensor, intermediate: int):
+        if swiglu.runs(gate_up, grad):
+            return swiglu.swiglu_with_grad(gate_up, grad, intermediate)
+        return compiled(gate_up, grad, intermediate)
+
+    return swiglu_with_grad

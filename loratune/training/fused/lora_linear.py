@@ -102,10 +102,15 @@ class FrozenWeights:
         return weight if weight.dtype == self.dtype else weight.to(self.dtype)
 
     def get(self) -> torch.Tensor:
-        return self.cache if self.cache is not None else self._dense()
+        if self.cache is None:
+            return self._dense()
+        return self.cache if self.cache.shape[1] == self.in_features else self.cache[:, : self.in_features]
 
     def joined(self, b: torch.Tensor, width: int) -> torch.Tensor:
         """[W | b | zeros] (``width`` columns): the frozen weight with a LoRA up-weight beside it."""
+        if self.cache is not None and self.cache.shape[1] == width:  # the cache has room: b goes in place
+            _place_beside(self.cache, self.in_features, b)
+            return self.cache
         if self.cache is not None:
             return _side_by_side(self.cache, b, width)
         return self._dense(b, width)
@@ -113,13 +118,24 @@ class FrozenWeights:
     @property
     def join_is_free(self) -> bool:
         """Whether the LoRA up-weight can sit beside the frozen weight at no cost: our kernel
-        dequantizes on every use into a buffer of any width."""
-        return self.kernel and self.cache is None
+        dequantizes on every use into a buffer of any width, and a cache made with room keeps it."""
+        if self.cache is None:
+            return self.kernel
+        return self.cache.shape[1] > self.in_features
 
-    def keep_dequantized(self, keep: bool) -> None:
+    def keep_dequantized(self, keep: bool, room: int | None = None) -> None:
+        """Keep the NF4 weights dequantized (or not); with ``room`` (a joined width, as
+        ``joined`` takes), the cache is [W | zeros] of that width, the LoRA up-weight written
+        beside W at each use, so that a cached projection joins as an uncached one does."""
         if self.stacked_plain:
             return
-        self.cache = self._dense() if keep and self.quantized else None
+        if not (keep and self.quantized):
+            self.cache = None
+        elif room is None:
+            self.cache = self._dense()
+        else:
+            self.cache = None  # (a previous plan's cache goes first)
+            self.cache = self._dense(torch.empty(sum(self.sizes), 0, dtype=self.dtype, device=self.device), room)
 
 
 def _side_by_side(left: torch.Tensor, beside: torch.Tensor, width: int) -> torch.Tensor:
@@ -136,6 +152,11 @@ def _place_beside(out: torch.Tensor, start: int, beside: torch.Tensor) -> None:
     out[:, start:end] = beside
     if out.shape[1] > end:
         out[:, end:] = 0
+
+
+def joined_width(in_features: int, rank: int) -> int:
+    """The columns of [x | z] and [W | B]: rows of 16-byte multiples keep cuBLAS on its fast kernels."""
+    return -(-(in_features + rank) // 8) * 8
 
 
 class FrozenLinearLora(torch.autograd.Function):
@@ -171,6 +192,7 @@ class FrozenLinearLora(torch.autograd.Function):
         ctx.weights, ctx.kernels, ctx.prologue, ctx.chunk_bytes = weights, kernels, prologue, chunk_bytes
         ctx.has_lora = lora_a is not None
         ctx.dropout = dropout
+        ctx.joined_width = None  # joined: the backward's input gradient takes z's gradient beside it
         mask = z = a = b = None
         if ctx.has_lora:
             x_dropped = x
@@ -183,8 +205,7 @@ class FrozenLinearLora(torch.autograd.Function):
         if not output:  # a recomputation for the backward: only what is saved counts, y is a placeholder
             y = x.new_zeros(()).expand(x.shape[0], sum(weights.sizes))
         elif join and ctx.has_lora:  # [x | z] [W | B]^T: the LoRA up-projection inside the one matmul
-            # rows of 16-byte multiples keep cuBLAS on its fast kernels
-            width = -(-(x.shape[1] + z.shape[1]) // 8) * 8
+            width = ctx.joined_width = joined_width(x.shape[1], z.shape[1])
             joined = _side_by_side(x, z, width)
             y = F.linear(joined, weights.joined(b, width), weights.bias)
             del joined
@@ -202,10 +223,14 @@ class FrozenLinearLora(torch.autograd.Function):
         needs_input = ctx.needs_input_grad[0]
         scale = 1.0 / (1.0 - ctx.dropout) if mask is not None else 1.0
         grad_z = grad_a = grad_b = grad_u = None
+        joined = needs_input and ctx.joined_width is not None
         if ctx.has_lora:
-            grad_z = grad_y @ b  # (T, r)
+            if not joined:  # (joined: grad_y [W | B] gives the input's and z's gradients in one matmul)
+                grad_z = grad_y @ b  # (T, r)
             grad_b = (grad_y.t() @ z).to(ctx.lora_dtypes[1])
-        weight = ctx.weights.get() if needs_input else None
+        weight = None
+        if needs_input:
+            weight = ctx.weights.joined(b, ctx.joined_width) if joined else ctx.weights.get()
         # With ``chunk_bytes`` (the memory plan's), the prologue's recomputation and its gradient go
         # through the tokens in equal chunks: the down projection's SwiGLU output and its gradient
         # are then a chunk's, not 2 x 224 MiB (8B shape, 8,192 tokens).
@@ -240,10 +265,12 @@ class FrozenLinearLora(torch.autograd.Function):
 
 
 def _backward_rows(ctx, u, grad_y, grad_z, mask, weight, a, scale: float, needs_input: bool):
-    """The input gradient (or None) and lora_a's gradient (or None) of some rows (tokens)."""
+    """The input gradient (or None) and lora_a's gradient (or None) of some rows (tokens).
+    ``grad_z`` None with LoRA: ``weight`` is [W | B | zeros], which gives it beside the input's."""
     with_grad = getattr(ctx.prologue, "with_grad", None)
     if with_grad is not None and needs_input:  # the prologue and its gradient in one pass over u
-        x, grad_u = with_grad(u, _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale))
+        grad_x, grad_z = _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale)
+        x, grad_u = with_grad(u, grad_x)
         grad_a = None
         if ctx.has_lora:
             grad_a = grad_z.t() @ (x if mask is None else ctx.kernels.masked_scale(x, mask, scale))
@@ -254,27 +281,35 @@ def _backward_rows(ctx, u, grad_y, grad_z, mask, weight, a, scale: float, needs_
         with torch.set_grad_enabled(needs_input):
             u = u.detach().requires_grad_(needs_input)
             x = ctx.prologue(u)
-    grad_a = grad_u = None
+    grad_u = grad_x = None
+    if needs_input:
+        grad_x, grad_z = _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale)
+    grad_a = None
     if ctx.has_lora:
         x_dropped = x.detach() if mask is None else ctx.kernels.masked_scale(x.detach(), mask, scale)
         grad_a = grad_z.t() @ x_dropped
         del x_dropped
     if needs_input:
-        grad_x = _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale)
         grad_u = grad_x if ctx.prologue is None else torch.autograd.grad(x, u, grad_x)[0]
     return grad_u, grad_a
 
 
-def _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale: float) -> torch.Tensor:
-    """The gradient of the projection's input x: the frozen weight's share and the LoRA branch's
-    (through the dropout mask) in one tensor."""
-    grad_x = grad_y @ weight
+def _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradient of the projection's input x (the frozen weight's share and the LoRA branch's,
+    through the dropout mask, in one tensor) and z's gradient: given, or (``grad_z`` None with
+    LoRA) the columns beside the input's of grad_y [W | B | zeros]."""
+    if ctx.has_lora and grad_z is None:
+        both = grad_y @ weight
+        in_features = a.shape[1]
+        grad_x, grad_z = both[:, :in_features], both[:, in_features : in_features + a.shape[0]]
+    else:
+        grad_x = grad_y @ weight
     if ctx.has_lora:
         if mask is None:
             grad_x.addmm_(grad_z, a)
         else:
             grad_x = ctx.kernels.masked_accumulate(grad_x, grad_z @ a, mask, scale)
-    return grad_x
+    return grad_x, grad_z
 
 
 @dataclass(frozen=True)
@@ -320,11 +355,24 @@ class Group:
         join = self.join_pays if self.join_lora is None else self.join_lora
         return FrozenLinearLora.apply(u, a, b, self.weights, dropout, kernels, prologue, chunk, output, join)
 
+    def keep_dequantized(self, keep: bool) -> None:
+        """The frozen weights dequantized between uses (or not): with room for the LoRA
+        up-weight where this group joins it to the frozen matmul."""
+        room = None
+        ranks = sum(a.shape[0] for a in self.lora_a if a is not None)
+        if keep and ranks and self.join_lora is not False and self.weights.kernel and self._joins_by_shape:
+            room = joined_width(self.weights.in_features, ranks)
+        self.weights.keep_dequantized(keep, room)
+
+    @property
+    def _joins_by_shape(self) -> bool:
+        return sum(self.weights.sizes) > self.weights.in_features
+
     @property
     def join_pays(self) -> bool:
         """Joining copies the input (tokens x in_features) into a wider buffer and saves the
         rank-r pass over the output (tokens x out_features): it pays for q|k|v and gate|up."""
-        return self.weights.join_is_free and sum(self.weights.sizes) > self.weights.in_features
+        return self.weights.join_is_free and self._joins_by_shape
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         present = [i for i, a in enumerate(self.lora_a) if a is not None]

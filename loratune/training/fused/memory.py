@@ -17,7 +17,10 @@ fits the budget by a simple cost model in units of one layer's training time. Th
   projection) in chunks of tokens, so that its output and gradient are a chunk's (0.4 GiB less);
 * the input embedding (frozen, 1 GiB at a 128k vocabulary) in host memory: the lookup of a
   micro-batch's tokens runs there and sends the GPU 64 MiB (untied embeddings only);
-* the dequantized-weight cache, when everything else fits.
+* the dequantized-weight cache, when everything else fits: of every layer, or of as many of the
+  last layers (those that keep their activations) as the room left over holds (0.44 GiB a layer
+  at the 8B shape: each saves its two NF4 dequantizations a step, and the cache has room for the
+  LoRA up-weight beside the frozen weight, so the projection still joins it).
 """
 
 from __future__ import annotations
@@ -67,6 +70,14 @@ class MemoryPlan:
     chunked_backward: bool = False
     budget_gib: float | None = None
     estimate_gib: float | None = None  # the planner's estimate of the step's peak
+    cached_layers: int = 0  # without the whole cache: the last layers whose NF4 weights stay dequantized
+
+    def cached_layer_indices(self, n_layers: int) -> frozenset[int]:
+        """The layers whose NF4 weights stay dequantized: every one with the cache, else the last
+        ``cached_layers`` (never a recomputed one: those are the first layers)."""
+        if self.dequant_cache:
+            return frozenset(range(n_layers))
+        return frozenset(range(n_layers - min(self.cached_layers, n_layers), n_layers))
 
     def describe(self, n_layers: int) -> str:
         text = f"gradient checkpointing on {len(self.checkpointed)} of {n_layers} layers"
@@ -75,7 +86,10 @@ class MemoryPlan:
         text += f", cross-entropy chunks of {self.loss_chunk} tokens"
         text += ", input embedding in host memory" if self.embed_on_host else ""
         text += ", backward recomputation in chunks" if self.chunked_backward else ""
-        text += ", dequantized-weight cache " + ("on" if self.dequant_cache else "off")
+        if self.dequant_cache or not self.cached_layers:
+            text += ", dequantized-weight cache " + ("on" if self.dequant_cache else "off")
+        else:
+            text += f", dequantized weights of the last {self.cached_layers} layers cached"
         if self.budget_gib is not None:
             text += f" (budget {self.budget_gib:.1f} GiB, estimated peak {self.estimate_gib:.1f} GiB)"
         return text
@@ -114,7 +128,7 @@ class Footprint:
     scratch: float  # the transients of one layer's backward (the MLP's: SwiGLU recomputed, its gradients)
     chunked_scratch: float  # the same, the recomputation in chunks of tokens
     logits_per_token: float  # a cross-entropy chunk's logits (bf16, fp32) and logsumexp's fp32 temporary
-    cache: float  # every NF4 weight dequantized (0: nothing quantized)
+    cache: float  # every NF4 weight dequantized, with room for the LoRA up-weights (0: nothing quantized)
     embedding: float  # the input embedding, if it can wait in host memory (0: tied to the output layer)
 
     def peak(self, plan: MemoryPlan) -> float:
@@ -137,7 +151,8 @@ class Footprint:
         scratch = self.chunked_scratch if plan.chunked_backward else self.scratch
         in_backward = activations + self.in_backward + scratch
         peak = self.fixed + inputs + max(at_loss, in_backward)
-        return peak + (self.cache if plan.dequant_cache else 0) - (self.embedding if plan.embed_on_host else 0)
+        cache = self.cache if plan.dequant_cache else self.cache * min(plan.cached_layers, self.n_layers) / self.n_layers
+        return peak + cache - (self.embedding if plan.embed_on_host else 0)
 
 
 def footprint(
@@ -182,7 +197,7 @@ def footprint(
         scratch=factor * 2 * gate_up,
         chunked_scratch=factor * chunked,
         logits_per_token=vocab * (2 + 4 + 4),
-        cache=linear_params * size if quantized else 0,
+        cache=(linear_params + request.trainable_params) * size if quantized else 0,
         embedding=0 if getattr(config, "tie_word_embeddings", False) else vocab * hidden * size,
     )
 
@@ -278,4 +293,9 @@ def choose_plan(sizes: Footprint, request: MemoryRequest, *, budget: float, can_
     cached = replace(best, dequant_cache=True)
     if request.dequant_cache == "auto" and sizes.cache > 0 and sizes.peak(cached) <= budget:
         best = cached
+    elif request.dequant_cache == "auto" and sizes.cache > 0 and sizes.peak(best) <= budget:
+        # the room left over: as many of the layers that keep their activations as it holds
+        per_layer = sizes.cache / sizes.n_layers
+        room = int((budget - sizes.peak(best)) // per_layer)
+        best = replace(best, cached_layers=max(0, min(room, sizes.n_layers - len(best.checkpointed))))
     return replace(best, budget_gib=budget / 2**30, estimate_gib=sizes.peak(best) / 2**30)

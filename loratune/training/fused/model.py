@@ -133,9 +133,10 @@ class FusedCausalLM:
             raise ValueError("the input embedding is tied to the output layer: it cannot wait in host memory")
         if device.type == "cuda":  # the input embedding to host memory and back, as the plan says
             self.embed.data = self.embed.data.to("cpu" if plan.embed_on_host else device)
-        for layer in self.layers:
+        cached = plan.cached_layer_indices(len(self.layers))
+        for index, layer in enumerate(self.layers):
             for group in layer.groups:
-                group.weights.keep_dequantized(plan.dequant_cache)
+                group.keep_dequantized(index in cached)
                 group.backward_chunk_bytes = BACKWARD_CHUNK_BYTES if plan.chunked_backward else None
 
     def loss(self, batch: PackedBatch, *, training: bool) -> torch.Tensor:
