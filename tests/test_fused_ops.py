@@ -27,7 +27,7 @@ from loratune.training.fused import (
     pack,
 )
 from loratune.training.fused.memory import LOSS_CHUNKS, Footprint, footprint, model_bytes, plan_cost
-from loratune.training.fused.kernels import rms_norm, swiglu, swiglu_with_grad
+from loratune.training.fused.kernels import rms_norm, rms_norm_with_grad, swiglu, swiglu_with_grad
 from loratune.training.fused.lora_linear import FrozenLinearLora, FrozenWeights, Prologue
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -69,7 +69,7 @@ def test_chunked_cross_entropy_equals_the_dense_loss_and_gradient(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("prologue", [None, "rms_norm", "swiglu", "swiglu in one pass"])
+@pytest.mark.parametrize("prologue", [None, "rms_norm", "rms_norm in one pass", "swiglu", "swiglu in one pass"])
 @pytest.mark.parametrize("chunk_bytes", [None, 200])
 @pytest.mark.parametrize("join", [False, True])
 def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(device, prologue, chunk_bytes, join):
@@ -81,6 +81,9 @@ def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(de
     norm_weight = (1 + 0.1 * torch.randn(16, generator=generator)).to(device)
     functions = {None: None, "rms_norm": lambda u: rms_norm(u, norm_weight, 1e-5), "swiglu": lambda u: swiglu(u, 16)}
     functions["swiglu in one pass"] = Prologue(lambda u: swiglu(u, 16), lambda u, g: swiglu_with_grad(u, g, 16))
+    functions["rms_norm in one pass"] = Prologue(
+        functions["rms_norm"], lambda u, g: rms_norm_with_grad(u, norm_weight, 1e-5, g)
+    )
     function = functions[prologue]
     linear = torch.nn.Linear(16, 12, bias=True).to(device).requires_grad_(False)
     u = torch.randn(9, width, generator=generator).to(device).requires_grad_()

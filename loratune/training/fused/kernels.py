@@ -22,6 +22,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed.to(weight.dtype)
 
 
+def rms_norm_with_grad(u: torch.Tensor, weight: torch.Tensor, eps: float, grad: torch.Tensor):
+    """RMSNorm's output and the gradient of its input ``u`` for the output's gradient ``grad``, in
+    one pass (fp32 inside; the norm's weight is frozen). ``grad`` may be a strided view (the
+    columns of a wider matmul output): autograd's backward of the compiled norm copied it first."""
+    u32 = u.float()
+    rstd = torch.rsqrt(u32.pow(2).mean(-1, keepdim=True) + eps)
+    normed = u32 * rstd
+    scaled = grad.float() * weight.float()
+    grad_u = rstd * (scaled - normed * (scaled * normed).mean(-1, keepdim=True))
+    return weight * normed.to(weight.dtype), grad_u.to(u.dtype)
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on (T, heads, head_dim) with cos/sin of shape (T, head_dim), halves rotated."""
     half = x.shape[-1] // 2
@@ -74,6 +86,7 @@ def swiglu_with_grad(gate_up: torch.Tensor, grad: torch.Tensor, intermediate: in
 @dataclass
 class Kernels:
     rms_norm: Callable = rms_norm
+    rms_norm_with_grad: Callable = rms_norm_with_grad
     split_rotary: Callable = split_rotary
     swiglu: Callable = swiglu
     swiglu_with_grad: Callable = swiglu_with_grad
@@ -99,6 +112,7 @@ def make_kernels(compile: bool) -> Kernels:
     # index arithmetic ran the SwiGLU backward at a third of the memory bandwidth (H200 profile).
     names = (
         "rms_norm",
+        "rms_norm_with_grad",
         "split_rotary",
         "swiglu",
         "swiglu_with_grad",

@@ -35,14 +35,20 @@ class Layer:
         layer, which only refills what the layer saved: the down projection's input is the last of
         it) the down projection's frozen matmul, 27% of the layer's forward FLOPs, is skipped."""
         heads, kv_heads, head_dim, intermediate = shape
-        qkv = self.qkv(hidden, training, kernels, lambda u: kernels.rms_norm(u, self.norm_in, self.eps))
+        qkv = self.qkv(hidden, training, kernels, norm_prologue(kernels, self.norm_in, self.eps))
         q, k, v = kernels.split_rotary(qkv, cos, sin, heads, kv_heads, head_dim)
         hidden = kernels.residual_add(hidden, self.o(attention(q, k, v, batch), training, kernels))
-        gate_up = self.gate_up(hidden, training, kernels, lambda u: kernels.rms_norm(u, self.norm_post, self.eps))
+        gate_up = self.gate_up(hidden, training, kernels, norm_prologue(kernels, self.norm_post, self.eps))
         return kernels.residual_add(
             hidden,
             self.down(gate_up, training, kernels, swiglu_prologue(kernels, intermediate), output=not recompute),
         )
+
+
+def norm_prologue(kernels: Kernels, weight: torch.Tensor, eps: float) -> Prologue:
+    return Prologue(
+        lambda u: kernels.rms_norm(u, weight, eps), lambda u, grad: kernels.rms_norm_with_grad(u, weight, eps, grad)
+    )
 
 
 def swiglu_prologue(kernels: Kernels, intermediate: int) -> Prologue:
