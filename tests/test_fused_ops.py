@@ -71,11 +71,15 @@ def test_chunked_cross_entropy_equals_the_dense_loss_and_gradient(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prologue", [None, "rms_norm", "rms_norm in one pass", "swiglu", "swiglu in one pass"])
 @pytest.mark.parametrize("chunk_bytes", [None, 200])
-@pytest.mark.parametrize("join", [False, True])
-def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(device, prologue, chunk_bytes, join):
+@pytest.mark.parametrize("join", ["apart", "joined", "stacked"])
+@pytest.mark.parametrize("dropout", [0.25, 0.0])
+def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(
+    device, prologue, chunk_bytes, join, dropout
+):
     """The autograd function that recomputes its prologue and dropout against plain autograd,
     its backward in one piece or in chunks of tokens (here of 2 or 3 of the 9), its forward with
-    the LoRA up-projection joined to the frozen matmul ([x | z] [W | B]^T) or apart."""
+    the LoRA up-projection joined to the frozen matmul ([x | z] [W | B]^T) or apart, its
+    backward's input gradient in one matmul [grad_y | grad_z] [W ; A] (stacked: without a mask)."""
     generator = torch.Generator().manual_seed(0)
     width = 32 if prologue and "swiglu" in prologue else 16
     norm_weight = (1 + 0.1 * torch.randn(16, generator=generator)).to(device)
@@ -91,12 +95,14 @@ def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(de
     lora_b = (torch.randn(12, 4, generator=generator) * 0.3).to(device).requires_grad_()
     torch.manual_seed(3)
     weights = FrozenWeights([linear], torch.float32)
-    y = FrozenLinearLora.apply(u, lora_a, lora_b, weights, 0.25, Kernels(), function, chunk_bytes, True, join)
+    y = FrozenLinearLora.apply(
+        u, lora_a, lora_b, weights, dropout, Kernels(), function, chunk_bytes, True, join == "joined", join == "stacked"
+    )
     got = torch.autograd.grad(y.square().sum(), (u, lora_a, lora_b))
     x = function(u) if function else u
     torch.manual_seed(3)  # the same mask, by the same call on the same RNG state
-    _, mask = torch.native_dropout(x.detach(), 0.25, True)
-    expected_y = linear(x) + ((x * mask / 0.75) @ lora_a.t()) @ lora_b.t()
+    x_dropped = torch.native_dropout(x.detach(), dropout, True)[1] * x / (1 - dropout) if dropout else x
+    expected_y = linear(x) + (x_dropped @ lora_a.t()) @ lora_b.t()
     expected = torch.autograd.grad(expected_y.square().sum(), (u, lora_a, lora_b))
     torch.testing.assert_close(y, expected_y)
     for a, b in zip(got, expected):

@@ -104,7 +104,36 @@ class FrozenWeights:
     def get(self) -> torch.Tensor:
         if self.cache is None:
             return self._dense()
+        rows = sum(self.sizes)
+        if self.cache.shape[0] > rows:  # a cache with room below
+            return self.cache[:rows]
         return self.cache if self.cache.shape[1] == self.in_features else self.cache[:, : self.in_features]
+
+    def stacked(self, a: torch.Tensor, height: int) -> torch.Tensor:
+        """[W ; a ; zeros] (``height`` rows): the frozen weight with a LoRA down-weight under it."""
+        rows = sum(self.sizes)
+        if self.cache is not None and self.cache.shape[0] == height:  # the cache has room: a goes in place
+            out = self.cache
+        else:
+            out = torch.empty(height, self.in_features, dtype=self.dtype, device=self.device)
+            self._fill_rows(out[:rows])
+        out[rows : rows + a.shape[0]] = a
+        out[rows + a.shape[0] :] = 0
+        return out
+
+    @torch.no_grad()
+    def _fill_rows(self, out: torch.Tensor) -> None:
+        """``out`` (the weight's shape, rows contiguous) := the dense weight stack."""
+        if self.cache is not None or not (self.kernel or (self.quantized and self.device.type == "cuda")):
+            out.copy_(self.get())
+            return
+        row = 0
+        for linear, size in zip(self.linears, self.sizes):
+            if self.kernel:
+                nf4.dequantize(linear, out[row : row + size])
+            else:
+                self._dequantize(linear, out=out[row : row + size])
+            row += size
 
     def joined(self, b: torch.Tensor, width: int) -> torch.Tensor:
         """[W | b | zeros] (``width`` columns): the frozen weight with a LoRA up-weight beside it."""
@@ -123,19 +152,24 @@ class FrozenWeights:
             return self.kernel
         return self.cache.shape[1] > self.in_features
 
-    def keep_dequantized(self, keep: bool, room: int | None = None) -> None:
+    def keep_dequantized(self, keep: bool, room: int | None = None, room_below: int | None = None) -> None:
         """Keep the NF4 weights dequantized (or not); with ``room`` (a joined width, as
         ``joined`` takes), the cache is [W | zeros] of that width, the LoRA up-weight written
-        beside W at each use, so that a cached projection joins as an uncached one does."""
+        beside W at each use, so that a cached projection joins as an uncached one does; with
+        ``room_below`` (a height, as ``stacked`` takes), [W ; zeros], the down-weight written under W."""
         if self.stacked_plain:
             return
+        self.cache = None  # (a previous plan's cache goes first)
         if not (keep and self.quantized):
-            self.cache = None
-        elif room is None:
-            self.cache = self._dense()
-        else:
-            self.cache = None  # (a previous plan's cache goes first)
+            return
+        if room is not None:
             self.cache = self._dense(torch.empty(sum(self.sizes), 0, dtype=self.dtype, device=self.device), room)
+        elif room_below is not None:
+            cache = torch.zeros(room_below, self.in_features, dtype=self.dtype, device=self.device)
+            self._fill_rows(cache[: sum(self.sizes)])
+            self.cache = cache
+        else:
+            self.cache = self._dense()
 
 
 def _side_by_side(left: torch.Tensor, beside: torch.Tensor, width: int) -> torch.Tensor:
@@ -187,12 +221,14 @@ class FrozenLinearLora(torch.autograd.Function):
         chunk_bytes: int | None = None,
         output: bool = True,
         join: bool = False,
+        stack: bool = False,
     ):
         x = prologue(u) if prologue is not None else u
         ctx.weights, ctx.kernels, ctx.prologue, ctx.chunk_bytes = weights, kernels, prologue, chunk_bytes
         ctx.has_lora = lora_a is not None
         ctx.dropout = dropout
         ctx.joined_width = None  # joined: the backward's input gradient takes z's gradient beside it
+        ctx.stack = stack  # the backward's input gradient as [grad_y | grad_z] [W ; A] (no dropout mask)
         mask = z = a = b = None
         if ctx.has_lora:
             x_dropped = x
@@ -229,7 +265,7 @@ class FrozenLinearLora(torch.autograd.Function):
                 grad_z = grad_y @ b  # (T, r)
             grad_b = (grad_y.t() @ z).to(ctx.lora_dtypes[1])
         weight = None
-        if needs_input:
+        if needs_input and not (ctx.stack and mask is None and ctx.has_lora):  # (stacked: under A, later)
             weight = ctx.weights.joined(b, ctx.joined_width) if joined else ctx.weights.get()
         # With ``chunk_bytes`` (the memory plan's), the prologue's recomputation and its gradient go
         # through the tokens in equal chunks: the down projection's SwiGLU output and its gradient
@@ -261,7 +297,7 @@ class FrozenLinearLora(torch.autograd.Function):
                 grad_u[part] = grad_u_part
         if grad_a is not None:
             grad_a = grad_a.to(ctx.lora_dtypes[0])
-        return grad_u, grad_a, grad_b, None, None, None, None, None, None, None
+        return grad_u, grad_a, grad_b, None, None, None, None, None, None, None, None
 
 
 def _backward_rows(ctx, u, grad_y, grad_z, mask, weight, a, scale: float, needs_input: bool):
@@ -302,6 +338,9 @@ def _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale: float) -> tuple
         both = grad_y @ weight
         in_features = a.shape[1]
         grad_x, grad_z = both[:, :in_features], both[:, in_features : in_features + a.shape[0]]
+    elif ctx.has_lora and ctx.stack and mask is None:  # the LoRA share inside the one matmul
+        height = joined_width(grad_y.shape[1], a.shape[0])
+        return _side_by_side(grad_y, grad_z, height) @ ctx.weights.stacked(a, height), grad_z
     else:
         grad_x = grad_y @ weight
     if ctx.has_lora:
@@ -353,20 +392,34 @@ class Group:
         a, b = self._stacked()
         dropout = self.dropout if training else 0.0
         join = self.join_pays if self.join_lora is None else self.join_lora
-        return FrozenLinearLora.apply(u, a, b, self.weights, dropout, kernels, prologue, chunk, output, join)
+        stack = self.stack_pays and not join
+        return FrozenLinearLora.apply(u, a, b, self.weights, dropout, kernels, prologue, chunk, output, join, stack)
 
     def keep_dequantized(self, keep: bool) -> None:
         """The frozen weights dequantized between uses (or not): with room for the LoRA
         up-weight where this group joins it to the frozen matmul."""
-        room = None
+        room = room_below = None
         ranks = sum(a.shape[0] for a in self.lora_a if a is not None)
         if keep and ranks and self.join_lora is not False and self.weights.kernel and self._joins_by_shape:
             room = joined_width(self.weights.in_features, ranks)
-        self.weights.keep_dequantized(keep, room)
+        elif keep and ranks and self.stack_pays:
+            room_below = joined_width(sum(self.weights.sizes), ranks)
+        self.weights.keep_dequantized(keep, room, room_below)
 
     @property
     def _joins_by_shape(self) -> bool:
         return sum(self.weights.sizes) > self.weights.in_features
+
+    @property
+    def stack_pays(self) -> bool:
+        """The backward's input gradient as one matmul [grad_y | grad_z] [W ; A] (no dropout: with
+        a mask the LoRA share is masked apart): it copies grad_y (tokens x out_features) into a
+        wider buffer and saves the rank-r pass over the input gradient (tokens x in_features), so it
+        pays where the input is the wider side (the down projection), with our NF4 kernel (memory
+        passes are what the GPU waits on)."""
+        if self.join_lora is not None or self.dropout > 0 or all(a is None for a in self.lora_a):
+            return False
+        return self.weights.kernel and self.weights.in_features > sum(self.weights.sizes)
 
     @property
     def join_pays(self) -> bool:
