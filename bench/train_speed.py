@@ -388,6 +388,12 @@ def main() -> None:
         default=[8.0],
         help="peers: the budgets (GiB) --profile profiles",
     )
+    parser.add_argument(
+        "--plot-from",
+        type=Path,
+        default=None,
+        help="draw --plot from the curves records of this --out file and exit (where the run had no plotly)",
+    )
     parser.add_argument("--variants", type=int, default=4, help="how many of the fused variants to run (in order)")
     parser.add_argument("--skip-plain", action="store_true", help="skip loratune's plain path (needed by 'mixed')")
     parser.add_argument(
@@ -404,6 +410,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
+    if args.plot_from is not None:
+        records = [json.loads(line) for line in args.plot_from.read_text().splitlines() if line.strip()]
+        plot_curves({r["trainer"]: r for r in records if r.get("case") == "curves"}, args.plot)
+        return
     cases = set(args.cases.split(","))
     emit = Recorder(args.out)
 
@@ -553,22 +563,30 @@ def curves(smollm2: str, args, emit) -> None:
             }
         )
     if args.plot and all(m["status"] == "ok" for m in runs.values()):
-        import plotly.graph_objects as go
+        try:
+            plot_curves(runs, args.plot)
+        except ImportError:  # (the GPU image has no plotly: --plot-from draws the recorded runs elsewhere)
+            emit({"event": "plot skipped: plotly is not installed here; draw it with --plot-from"})
 
-        figure = go.Figure()
-        for name, metrics in runs.items():
-            figure.add_scatter(
-                y=metrics["loss_curve"],
-                x=list(range(1, len(metrics["loss_curve"]) + 1)),
-                mode="lines",
-                name=f"{name} (held-out loss {metrics['eval_loss']:.3f})",
-            )
-        figure.update_layout(
-            title="SmolLM2-135M QLoRA on the self-instruct seed tasks: same seed, same data",
-            xaxis_title="step",
-            yaxis_title="training loss (per completion token)",
+
+def plot_curves(runs: dict, path: Path) -> None:
+    """The loss curves of ``runs`` (name -> a curves record: loss_curve, eval_loss) as HTML."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure()
+    for name, metrics in runs.items():
+        figure.add_scatter(
+            y=metrics["loss_curve"],
+            x=list(range(1, len(metrics["loss_curve"]) + 1)),
+            mode="lines",
+            name=f"{name} (held-out loss {metrics['eval_loss']:.3f})",
         )
-        figure.write_html(args.plot, include_plotlyjs="cdn")
+    figure.update_layout(
+        title="SmolLM2-135M QLoRA on the self-instruct seed tasks: same seed, same data",
+        xaxis_title="step",
+        yaxis_title="training loss (per completion token)",
+    )
+    figure.write_html(path, include_plotlyjs="cdn")
 
 
 if __name__ == "__main__":
