@@ -27,6 +27,7 @@ from loratune.training.fused import (
 )
 from loratune.training.models import add_lora, load_base_model
 from loratune.training.trainer import choose_fused, collate, summed_token_loss
+from triton_checks import run_triton_check
 
 ALL = TrainingSettings().target_modules
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -316,14 +317,13 @@ def check_the_dequantized_weight_cache_changes_nothing(tiny_model: str, device: 
 
 
 CACHE_UNDER_TRITON = """
-import sys
-sys.path.insert(0, sys.argv[1])
+import sys, pathlib, torch
 from tiny_models import build_tiny_llama
 from test_fused_model import check_the_dequantized_weight_cache_changes_nothing
 from loratune.training.fused import nf4
-import torch
-assert nf4.available(torch.device("cpu"))
-check_the_dequantized_weight_cache_changes_nothing(str(build_tiny_llama(__import__("pathlib").Path(sys.argv[2]))), "cpu")
+device, target = sys.argv[1], pathlib.Path(sys.argv[2])
+assert nf4.available(torch.device(device))
+check_the_dequantized_weight_cache_changes_nothing(str(build_tiny_llama(target)), device)
 print("ok")
 """
 
@@ -331,25 +331,9 @@ print("ok")
 def test_the_cache_with_room_for_the_lora_weight_changes_nothing_under_triton(tmp_path):
     """The same check where our NF4 kernel runs (CUDA; on a CPU, Triton's interpreter): the cache
     is then [W | zeros] and each use writes the LoRA up-weight beside W."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
     if four_bit_unusable("cpu"):
         pytest.skip(four_bit_unusable("cpu"))
-    tests = Path(__file__).resolve().parent
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tests.parent), os.environ.get("PYTHONPATH")]))
-    done = subprocess.run(
-        [sys.executable, "-c", CACHE_UNDER_TRITON, str(tests), str(tmp_path / "model")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_triton_check(CACHE_UNDER_TRITON, "cpu", [str(tmp_path / "model")], timeout=900)
 
 
 def test_compiled_kernels_compute_the_same_loss(tiny_model):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from loratune.training.fused import (
 from loratune.training.fused.memory import LOSS_CHUNKS, Footprint, footprint, model_bytes, plan_cost
 from loratune.training.fused.kernels import rms_norm, rms_norm_with_grad, swiglu, swiglu_with_grad
 from loratune.training.fused.lora_linear import FrozenLinearLora, FrozenWeights, Prologue
+from triton_checks import run_triton_check
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -137,24 +137,6 @@ def test_the_nf4_kernel_dequantizes_bit_for_bit_as_bitsandbytes(device, shape):
     """Our Triton kernel against bitsandbytes' dequantization, nested scales or not, odd shapes,
     into its own buffer or a slice of a wider one. On a CPU it runs under Triton's interpreter."""
     run_triton_check(NF4_KERNEL_CHECK, device, [str(int(v)) for v in shape])
-
-
-def run_triton_check(script: str, device: str, args: list[str]) -> None:
-    """Run ``script`` in a subprocess that imports loratune from this checkout; on a CPU under
-    Triton's interpreter (which must be set before Triton is imported). It must print ok."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    repo = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-c", script, device, *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 SWIGLU_KERNEL_CHECK = """

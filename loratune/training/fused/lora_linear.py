@@ -66,26 +66,16 @@ class FrozenWeights:
         ``width`` columns."""
         if beside is not None and not self.kernel:
             return _side_by_side(self._dense(), beside, width)
-        if self.kernel:
+        if self._dequantizes_into_buffers:
             columns = width if beside is not None else self.in_features
             out = torch.empty(sum(self.sizes), columns, dtype=self.dtype, device=self.device)
-            row = 0
-            for linear, size in zip(self.linears, self.sizes):
-                nf4.dequantize(linear, out[row : row + size, : self.in_features])
-                row += size
+            self._fill_rows(out[:, : self.in_features])
             if beside is not None:
                 _place_beside(out, self.in_features, beside)
             return out
         if len(self.linears) == 1 and not self.quantized:
             weight = self.linears[0].weight
             return weight if weight.dtype == self.dtype else weight.to(self.dtype)
-        if self.quantized and self.device.type == "cuda":
-            out = torch.empty(sum(self.sizes), self.in_features, dtype=self.dtype, device=self.device)
-            row = 0
-            for linear, size in zip(self.linears, self.sizes):
-                self._dequantize(linear, out=out[row : row + size])
-                row += size
-            return out
         parts = [self._dequantize(linear) for linear in self.linears]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -121,10 +111,16 @@ class FrozenWeights:
         out[rows + a.shape[0] :] = 0
         return out
 
+    @property
+    def _dequantizes_into_buffers(self) -> bool:
+        """Our kernel (into rows of any stride) or, on CUDA, bitsandbytes' (into contiguous rows)."""
+        return self.kernel or (self.quantized and self.device.type == "cuda")
+
     @torch.no_grad()
     def _fill_rows(self, out: torch.Tensor) -> None:
-        """``out`` (the weight's shape, rows contiguous) := the dense weight stack."""
-        if self.cache is not None or not (self.kernel or (self.quantized and self.device.type == "cuda")):
+        """``out`` (the weight's shape, rows contiguous; with our kernel, any row stride) := the
+        dense weight stack, dequantized linear by linear into its rows."""
+        if self.cache is not None or not self._dequantizes_into_buffers:
             out.copy_(self.get())
             return
         row = 0
@@ -228,7 +224,6 @@ class FrozenLinearLora(torch.autograd.Function):
         ctx.has_lora = lora_a is not None
         ctx.dropout = dropout
         ctx.joined_width = None  # joined: the backward's input gradient takes z's gradient beside it
-        ctx.stack = stack  # the backward's input gradient as [grad_y | grad_z] [W ; A] (no dropout mask)
         mask = z = a = b = None
         if ctx.has_lora:
             x_dropped = x
@@ -238,6 +233,8 @@ class FrozenLinearLora(torch.autograd.Function):
             b = lora_b.to(x.dtype)
             z = x_dropped @ a.t()
             ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
+        # the backward's input gradient as one matmul [grad_y | grad_z] [W ; A]: only without a mask
+        ctx.stack = stack and ctx.has_lora and mask is None
         if not output:  # a recomputation for the backward: only what is saved counts, y is a placeholder
             y = x.new_zeros(()).expand(x.shape[0], sum(weights.sizes))
         elif join and ctx.has_lora:  # [x | z] [W | B]^T: the LoRA up-projection inside the one matmul
@@ -265,7 +262,7 @@ class FrozenLinearLora(torch.autograd.Function):
                 grad_z = grad_y @ b  # (T, r)
             grad_b = (grad_y.t() @ z).to(ctx.lora_dtypes[1])
         weight = None
-        if needs_input and not (ctx.stack and mask is None and ctx.has_lora):  # (stacked: under A, later)
+        if needs_input and not ctx.stack:  # (stacked: the weight comes under A, in _input_gradient)
             weight = ctx.weights.joined(b, ctx.joined_width) if joined else ctx.weights.get()
         # With ``chunk_bytes`` (the memory plan's), the prologue's recomputation and its gradient go
         # through the tokens in equal chunks: the down projection's SwiGLU output and its gradient
@@ -338,7 +335,7 @@ def _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale: float) -> tuple
         both = grad_y @ weight
         in_features = a.shape[1]
         grad_x, grad_z = both[:, :in_features], both[:, in_features : in_features + a.shape[0]]
-    elif ctx.has_lora and ctx.stack and mask is None:  # the LoRA share inside the one matmul
+    elif ctx.stack:  # the LoRA share inside the one matmul
         height = joined_width(grad_y.shape[1], a.shape[0])
         return _side_by_side(grad_y, grad_z, height) @ ctx.weights.stacked(a, height), grad_z
     else:
