@@ -25,6 +25,7 @@ from loratune.training.fused import (
     pack,
     plan_memory,
 )
+from loratune.training.fused.residual import Stream
 from loratune.training.models import add_lora, load_base_model
 from loratune.training.trainer import choose_fused, collate, summed_token_loss
 from triton_checks import run_triton_check
@@ -246,7 +247,7 @@ def test_the_recomputation_skips_only_the_down_projections_frozen_matmul(tiny_mo
     layer_flops = []
     for recompute in (False, True):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            fused.layers[0].forward(hidden, cos[0], sin[0], packed, fused.kernels, fused.shape, True, recompute)
+            fused.layers[0].forward(hidden, Stream(), cos[0], sin[0], packed, fused.kernels, fused.shape, True, recompute)
         layer_flops.append(counter.get_total_flops())
     assert layer_flops[0] - layer_flops[1] == 2 * tokens * config.intermediate_size * config.hidden_size
     assert backward_flops[1] - backward_flops[0] == 2 * layer_flops[1]  # two layers recomputed, down's matmul not

@@ -26,7 +26,9 @@ from loratune.training.fused import (
     pack,
 )
 from loratune.training.fused.memory import LOSS_CHUNKS, Footprint, footprint, model_bytes, plan_cost
-from loratune.training.fused.kernels import rms_norm, rms_norm_with_grad, swiglu, swiglu_with_grad
+from loratune.training.fused.kernels import rms_norm, rms_norm_with_grad, rms_norm_with_grad_onto, swiglu, swiglu_with_grad
+from loratune.training.fused.model import norm_prologue
+from loratune.training.fused.residual import ResidualAdd, Stream
 from loratune.training.fused.lora_linear import FrozenLinearLora, FrozenWeights, Prologue
 from triton_checks import run_triton_check
 
@@ -109,6 +111,52 @@ def test_frozen_linear_with_lora_and_dropout_has_the_gradients_of_its_formula(
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk_bytes", [None, 200])
+def test_residual_adds_hand_their_gradient_to_the_norm_that_reads_the_same_tensor(device, chunk_bytes):
+    """Two residual blocks h + proj(norm(h)) of the fused layer's form: with the residual path's
+    gradient handed to the norm's backward (added and cast in its pass) the gradients are plain
+    autograd's; chunked backwards keep autograd's own sum. The first block's input needs no
+    gradient (an embedding), as in the model."""
+    generator = torch.Generator().manual_seed(1)
+    norm_weight = (1 + 0.1 * torch.randn(16, generator=generator)).to(device)
+    calls = []
+
+    def counted_onto(*args):
+        calls.append(1)
+        return rms_norm_with_grad_onto(*args)
+
+    kernels = Kernels(rms_norm_with_grad_onto=counted_onto)
+    linears = [torch.nn.Linear(16, 16, bias=False).to(device).requires_grad_(False) for _ in range(2)]
+    loras = [
+        ((torch.randn(4, 16, generator=generator) * 0.3).to(device).requires_grad_(),
+         (torch.randn(16, 4, generator=generator) * 0.3).to(device).requires_grad_())
+        for _ in range(2)
+    ]
+    h0 = torch.randn(9, 16, generator=generator).to(device)
+    weights = [FrozenWeights([linear], torch.float32) for linear in linears]
+
+    def blocks(fused: bool):
+        hidden, stream = h0, Stream()
+        for (a, b), w in zip(loras, weights):
+            prologue = norm_prologue(kernels, norm_weight, 1e-5, stream if fused else None)
+            delta = FrozenLinearLora.apply(hidden, a, b, w, 0.0, kernels, prologue, chunk_bytes)
+            out = Stream()
+            if fused:
+                hidden = ResidualAdd.apply(hidden, delta, kernels.residual_add, stream, out)
+            else:
+                hidden = hidden + delta
+            stream = out
+        return hidden
+
+    params = [p for pair in loras for p in pair]
+    got = torch.autograd.grad(blocks(True).float().square().sum(), params)
+    assert len(calls) == (0 if chunk_bytes else 1)  # the second block's norm took the first add's gradient
+    expected = torch.autograd.grad(blocks(False).float().square().sum(), params)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 NF4_KERNEL_CHECK = """
 import sys, types, torch, bitsandbytes.functional as bnb
 from loratune.training.fused import nf4
@@ -121,21 +169,27 @@ linear = types.SimpleNamespace(weight=types.SimpleNamespace(data=packed, quant_s
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 state.dtype = dtype
 expected = bnb.dequantize_4bit(packed, state)
-out = torch.full((rows, cols), float("nan"), dtype=dtype, device=device)
-nf4.dequantize(linear, out)
-assert torch.equal(out, expected), (out - expected).abs().max()
-wide = torch.full((rows, cols + extra), float("nan"), dtype=dtype, device=device)  # a slice of a wider buffer
-nf4.dequantize(linear, wide[:, :cols])
-assert torch.equal(wide[:, :cols], expected) and wide[:, cols:].isnan().all()
+# every tile the kernel has: scales decoded an output or a block at a time (where blocks fit)
+for tile in (nf4.TILE, nf4.Tile(), nf4.Tile(by_block=True), nf4.Tile(8, 64, 2, True), nf4.Tile(4, 256, 8, True)):
+    out = torch.full((rows, cols), float("nan"), dtype=dtype, device=device)
+    nf4.dequantize(linear, out, tile)
+    assert torch.equal(out, expected), (tile, (out - expected).abs().max())
+    wide = torch.full((rows, cols + extra), float("nan"), dtype=dtype, device=device)  # a slice of a wider buffer
+    nf4.dequantize(linear, wide[:, :cols], tile)
+    assert torch.equal(wide[:, :cols], expected) and wide[:, cols:].isnan().all(), tile
 print("ok")
 """
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(96, 200, 16, True), (64, 128, 48, False), (40, 330, 4, True)])
+@pytest.mark.parametrize(
+    "shape", [(96, 200, 16, True), (64, 128, 48, False), (40, 330, 4, True), (72, 512, 8, True), (33, 1024, 0, False)]
+)
 def test_the_nf4_kernel_dequantizes_bit_for_bit_as_bitsandbytes(device, shape):
     """Our Triton kernel against bitsandbytes' dequantization, nested scales or not, odd shapes,
-    into its own buffer or a slice of a wider one. On a CPU it runs under Triton's interpreter."""
+    into its own buffer or a slice of a wider one, with each tile (rows of whole 4-bit blocks:
+    512 and 1,024 columns, several tiles a row, more than 256 blocks for the nested second
+    level). On a CPU it runs under Triton's interpreter."""
     run_triton_check(NF4_KERNEL_CHECK, device, [str(int(v)) for v in shape])
 
 

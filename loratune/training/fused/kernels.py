@@ -34,6 +34,17 @@ def rms_norm_with_grad(u: torch.Tensor, weight: torch.Tensor, eps: float, grad: 
     return weight * normed.to(weight.dtype), grad_u.to(u.dtype)
 
 
+def rms_norm_with_grad_onto(u: torch.Tensor, weight: torch.Tensor, eps: float, grad: torch.Tensor, skip: torch.Tensor):
+    """As ``rms_norm_with_grad``, with the residual path's gradient ``skip`` added to u's in the same
+    pass (``residual``): x, u's whole gradient, and that gradient in the compute dtype."""
+    u32 = u.float()
+    rstd = torch.rsqrt(u32.pow(2).mean(-1, keepdim=True) + eps)
+    normed = u32 * rstd
+    scaled = grad.float() * weight.float()
+    grad_u = skip.float() + rstd * (scaled - normed * (scaled * normed).mean(-1, keepdim=True))
+    return weight * normed.to(weight.dtype), grad_u.to(u.dtype), grad_u.to(weight.dtype)
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on (T, heads, head_dim) with cos/sin of shape (T, head_dim), halves rotated."""
     half = x.shape[-1] // 2
@@ -87,6 +98,7 @@ def swiglu_with_grad(gate_up: torch.Tensor, grad: torch.Tensor, intermediate: in
 class Kernels:
     rms_norm: Callable = rms_norm
     rms_norm_with_grad: Callable = rms_norm_with_grad
+    rms_norm_with_grad_onto: Callable = rms_norm_with_grad_onto
     split_rotary: Callable = split_rotary
     swiglu: Callable = swiglu
     swiglu_with_grad: Callable = swiglu_with_grad
@@ -113,6 +125,7 @@ def make_kernels(compile: bool) -> Kernels:
     names = (
         "rms_norm",
         "rms_norm_with_grad",
+        "rms_norm_with_grad_onto",
         "split_rotary",
         "swiglu",
         "swiglu_with_grad",

@@ -14,6 +14,7 @@ from loratune.training.fused.support import lora_parts
 
 if TYPE_CHECKING:
     from loratune.training.fused.kernels import Kernels
+    from loratune.training.fused.residual import Stream
 
 
 BACKWARD_CHUNK_BYTES = 2**26  # a chunk of the prologue's input in the backward pass, at most, when chunked
@@ -221,6 +222,9 @@ class FrozenLinearLora(torch.autograd.Function):
     ):
         x = prologue(u) if prologue is not None else u
         ctx.weights, ctx.kernels, ctx.prologue, ctx.chunk_bytes = weights, kernels, prologue, chunk_bytes
+        stream = getattr(prologue, "stream", None)
+        if stream is not None:  # said before the residual add that also reads u runs its forward
+            stream.fused = bool(ctx.needs_input_grad[0]) and not chunk_bytes
         ctx.has_lora = lora_a is not None
         ctx.dropout = dropout
         ctx.joined_width = None  # joined: the backward's input gradient takes z's gradient beside it
@@ -351,10 +355,13 @@ def _input_gradient(ctx, grad_y, grad_z, mask, weight, a, scale: float) -> tuple
 @dataclass(frozen=True)
 class Prologue:
     """Elementwise work before a projection: ``forward(u)`` is its input x; ``with_grad(u,
-    grad_x)``, where given, returns x and the gradient of u in one pass (else autograd's)."""
+    grad_x)``, where given, returns x and the gradient of u in one pass (else autograd's).
+    ``stream``: u is a residual tensor whose residual-path gradient ``with_grad`` can take from
+    that ``residual.Stream`` (where the projection's backward runs over all tokens at once)."""
 
     forward: Callable
     with_grad: Callable | None = None
+    stream: Stream | None = None
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return self.forward(u)

@@ -14,6 +14,7 @@ from loratune.training.fused.lora_linear import BACKWARD_CHUNK_BYTES, Prologue, 
 from loratune.training.fused.loss import chunked_cross_entropy
 from loratune.training.fused.memory import MemoryPlan, MemoryRequest, plan_memory
 from loratune.training.fused.offload import HostOffload
+from loratune.training.fused.residual import ResidualAdd, Stream
 from loratune.training.fused.support import inner_model, unsupported_reason
 
 
@@ -29,26 +30,44 @@ class Layer:
         self.groups = (self.qkv, self.o, self.gate_up, self.down)
 
     def forward(
-        self, hidden, cos, sin, batch: PackedBatch, kernels: Kernels, shape, training: bool, recompute: bool = False
-    ):
-        """The layer's output; with ``recompute`` (the backward's recomputation of a checkpointed
-        layer, which only refills what the layer saved: the down projection's input is the last of
-        it) the down projection's frozen matmul, 27% of the layer's forward FLOPs, is skipped."""
+        self,
+        hidden,
+        stream: Stream,
+        cos,
+        sin,
+        batch: PackedBatch,
+        kernels: Kernels,
+        shape,
+        training: bool,
+        recompute: bool = False,
+    ) -> tuple[torch.Tensor, Stream]:
+        """The layer's output and its residual ``Stream`` (``stream``: the input's); with
+        ``recompute`` (the backward's recomputation of a checkpointed layer, which only refills what
+        the layer saved: the down projection's input is the last of it) the down projection's
+        frozen matmul, 27% of the layer's forward FLOPs, is skipped."""
         heads, kv_heads, head_dim, intermediate = shape
-        qkv = self.qkv(hidden, training, kernels, norm_prologue(kernels, self.norm_in, self.eps))
+        qkv = self.qkv(hidden, training, kernels, norm_prologue(kernels, self.norm_in, self.eps, stream))
         q, k, v = kernels.split_rotary(qkv, cos, sin, heads, kv_heads, head_dim)
-        hidden = kernels.residual_add(hidden, self.o(attention(q, k, v, batch), training, kernels))
-        gate_up = self.gate_up(hidden, training, kernels, norm_prologue(kernels, self.norm_post, self.eps))
-        return kernels.residual_add(
-            hidden,
-            self.down(gate_up, training, kernels, swiglu_prologue(kernels, intermediate), output=not recompute),
-        )
+        middle = Stream()
+        o = self.o(attention(q, k, v, batch), training, kernels)
+        hidden = ResidualAdd.apply(hidden, o, kernels.residual_add, stream, middle)
+        gate_up = self.gate_up(hidden, training, kernels, norm_prologue(kernels, self.norm_post, self.eps, middle))
+        down = self.down(gate_up, training, kernels, swiglu_prologue(kernels, intermediate), output=not recompute)
+        out = Stream()
+        return ResidualAdd.apply(hidden, down, kernels.residual_add, middle, out), out
 
 
-def norm_prologue(kernels: Kernels, weight: torch.Tensor, eps: float) -> Prologue:
-    return Prologue(
-        lambda u: kernels.rms_norm(u, weight, eps), lambda u, grad: kernels.rms_norm_with_grad(u, weight, eps, grad)
-    )
+def norm_prologue(kernels: Kernels, weight: torch.Tensor, eps: float, stream: Stream | None = None) -> Prologue:
+    """The RMSNorm before a projection; with ``stream`` (its input's), the backward also adds the
+    residual path's gradient and leaves the sum's compute-dtype copy for the residual add above."""
+
+    def with_grad(u: torch.Tensor, grad: torch.Tensor):
+        if stream is None or not stream.fused:
+            return kernels.rms_norm_with_grad(u, weight, eps, grad)
+        x, grad_u, stream.low = kernels.rms_norm_with_grad_onto(u, weight, eps, grad, stream.take_skip())
+        return x, grad_u
+
+    return Prologue(lambda u: kernels.rms_norm(u, weight, eps), with_grad, stream)
 
 
 def swiglu_prologue(kernels: Kernels, intermediate: int) -> Prologue:
@@ -159,13 +178,14 @@ class FusedCausalLM:
         cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
         checkpointed = self.plan.checkpointed if training and torch.is_grad_enabled() else frozenset()
         offload = HostOffload(hidden.device, self.dtype) if checkpointed and self.plan.offload else None
+        stream = Stream()
         for index, layer in enumerate(self.layers):
+            args = (hidden, stream, cos, sin, batch, self.kernels, self.shape, training)
             if index in checkpointed:
                 with offload.layer_input(hidden) if offload else contextlib.nullcontext():
-                    args = (hidden, cos, sin, batch, self.kernels, self.shape, training)
-                    hidden = torch.utils.checkpoint.checkpoint(_Checkpointed(layer), *args, use_reentrant=False)
+                    hidden, stream = torch.utils.checkpoint.checkpoint(_Checkpointed(layer), *args, use_reentrant=False)
             else:
-                hidden = layer.forward(hidden, cos, sin, batch, self.kernels, self.shape, training)
+                hidden, stream = layer.forward(*args)
         if offload:
             offload.prefetch()  # the last checkpointed layer's input comes back while the later layers' backward runs
         hidden = self.kernels.rms_norm(hidden, self.norm, self.eps)

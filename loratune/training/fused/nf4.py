@@ -14,6 +14,7 @@ absmaxes are 8-bit codes of a 256-value map, one fp32 scale per 256 of them, plu
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -87,7 +88,55 @@ if triton is not None:
         )
 
 
-def dequantize(linear, out: torch.Tensor) -> torch.Tensor:
+    @triton.jit
+    def _dequantize_by_block(
+        packed,
+        absmax,
+        code2,
+        absmax2,
+        offset,
+        code,
+        out,
+        rows_total,
+        row_bytes,
+        stride_out,
+        BLOCKSIZE: tl.constexpr,
+        NESTED: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_BYTES: tl.constexpr,
+    ):
+        # as _dequantize, for rows of whole 4-bit blocks and tiles of whole blocks: each block's
+        # scale is read and decoded once (not once an output) and broadcast over its bytes
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        BLOCKS: tl.constexpr = BLOCK_BYTES // HALF
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        columns = tl.program_id(1) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+        block_columns = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+        row_inside = rows[:, None] < rows_total
+        inside = row_inside & (columns[None, :] < row_bytes)
+        block_inside = row_inside & (block_columns[None, :] < row_bytes // HALF)
+        byte = tl.load(packed + rows[:, None] * row_bytes + columns[None, :], mask=inside, other=0).to(tl.int32)
+        block = rows[:, None] * (row_bytes // HALF) + block_columns[None, :]
+        if NESTED:
+            quantized_scale = tl.load(absmax + block, mask=block_inside, other=0).to(tl.int32)
+            scale = tl.load(code2 + quantized_scale, mask=block_inside, other=0.0) * tl.load(
+                absmax2 + block // 256, mask=block_inside, other=0.0
+            )
+            scale = scale + tl.load(offset)
+        else:
+            scale = tl.load(absmax + block, mask=block_inside, other=0.0)
+        byte = tl.reshape(byte, (BLOCK_ROWS, BLOCKS, HALF))
+        high = tl.load(code + (byte >> 4)) * scale[:, :, None]
+        low = tl.load(code + (byte & 15)) * scale[:, :, None]
+        weight = tl.reshape(tl.interleave(high, low), (BLOCK_ROWS, 2 * BLOCK_BYTES))
+        out_columns = tl.program_id(1) * 2 * BLOCK_BYTES + tl.arange(0, 2 * BLOCK_BYTES)
+        stored = row_inside & (out_columns[None, :] < 2 * row_bytes)
+        tl.store(
+            out + rows[:, None] * stride_out + out_columns[None, :], weight.to(out.dtype.element_ty), mask=stored
+        )
+
+
+def dequantize(linear, out: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
     """``out`` (rows x in_features, each row contiguous; its row stride may be larger, as in a
     slice of a wider buffer) := the dense NF4 weight of ``linear``. No host synchronization
     (the nested scales' offset stays on the device): the host keeps running ahead."""
@@ -99,8 +148,12 @@ def dequantize(linear, out: torch.Tensor) -> torch.Tensor:
         absmax, code2, absmax2, offset = state.absmax, state.state2.code, state.state2.absmax, state.offset
     else:
         absmax, code2, absmax2, offset = state.absmax, state.code, state.absmax, state.absmax
-    grid = (triton.cdiv(rows_total, BLOCK_ROWS), triton.cdiv(cols_total // 2, BLOCK_BYTES))
-    _dequantize[grid](
+    tile = tile or TILE
+    row_bytes, half = cols_total // 2, state.blocksize // 2
+    by_block = tile.by_block and row_bytes % half == 0 and tile.block_bytes % half == 0
+    kernel = _dequantize_by_block if by_block else _dequantize
+    grid = (triton.cdiv(rows_total, tile.block_rows), triton.cdiv(row_bytes, tile.block_bytes))
+    kernel[grid](
         linear.weight.data,
         absmax,
         code2,
@@ -109,15 +162,27 @@ def dequantize(linear, out: torch.Tensor) -> torch.Tensor:
         state.code,
         out,
         rows_total,
-        cols_total // 2,
+        row_bytes,
         out.stride(0),
         BLOCKSIZE=state.blocksize,
         NESTED=bool(state.nested),
-        BLOCK_ROWS=BLOCK_ROWS,
-        BLOCK_BYTES=BLOCK_BYTES,
-        num_warps=4,
+        BLOCK_ROWS=tile.block_rows,
+        BLOCK_BYTES=tile.block_bytes,
+        num_warps=tile.warps,
     )
     return out
 
 
-BLOCK_ROWS, BLOCK_BYTES = 16, 128  # a program's tile: 16 rows of 256 outputs
+@dataclass(frozen=True)
+class Tile:
+    """A program's share of the weight: ``block_rows`` rows of ``block_bytes`` packed bytes (twice
+    as many outputs), ``warps`` warps; ``by_block``: each 4-bit block's scale decoded once, where
+    the rows and the tile hold whole blocks."""
+
+    block_rows: int = 16
+    block_bytes: int = 128
+    warps: int = 4
+    by_block: bool = False
+
+
+TILE = Tile()  # (bench/nf4_dequant_speed.py --tiles compares tiles on a GPU)
