@@ -47,6 +47,29 @@ def supports(linear) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _block_scale(absmax, code2, absmax2, offset, block, mask, NESTED: tl.constexpr):
+        # the fp32 scale of 4-bit block ``block``: double-quantized (an 8-bit code of the block's
+        # absmax, scaled by its group of 256 blocks' absmax, plus the offset) or as stored
+        if NESTED:
+            quantized_scale = tl.load(absmax + block, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(code2 + quantized_scale, mask=mask, other=0.0) * tl.load(
+                absmax2 + block // 256, mask=mask, other=0.0
+            )
+            scale = scale + tl.load(offset)
+        else:
+            scale = tl.load(absmax + block, mask=mask, other=0.0)
+        return scale
+
+    @triton.jit
+    def _store_rows(out, weight, rows, rows_total, row_bytes, stride_out, BLOCK_BYTES: tl.constexpr):
+        # a tile's 2 x BLOCK_BYTES outputs a row into ``out``, rows and columns past the end masked
+        out_columns = tl.program_id(1) * 2 * BLOCK_BYTES + tl.arange(0, 2 * BLOCK_BYTES)
+        stored = (rows[:, None] < rows_total) & (out_columns[None, :] < 2 * row_bytes)
+        tl.store(
+            out + rows[:, None] * stride_out + out_columns[None, :], weight.to(out.dtype.element_ty), mask=stored
+        )
+
+    @triton.jit
     def _dequantize(
         packed,
         absmax,
@@ -69,24 +92,10 @@ if triton is not None:
         inside = (rows[:, None] < rows_total) & (columns[None, :] < row_bytes)
         index = rows[:, None] * row_bytes + columns[None, :]
         byte = tl.load(packed + index, mask=inside, other=0).to(tl.int32)
-        block = index // (BLOCKSIZE // 2)
-        if NESTED:
-            quantized_scale = tl.load(absmax + block, mask=inside, other=0).to(tl.int32)
-            scale = tl.load(code2 + quantized_scale, mask=inside, other=0.0) * tl.load(
-                absmax2 + block // 256, mask=inside, other=0.0
-            )
-            scale = scale + tl.load(offset)
-        else:
-            scale = tl.load(absmax + block, mask=inside, other=0.0)
+        scale = _block_scale(absmax, code2, absmax2, offset, index // (BLOCKSIZE // 2), inside, NESTED)
         high = tl.load(code + (byte >> 4), mask=inside, other=0.0) * scale
         low = tl.load(code + (byte & 15), mask=inside, other=0.0) * scale
-        weight = tl.interleave(high, low)
-        out_columns = tl.program_id(1) * 2 * BLOCK_BYTES + tl.arange(0, 2 * BLOCK_BYTES)
-        stored = (rows[:, None] < rows_total) & (out_columns[None, :] < 2 * row_bytes)
-        tl.store(
-            out + rows[:, None] * stride_out + out_columns[None, :], weight.to(out.dtype.element_ty), mask=stored
-        )
-
+        _store_rows(out, tl.interleave(high, low), rows, rows_total, row_bytes, stride_out, BLOCK_BYTES)
 
     @triton.jit
     def _dequantize_by_block(
@@ -117,23 +126,12 @@ if triton is not None:
         block_inside = row_inside & (block_columns[None, :] < row_bytes // HALF)
         byte = tl.load(packed + rows[:, None] * row_bytes + columns[None, :], mask=inside, other=0).to(tl.int32)
         block = rows[:, None] * (row_bytes // HALF) + block_columns[None, :]
-        if NESTED:
-            quantized_scale = tl.load(absmax + block, mask=block_inside, other=0).to(tl.int32)
-            scale = tl.load(code2 + quantized_scale, mask=block_inside, other=0.0) * tl.load(
-                absmax2 + block // 256, mask=block_inside, other=0.0
-            )
-            scale = scale + tl.load(offset)
-        else:
-            scale = tl.load(absmax + block, mask=block_inside, other=0.0)
+        scale = _block_scale(absmax, code2, absmax2, offset, block, block_inside, NESTED)
         byte = tl.reshape(byte, (BLOCK_ROWS, BLOCKS, HALF))
         high = tl.load(code + (byte >> 4)) * scale[:, :, None]
         low = tl.load(code + (byte & 15)) * scale[:, :, None]
         weight = tl.reshape(tl.interleave(high, low), (BLOCK_ROWS, 2 * BLOCK_BYTES))
-        out_columns = tl.program_id(1) * 2 * BLOCK_BYTES + tl.arange(0, 2 * BLOCK_BYTES)
-        stored = row_inside & (out_columns[None, :] < 2 * row_bytes)
-        tl.store(
-            out + rows[:, None] * stride_out + out_columns[None, :], weight.to(out.dtype.element_ty), mask=stored
-        )
+        _store_rows(out, weight, rows, rows_total, row_bytes, stride_out, BLOCK_BYTES)
 
 
 def dequantize(linear, out: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
