@@ -255,7 +255,12 @@ def run_task(task: Task) -> list[dict]:
 
     index, _, fit = task.variant.removeprefix("es").partition("-")
     schedule = EarlyStopping.from_config(schedule_spec(plan["schedules"][int(index)]))
-    arm = Arm(f"{task.proposer}-es", proposer, plan["max_rounds"], plan["es_batch"] or plan["batch"], options, schedule)
+    # 'same': the arm keeps the name of the arm without early stopping, as an arm of a study does when
+    # early_stopping is added to it, so both draw the same proposer seeds (round_seed) and their
+    # first rounds propose the same points from the same pilot: a paired comparison. 'own': a name
+    # of its own (the releases before 2026-12-04), its own seeds.
+    name = task.proposer if plan.get("es_name", "same") == "same" else f"{task.proposer}-es"
+    arm = Arm(name, proposer, plan["max_rounds"], plan["es_batch"] or plan["batch"], options, schedule)
     round_ = 0
     cap = plan["seconds_cap"][task.seed]
     while any(spent[c] < cap[c] for c in cap) and round_ < plan["max_rounds"]:
@@ -477,7 +482,12 @@ def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapse
         f"trials a round (proposer options {json.dumps(args.options)}). Without early stopping ('full', the arm "
         f"at its full budget): {args.rounds} rounds, each trial trained to the full budget. With it ('es<i>', "
         f"schedule i: rungs as fractions of the budget, keep): the same arm, {args.es_batch or args.batch} trials a "
-        "round through the rungs, round "
+        + (
+            "round (the arm's own name: the same proposer seeds, so its first round proposes the same points) "
+            if args.es_name == "same"
+            else "round (under a name of its own: its own proposer seeds) "
+        )
+        + "through the rungs, round "
         "after round until it has spent as many training seconds as 'full' in every accounting (the round that "
         "crosses it completes).",
         "",
@@ -606,6 +616,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "with the first schedule; 'predicted' (this bench only): stopped trials at their predict_final values; "
         "'mf' (this bench only): at a multi-fidelity GP's predicted full-budget values",
     )
+    parser.add_argument(
+        "--es-name",
+        choices=("same", "own"),
+        default="same",
+        help="the early-stopping arm's name: 'same' as the arm without (the same proposer seeds, a paired "
+        "comparison; default), or 'own' (its own seeds, as records before 2026-12-04)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="output path without suffix (default: by commit)")
     parser.add_argument("--make-table", type=Path, default=None, help="write a synthetic table there and exit")
@@ -640,6 +657,7 @@ def main(argv=None) -> None:
         "rounds": args.rounds,
         "batch": args.batch,
         "es_batch": args.es_batch,
+        "es_name": args.es_name,
         "schedules": args.schedules,
         "options": args.options,
         "max_rounds": 50,
