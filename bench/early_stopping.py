@@ -71,9 +71,12 @@ from loratune.benchmarks import CurveTable, evaluate, get_problem, true_front  #
 from loratune.config import Arm  # noqa: E402
 from loratune.designs import pilot_design  # noqa: E402
 from loratune.early_stopping import (  # noqa: E402
+    STOPPED,
     EarlyStopping,
     multi_fidelity_final,
     predict_final,
+    promotion,
+    rung_results,
     successive_halving,
 )
 from loratune.loop import next_proposals  # noqa: E402
@@ -254,7 +257,12 @@ def run_task(task: Task) -> list[dict]:
         return events
 
     index, _, fit = task.variant.removeprefix("es").partition("-")
-    schedule = EarlyStopping.from_config(schedule_spec(plan["schedules"][int(index)]))
+    spec = schedule_spec(plan["schedules"][int(index)])
+    lead = int(spec.pop("lead", 0))
+    # promote 'oracle' (a diagnostic, this bench only): every rung ranked, by crowding, at the
+    # trials' true full-budget values, as no rule could know them: how far any promotion could go.
+    oracle = spec.get("promote") == "oracle"
+    schedule = EarlyStopping.from_config({**spec, "promote": "crowding"} if oracle else spec)
     # 'same': the arm keeps the name of the arm without early stopping, as an arm of a study does when
     # early_stopping is added to it, so both draw the same proposer seeds (round_seed) and their
     # first rounds propose the same points from the same pilot: a paired comparison. 'own': a name
@@ -288,7 +296,16 @@ def run_task(task: Task) -> list[dict]:
             trained[trial_id] = metrics
             return metrics
 
-        outcome = successive_halving(list(by_id), schedule, budget, problem.objectives, train, by_id, list(reference))
+        # lead: the round's first proposals (the proposer's best guesses) skip the rungs and train
+        # to the full budget first, as Hyperband's bracket without early stopping.
+        ids = list(by_id)
+        for trial_id in ids[:lead]:
+            record(by_id[trial_id], train(trial_id, budget))
+        if oracle:
+            truth = {i: problem.answer(space, by_id[i], budget, task.seed) for i in ids[lead:]}
+            outcome = _oracle_halving(ids[lead:], schedule, budget, problem.objectives, train, truth)
+        else:
+            outcome = successive_halving(ids[lead:], schedule, budget, problem.objectives, train, by_id, list(reference))
         for trial_id, metrics in outcome.items():
             record(by_id[trial_id], metrics)
         if _volume(problem, events) >= plan["target_hv"][task.seed] - 1e-12:
@@ -297,6 +314,25 @@ def run_task(task: Task) -> list[dict]:
             # exceeds its final value. Training on would change no result.
             break
     return events
+
+
+def _oracle_halving(ids, schedule, budget, objectives, train, truth) -> dict[str, dict]:
+    """``successive_halving`` with every rung's promotion made on ``truth`` (each trial's metrics
+    at the full budget) instead of its rung values; the trials' records stay their rung values."""
+    alive, outcome = list(ids), {}
+    steps = schedule.rung_steps(budget)
+    for rung, step in enumerate(steps):
+        outcome.update({i: dict(train(i, step)) for i in alive})
+        if rung == len(steps) - 1:
+            break
+        decided = promotion(
+            rung_results({i: truth[i] for i in alive}, objectives, rung, step), objectives, schedule.n_keep(len(alive))
+        )
+        alive = decided.loc[decided["promoted"], "trial_id"].tolist()
+        for i in decided.loc[~decided["promoted"], "trial_id"]:
+            if (outcome[i].get("status") or "ok") == "ok":
+                outcome[i]["status"] = STOPPED
+    return {i: outcome[i] for i in ids}
 
 
 def _predicted_history(history: pd.DataFrame, objectives, reference: list[dict], budget: int) -> pd.DataFrame:
@@ -428,6 +464,11 @@ def goal(
             own = mine[(mine["round"] > 0) & (mine["hv"] >= target - 1e-12)]
             fractions.append((own[cost].min() if len(own) else np.inf) / seconds)
         fractions = fractions or [np.nan]
+        # How far the median fraction could move with other seeds: the 2.5 and 97.5 percentiles of
+        # the median over 2000 resamples of the seeds (with replacement; a fixed generator).
+        draws = np.random.default_rng(0).choice(np.asarray(fractions, dtype=float), (2000, len(fractions)))
+        with np.errstate(invalid="ignore"):  # medians that are all infinite: inf - inf inside percentile
+            low, high = np.percentile(np.median(draws, axis=1), [2.5, 97.5])
         es_median = np.median([g[0] for g in grids], axis=0)
         full_median = np.median([g[1] for g in grids], axis=0)
         gap = es_median - full_median
@@ -444,6 +485,11 @@ def goal(
                 # "nearest": a seed that never reaches the target counts as infinity, not NaN.
                 "fraction_q1": float(np.percentile(fractions, 25, method="nearest")),
                 "fraction_q3": float(np.percentile(fractions, 75, method="nearest")),
+                "median_low": float(low),
+                "median_high": float(high),
+                # The other reading of the goal, on the median curves: the early-stopping arm's
+                # median hypervolume at a third of the axis, against 'full''s median final one.
+                "hv_es_third": float(es_median[max(0, int(np.ceil(len(grid) / 3)) - 1)]),
                 "reached": int(np.isfinite(fractions).sum()),
                 "counted": len(grids) - trivial,
                 "final_hv_full": float(np.median(full.groupby("seed")["hv"].last())),
@@ -458,7 +504,7 @@ def goal(
 
 def schedule_spec(entry) -> dict:
     """A --schedules entry, [rungs, keep] or [rungs, keep, promote], as the arm's early_stopping."""
-    return dict(zip(("rungs", "keep", "promote"), entry))
+    return dict(zip(("rungs", "keep", "promote", "lead"), entry))
 
 
 def schedule_label(plan_schedules, variant: str) -> str:
@@ -468,7 +514,8 @@ def schedule_label(plan_schedules, variant: str) -> str:
     index, _, fit = variant.removeprefix("es").partition("-")
     spec = schedule_spec(plan_schedules[int(index)])
     promote = f" promote {spec['promote']}" if spec.get("promote", "crowding") != "crowding" else ""
-    return f"es{index} {list(spec['rungs'])} keep {spec['keep']}{promote}" + (f", fit {fit}" if fit else "")
+    lead = f" lead {spec['lead']}" if spec.get("lead") else ""
+    return f"es{index} {list(spec['rungs'])} keep {spec['keep']}{promote}{lead}" + (f", fit {fit}" if fit else "")
 
 
 def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapsed: float, commit: str, starts) -> str:
@@ -512,15 +559,21 @@ def markdown(table: pd.DataFrame, args: argparse.Namespace, command: str, elapse
         "cost axis (0..full's median seconds, 200 points) where the median 'es' curve is below the median "
         "'full' curve, and up to which fraction of the axis; 'worst gap' the largest deficit in HV.",
         "",
-        "| problem | proposer | variant | accounting | fraction | reached / counted | HV full | HV es | below (until) | worst gap |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "'median 95%': where the median fraction lies in 95% of bootstrap resamples of the seeds. 'HV es @1/3': "
+        "the median 'es' curve at a third of the axis, the goal read on the median curves (against 'HV full', "
+        "the median final HV of 'full').",
+        "",
+        "| problem | proposer | variant | accounting | fraction | median 95% | reached / counted | HV full | HV es | HV es @1/3 | below (until) | worst gap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, row in table.iterrows():
         out.append(
             f"| {row['problem']} | {row['proposer']}{' (default)' if row['proposer'] == DEFAULT_PROPOSER else ''} | "
             f"{schedule_label(args.schedules, row['variant'])} | {row['accounting']} | {row['fraction_median']:.3f} "
             f"[{row['fraction_q1']:.3f}-{row['fraction_q3']:.3f}] | "
+            f"{row['median_low']:.3f}-{row['median_high']:.3f} | "
             f"{row['reached']}/{row['counted']} | {row['final_hv_full']:.4f} | {row['final_hv_es']:.4f} | "
+            f"{row['hv_es_third']:.4f} | "
             f"{row['below_share']:.0%} ({row['below_until']:.2f}) | {row['worst_gap']:+.4f} |"
         )
     out += ["", "## The goal, for the default proposer", ""]
