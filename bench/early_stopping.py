@@ -467,8 +467,8 @@ def goal(
         # How far the median fraction could move with other seeds: the 2.5 and 97.5 percentiles of
         # the median over 2000 resamples of the seeds (with replacement; a fixed generator).
         draws = np.random.default_rng(0).choice(np.asarray(fractions, dtype=float), (2000, len(fractions)))
-        with np.errstate(invalid="ignore"):  # medians that are all infinite: inf - inf inside percentile
-            low, high = np.percentile(np.median(draws, axis=1), [2.5, 97.5])
+        with np.errstate(invalid="ignore"):  # a median of inf and a finite value
+            low, high = np.percentile(np.median(draws, axis=1), [2.5, 97.5], method="nearest")
         es_median = np.median([g[0] for g in grids], axis=0)
         full_median = np.median([g[1] for g in grids], axis=0)
         gap = es_median - full_median
