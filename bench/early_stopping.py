@@ -305,7 +305,9 @@ def run_task(task: Task) -> list[dict]:
             truth = {i: problem.answer(space, by_id[i], budget, task.seed) for i in ids[lead:]}
             outcome = _oracle_halving(ids[lead:], schedule, budget, problem.objectives, train, truth)
         else:
-            outcome = successive_halving(ids[lead:], schedule, budget, problem.objectives, train, by_id, list(reference))
+            outcome = successive_halving(
+                ids[lead:], schedule, budget, problem.objectives, train, by_id, list(reference)
+            )
         for trial_id, metrics in outcome.items():
             record(by_id[trial_id], metrics)
         if _volume(problem, events) >= plan["target_hv"][task.seed] - 1e-12:
@@ -503,7 +505,8 @@ def goal(
 
 
 def schedule_spec(entry) -> dict:
-    """A --schedules entry, [rungs, keep] or [rungs, keep, promote], as the arm's early_stopping."""
+    """A --schedules entry, [rungs, keep], [rungs, keep, promote] or [rungs, keep, promote, lead], as
+    the arm's early_stopping (and this bench's lead)."""
     return dict(zip(("rungs", "keep", "promote", "lead"), entry))
 
 
@@ -644,7 +647,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--schedules",
         type=json.loads,
         default=[[[0.111, 0.333, 1.0], 0.334]],
-        help="JSON list of [rungs, keep] or [rungs, keep, promote] (default the issue's [[[0.111, 0.333, 1.0], 0.334]])",
+        help="JSON list of [rungs, keep], [rungs, keep, promote] or [rungs, keep, promote, lead] (default the "
+        "issue's [[[0.111, 0.333, 1.0], 0.334]]); promote may also be 'oracle' (this bench only: rungs ranked at "
+        "the trials' true full-budget values, a bound); lead: how many of a round's first proposals skip the "
+        "rungs and train to the full budget first (this bench only; default 0)",
     )
     parser.add_argument(
         "--model-schedules",
