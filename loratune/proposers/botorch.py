@@ -16,6 +16,10 @@ Sobol pool) are scored again, so a pick is the best *valid* point found, never a
 accident. A batch is built greedily: each pick joins the acquisition's pending points (which
 it integrates over, "fantasizing" its outcome) before the next one is searched.
 
+With ``coordinates: lora`` (or ``rslora``) the GPs see the LoRA-aware features of
+``loratune.proposers.coordinates`` (the update size log(lr · alpha / rank), log rank, log
+alpha) through a fixed input transform, while the acquisition is still searched in the cube.
+
 Torch draws come from a generator seeded per call inside ``torch.random.fork_rng``, and the
 Monte Carlo samplers get explicit seeds, so a proposal repeats exactly for (seed, history, n).
 """
@@ -41,6 +45,7 @@ from loratune.proposers.base import (
     positive_int,
     space_filling_new_points,
 )
+from loratune.proposers.coordinates import COORDINATES, LoraCoordinates
 from loratune.space import FloatParam, SearchSpace
 
 __all__ = ["ACQUISITIONS", "BotorchProposer"]
@@ -78,6 +83,9 @@ class BotorchProposer(Proposer):
         # non-dominated observations, where its cost runs past the 10 s a proposal may take.
         acquisition: str = "auto"
         nehvi_max_front: int = LARGE_FRONT
+        # The inputs the GPs see: "raw" (the unit cube) or the LoRA-aware "lora" / "rslora"
+        # features (proposers/coordinates.py).
+        coordinates: str = "raw"
 
         def __post_init__(self) -> None:
             positive_int("botorch", "num_restarts", self.num_restarts)
@@ -90,16 +98,34 @@ class BotorchProposer(Proposer):
                     f"proposer.botorch.acquisition: unknown {self.acquisition!r}; choose one of {list(ACQUISITIONS)}"
                 )
             if not isinstance(self.input_warping, bool):
-                raise ValueError(f"proposer.botorch.input_warping: must be true or false, got {self.input_warping!r}")
+                raise ValueError(
+                    f"proposer.botorch.input_warping: must be true or false, got {self.input_warping!r}"
+                )
+            if self.coordinates not in COORDINATES:
+                raise ValueError(
+                    f"proposer.botorch.coordinates: unknown {self.coordinates!r}; choose one of {list(COORDINATES)}"
+                )
+            if self.coordinates != "raw" and self.input_warping:
+                raise ValueError(
+                    "proposer.botorch: coordinates and input_warping: use one of them, not both"
+                )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Checked here, before any job: the space must have rank, alpha and learning rate.
+        self._lora = (
+            None
+            if self.options.coordinates == "raw"
+            else LoraCoordinates(self.space, self.options.coordinates)
+        )
         #: Seconds spent on fitting the model and on searching, in the last proposal.
         self.last_timings: dict[str, float] = {}
         #: The acquisition of the last model-based proposal: "nei", "nehvi" or "parego".
         self.last_acquisition: str | None = None
 
-    def _candidates(self, history: History, n: int, rng: np.random.Generator) -> list[Point]:
+    def _candidates(
+        self, history: History, n: int, rng: np.random.Generator
+    ) -> list[Point]:
         self.last_timings = {}
         self.last_acquisition = None
         X, Y = history.X_unit, history.Y_min
@@ -108,7 +134,11 @@ class BotorchProposer(Proposer):
             log.info(
                 "botorch: %d distinct ok point(s)%s; proposing a space-filling random design",
                 distinct,
-                ", all objectives constant" if distinct >= self.options.min_points else "",
+                (
+                    ", all objectives constant"
+                    if distinct >= self.options.min_points
+                    else ""
+                ),
             )
             return space_filling_new_points(self.space, n, history.taken, rng)
 
@@ -123,9 +153,14 @@ class BotorchProposer(Proposer):
                 model = self._fit_multitask(X, -Y, own)
                 X, Y = X[own], Y[own]  # the front to improve is this task's own
             else:
-                model = self._fit(torch.tensor(X, dtype=torch.double), torch.tensor(-Y, dtype=torch.double))
+                model = self._fit(
+                    torch.tensor(X, dtype=torch.double),
+                    torch.tensor(-Y, dtype=torch.double),
+                )
             fitted = time.perf_counter()
-            points = self._search(model, X, -Y, n, history.taken, rng, self.last_acquisition)
+            points = self._search(
+                model, X, -Y, n, history.taken, rng, self.last_acquisition
+            )
             searched = time.perf_counter()
         self.last_timings = {"fit_s": fitted - started, "search_s": searched - fitted}
         log.info(
@@ -143,7 +178,11 @@ class BotorchProposer(Proposer):
             return "nei"
         if self.options.acquisition != "auto":
             return self.options.acquisition
-        return "parego" if has_large_front(Y_min, self.options.nehvi_max_front) else "nehvi"
+        return (
+            "parego"
+            if has_large_front(Y_min, self.options.nehvi_max_front)
+            else "nehvi"
+        )
 
     def _fit(self, X, Y):
         """A GP per objective, outputs standardized: one batched ``SingleTaskGP``, whose
@@ -158,13 +197,23 @@ class BotorchProposer(Proposer):
         from gpytorch.mlls import ExactMarginalLogLikelihood
 
         if not self.options.input_warping:
-            model = SingleTaskGP(X, Y, outcome_transform=Standardize(m=Y.shape[-1]))
+            model = SingleTaskGP(
+                X,
+                Y,
+                outcome_transform=Standardize(m=Y.shape[-1]),
+                input_transform=self._input_transform(),
+            )
             fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
             return model
         models = []
         for column in range(Y.shape[-1]):
             warp = Warp(d=X.shape[-1], indices=list(range(X.shape[-1])))
-            model = SingleTaskGP(X, Y[:, [column]], outcome_transform=Standardize(m=1), input_transform=warp)
+            model = SingleTaskGP(
+                X,
+                Y[:, [column]],
+                outcome_transform=Standardize(m=1),
+                input_transform=warp,
+            )
             fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
             models.append(model)
         return models[0] if len(models) == 1 else ModelListGP(*models)
@@ -189,10 +238,15 @@ class BotorchProposer(Proposer):
                 task_feature=-1,
                 output_tasks=[0],
                 outcome_transform=Standardize(m=1),
+                input_transform=self._input_transform(),
             )
             fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
             models.append(model)
         return models[0] if len(models) == 1 else ModelListGP(*models)
+
+    def _input_transform(self):
+        """The LoRA-aware features as a fixed input transform, or None for the raw cube."""
+        return None if self._lora is None else _lora_transform(self._lora)
 
     def _search(
         self,
@@ -205,17 +259,26 @@ class BotorchProposer(Proposer):
         kind: str,
     ) -> list[Point]:
         """``n`` greedy picks, each the best-scoring new snapped candidate given the earlier
-        picks as pending points, under the acquisition ``kind`` ("nei", "nehvi", "parego")."""
+        picks as pending points, under the acquisition ``kind`` ("nei", "nehvi", "parego").
+        """
         import torch
         from botorch.optim import optimize_acqf
 
-        bounds = torch.stack([torch.zeros(self.space.dim), torch.ones(self.space.dim)]).double()
+        bounds = torch.stack(
+            [torch.zeros(self.space.dim), torch.ones(self.space.dim)]
+        ).double()
         lattice = _Lattice(self.space)
         taken = {self.space.key(p) for p in evaluated}
         chosen: list[Point] = []
         for _ in range(n):
-            pending = torch.tensor(self.space.to_unit_rows(chosen), dtype=torch.double) if chosen else None
-            acquisition = self._acquisition(kind, model, X, Y_max, pending, int(rng.integers(2**31)))
+            pending = (
+                torch.tensor(self.space.to_unit_rows(chosen), dtype=torch.double)
+                if chosen
+                else None
+            )
+            acquisition = self._acquisition(
+                kind, model, X, Y_max, pending, int(rng.integers(2**31))
+            )
             optima, _ = optimize_acqf(
                 acquisition,
                 bounds=bounds,
@@ -225,16 +288,20 @@ class BotorchProposer(Proposer):
                 options={"seed": int(rng.integers(2**31))},
                 return_best_only=False,
             )
-            pool = torch.quasirandom.SobolEngine(self.space.dim, scramble=True, seed=int(rng.integers(2**31))).draw(
-                self.options.raw_samples, dtype=torch.double
-            )
-            candidates = [point for u in optima.reshape(-1, self.space.dim).numpy() for point in lattice.corners(u)] + [
-                self.space.from_unit(u) for u in pool.numpy()
-            ]
+            pool = torch.quasirandom.SobolEngine(
+                self.space.dim, scramble=True, seed=int(rng.integers(2**31))
+            ).draw(self.options.raw_samples, dtype=torch.double)
+            candidates = [
+                point
+                for u in optima.reshape(-1, self.space.dim).numpy()
+                for point in lattice.corners(u)
+            ] + [self.space.from_unit(u) for u in pool.numpy()]
             fresh = _unique_new(self.space, candidates, taken)
             if not fresh:
                 break
-            U = torch.tensor(self.space.to_unit_rows(fresh), dtype=torch.double).unsqueeze(1)
+            U = torch.tensor(
+                self.space.to_unit_rows(fresh), dtype=torch.double
+            ).unsqueeze(1)
             with torch.no_grad():
                 scores = acquisition(U).numpy()
             best = fresh[int(np.argmax(scores))]
@@ -242,7 +309,9 @@ class BotorchProposer(Proposer):
             chosen.append(best)
         return chosen
 
-    def _acquisition(self, kind: str, model, X: np.ndarray, Y_max: np.ndarray, pending, seed: int):
+    def _acquisition(
+        self, kind: str, model, X: np.ndarray, Y_max: np.ndarray, pending, seed: int
+    ):
         import torch
         from botorch.acquisition.logei import qLogNoisyExpectedImprovement
         from botorch.acquisition.multi_objective.logei import (
@@ -251,17 +320,29 @@ class BotorchProposer(Proposer):
         from botorch.acquisition.multi_objective.parego import qLogNParEGO
         from botorch.sampling import SobolQMCNormalSampler
 
-        sampler = SobolQMCNormalSampler(sample_shape=torch.Size([self.options.mc_samples]), seed=seed)
+        sampler = SobolQMCNormalSampler(
+            sample_shape=torch.Size([self.options.mc_samples]), seed=seed
+        )
         X_baseline = torch.tensor(X, dtype=torch.double)
         if kind == "nei":
             return qLogNoisyExpectedImprovement(
-                model, X_baseline=X_baseline, sampler=sampler, X_pending=pending, prune_baseline=True
+                model,
+                X_baseline=X_baseline,
+                sampler=sampler,
+                X_pending=pending,
+                prune_baseline=True,
             )
         if kind == "parego":
             # One random Chebyshev weighting of the (standardized) objectives per call, drawn
             # from the seeded torch session: each greedy pick of a batch aims at another
             # part of the front.
-            return qLogNParEGO(model, X_baseline=X_baseline, sampler=sampler, X_pending=pending, prune_baseline=True)
+            return qLogNParEGO(
+                model,
+                X_baseline=X_baseline,
+                sampler=sampler,
+                X_pending=pending,
+                prune_baseline=True,
+            )
         return qLogNoisyExpectedHypervolumeImprovement(
             model,
             ref_point=_reference_point(Y_max).tolist(),
@@ -270,6 +351,28 @@ class BotorchProposer(Proposer):
             X_pending=pending,
             prune_baseline=True,
         )
+
+
+def _lora_transform(coordinates: LoraCoordinates):
+    """A BoTorch input transform that maps the cube's columns to ``coordinates.unit_features``
+    and keeps any further column (a multi-task GP's task index)."""
+    import torch
+    from botorch.models.transforms.input import InputTransform
+
+    class LoraFeatures(InputTransform):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transform_on_train = True
+            self.transform_on_eval = True
+            self.transform_on_fantasize = True
+
+        def transform(self, X):
+            dim = coordinates.space.dim
+            return torch.cat(
+                [coordinates.unit_features(X[..., :dim]), X[..., dim:]], dim=-1
+            )
+
+    return LoraFeatures()
 
 
 def _reference_point(Y_max: np.ndarray) -> np.ndarray:
@@ -290,7 +393,12 @@ class _Lattice:
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
         self.levels = [
-            None if isinstance(p, FloatParam) else np.array([p.to_unit(v) for v in p.levels]) for p in space.tunable
+            (
+                None
+                if isinstance(p, FloatParam)
+                else np.array([p.to_unit(v) for v in p.levels])
+            )
+            for p in space.tunable
         ]
 
     def corners(self, u: np.ndarray) -> list[Point]:
@@ -302,11 +410,18 @@ class _Lattice:
                 continue
             above = int(np.clip(np.searchsorted(levels, x), 0, len(levels) - 1))
             below = max(above - 1, 0)
-            options.append(sorted({levels[below], levels[above]}, key=lambda v: abs(v - x)))
-        return [self.space.from_unit(np.array(corner)) for corner in itertools.product(*options)]
+            options.append(
+                sorted({levels[below], levels[above]}, key=lambda v: abs(v - x))
+            )
+        return [
+            self.space.from_unit(np.array(corner))
+            for corner in itertools.product(*options)
+        ]
 
 
-def _unique_new(space: SearchSpace, points: list[Point], taken: set[tuple]) -> list[Point]:
+def _unique_new(
+    space: SearchSpace, points: list[Point], taken: set[tuple]
+) -> list[Point]:
     seen = set(taken)
     fresh = []
     for point in points:
@@ -321,7 +436,8 @@ def _unique_new(space: SearchSpace, points: list[Point], taken: set[tuple]) -> l
 def _torch_session(seed: int) -> Iterator[None]:
     """Seeded torch draws that leave the caller's generator as it was, in double precision on
     one thread: the matrices are tiny (a thread pool costs more than it saves on a shared
-    machine) and one thread keeps the floating-point results the same from run to run."""
+    machine) and one thread keeps the floating-point results the same from run to run.
+    """
     import torch
 
     threads = torch.get_num_threads()

@@ -8,7 +8,9 @@ length scale per input can follow them; in the raw coordinates they are diagonal
 
 ``LoraCoordinates`` maps a point to those coordinates and back (a decoded learning rate outside
 its range is clipped by ``SearchSpace.snap``); any other tunable parameter keeps its unit
-coordinate. The space needs ``learning_rate`` as a tunable float and ``lora_rank`` and
+coordinate. ``unit_features`` is the same map from the unit cube of ``SearchSpace`` to [0, 1]
+features, differentiable in torch, for a model that searches the cube but sees the features
+(the ``botorch`` proposer's input transform). The space needs ``learning_rate`` as a tunable float and ``lora_rank`` and
 ``lora_alpha`` as numbers (tunable, or fixed: a fixed one is part of the scale, not a coordinate).
 """
 
@@ -35,14 +37,21 @@ class LoraCoordinates:
 
     def __init__(self, space: SearchSpace, kind: str) -> None:
         if kind not in COORDINATES[1:]:
-            raise ValueError(f"coordinates: unknown {kind!r}; choose one of {list(COORDINATES)}")
+            raise ValueError(
+                f"coordinates: unknown {kind!r}; choose one of {list(COORDINATES)}"
+            )
         params = {p.name: p for p in space.params}
         where = f"proposer coordinates {kind}"
-        if not isinstance(params.get(_LR), FloatParam) or _LR not in space.tunable_names:
+        if (
+            not isinstance(params.get(_LR), FloatParam)
+            or _LR not in space.tunable_names
+        ):
             raise ValueError(f"{where}: needs {_LR} as a tunable float in search_space")
         for name in (_RANK, _ALPHA):
             if name not in params or not _positive_numbers(params[name]):
-                raise ValueError(f"{where}: needs {name} in search_space with positive numeric values")
+                raise ValueError(
+                    f"{where}: needs {name} in search_space with positive numeric values"
+                )
         self.space = space
         self.kind = kind
         self._params = params
@@ -95,6 +104,65 @@ class LoraCoordinates:
         point[_LR] = float(coordinates[UPDATE]) / self._scale(rank, alpha)
         return self.space.snap(point)
 
+    def unit_features(self, U):
+        """A torch tensor ``(..., dim)`` of unit-cube coordinates (``SearchSpace.to_unit``, the
+        tunable parameters in order) as ``(..., dim)`` features in [0, 1]: the learning rate's
+        column becomes log(lr · scale), rank's and alpha's their log values, each normalized to
+        its range (``bounds``); any other column is kept. Differentiable in ``U``, so that an
+        acquisition can be optimized in the cube through it."""
+        import torch
+
+        names = self.space.tunable_names
+        logs = {
+            name: _log_value(
+                self._params[name],
+                U[..., names.index(name)] if name in names else None,
+                U,
+            )
+            for name in (_RANK, _ALPHA, _LR)
+        }
+        root = 0.5 if self.kind == "rslora" else 1.0
+        columns = []
+        for i, name in enumerate(names):
+            if name == _LR:
+                value = logs[_LR] + logs[_ALPHA] - root * logs[_RANK]
+            elif name in (_RANK, _ALPHA) and name in self.bounds:
+                value = logs[name]
+            else:
+                columns.append(U[..., i])
+                continue
+            low, high = (
+                math.log(b) for b in self.bounds[UPDATE if name == _LR else name]
+            )
+            columns.append((value - low) / (high - low))
+        return torch.stack(columns, dim=-1)
+
+
+def _log_value(param: Any, u, like):
+    """log of a rank, alpha or learning rate at unit coordinate ``u`` (a tensor; None for a
+    fixed parameter), as ``SearchSpace`` decodes it but without snapping to a level: log-scaled
+    numbers are affine in ``u``, linear ones the log of an affine map, a set of values the
+    piecewise-linear interpolation of their logs over their ordinal positions."""
+    import torch
+
+    if isinstance(param, FixedParam):
+        return torch.full(
+            like.shape[:-1], math.log(float(param.value)), dtype=like.dtype
+        )
+    u = u.clamp(0.0, 1.0)
+    if isinstance(param, ChoiceParam):
+        logs = torch.tensor([math.log(float(v)) for v in param.values], dtype=u.dtype)
+        if len(logs) == 1:
+            return logs[0].expand(u.shape)
+        position = u * (len(logs) - 1)
+        below = position.floor().clamp(0, len(logs) - 2).long()
+        weight = position - below.to(u.dtype)
+        return logs[below] * (1 - weight) + logs[below + 1] * weight
+    low, high = float(param.low), float(param.high)
+    if getattr(param, "log", False):
+        return math.log(low) + u * (math.log(high) - math.log(low))
+    return torch.log(low + u * (high - low))
+
 
 def _positive_numbers(param: Any) -> bool:
     if isinstance(param, FixedParam):
@@ -105,7 +173,10 @@ def _positive_numbers(param: Any) -> bool:
         values = [param.low, param.high]
     else:
         return False
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+    return all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        for v in values
+    )
 
 
 def _value_range(param: Any) -> tuple[float, float]:
