@@ -45,22 +45,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench.efficiency.problems import (
-    ALL_CURVE_TABLES,
-    BENCH_PROBLEMS,
-    CURVE_TABLES,
-    TABLE_MODELS,
-)  # noqa: E402
+from bench.efficiency.problems import ALL_CURVE_TABLES, BENCH_PROBLEMS, CURVE_TABLES, TABLE_MODELS  # noqa: E402
 from bench.efficiency.report import trials_to_reach  # noqa: E402
-from bench.efficiency.runner import (
-    ARMS,
-    Plan,
-    Task,
-    _quiet_worker,
-    add_hypervolume,
-    run_task,
-    scale_of,
-)  # noqa: E402
+from bench.efficiency.runner import ARMS, Plan, Task, _quiet_worker, add_hypervolume, run_task, scale_of  # noqa: E402
 from loratune.benchmarks import get_problem  # noqa: E402
 from loratune.warm_start import TRANSFERS  # noqa: E402
 
@@ -77,42 +64,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"the two tables, each warm-started from the other (of {','.join(ALL_CURVE_TABLES)}; "
         f"default {','.join(CURVE_TABLES)})",
     )
+    parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (default 10)")
     parser.add_argument(
-        "--seeds", type=int, default=10, help="seeds 0..N-1 (default 10)"
+        "--first-seed", type=int, default=0, help="start at this seed (another process runs the others)"
     )
+    parser.add_argument("--pilot", type=int, default=4, help="the cold start's pilot (default 4, as search_efficiency)")
+    parser.add_argument("--warm-pilot", type=int, default=0, help="the warm start's pilot (default 0)")
+    parser.add_argument("--batch", type=int, default=2, help="proposals per round (default 2)")
     parser.add_argument(
-        "--first-seed",
-        type=int,
-        default=0,
-        help="start at this seed (another process runs the others)",
+        "--warm-batch", type=int, default=None, help="the warm start's proposals per round (default --batch)"
     )
-    parser.add_argument(
-        "--pilot",
-        type=int,
-        default=4,
-        help="the cold start's pilot (default 4, as search_efficiency)",
-    )
-    parser.add_argument(
-        "--warm-pilot", type=int, default=0, help="the warm start's pilot (default 0)"
-    )
-    parser.add_argument(
-        "--batch", type=int, default=2, help="proposals per round (default 2)"
-    )
-    parser.add_argument(
-        "--warm-batch",
-        type=int,
-        default=None,
-        help="the warm start's proposals per round (default --batch)",
-    )
-    parser.add_argument(
-        "--budget",
-        type=int,
-        default=16,
-        help="trials per run, pilot included (default 16)",
-    )
-    parser.add_argument(
-        "--transfers", default=",".join(TRANSFERS), help=f"of {','.join(TRANSFERS)}"
-    )
+    parser.add_argument("--budget", type=int, default=16, help="trials per run, pilot included (default 16)")
+    parser.add_argument("--transfers", default=",".join(TRANSFERS), help=f"of {','.join(TRANSFERS)}")
     parser.add_argument(
         "--source",
         choices=("run", "table"),
@@ -130,15 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="more arms run cold, as references (labelled cold-<arm>), e.g. the warm arm's own cold start",
     )
-    parser.add_argument(
-        "--workers", type=int, default=2, help="worker processes (default 2)"
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=RESULTS / "warm_start",
-        help="output path without suffix",
-    )
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "warm_start", help="output path without suffix")
     parser.add_argument(
         "--render-only",
         action="store_true",
@@ -151,23 +107,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warm_batch = args.batch
     for arm in [args.warm_arm, *args.references]:
         if arm not in ARMS:
-            raise SystemExit(
-                f"--warm-arm, --reference-arms: expected arms of {list(ARMS)}, got {arm!r}"
-            )
+            raise SystemExit(f"--warm-arm, --reference-arms: expected arms of {list(ARMS)}, got {arm!r}")
     return args
 
 
 def pair_of(text: str) -> list[str]:
     """The two table problems ``--pair`` names, checked before any run."""
     tables = text.split(",")
-    if (
-        len(tables) != 2
-        or tables[0] == tables[1]
-        or not set(tables) <= set(ALL_CURVE_TABLES)
-    ):
-        raise SystemExit(
-            f"--pair: expected two different tables of {list(ALL_CURVE_TABLES)}, got {text!r}"
-        )
+    if len(tables) != 2 or tables[0] == tables[1] or not set(tables) <= set(ALL_CURVE_TABLES):
+        raise SystemExit(f"--pair: expected two different tables of {list(ALL_CURVE_TABLES)}, got {text!r}")
     for name in tables:
         reason = BENCH_PROBLEMS[name].skip_reason()
         if reason:
@@ -181,12 +129,8 @@ def related_from(run: list[dict], problem: str) -> pd.DataFrame:
     space = spec.space
     rows = []
     for row in run:
-        values = {
-            name: row[f"true_{name}"] for name in spec.objectives
-        }  # noise-free tables: observed = true
-        rows.append(
-            {**space.parse_trial_id(row["trial_id"]), **values, "status": row["status"]}
-        )
+        values = {name: row[f"true_{name}"] for name in spec.objectives}  # noise-free tables: observed = true
+        rows.append({**space.parse_trial_id(row["trial_id"]), **values, "status": row["status"]})
     return pd.DataFrame(rows)
 
 
@@ -207,14 +151,7 @@ def related_table(problem: str) -> pd.DataFrame:
 
 def _cold(args: tuple[str, int, Plan, str]) -> tuple[str, int, list[dict]]:
     problem, seed, plan, arm = args
-    return (
-        problem,
-        seed,
-        [
-            {**r, "arm": cold_label(arm)}
-            for r in run_task(Task(problem, ARMS[arm], seed, plan))
-        ],
-    )
+    return problem, seed, [{**r, "arm": cold_label(arm)} for r in run_task(Task(problem, ARMS[arm], seed, plan))]
 
 
 def cold_label(arm: str) -> str:
@@ -225,13 +162,9 @@ def warm_label(arm: str, transfer: str) -> str:
     return f"warm-{transfer}" if arm == ARM else f"warm-{arm}-{transfer}"
 
 
-def _warm(
-    args: tuple[str, int, Plan, str, pd.DataFrame, str],
-) -> tuple[str, int, str, list[dict]]:
+def _warm(args: tuple[str, int, Plan, str, pd.DataFrame, str]) -> tuple[str, int, str, list[dict]]:
     problem, seed, plan, transfer, related, arm = args
-    rows = run_task(
-        Task(problem, ARMS[arm], seed, plan), related=related, transfer=transfer
-    )
+    rows = run_task(Task(problem, ARMS[arm], seed, plan), related=related, transfer=transfer)
     for row in rows:
         row["arm"] = warm_label(arm, transfer)
     return problem, seed, transfer, rows
@@ -246,10 +179,7 @@ def summarize(curves: pd.DataFrame, budget: int) -> pd.DataFrame:
         targets = cold[cold["n_trials"] == budget].set_index("seed")["hv_ratio"]
         for arm, per_arm in per_problem.groupby("arm", sort=False):
             medians = per_arm.groupby("n_trials")["hv_ratio"].median()
-            reach = [
-                trials_to_reach(run, targets[seed])
-                for seed, run in per_arm.groupby("seed")
-            ]
+            reach = [trials_to_reach(run, targets[seed]) for seed, run in per_arm.groupby("seed")]
             out.append(
                 {
                     "problem": problem,
@@ -257,18 +187,13 @@ def summarize(curves: pd.DataFrame, budget: int) -> pd.DataFrame:
                     "seeds": per_arm["seed"].nunique(),
                     "reach_median": float(np.median(reach)),
                     "reach": reach,
-                    **{
-                        f"hv{n}": float(medians.get(n, np.nan))
-                        for n in range(1, budget + 1)
-                    },
+                    **{f"hv{n}": float(medians.get(n, np.nan)) for n in range(1, budget + 1)},
                 }
             )
     return pd.DataFrame(out)
 
 
-def markdown(
-    summary: pd.DataFrame, args: argparse.Namespace, command: str, elapsed: float
-) -> str:
+def markdown(summary: pd.DataFrame, args: argparse.Namespace, command: str, elapsed: float) -> str:
     lines = [
         f"# Warm start against cold start on {' and '.join(args.tables)}",
         "",
@@ -284,11 +209,7 @@ def markdown(
             else f"the {args.budget} trials of the *other* table's cold run with the same seed as a related task "
         )
         + "(loratune.warm_start.transfer_history). "
-        + (
-            f"cold-<arm>: the arm {', '.join(args.references)} run as cold is, a reference. "
-            if args.references
-            else ""
-        )
+        + (f"cold-<arm>: the arm {', '.join(args.references)} run as cold is, a reference. " if args.references else "")
         + "HV: hypervolume of the noise-free values found so far over "
         "the target's true front's (1 = the whole front), on the table's scale (bench/efficiency/runner.py "
         "Scale.of_table: per objective the front's best value -> 0, the larger of the front's worst value and "
@@ -299,26 +220,15 @@ def markdown(
     checkpoints = [n for n in (2, 4, 6, 8, 10, 12, 14, 16) if n <= args.budget]
     for problem, rows in summary.groupby("problem", sort=False):
         source = [name for name in args.tables if name != problem][0]
-        lines += [
-            f"## {problem} ({TABLE_MODELS[problem]}) warm-started from {source} ({TABLE_MODELS[source]})",
-            "",
-        ]
-        lines.append(
-            "| arm | reach (median) | "
-            + " | ".join(f"HV@{n}" for n in checkpoints)
-            + " |"
-        )
+        lines += [f"## {problem} ({TABLE_MODELS[problem]}) warm-started from {source} ({TABLE_MODELS[source]})", ""]
+        lines.append("| arm | reach (median) | " + " | ".join(f"HV@{n}" for n in checkpoints) + " |")
         lines.append("|---|---|" + "---|" * len(checkpoints))
         for row in rows.itertuples(index=False):
             cells = " | ".join(f"{getattr(row, f'hv{n}'):.3f}" for n in checkpoints)
             lines.append(f"| {row.arm} | {row.reach_median:g} | {cells} |")
         cold = rows[rows["arm"] == "cold"].iloc[0]
         for row in rows[~rows["arm"].str.startswith("cold")].itertuples(index=False):
-            below = [
-                n
-                for n in range(1, args.budget + 1)
-                if getattr(row, f"hv{n}") < cold[f"hv{n}"] - 1e-12
-            ]
+            below = [n for n in range(1, args.budget + 1) if getattr(row, f"hv{n}") < cold[f"hv{n}"] - 1e-12]
             met = row.reach_median <= GOAL_TRIALS and not below
             lines.append(
                 f"\n{row.arm}: reaches cold HV@{args.budget} in {row.reach_median:g} trials (median; per seed "
@@ -334,31 +244,21 @@ def render(args: argparse.Namespace, command: str, elapsed: float) -> str:
     """The curves and the report from the runs recorded so far, over the seeds every run of
     which (cold and warm, both directions) has finished."""
     tables = args.tables
-    arms = [
-        "cold",
-        *map(cold_label, args.references),
-        *(warm_label(args.warm_arm, t) for t in args.transfers.split(",")),
-    ]
+    arms = ["cold", *map(cold_label, args.references), *(warm_label(args.warm_arm, t) for t in args.transfers.split(","))]
     rows = pd.read_csv(str(args.out) + "_runs.tsv", sep="\t")
     rows = rows[rows["arm"].isin(arms) & rows["problem"].isin(tables)]
-    runs = rows.groupby("seed")[["problem", "arm"]].apply(
-        lambda t: len(t.drop_duplicates())
-    )
+    runs = rows.groupby("seed")[["problem", "arm"]].apply(lambda t: len(t.drop_duplicates()))
     expected = len(tables) * len(arms)
     complete = sorted(runs.index[runs == expected])
     if not complete:
-        raise SystemExit(
-            f"{args.out}_runs.tsv: no seed has finished every run of {arms} on {tables}"
-        )
+        raise SystemExit(f"{args.out}_runs.tsv: no seed has finished every run of {arms} on {tables}")
     rows = rows[rows["seed"].isin(complete)]
     args.seeds = len(complete)
     scales = {p: scale_of(BENCH_PROBLEMS[p]) for p in tables}
     curves = add_hypervolume(rows, scales)
     curves.to_csv(args.out.with_suffix(".tsv"), sep="\t", index=False)
     text = markdown(summarize(curves, args.budget), args, command, elapsed)
-    text = text.replace(
-        "\n\nProtocol:", f"\n\nSeeds finished: {complete}.\n\nProtocol:", 1
-    )
+    text = text.replace("\n\nProtocol:", f"\n\nSeeds finished: {complete}.\n\nProtocol:", 1)
     args.out.with_suffix(".md").write_text(text + "\n")
     return text
 
@@ -388,38 +288,22 @@ def _record(rows: list[dict], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.render_only:
-        command = " ".join(
-            [
-                ".venv/bin/python bench/warm_start.py",
-                *(sys.argv[1:] if argv is None else argv),
-            ]
-        )
+        command = " ".join([".venv/bin/python bench/warm_start.py", *(sys.argv[1:] if argv is None else argv)])
         print(render(args, command, float("nan")), flush=True)
         return
     tables = args.tables
     transfers = args.transfers.split(",")
     cold_plan = Plan(args.seeds, args.pilot, args.batch, args.budget)
     warm_plan = Plan(args.seeds, args.warm_pilot, args.warm_batch, args.budget)
-    command = " ".join(
-        [
-            ".venv/bin/python bench/warm_start.py",
-            *(sys.argv[1:] if argv is None else argv),
-        ]
-    )
+    command = " ".join([".venv/bin/python bench/warm_start.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     log_path = str(args.out) + "_workers.log"
     context = multiprocessing.get_context("spawn")
     runs: dict[tuple[str, int], list[dict]] = {}
     rows, done = _recorded(args)
     # --source table: the same related rows for every seed, read once
-    whole_tables = (
-        {source: related_table(source) for source in tables}
-        if args.source == "table"
-        else None
-    )
-    with context.Pool(
-        args.workers, initializer=_quiet_worker, initargs=(log_path,)
-    ) as pool:
+    whole_tables = {source: related_table(source) for source in tables} if args.source == "table" else None
+    with context.Pool(args.workers, initializer=_quiet_worker, initargs=(log_path,)) as pool:
         # Seed by seed (its two cold runs, then its warm runs, which fit the other table's cold
         # run), so that a bench stopped early leaves whole seeds behind.
         for seed in range(args.first_seed, args.seeds):
@@ -433,13 +317,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows += run
             for problem in tables:
                 runs[(problem, seed)] = [
-                    r
-                    for r in rows
-                    if (r["problem"], r["seed"], r["arm"]) == (problem, seed, "cold")
+                    r for r in rows if (r["problem"], r["seed"], r["arm"]) == (problem, seed, "cold")
                 ]
-            related = whole_tables or {
-                source: related_from(runs[(source, seed)], source) for source in tables
-            }
+            related = whole_tables or {source: related_from(runs[(source, seed)], source) for source in tables}
             warm_jobs = [
                 (target, seed, warm_plan, transfer, related[source], args.warm_arm)
                 for target in tables

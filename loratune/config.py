@@ -53,9 +53,7 @@ def load_schema() -> dict:
     """The config schema: ``schemas/config.schema.yaml`` with the ``model``, ``dataset`` and
     ``training`` sections' fields generated from their dataclasses (``_dataclass_sections``) and
     the pilot designs from ``loratune.designs.DESIGNS``."""
-    text = (
-        resources.files("loratune").joinpath("schemas/config.schema.yaml").read_text()
-    )
+    text = resources.files("loratune").joinpath("schemas/config.schema.yaml").read_text()
     schema = yaml.safe_load(text)
     for section, cls in _dataclass_sections().items():
         schema["properties"][section].update(dataclass_schema(cls))
@@ -69,22 +67,12 @@ def _dataclass_sections() -> dict[str, type]:
     return {"model": ModelSpec, "dataset": DatasetSpec, "training": TrainingSettings}
 
 
-_JSON_TYPES = {
-    str: "string",
-    bool: "boolean",
-    int: "integer",
-    float: "number",
-    type(None): "null",
-}
+_JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
 
 
 def _type_schema(annotation: Any, where: str) -> dict:
     """JSON-Schema ``type`` (and ``items``) of a field annotation: scalars, ``X | None``, ``tuple[str, ...]``."""
-    options = (
-        typing.get_args(annotation)
-        if isinstance(annotation, types.UnionType)
-        else (annotation,)
-    )
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     names, schema = [], {}
     for option in options:
         if typing.get_origin(option) in (tuple, list):
@@ -94,9 +82,7 @@ def _type_schema(annotation: Any, where: str) -> dict:
         elif option in _JSON_TYPES:
             names.append(_JSON_TYPES[option])
         else:
-            raise TypeError(
-                f"{where}: no JSON-Schema type for the annotation {option!r}"
-            )
+            raise TypeError(f"{where}: no JSON-Schema type for the annotation {option!r}")
     return {"type": names[0] if len(names) == 1 else names, **schema}
 
 
@@ -106,25 +92,17 @@ def _jsonable_default(value: Any) -> Any:
 
 def dataclass_schema(cls: type) -> dict:
     """The JSON-Schema of a config section from its dataclass: per field its type, default,
-    ``metadata["help"]`` as description and ``metadata["choices"]`` as enum; no other keys.
-    """
+    ``metadata["help"]`` as description and ``metadata["choices"]`` as enum; no other keys."""
     hints = typing.get_type_hints(cls)
     properties = {}
     for spec in dataclasses.fields(cls):
         where = f"{cls.__name__}.{spec.name}"
         if "help" not in spec.metadata:
             raise TypeError(f"{where}: a config field needs metadata={{'help': ...}}")
-        default = (
-            spec.default_factory()
-            if spec.default_factory is not dataclasses.MISSING
-            else spec.default
-        )
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
         if default is dataclasses.MISSING:
             raise TypeError(f"{where}: a config field needs a default")
-        entry = {
-            **_type_schema(hints[spec.name], where),
-            "description": spec.metadata["help"],
-        }
+        entry = {**_type_schema(hints[spec.name], where), "description": spec.metadata["help"]}
         if "choices" in spec.metadata:
             entry["enum"] = list(spec.metadata["choices"])
         entry["default"] = _jsonable_default(default)
@@ -160,11 +138,7 @@ def _field(path) -> str:
 def _error_line(error: jsonschema.ValidationError) -> str:
     """One line that starts with the field: an unknown key (a typo) is named itself."""
     known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
-    if (
-        error.validator == "additionalProperties"
-        and isinstance(error.instance, dict)
-        and known
-    ):
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict) and known:
         unknown = sorted(name for name in error.instance if name not in known)
         if unknown:
             return f"{_field([*error.absolute_path, unknown[0]])}: unknown setting; choose from {sorted(known)}"
@@ -178,9 +152,7 @@ class Arm:
     rounds: int
     batch_size: int
     options: dict
-    early_stopping: EarlyStopping | None = (
-        None  # None: every trial trains its full budget
-    )
+    early_stopping: EarlyStopping | None = None  # None: every trial trains its full budget
 
 
 @dataclass(frozen=True)
@@ -203,16 +175,12 @@ class Study:
     @property
     def evaluates(self) -> bool:
         """Whether trials are evaluated by lm-eval (evaluation.tasks), after training."""
-        return self.config["backend"] == "qlora" and bool(
-            self.config.get("evaluation", {}).get("tasks")
-        )
+        return self.config["backend"] == "qlora" and bool(self.config.get("evaluation", {}).get("tasks"))
 
     @property
     def model_slug(self) -> str:
         """The model's name as one file-name component (a hub id holds a slash)."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.config["model"]["name"]).strip(
-            "-."
-        )
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.config["model"]["name"]).strip("-.")
 
     def rung_steps(self, arm_name: str) -> list[int]:
         """The step each rung of an arm with early stopping ends at (checked by validate_config)."""
@@ -239,22 +207,13 @@ def _check_objectives(config: dict, space: SearchSpace) -> None:
             except ValueError as error:
                 raise ConfigError(str(error)) from None
             if config["benchmark"]["memory_limit_gib"] is not None:
-                raise ConfigError(
-                    "benchmark.memory_limit_gib: only lora_surrogate models memory, not 'table'"
-                )
+                raise ConfigError("benchmark.memory_limit_gib: only lora_surrogate models memory, not 'table'")
             return
         if problem not in PROBLEMS:
-            raise ConfigError(
-                f"benchmark.problem: unknown {problem!r}; choose one of {sorted([*PROBLEMS, 'table'])}"
-            )
+            raise ConfigError(f"benchmark.problem: unknown {problem!r}; choose one of {sorted([*PROBLEMS, 'table'])}")
         metric_names = getattr(PROBLEMS[problem], "metric_names", None)
-        if (
-            config["benchmark"]["memory_limit_gib"] is not None
-            and problem != "lora_surrogate"
-        ):
-            raise ConfigError(
-                f"benchmark.memory_limit_gib: only lora_surrogate models memory, not {problem!r}"
-            )
+        if config["benchmark"]["memory_limit_gib"] is not None and problem != "lora_surrogate":
+            raise ConfigError(f"benchmark.memory_limit_gib: only lora_surrogate models memory, not {problem!r}")
         if not metric_names:
             try:
                 PROBLEMS[problem].check(len(objectives), space.dim)
@@ -277,9 +236,7 @@ def _check_objectives(config: dict, space: SearchSpace) -> None:
                     f"objectives.{name}: task {task or name!r} is not in evaluation.tasks {sorted(reported)}"
                 )
             if metric not in reported[task]:
-                raise ConfigError(
-                    f"objectives.{name}: task {task} reports {list(reported[task])}, not {metric!r}"
-                )
+                raise ConfigError(f"objectives.{name}: task {task} reports {list(reported[task])}, not {metric!r}")
         elif name not in TRIAL_METRICS:
             raise ConfigError(
                 f"objectives.{name}: not a recorded trial metric or lm_eval.<task>.<metric>; "
@@ -295,9 +252,7 @@ def _check_evaluation(config: dict) -> dict[str, tuple[str, ...]]:
     from loratune.evaluation.tasks import TaskError, task_metrics
 
     if not config["training"].get("keep_adapter", False):
-        raise ConfigError(
-            "training.keep_adapter: evaluation.tasks evaluate each trial's adapter; set it to true"
-        )
+        raise ConfigError("training.keep_adapter: evaluation.tasks evaluate each trial's adapter; set it to true")
     try:
         return task_metrics(evaluation["tasks"], evaluation["include_path"])
     except TaskError as error:
@@ -315,9 +270,7 @@ def _check_arm_coordinates(arms: tuple[Arm, ...], space: SearchSpace) -> None:
             try:
                 LoraCoordinates(space, kind)
             except ValueError as error:
-                raise ConfigError(
-                    f"arms.{arm.name}.options.coordinates: {error}"
-                ) from None
+                raise ConfigError(f"arms.{arm.name}.options.coordinates: {error}") from None
 
 
 def _check_arms(config: dict) -> tuple[Arm, ...]:
@@ -326,17 +279,12 @@ def _check_arms(config: dict) -> tuple[Arm, ...]:
     arms = []
     for name, spec in config["arms"].items():
         if not re.fullmatch(ARM_NAME_PATTERN, name):
-            raise ConfigError(
-                f"arms.{name}: arm names hold letters, digits and -, starting with a letter"
-            )
+            raise ConfigError(f"arms.{name}: arm names hold letters, digits and -, starting with a letter")
         if name in RESERVED_ARM_NAMES:
-            raise ConfigError(
-                f"arms.{name}: {name!r} is reserved; choose another arm name"
-            )
+            raise ConfigError(f"arms.{name}: {name!r} is reserved; choose another arm name")
         if spec["proposer"] not in AVAILABLE_PROPOSERS:
             raise ConfigError(
-                f"arms.{name}.proposer: unknown {spec['proposer']!r}; "
-                f"choose one of {sorted(AVAILABLE_PROPOSERS)}"
+                f"arms.{name}.proposer: unknown {spec['proposer']!r}; " f"choose one of {sorted(AVAILABLE_PROPOSERS)}"
             )
         try:
             check_options(spec["proposer"], spec["options"])
@@ -346,9 +294,7 @@ def _check_arms(config: dict) -> tuple[Arm, ...]:
         if spec.get("early_stopping") is not None:
             try:
                 field = f"arms.{name}.early_stopping"
-                early_stopping = EarlyStopping.from_config(
-                    spec["early_stopping"], field=field
-                )
+                early_stopping = EarlyStopping.from_config(spec["early_stopping"], field=field)
                 budget = step_budget(config)
                 if budget is None:
                     raise ValueError(
@@ -363,14 +309,7 @@ def _check_arms(config: dict) -> tuple[Arm, ...]:
             except ValueError as error:
                 raise ConfigError(str(error)) from None
         arms.append(
-            Arm(
-                name,
-                spec["proposer"],
-                spec["rounds"],
-                spec["batch_size"],
-                dict(spec["options"]),
-                early_stopping,
-            )
+            Arm(name, spec["proposer"], spec["rounds"], spec["batch_size"], dict(spec["options"]), early_stopping)
         )
     return tuple(arms)
 
@@ -396,9 +335,7 @@ def _check_training(config: dict) -> None:
             cls(**config[key])
         except ValueError as error:
             message = str(error)
-            raise ConfigError(
-                message if message.startswith(f"{key}.") else f"{key}: {message}"
-            ) from None
+            raise ConfigError(message if message.startswith(f"{key}.") else f"{key}: {message}") from None
     # A local model or dataset that is missing fails now, not in the first job that reads it.
     from loratune.training import data, models
 
@@ -410,9 +347,7 @@ def _check_training(config: dict) -> None:
             raise ConfigError(f"{field}: no such file or directory: {name}")
     _check_dataset_source(config["dataset"]["path"])
     if "eval_loss" in config["objectives"] and config["dataset"]["eval_fraction"] == 0:
-        raise ConfigError(
-            "dataset.eval_fraction: 0 holds out no example, but eval_loss is an objective"
-        )
+        raise ConfigError("dataset.eval_fraction: 0 holds out no example, but eval_loss is an objective")
     # Every trial must resolve to LoRA hyperparameters and settings: check the space's corners,
     # its centre and every choice, not only the centre (a rank of 0 hides at the low end).
     space = SearchSpace.from_config(config["search_space"])
@@ -421,9 +356,7 @@ def _check_training(config: dict) -> None:
         try:
             resolve_trial(point, settings)
         except ValueError as error:
-            raise ConfigError(
-                f"search_space: {str(error).removeprefix('hparams: ')}"
-            ) from None
+            raise ConfigError(f"search_space: {str(error).removeprefix('hparams: ')}") from None
 
 
 def _probe_points(space: SearchSpace) -> list[dict]:
@@ -445,20 +378,14 @@ def _check_dataset_source(name: str) -> None:
         return
     if path.is_dir():
         if not data.folder_holds_data(path):
-            raise ConfigError(
-                f"dataset.path: {name} holds no {'/'.join(data.DATA_SUFFIXES)} file and no saved dataset"
-            )
+            raise ConfigError(f"dataset.path: {name} holds no {'/'.join(data.DATA_SUFFIXES)} file and no saved dataset")
         return
     if path.exists() or data.looks_like_local_path(name):
         return
     if "/" not in name:
-        raise ConfigError(
-            f"dataset.path: no such file or directory: {name} (a hub dataset id has the form owner/name)"
-        )
+        raise ConfigError(f"dataset.path: no such file or directory: {name} (a hub dataset id has the form owner/name)")
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        raise ConfigError(
-            f"dataset.path: {name} is not a local path and the hub is offline (HF_HUB_OFFLINE)"
-        )
+        raise ConfigError(f"dataset.path: {name} is not a local path and the hub is offline (HF_HUB_OFFLINE)")
 
 
 def _check_space_values(config: dict, space: SearchSpace) -> None:
@@ -482,9 +409,7 @@ def _check_space_size(config: dict, space: SearchSpace) -> None:
         return
     pilot = config["pilot"]["n"]
     if pilot > size:
-        raise ConfigError(
-            f"pilot.n: {pilot} trials asked for, but search_space has only {size} distinct points"
-        )
+        raise ConfigError(f"pilot.n: {pilot} trials asked for, but search_space has only {size} distinct points")
     for name, spec in config["arms"].items():
         needed = pilot + spec["rounds"] * spec["batch_size"]
         if needed > size:
@@ -512,10 +437,7 @@ def validate_config(config: dict) -> Study:
     schema = load_schema()
     _fill_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(
-        validator.iter_errors(config),
-        key=lambda e: (len(e.absolute_path), str(e.absolute_path)),
-    )
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
         raise ConfigError(_error_line(errors[0]))
     try:
@@ -528,24 +450,18 @@ def validate_config(config: dict) -> Study:
         )
     results_dir = Path(config["results_dir"]).expanduser()
     if results_dir.exists() and not results_dir.is_dir():
-        raise ConfigError(
-            f"results_dir: {config['results_dir']} is a file, not a folder"
-        )
+        raise ConfigError(f"results_dir: {config['results_dir']} is a file, not a folder")
     _check_space_values(config, space)
     overlap = set(config["objectives"]) & set(space.names)
     if overlap:
-        raise ConfigError(
-            f"objectives: {sorted(overlap)} are search-space parameters, not metrics"
-        )
+        raise ConfigError(f"objectives: {sorted(overlap)} are search-space parameters, not metrics")
     _check_objectives(config, space)
     arms = _check_arms(config)
     _check_arm_coordinates(arms, space)
     _check_training(config)
     _check_space_size(config, space)
     _check_warm_start(config, space)
-    return Study(
-        config=config, space=space, objectives=dict(config["objectives"]), arms=arms
-    )
+    return Study(config=config, space=space, objectives=dict(config["objectives"]), arms=arms)
 
 
 def load_config(path) -> Study:

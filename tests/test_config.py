@@ -26,9 +26,7 @@ def test_schema_section_lists_every_dataclass_field_with_its_default_and_help(se
         generated = entry["properties"][spec.name]
         assert generated["description"] == spec.metadata["help"]
         default = getattr(instance, spec.name)
-        assert generated["default"] == (
-            list(default) if isinstance(default, tuple) else default
-        )
+        assert generated["default"] == (list(default) if isinstance(default, tuple) else default)
 
 
 def test_choice_lists_become_enums_and_types_follow_the_annotations():
@@ -46,13 +44,8 @@ def test_choice_lists_become_enums_and_types_follow_the_annotations():
 def test_a_field_added_to_a_dataclass_reaches_the_schema_with_no_other_edit():
     @dataclasses.dataclass(frozen=True)
     class Extended(TrainingSettings):
-        eval_every: int | None = dataclasses.field(
-            default=None, metadata={"help": "Evaluate every N steps."}
-        )
-        select: str = dataclasses.field(
-            default="best",
-            metadata={"help": "best or last.", "choices": ("best", "last")},
-        )
+        eval_every: int | None = dataclasses.field(default=None, metadata={"help": "Evaluate every N steps."})
+        select: str = dataclasses.field(default="best", metadata={"help": "best or last.", "choices": ("best", "last")})
 
     properties = dataclass_schema(Extended)["properties"]
     assert properties["eval_every"] == {
@@ -60,10 +53,7 @@ def test_a_field_added_to_a_dataclass_reaches_the_schema_with_no_other_edit():
         "description": "Evaluate every N steps.",
         "default": None,
     }
-    assert (
-        properties["select"]["enum"] == ["best", "last"]
-        and properties["select"]["default"] == "best"
-    )
+    assert properties["select"]["enum"] == ["best", "last"] and properties["select"]["default"] == "best"
 
 
 def test_a_field_without_help_is_refused_when_the_schema_is_built():
@@ -71,9 +61,7 @@ def test_a_field_without_help_is_refused_when_the_schema_is_built():
     class Undocumented:
         steps: int = 3
 
-    with pytest.raises(
-        TypeError, match="Undocumented.steps: a config field needs metadata"
-    ):
+    with pytest.raises(TypeError, match="Undocumented.steps: a config field needs metadata"):
         dataclass_schema(Undocumented)
 
 
@@ -82,9 +70,7 @@ TYPOS = [("model", "nmae"), ("dataset", "fromat"), ("training", "lerning_rate")]
 
 @pytest.mark.parametrize("backend", ["benchmark", "qlora"])
 @pytest.mark.parametrize("section, typo", TYPOS)
-def test_a_typo_in_a_dataclass_section_is_refused_with_one_line_naming_it(
-    section, typo, backend
-):
+def test_a_typo_in_a_dataclass_section_is_refused_with_one_line_naming_it(section, typo, backend):
     config = load_test_config("tiny_benchmark.yaml")
     config["backend"] = backend
     if backend == "qlora":
@@ -100,9 +86,7 @@ def test_a_typo_in_a_dataclass_section_is_refused_with_one_line_naming_it(
 def test_a_bad_value_in_a_dataclass_section_is_refused_for_the_benchmark_backend_too():
     config = load_test_config("tiny_benchmark.yaml")
     config["training"] = {"scheduler": "cosine-restarts"}
-    with pytest.raises(
-        ConfigError, match=r"^training\.scheduler: 'cosine-restarts' is not one of"
-    ):
+    with pytest.raises(ConfigError, match=r"^training\.scheduler: 'cosine-restarts' is not one of"):
         validate_config(copy.deepcopy(config))
 
 
@@ -114,39 +98,23 @@ def test_the_shipped_configs_validate_with_the_generated_schema():
     ]:
         config = yaml.safe_load(path.read_text())
         # The tests fill these in with a tiny model and data of their own.
-        for section, key, builtin in (
-            ("model", "name", "builtin:smollm2-135m"),
-            ("dataset", "path", "builtin:instructions"),
-        ):
+        for section, key, builtin in (("model", "name", "builtin:smollm2-135m"), ("dataset", "path", "builtin:instructions")):
             if config.get(section, {}).get(key) == "SET-BY-TEST":
                 config[section][key] = builtin
         study = validate_config(config)
         assert study.config["training"]["batch_size"] >= 1, path
 
 
-@pytest.mark.parametrize(
-    "proposer, options", [("botorch", {}), ("optuna", {"sampler": "gp"})]
-)
-def test_lora_coordinates_on_a_space_without_a_learning_rate_are_refused_before_any_job(
-    proposer, options
-):
+@pytest.mark.parametrize("proposer, options", [("botorch", {}), ("optuna", {"sampler": "gp"})])
+def test_lora_coordinates_on_a_space_without_a_learning_rate_are_refused_before_any_job(proposer, options):
     config = load_test_config("tiny_benchmark.yaml")
-    config["arms"] = {
-        "lora-arm": {
-            "proposer": proposer,
-            "rounds": 1,
-            "batch_size": 2,
-            "options": {**options, "coordinates": "lora"},
-        }
-    }
-    validate_config(
-        copy.deepcopy(config)
-    )  # the space has rank, alpha and learning rate
+    arm = {"proposer": proposer, "rounds": 1, "batch_size": 2, "options": {**options, "coordinates": "lora"}}
+    config["arms"] = {"lora-arm": arm}
+    validate_config(copy.deepcopy(config))  # the space has rank, alpha and learning rate
     config["search_space"]["learning_rate"] = {"type": "fixed", "value": 1.0e-4}
     with pytest.raises(ConfigError) as error:
         validate_config(copy.deepcopy(config))
     message = str(error.value)
-    assert message.startswith(
-        "arms.lora-arm.options.coordinates: proposer coordinates lora: needs learning_rate"
-    ), message
+    expected = "arms.lora-arm.options.coordinates: proposer coordinates lora: needs learning_rate"
+    assert message.startswith(expected), message
     assert "\n" not in message

@@ -51,10 +51,7 @@ def proposer(arm, space, seed=0, objectives=OBJECTIVES):
 def objective_values(space, point):
     """Two smooth, conflicting objectives (loss falls with rank, time rises)."""
     u = space.to_unit(point)
-    return {
-        "train_loss": float(1.0 - u[0] + (u[1:] ** 2).sum()),
-        "train_time": float(u[0] + 0.1 * u[-1]),
-    }
+    return {"train_loss": float(1.0 - u[0] + (u[1:] ** 2).sum()), "train_time": float(u[0] + 0.1 * u[-1])}
 
 
 def make_history(space, points, status="ok"):
@@ -95,13 +92,7 @@ def test_registry_names_every_proposer_without_importing_them():
         "heavy = [m for m in ('GPy', 'pygmo', 'GPTune', 'optuna', 'botorch') if m in sys.modules]\n"
         "print(heavy)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
@@ -115,9 +106,7 @@ def test_proposals_are_new_distinct_snapped_points(name, study_space, study_hist
 def test_same_seed_same_proposals_other_seed_others(name, study_space, study_history):
     first = proposer(name, study_space, seed=3)
     again = first.propose(study_history, 4)
-    assert (
-        first.propose(study_history, 4) == again
-    ), "a second call on one proposer differs"
+    assert first.propose(study_history, 4) == again, "a second call on one proposer differs"
     assert proposer(name, study_space, seed=3).propose(study_history, 4) == again
     # The grid's seed only breaks ties between equally spread grid points, as on an empty
     # history; with this history its maximin picks are unique.
@@ -131,9 +120,7 @@ def test_same_seed_same_proposals_other_seed_others(name, study_space, study_his
 def test_empty_history_gives_n_points(name, study_space):
     for history in (None, pd.DataFrame()):
         proposals = proposer(name, study_space).propose(history, 3)
-        assert_valid_new(
-            study_space, proposals, pd.DataFrame(columns=study_space.names), 3
-        )
+        assert_valid_new(study_space, proposals, pd.DataFrame(columns=study_space.names), 3)
 
 
 @pytest.mark.parametrize("name", PROPOSERS)
@@ -146,9 +133,7 @@ def test_failed_points_are_never_proposed_again(name):
     history.loc[4, "train_loss"] = np.nan
     history.loc[5, "train_time"] = np.inf
     proposals = proposer(name, space).propose(history, 3)
-    assert sorted(space.key(p) for p in proposals) == sorted(
-        space.key(p) for p in points[6:]
-    )
+    assert sorted(space.key(p) for p in proposals) == sorted(space.key(p) for p in points[6:])
 
 
 @pytest.mark.parametrize("name", PROPOSERS)
@@ -166,9 +151,7 @@ def test_tiny_space_is_exhausted_gracefully(name):
     points = space.all_points()
     history = make_history(space, points[:2])
     rest = proposer(name, space).propose(history, 20)
-    assert sorted(space.key(p) for p in rest) == sorted(
-        space.key(p) for p in points[2:]
-    )
+    assert sorted(space.key(p) for p in rest) == sorted(space.key(p) for p in points[2:])
     assert proposer(name, space).propose(make_history(space, points), 4) == []
     assert proposer(name, space).propose(history, 0) == []
 
@@ -190,10 +173,7 @@ def test_split_history_flags_failures_and_negates_maxima():
     assert len(split.evaluated) == 5
 
     no_status = history.drop(columns="status")
-    assert (
-        len(split_history(space, {"loss": "min", "acc": "max"}, no_status).ok_points)
-        == 3
-    )
+    assert len(split_history(space, {"loss": "min", "acc": "max"}, no_status).ok_points) == 3
 
 
 def test_random_is_log_uniform_for_log_parameters(study_space):
@@ -208,46 +188,28 @@ def test_grid_takes_grid_points_then_refines():
     grid = grid_points(space, 4)
     first = proposer("grid", space).propose(None, 4)
     assert sorted(p["x"] for p in first) == sorted(p["x"] for p in grid)
-    history = pd.DataFrame(
-        [{"x": p["x"], "train_loss": 1.0, "train_time": 1.0} for p in grid]
-    )
+    history = pd.DataFrame([{"x": p["x"], "train_loss": 1.0, "train_time": 1.0} for p in grid])
     finer = proposer("grid", space).propose(history, 3)
     # The 7-level grid keeps the 4 old levels and adds the 3 between them.
-    assert sorted(p["x"] for p in finer) == pytest.approx(
-        [1 / 6, 1 / 2, 5 / 6], abs=1e-3
-    )
+    assert sorted(p["x"] for p in finer) == pytest.approx([1 / 6, 1 / 2, 5 / 6], abs=1e-3)
 
 
 def test_grid_spreads_its_first_points():
     space = SearchSpace.from_config(TINY_SPACE)
     two = proposer("grid", space).propose(None, 2)
     u = space.to_unit_rows(two)
-    assert math.isclose(
-        float(np.linalg.norm(u[0] - u[1])), math.sqrt(2)
-    ), "not opposite corners"
+    assert math.isclose(float(np.linalg.norm(u[0] - u[1])), math.sqrt(2)), "not opposite corners"
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
-        (
-            lambda s: make_proposer("x", s, OBJECTIVES),
-            "proposer: unknown 'x'; choose one of [",
-        ),
+        (lambda s: make_proposer("x", s, OBJECTIVES), "proposer: unknown 'x'; choose one of ["),
         (lambda s: make_proposer("random", s, {}), "objectives"),
         (lambda s: make_proposer("random", s, ["train_loss"]), "objectives"),
-        (
-            lambda s: make_proposer("random", s, {"train_loss": "minimize"}),
-            "objectives.train_loss",
-        ),
-        (
-            lambda s: make_proposer("random", s, OBJECTIVES, foo=1),
-            "proposer.random: unknown option 'foo'",
-        ),
-        (
-            lambda s: make_proposer("grid", s, OBJECTIVES, levels_per_dim=0),
-            "proposer.grid.levels_per_dim",
-        ),
+        (lambda s: make_proposer("random", s, {"train_loss": "minimize"}), "objectives.train_loss"),
+        (lambda s: make_proposer("random", s, OBJECTIVES, foo=1), "proposer.random: unknown option 'foo'"),
+        (lambda s: make_proposer("grid", s, OBJECTIVES, levels_per_dim=0), "proposer.grid.levels_per_dim"),
         (lambda s: make_proposer("random", s, OBJECTIVES, seed=-1), "seed"),
         (
             lambda s: make_proposer("gptune", s, OBJECTIVES, population_size=10),
@@ -261,16 +223,7 @@ def test_grid_spreads_its_first_points():
         (lambda s: make_proposer("random", s, OBJECTIVES).propose(None, 2.5), "n:"),
         (
             lambda s: make_proposer("random", s, {"loss": "min"}).propose(
-                pd.DataFrame(
-                    [
-                        {
-                            "lora_rank": 8,
-                            "lora_alpha": 16,
-                            "learning_rate": 1e-4,
-                            "train_loss": 1,
-                        }
-                    ]
-                ),
+                pd.DataFrame([{"lora_rank": 8, "lora_alpha": 16, "learning_rate": 1e-4, "train_loss": 1}]),
                 1,
             ),
             "history: no column 'loss'",
@@ -295,9 +248,7 @@ def test_lora_coordinates_round_trip_every_point(kind, study_space):
     for u in rng.random((200, study_space.dim)):
         point = study_space.from_unit(u)
         encoded = coordinates.encode(point)
-        scale = point["lora_alpha"] / (
-            point["lora_rank"] if kind == "lora" else math.sqrt(point["lora_rank"])
-        )
+        scale = point["lora_alpha"] / (point["lora_rank"] if kind == "lora" else math.sqrt(point["lora_rank"]))
         assert encoded[UPDATE] == pytest.approx(point["learning_rate"] * scale)
         low, high = coordinates.bounds[UPDATE]
         assert low <= encoded[UPDATE] <= high
@@ -305,31 +256,22 @@ def test_lora_coordinates_round_trip_every_point(kind, study_space):
 
 
 @pytest.mark.parametrize("sampler", ["gp", "tpe"])
-def test_optuna_in_lora_coordinates_keeps_the_contract(
-    sampler, study_space, study_history
-):
-    options = {
-        "sampler": sampler,
-        "coordinates": "lora",
-        **({"qmc_samples": 16} if sampler == "gp" else {}),
-    }
-    make = lambda seed: make_proposer(
-        "optuna", space=study_space, objectives=OBJECTIVES, seed=seed, **options
-    )  # noqa: E731
+def test_optuna_in_lora_coordinates_keeps_the_contract(sampler, study_space, study_history):
+    options = {"sampler": sampler, "coordinates": "lora", **({"qmc_samples": 16} if sampler == "gp" else {})}
+    make = lambda seed: make_proposer("optuna", space=study_space, objectives=OBJECTIVES, seed=seed, **options)  # noqa: E731
     first = make(1).propose(study_history, 3)
     assert_valid_new(study_space, first, study_history, 3)
     assert make(1).propose(study_history, 3) == first
-    raw = make_proposer(
-        "optuna", space=study_space, objectives=OBJECTIVES, seed=1, sampler=sampler
-    ).propose(study_history, 3)
+    raw = make_proposer("optuna", space=study_space, objectives=OBJECTIVES, seed=1, sampler=sampler).propose(
+        study_history, 3
+    )
     assert raw != first  # the sampler models other coordinates
 
 
 @pytest.mark.parametrize("kind", ["lora", "rslora"])
 def test_lora_unit_features_match_the_encoding_and_carry_gradients(kind, study_space):
     """The torch map from the cube (the botorch proposer's input transform) gives, at every
-    snapped point, the normalized logs of ``encode``'s coordinates, and has a gradient.
-    """
+    snapped point, the normalized logs of ``encode``'s coordinates, and has a gradient."""
     import torch
 
     from loratune.proposers.coordinates import UPDATE, LoraCoordinates
@@ -337,9 +279,7 @@ def test_lora_unit_features_match_the_encoding_and_carry_gradients(kind, study_s
     coordinates = LoraCoordinates(study_space, kind)
     rng = np.random.default_rng(5)
     points = [study_space.from_unit(u) for u in rng.random((50, study_space.dim))]
-    U = torch.tensor(
-        study_space.to_unit_rows(points), dtype=torch.double, requires_grad=True
-    )
+    U = torch.tensor(study_space.to_unit_rows(points), dtype=torch.double, requires_grad=True)
     features = coordinates.unit_features(U)
     for point, row in zip(points, features.detach().numpy()):
         encoded = coordinates.encode(point)
@@ -347,9 +287,7 @@ def test_lora_unit_features_match_the_encoding_and_carry_gradients(kind, study_s
             key = UPDATE if name == "learning_rate" else name
             if key in coordinates.bounds:
                 low, high = (math.log(b) for b in coordinates.bounds[key])
-                assert row[i] == pytest.approx(
-                    (math.log(encoded[key]) - low) / (high - low)
-                )
+                assert row[i] == pytest.approx((math.log(encoded[key]) - low) / (high - low))
             else:
                 assert row[i] == pytest.approx(study_space.to_unit(point)[i])
     assert features.min() >= -1e-9 and features.max() <= 1 + 1e-9
@@ -359,45 +297,24 @@ def test_lora_unit_features_match_the_encoding_and_carry_gradients(kind, study_s
 
 def test_botorch_in_lora_coordinates_keeps_the_contract(study_space, study_history):
     make = lambda seed, **o: make_proposer(  # noqa: E731
-        "botorch",
-        space=study_space,
-        objectives=OBJECTIVES,
-        seed=seed,
-        num_restarts=2,
-        raw_samples=64,
-        **o,
+        "botorch", space=study_space, objectives=OBJECTIVES, seed=seed, num_restarts=2, raw_samples=64, **o
     )
     first = make(1, coordinates="lora").propose(study_history, 3)
     assert_valid_new(study_space, first, study_history, 3)
     assert make(1, coordinates="lora").propose(study_history, 3) == first
     assert make(1).propose(study_history, 3) != first  # the GPs see other inputs
-    with pytest.raises(
-        ValueError, match=r"^proposer.botorch.coordinates: unknown 'log'"
-    ):
+    with pytest.raises(ValueError, match=r"^proposer.botorch.coordinates: unknown 'log'"):
         make(1, coordinates="log")
-    with pytest.raises(
-        ValueError, match=r"^proposer.botorch: coordinates and input_warping"
-    ):
+    with pytest.raises(ValueError, match=r"^proposer.botorch: coordinates and input_warping"):
         make(1, coordinates="lora", input_warping=True)
 
 
 def test_lora_coordinates_need_a_learning_rate():
     space = SearchSpace.from_config(TINY_SPACE)
-    history = make_history(
-        space, [space.from_unit(np.full(space.dim, u)) for u in (0.1, 0.5, 0.9)]
-    )
-    with pytest.raises(
-        ValueError,
-        match=r"^proposer coordinates lora: needs learning_rate as a tunable float",
-    ):
-        make_proposer(
-            "optuna",
-            space=space,
-            objectives=OBJECTIVES,
-            sampler="tpe",
-            coordinates="lora",
-        ).propose(history, 2)
-    with pytest.raises(
-        ValueError, match=r"^proposer.optuna.coordinates: unknown 'log'"
-    ):
+    history = make_history(space, [space.from_unit(np.full(space.dim, u)) for u in (0.1, 0.5, 0.9)])
+    with pytest.raises(ValueError, match=r"^proposer coordinates lora: needs learning_rate as a tunable float"):
+        make_proposer("optuna", space=space, objectives=OBJECTIVES, sampler="tpe", coordinates="lora").propose(
+            history, 2
+        )
+    with pytest.raises(ValueError, match=r"^proposer.optuna.coordinates: unknown 'log'"):
         make_proposer("optuna", space=space, objectives=OBJECTIVES, coordinates="log")

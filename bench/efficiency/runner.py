@@ -85,9 +85,7 @@ class Task:
 # ---- one run: a pilot, then an arm's rounds up to the budget -------------------------------
 
 
-def run_task(
-    task: Task, related: pd.DataFrame | None = None, transfer: str | None = None
-) -> list[dict]:
+def run_task(task: Task, related: pd.DataFrame | None = None, transfer: str | None = None) -> list[dict]:
     """Every trial of one (problem, arm, seed): parameters, observed and noise-free values.
     ``related``: a related task's rows that every round's proposer fits as ``transfer`` says
     (``loratune.warm_start``); ``task.plan.pilot`` may then be 0."""
@@ -101,13 +99,7 @@ def run_task(
         for point in points:
             observed, truth = problem.observe(space, point, task.seed)
             ok = observed is not None
-            history.append(
-                {
-                    **point,
-                    **(observed or {n: np.nan for n in names}),
-                    "status": "ok" if ok else "failed",
-                }
-            )
+            history.append({**point, **(observed or {n: np.nan for n in names}), "status": "ok" if ok else "failed"})
             rows.append(
                 {
                     "problem": task.problem,
@@ -117,10 +109,7 @@ def run_task(
                     "round": round_,
                     "trial_id": space.trial_id(point),
                     "status": history[-1]["status"],
-                    **{
-                        f"true_{n}": (truth[i] if ok else np.nan)
-                        for i, n in enumerate(names)
-                    },
+                    **{f"true_{n}": (truth[i] if ok else np.nan) for i, n in enumerate(names)},
                     "propose_s": seconds / max(len(points), 1),
                 }
             )
@@ -170,18 +159,11 @@ class Scale:
         is narrow (the rank barely moves the loss: on the self-instruct curve table the front's
         losses span 0.01), so the front's own bounds would leave every run that is not one of
         its few points outside the reference box, and every search at 0 until it hits one; with
-        the median run at 1, a search's progress from an ordinary run to the front shows.
-        """
-        return cls._bounded(
-            front,
-            front.min(axis=0),
-            np.maximum(front.max(axis=0), np.median(runs, axis=0)),
-        )
+        the median run at 1, a search's progress from an ordinary run to the front shows."""
+        return cls._bounded(front, front.min(axis=0), np.maximum(front.max(axis=0), np.median(runs, axis=0)))
 
     @classmethod
-    def _bounded(
-        cls, front: np.ndarray, lower: np.ndarray, upper: np.ndarray
-    ) -> "Scale":
+    def _bounded(cls, front: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> "Scale":
         ref = np.full(front.shape[1], REFERENCE)
         return cls(lower, upper, hypervolume(normalize(front, lower, upper), ref))
 
@@ -193,10 +175,7 @@ class Scale:
         for k in range(len(Y)):
             if np.isfinite(Y[k]).all() and (Y[k] < ref).all():
                 seen = Y[: k + 1]
-                current = (
-                    hypervolume(seen[np.isfinite(seen).all(axis=1)], ref)
-                    / self.front_volume
-                )
+                current = hypervolume(seen[np.isfinite(seen).all(axis=1)], ref) / self.front_volume
             out.append(current)
         return out
 
@@ -211,14 +190,10 @@ def scale_of(problem: BenchProblem) -> Scale:
 
 def add_hypervolume(trials: pd.DataFrame, scales: dict[str, Scale]) -> pd.DataFrame:
     parts = []
-    for (problem, _arm, _seed), run in trials.groupby(
-        ["problem", "arm", "seed"], sort=False
-    ):
+    for (problem, _arm, _seed), run in trials.groupby(["problem", "arm", "seed"], sort=False):
         run = run.sort_values("n_trials").copy()
         names = list(BENCH_PROBLEMS[problem].objectives)
-        run["hv_ratio"] = scales[problem].ratios(
-            run[[f"true_{n}" for n in names]].to_numpy(dtype=float)
-        )
+        run["hv_ratio"] = scales[problem].ratios(run[[f"true_{n}" for n in names]].to_numpy(dtype=float))
         parts.append(run)
     return pd.concat(parts, ignore_index=True)
 
@@ -233,28 +208,18 @@ def measure_timing(arms: list[Arm], history_size: int, batch: int) -> pd.DataFra
     space = SearchSpace.from_config(SPACE)
     load = os.getloadavg()[0]
     rows = []
-    timed = (
-        BENCH_PROBLEMS["zdt1"],
-        BenchProblem("dtlz2", "dtlz2", {"f1": "min", "f2": "min", "f3": "min"}),
-    )
+    timed = (BENCH_PROBLEMS["zdt1"], BenchProblem("dtlz2", "dtlz2", {"f1": "min", "f2": "min", "f3": "min"}))
     for problem in timed:
         problem_name = problem.name
         points = pilot_design(space, history_size, "random", seed=123)
-        history = pd.DataFrame(
-            [{**p, **problem.observe(space, p, 0)[0]} for p in points]
-        )
+        history = pd.DataFrame([{**p, **problem.observe(space, p, 0)[0]} for p in points])
         for arm in arms:
-            proposer = make_proposer(
-                arm.proposer, space, problem.objectives, seed=1, **arm.kwargs
-            )
+            proposer = make_proposer(arm.proposer, space, problem.objectives, seed=1, **arm.kwargs)
             proposer.propose(history.iloc[:8], batch)  # imports and first-call set-up
             started = time.perf_counter()
             proposer.propose(history, batch)
             seconds = time.perf_counter() - started
-            print(
-                f"timing: {arm.label} on {problem_name} with {history_size} trials: {seconds:.2f} s",
-                flush=True,
-            )
+            print(f"timing: {arm.label} on {problem_name} with {history_size} trials: {seconds:.2f} s", flush=True)
             rows.append(
                 {
                     "arm": arm.label,

@@ -5,11 +5,6 @@ a proposer's options without building it; ``AVAILABLE_PROPOSERS`` names them wit
 any (GPTune, GPy, pygmo, Optuna and BoTorch load only when a proposer is made).
 """
 
-from loratune.proposers.base import (
-    AVAILABLE_PROPOSERS,
-    Proposer,
-    check_options,
-    make_proposer,
-)
+from loratune.proposers.base import AVAILABLE_PROPOSERS, Proposer, check_options, make_proposer
 
 __all__ = ["AVAILABLE_PROPOSERS", "Proposer", "check_options", "make_proposer"]

@@ -87,13 +87,9 @@ def validate_objectives(objectives: Any) -> dict[str, str]:
         )
     for name, sense in objectives.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(
-                f"objectives: names must be non-empty strings, got {name!r}"
-            )
+            raise ValueError(f"objectives: names must be non-empty strings, got {name!r}")
         if sense not in SENSES:
-            raise ValueError(
-                f"objectives.{name}: must be one of {list(SENSES)}, got {sense!r}"
-            )
+            raise ValueError(f"objectives.{name}: must be one of {list(SENSES)}, got {sense!r}")
     return dict(objectives)
 
 
@@ -101,9 +97,7 @@ def validate_objectives(objectives: Any) -> dict[str, str]:
 class History:
     """A history split the way every proposer needs it."""
 
-    ok_points: list[
-        Point
-    ]  # rows with status ok and finite objectives, in history order
+    ok_points: list[Point]  # rows with status ok and finite objectives, in history order
     X_unit: np.ndarray  # (n_ok, dim): their unit-cube coordinates
     Y_min: np.ndarray  # (n_ok, n_objectives): their objectives, "max" columns negated
     # Every row, failed ones included: never to be proposed again (by a proposer that pools a
@@ -120,16 +114,12 @@ class History:
         return bool(self.ok_related.any())
 
 
-def fitting_history(
-    history: pd.DataFrame | None, stopped: str = STOPPED_FIT
-) -> pd.DataFrame | None:
+def fitting_history(history: pd.DataFrame | None, stopped: str = STOPPED_FIT) -> pd.DataFrame | None:
     """The history a proposer is given: with ``stopped="highest_rung"`` the stopped rows count
     as results (status ok); with ``"full_budget"`` they stay ``stopped``, which ``split_history``
     keeps out of the fit and in the taken points, like a failure."""
     if stopped not in STOPPED_FITS:
-        raise ValueError(
-            f"stopped: must be one of {list(STOPPED_FITS)}, got {stopped!r}"
-        )
+        raise ValueError(f"stopped: must be one of {list(STOPPED_FITS)}, got {stopped!r}")
     if history is None or stopped == "full_budget" or "status" not in history.columns:
         return history
     return history.assign(status=history["status"].replace("stopped", "ok"))
@@ -147,49 +137,30 @@ def split_history(
     """
     names = list(objectives)
     if history is None or len(history) == 0:
-        return History(
-            [],
-            np.empty((0, space.dim)),
-            np.empty((0, len(names))),
-            [],
-            [],
-            np.zeros(0, bool),
-        )
+        return History([], np.empty((0, space.dim)), np.empty((0, len(names))), [], [], np.zeros(0, bool))
     if not isinstance(history, pd.DataFrame):
-        raise ValueError(
-            f"history: must be a pandas DataFrame, got {type(history).__name__}"
-        )
+        raise ValueError(f"history: must be a pandas DataFrame, got {type(history).__name__}")
     for column in [*space.tunable_names, *names]:
         if column not in history.columns:
-            raise ValueError(
-                f"history: no column {column!r} (columns: {list(history.columns)})"
-            )
+            raise ValueError(f"history: no column {column!r} (columns: {list(history.columns)})")
     for column in space.tunable_names:
         missing = history[column].isna().to_numpy()
         if missing.any():
-            raise ValueError(
-                f"history: row {int(np.argmax(missing))} has no value for {column!r}"
-            )
+            raise ValueError(f"history: row {int(np.argmax(missing))} has no value for {column!r}")
 
     values = history[names].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     ok = np.isfinite(values).all(axis=1)
     if "status" in history.columns:
         ok &= (history["status"].astype(str) == "ok").to_numpy()
 
-    evaluated = [
-        space.snap(row) for row in history[space.tunable_names].to_dict("records")
-    ]
+    evaluated = [space.snap(row) for row in history[space.tunable_names].to_dict("records")]
     ok_points = [point for point, good in zip(evaluated, ok) if good]
-    Y_min = to_minimization(
-        values[ok].reshape(-1, len(names)), [objectives[n] for n in names]
-    )
+    Y_min = to_minimization(values[ok].reshape(-1, len(names)), [objectives[n] for n in names])
     related = np.zeros(len(history), bool)
     if RELATED_COLUMN in history.columns:
         related = history[RELATED_COLUMN].fillna(False).astype(bool).to_numpy()
     taken = [point for point, theirs in zip(evaluated, related) if not theirs]
-    return History(
-        ok_points, space.to_unit_rows(ok_points), Y_min, evaluated, taken, related[ok]
-    )
+    return History(ok_points, space.to_unit_rows(ok_points), Y_min, evaluated, taken, related[ok])
 
 
 class Proposer(abc.ABC):
@@ -210,21 +181,11 @@ class Proposer(abc.ABC):
         pass
 
     def __init__(
-        self,
-        space: SearchSpace,
-        objectives: Mapping[str, str],
-        seed: int = 0,
-        **options: Any,
+        self, space: SearchSpace, objectives: Mapping[str, str], seed: int = 0, **options: Any
     ) -> None:
         if not isinstance(space, SearchSpace):
-            raise ValueError(
-                f"space: must be a SearchSpace, got {type(space).__name__}"
-            )
-        if (
-            isinstance(seed, bool)
-            or not isinstance(seed, (int, np.integer))
-            or seed < 0
-        ):
+            raise ValueError(f"space: must be a SearchSpace, got {type(space).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
         self.space = space
         self.objectives = validate_objectives(objectives)
@@ -241,17 +202,10 @@ class Proposer(abc.ABC):
             return []
         rng = self._rng(split, int(n))
         candidates = self._candidates(split, int(n), rng)
-        return self._finalize(
-            candidates,
-            int(n),
-            split.taken if self.models_tasks else split.evaluated,
-            rng,
-        )
+        return self._finalize(candidates, int(n), split.taken if self.models_tasks else split.evaluated, rng)
 
     @abc.abstractmethod
-    def _candidates(
-        self, history: History, n: int, rng: np.random.Generator
-    ) -> list[Point]:
+    def _candidates(self, history: History, n: int, rng: np.random.Generator) -> list[Point]:
         """Points in order of preference; they may repeat or be taken: the caller filters."""
 
     def _rng(self, history: History, n: int) -> np.random.Generator:
@@ -280,9 +234,7 @@ class Proposer(abc.ABC):
                 return chosen
         missing = n - len(chosen)
         if missing:
-            log.info(
-                "%s: %d point(s) short; adding seeded random points", self.name, missing
-            )
+            log.info("%s: %d point(s) short; adding seeded random points", self.name, missing)
             chosen += random_new_points(self.space, missing, taken, rng)
         return chosen
 
@@ -320,9 +272,7 @@ def space_filling_new_points(
     chosen among seeded random candidates."""
     taken = {space.key(p) for p in evaluated}
     pool = random_new_points(space, 20 * n, taken, rng)
-    return spread_subset(
-        space, pool, n, existing=evaluated, seed=int(rng.integers(2**31))
-    )
+    return spread_subset(space, pool, n, existing=evaluated, seed=int(rng.integers(2**31)))
 
 
 def make_proposer(
@@ -345,16 +295,12 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
 
 def _proposer_class(name: str) -> type[Proposer]:
     if name not in _REGISTRY:
-        raise ValueError(
-            f"proposer: unknown {name!r}; choose one of {list(AVAILABLE_PROPOSERS)}"
-        )
+        raise ValueError(f"proposer: unknown {name!r}; choose one of {list(AVAILABLE_PROPOSERS)}")
     module_name, class_name = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def _parse_options(
-    proposer: str, options_class: type, options: Mapping[str, Any]
-) -> Any:
+def _parse_options(proposer: str, options_class: type, options: Mapping[str, Any]) -> Any:
     fields = [f.name for f in dataclasses.fields(options_class)]
     for key in options:
         if key not in fields:
@@ -366,11 +312,5 @@ def _parse_options(
 
 def positive_int(proposer: str, option: str, value: Any, minimum: int = 1) -> None:
     """Raise a one-line error unless ``value`` is an integer >= ``minimum``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(
-            f"proposer.{proposer}.{option}: must be an integer >= {minimum}, got {value!r}"
-        )
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"proposer.{proposer}.{option}: must be an integer >= {minimum}, got {value!r}")

@@ -98,34 +98,26 @@ class BotorchProposer(Proposer):
                     f"proposer.botorch.acquisition: unknown {self.acquisition!r}; choose one of {list(ACQUISITIONS)}"
                 )
             if not isinstance(self.input_warping, bool):
-                raise ValueError(
-                    f"proposer.botorch.input_warping: must be true or false, got {self.input_warping!r}"
-                )
+                raise ValueError(f"proposer.botorch.input_warping: must be true or false, got {self.input_warping!r}")
             if self.coordinates not in COORDINATES:
                 raise ValueError(
                     f"proposer.botorch.coordinates: unknown {self.coordinates!r}; choose one of {list(COORDINATES)}"
                 )
             if self.coordinates != "raw" and self.input_warping:
-                raise ValueError(
-                    "proposer.botorch: coordinates and input_warping: use one of them, not both"
-                )
+                raise ValueError("proposer.botorch: coordinates and input_warping: use one of them, not both")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Checked here, before any job: the space must have rank, alpha and learning rate.
+        # The space must have rank, alpha and a tunable learning rate (config.py says so first).
         self._lora = (
-            None
-            if self.options.coordinates == "raw"
-            else LoraCoordinates(self.space, self.options.coordinates)
+            None if self.options.coordinates == "raw" else LoraCoordinates(self.space, self.options.coordinates)
         )
         #: Seconds spent on fitting the model and on searching, in the last proposal.
         self.last_timings: dict[str, float] = {}
         #: The acquisition of the last model-based proposal: "nei", "nehvi" or "parego".
         self.last_acquisition: str | None = None
 
-    def _candidates(
-        self, history: History, n: int, rng: np.random.Generator
-    ) -> list[Point]:
+    def _candidates(self, history: History, n: int, rng: np.random.Generator) -> list[Point]:
         self.last_timings = {}
         self.last_acquisition = None
         X, Y = history.X_unit, history.Y_min
@@ -134,11 +126,7 @@ class BotorchProposer(Proposer):
             log.info(
                 "botorch: %d distinct ok point(s)%s; proposing a space-filling random design",
                 distinct,
-                (
-                    ", all objectives constant"
-                    if distinct >= self.options.min_points
-                    else ""
-                ),
+                ", all objectives constant" if distinct >= self.options.min_points else "",
             )
             return space_filling_new_points(self.space, n, history.taken, rng)
 
@@ -153,14 +141,9 @@ class BotorchProposer(Proposer):
                 model = self._fit_multitask(X, -Y, own)
                 X, Y = X[own], Y[own]  # the front to improve is this task's own
             else:
-                model = self._fit(
-                    torch.tensor(X, dtype=torch.double),
-                    torch.tensor(-Y, dtype=torch.double),
-                )
+                model = self._fit(torch.tensor(X, dtype=torch.double), torch.tensor(-Y, dtype=torch.double))
             fitted = time.perf_counter()
-            points = self._search(
-                model, X, -Y, n, history.taken, rng, self.last_acquisition
-            )
+            points = self._search(model, X, -Y, n, history.taken, rng, self.last_acquisition)
             searched = time.perf_counter()
         self.last_timings = {"fit_s": fitted - started, "search_s": searched - fitted}
         log.info(
@@ -178,11 +161,7 @@ class BotorchProposer(Proposer):
             return "nei"
         if self.options.acquisition != "auto":
             return self.options.acquisition
-        return (
-            "parego"
-            if has_large_front(Y_min, self.options.nehvi_max_front)
-            else "nehvi"
-        )
+        return "parego" if has_large_front(Y_min, self.options.nehvi_max_front) else "nehvi"
 
     def _fit(self, X, Y):
         """A GP per objective, outputs standardized: one batched ``SingleTaskGP``, whose
@@ -198,22 +177,14 @@ class BotorchProposer(Proposer):
 
         if not self.options.input_warping:
             model = SingleTaskGP(
-                X,
-                Y,
-                outcome_transform=Standardize(m=Y.shape[-1]),
-                input_transform=self._input_transform(),
+                X, Y, outcome_transform=Standardize(m=Y.shape[-1]), input_transform=self._input_transform()
             )
             fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
             return model
         models = []
         for column in range(Y.shape[-1]):
             warp = Warp(d=X.shape[-1], indices=list(range(X.shape[-1])))
-            model = SingleTaskGP(
-                X,
-                Y[:, [column]],
-                outcome_transform=Standardize(m=1),
-                input_transform=warp,
-            )
+            model = SingleTaskGP(X, Y[:, [column]], outcome_transform=Standardize(m=1), input_transform=warp)
             fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
             models.append(model)
         return models[0] if len(models) == 1 else ModelListGP(*models)
@@ -259,26 +230,17 @@ class BotorchProposer(Proposer):
         kind: str,
     ) -> list[Point]:
         """``n`` greedy picks, each the best-scoring new snapped candidate given the earlier
-        picks as pending points, under the acquisition ``kind`` ("nei", "nehvi", "parego").
-        """
+        picks as pending points, under the acquisition ``kind`` ("nei", "nehvi", "parego")."""
         import torch
         from botorch.optim import optimize_acqf
 
-        bounds = torch.stack(
-            [torch.zeros(self.space.dim), torch.ones(self.space.dim)]
-        ).double()
+        bounds = torch.stack([torch.zeros(self.space.dim), torch.ones(self.space.dim)]).double()
         lattice = _Lattice(self.space)
         taken = {self.space.key(p) for p in evaluated}
         chosen: list[Point] = []
         for _ in range(n):
-            pending = (
-                torch.tensor(self.space.to_unit_rows(chosen), dtype=torch.double)
-                if chosen
-                else None
-            )
-            acquisition = self._acquisition(
-                kind, model, X, Y_max, pending, int(rng.integers(2**31))
-            )
+            pending = torch.tensor(self.space.to_unit_rows(chosen), dtype=torch.double) if chosen else None
+            acquisition = self._acquisition(kind, model, X, Y_max, pending, int(rng.integers(2**31)))
             optima, _ = optimize_acqf(
                 acquisition,
                 bounds=bounds,
@@ -288,20 +250,16 @@ class BotorchProposer(Proposer):
                 options={"seed": int(rng.integers(2**31))},
                 return_best_only=False,
             )
-            pool = torch.quasirandom.SobolEngine(
-                self.space.dim, scramble=True, seed=int(rng.integers(2**31))
-            ).draw(self.options.raw_samples, dtype=torch.double)
-            candidates = [
-                point
-                for u in optima.reshape(-1, self.space.dim).numpy()
-                for point in lattice.corners(u)
-            ] + [self.space.from_unit(u) for u in pool.numpy()]
+            pool = torch.quasirandom.SobolEngine(self.space.dim, scramble=True, seed=int(rng.integers(2**31))).draw(
+                self.options.raw_samples, dtype=torch.double
+            )
+            candidates = [point for u in optima.reshape(-1, self.space.dim).numpy() for point in lattice.corners(u)] + [
+                self.space.from_unit(u) for u in pool.numpy()
+            ]
             fresh = _unique_new(self.space, candidates, taken)
             if not fresh:
                 break
-            U = torch.tensor(
-                self.space.to_unit_rows(fresh), dtype=torch.double
-            ).unsqueeze(1)
+            U = torch.tensor(self.space.to_unit_rows(fresh), dtype=torch.double).unsqueeze(1)
             with torch.no_grad():
                 scores = acquisition(U).numpy()
             best = fresh[int(np.argmax(scores))]
@@ -309,9 +267,7 @@ class BotorchProposer(Proposer):
             chosen.append(best)
         return chosen
 
-    def _acquisition(
-        self, kind: str, model, X: np.ndarray, Y_max: np.ndarray, pending, seed: int
-    ):
+    def _acquisition(self, kind: str, model, X: np.ndarray, Y_max: np.ndarray, pending, seed: int):
         import torch
         from botorch.acquisition.logei import qLogNoisyExpectedImprovement
         from botorch.acquisition.multi_objective.logei import (
@@ -320,29 +276,17 @@ class BotorchProposer(Proposer):
         from botorch.acquisition.multi_objective.parego import qLogNParEGO
         from botorch.sampling import SobolQMCNormalSampler
 
-        sampler = SobolQMCNormalSampler(
-            sample_shape=torch.Size([self.options.mc_samples]), seed=seed
-        )
+        sampler = SobolQMCNormalSampler(sample_shape=torch.Size([self.options.mc_samples]), seed=seed)
         X_baseline = torch.tensor(X, dtype=torch.double)
         if kind == "nei":
             return qLogNoisyExpectedImprovement(
-                model,
-                X_baseline=X_baseline,
-                sampler=sampler,
-                X_pending=pending,
-                prune_baseline=True,
+                model, X_baseline=X_baseline, sampler=sampler, X_pending=pending, prune_baseline=True
             )
         if kind == "parego":
             # One random Chebyshev weighting of the (standardized) objectives per call, drawn
             # from the seeded torch session: each greedy pick of a batch aims at another
             # part of the front.
-            return qLogNParEGO(
-                model,
-                X_baseline=X_baseline,
-                sampler=sampler,
-                X_pending=pending,
-                prune_baseline=True,
-            )
+            return qLogNParEGO(model, X_baseline=X_baseline, sampler=sampler, X_pending=pending, prune_baseline=True)
         return qLogNoisyExpectedHypervolumeImprovement(
             model,
             ref_point=_reference_point(Y_max).tolist(),
@@ -368,9 +312,7 @@ def _lora_transform(coordinates: LoraCoordinates):
 
         def transform(self, X):
             dim = coordinates.space.dim
-            return torch.cat(
-                [coordinates.unit_features(X[..., :dim]), X[..., dim:]], dim=-1
-            )
+            return torch.cat([coordinates.unit_features(X[..., :dim]), X[..., dim:]], dim=-1)
 
     return LoraFeatures()
 
@@ -393,12 +335,7 @@ class _Lattice:
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
         self.levels = [
-            (
-                None
-                if isinstance(p, FloatParam)
-                else np.array([p.to_unit(v) for v in p.levels])
-            )
-            for p in space.tunable
+            None if isinstance(p, FloatParam) else np.array([p.to_unit(v) for v in p.levels]) for p in space.tunable
         ]
 
     def corners(self, u: np.ndarray) -> list[Point]:
@@ -410,18 +347,11 @@ class _Lattice:
                 continue
             above = int(np.clip(np.searchsorted(levels, x), 0, len(levels) - 1))
             below = max(above - 1, 0)
-            options.append(
-                sorted({levels[below], levels[above]}, key=lambda v: abs(v - x))
-            )
-        return [
-            self.space.from_unit(np.array(corner))
-            for corner in itertools.product(*options)
-        ]
+            options.append(sorted({levels[below], levels[above]}, key=lambda v: abs(v - x)))
+        return [self.space.from_unit(np.array(corner)) for corner in itertools.product(*options)]
 
 
-def _unique_new(
-    space: SearchSpace, points: list[Point], taken: set[tuple]
-) -> list[Point]:
+def _unique_new(space: SearchSpace, points: list[Point], taken: set[tuple]) -> list[Point]:
     seen = set(taken)
     fresh = []
     for point in points:
@@ -436,8 +366,7 @@ def _unique_new(
 def _torch_session(seed: int) -> Iterator[None]:
     """Seeded torch draws that leave the caller's generator as it was, in double precision on
     one thread: the matrices are tiny (a thread pool costs more than it saves on a shared
-    machine) and one thread keeps the floating-point results the same from run to run.
-    """
+    machine) and one thread keeps the floating-point results the same from run to run."""
     import torch
 
     threads = torch.get_num_threads()

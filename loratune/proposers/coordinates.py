@@ -8,10 +8,11 @@ length scale per input can follow them; in the raw coordinates they are diagonal
 
 ``LoraCoordinates`` maps a point to those coordinates and back (a decoded learning rate outside
 its range is clipped by ``SearchSpace.snap``); any other tunable parameter keeps its unit
-coordinate. ``unit_features`` is the same map from the unit cube of ``SearchSpace`` to [0, 1]
-features, differentiable in torch, for a model that searches the cube but sees the features
-(the ``botorch`` proposer's input transform). The space needs ``learning_rate`` as a tunable float and ``lora_rank`` and
+coordinate. The space needs ``learning_rate`` as a tunable float and ``lora_rank`` and
 ``lora_alpha`` as numbers (tunable, or fixed: a fixed one is part of the scale, not a coordinate).
+``unit_features`` is the same map from the unit cube of ``SearchSpace`` to [0, 1] features,
+differentiable in torch, for a model that searches the cube but sees the features (the
+``botorch`` proposer's input transform).
 """
 
 from __future__ import annotations
@@ -37,21 +38,14 @@ class LoraCoordinates:
 
     def __init__(self, space: SearchSpace, kind: str) -> None:
         if kind not in COORDINATES[1:]:
-            raise ValueError(
-                f"coordinates: unknown {kind!r}; choose one of {list(COORDINATES)}"
-            )
+            raise ValueError(f"coordinates: unknown {kind!r}; choose one of {list(COORDINATES)}")
         params = {p.name: p for p in space.params}
         where = f"proposer coordinates {kind}"
-        if (
-            not isinstance(params.get(_LR), FloatParam)
-            or _LR not in space.tunable_names
-        ):
+        if not isinstance(params.get(_LR), FloatParam) or _LR not in space.tunable_names:
             raise ValueError(f"{where}: needs {_LR} as a tunable float in search_space")
         for name in (_RANK, _ALPHA):
             if name not in params or not _positive_numbers(params[name]):
-                raise ValueError(
-                    f"{where}: needs {name} in search_space with positive numeric values"
-                )
+                raise ValueError(f"{where}: needs {name} in search_space with positive numeric values")
         self.space = space
         self.kind = kind
         self._params = params
@@ -114,41 +108,33 @@ class LoraCoordinates:
 
         names = self.space.tunable_names
         logs = {
-            name: _log_value(
-                self._params[name],
-                U[..., names.index(name)] if name in names else None,
-                U,
-            )
+            name: _log_value(self._params[name], U[..., names.index(name)] if name in names else None)
             for name in (_RANK, _ALPHA, _LR)
         }
-        root = 0.5 if self.kind == "rslora" else 1.0
+        rank_power = 0.5 if self.kind == "rslora" else 1.0  # as _scale
         columns = []
         for i, name in enumerate(names):
             if name == _LR:
-                value = logs[_LR] + logs[_ALPHA] - root * logs[_RANK]
-            elif name in (_RANK, _ALPHA) and name in self.bounds:
+                value = logs[_LR] + logs[_ALPHA] - rank_power * logs[_RANK]
+            elif name in self.bounds:  # rank or alpha, tunable over a range
                 value = logs[name]
             else:
                 columns.append(U[..., i])
                 continue
-            low, high = (
-                math.log(b) for b in self.bounds[UPDATE if name == _LR else name]
-            )
+            low, high = (math.log(b) for b in self.bounds[UPDATE if name == _LR else name])
             columns.append((value - low) / (high - low))
         return torch.stack(columns, dim=-1)
 
 
-def _log_value(param: Any, u, like):
+def _log_value(param: Any, u):
     """log of a rank, alpha or learning rate at unit coordinate ``u`` (a tensor; None for a
-    fixed parameter), as ``SearchSpace`` decodes it but without snapping to a level: log-scaled
-    numbers are affine in ``u``, linear ones the log of an affine map, a set of values the
-    piecewise-linear interpolation of their logs over their ordinal positions."""
+    fixed parameter, whose log is a number), as ``SearchSpace`` decodes it but without snapping
+    to a level: log-scaled numbers are affine in ``u``, linear ones the log of an affine map, a
+    set of values the piecewise-linear interpolation of their logs over their ordinal positions."""
     import torch
 
     if isinstance(param, FixedParam):
-        return torch.full(
-            like.shape[:-1], math.log(float(param.value)), dtype=like.dtype
-        )
+        return math.log(float(param.value))
     u = u.clamp(0.0, 1.0)
     if isinstance(param, ChoiceParam):
         logs = torch.tensor([math.log(float(v)) for v in param.values], dtype=u.dtype)
@@ -159,7 +145,7 @@ def _log_value(param: Any, u, like):
         weight = position - below.to(u.dtype)
         return logs[below] * (1 - weight) + logs[below + 1] * weight
     low, high = float(param.low), float(param.high)
-    if getattr(param, "log", False):
+    if param.log:
         return math.log(low) + u * (math.log(high) - math.log(low))
     return torch.log(low + u * (high - low))
 
@@ -173,10 +159,7 @@ def _positive_numbers(param: Any) -> bool:
         values = [param.low, param.high]
     else:
         return False
-    return all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-        for v in values
-    )
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
 
 
 def _value_range(param: Any) -> tuple[float, float]:

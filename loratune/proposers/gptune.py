@@ -92,11 +92,7 @@ def _quiet_single_threaded() -> Iterator[None]:
     thread: on the tiny, ill-conditioned covariance matrices of a GP with near-zero noise,
     multithreaded OpenBLAS made a fit 30x slower (2.7 s vs 0.1 s for 30 points), and a
     single thread also keeps the float results the same from run to run."""
-    with (
-        contextlib.redirect_stdout(sys.stderr),
-        threadpool_limits(limits=1),
-        warnings.catch_warnings(),
-    ):
+    with contextlib.redirect_stdout(sys.stderr), threadpool_limits(limits=1), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
 
@@ -116,8 +112,7 @@ def _seeded_global_numpy(seed: int) -> Iterator[None]:
 @functools.cache
 def _level_index_class() -> type:
     """``_LevelIndex``, defined on first use: it subclasses scikit-optimize's ``Integer``, whose
-    import takes about a second, and this module is also imported just to check options.
-    """
+    import takes about a second, and this module is also imported just to check options."""
     from loratune.proposers import _autotune
 
     class _LevelIndex(_autotune.Integer):
@@ -130,9 +125,7 @@ def _level_index_class() -> type:
 
         def __init__(self, unit_levels: list[float], name: str) -> None:
             # skopt needs high > low; a single level is index 0 whatever the search asks for.
-            super().__init__(
-                0, max(len(unit_levels) - 1, 1), transform="normalize", name=name
-            )
+            super().__init__(0, max(len(unit_levels) - 1, 1), transform="normalize", name=name)
             self.unit_levels = np.asarray(unit_levels, dtype=float)
 
         def transform(self, X):
@@ -155,9 +148,7 @@ def _parameter_space(space: SearchSpace):
             units = [param.to_unit(level) for level in param.levels]
             dimensions.append(_level_index_class()(units, name=param.name))
         else:
-            dimensions.append(
-                _autotune.Real(0.0, 1.0, transform="normalize", name=param.name)
-            )
+            dimensions.append(_autotune.Real(0.0, 1.0, transform="normalize", name=param.name))
     return _autotune.Space(dimensions)
 
 
@@ -169,8 +160,7 @@ def _standardize(Y: np.ndarray) -> np.ndarray:
 
 def _merge_repeats(X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One row per distinct input, with the mean of its outputs: the GP's noise is fixed
-    near zero, so two different values at one input would make its covariance singular.
-    """
+    near zero, so two different values at one input would make its covariance singular."""
     X_unique, inverse = np.unique(X, axis=0, return_inverse=True)
     inverse = inverse.ravel()
     Y_mean = np.stack([Y[inverse == i].mean(axis=0) for i in range(len(X_unique))])
@@ -212,9 +202,7 @@ class GPTuneProposer(Proposer):
         #: Seconds spent on fitting the models and on searching, in the last proposal.
         self.last_timings: dict[str, float] = {}
 
-    def _candidates(
-        self, history: History, n: int, rng: np.random.Generator
-    ) -> list[Point]:
+    def _candidates(self, history: History, n: int, rng: np.random.Generator) -> list[Point]:
         self.last_models, self.last_timings = [], {}
         X, Y = history.X_unit, history.Y_min
         if len(X) > 0:
@@ -234,9 +222,7 @@ class GPTuneProposer(Proposer):
             self.last_models = gp.fit(X, _standardize(Y), rng)
             fitted = time.perf_counter()
             if len(self.objectives) > 1:
-                points = gp.search_front(
-                    self.last_models, n, history.evaluated, taken, rng
-                )
+                points = gp.search_front(self.last_models, n, history.evaluated, taken, rng)
             else:
                 points = gp.search_believer(self.last_models[0], n, taken, rng)
             searched = time.perf_counter()
@@ -269,13 +255,9 @@ class _Gptune:
         self.generations = options.generations
         tuning = _autotune.TuningProblem(
             # GPTune tunes per task; a proposal is for one task, given by a dummy coordinate.
-            _autotune.Space(
-                [_autotune.Real(0.0, 1.0, transform="normalize", name="task")]
-            ),
+            _autotune.Space([_autotune.Real(0.0, 1.0, transform="normalize", name="task")]),
             _parameter_space(space),
-            _autotune.Space(
-                [_autotune.Real(-np.inf, np.inf, name=o) for o in objectives]
-            ),
+            _autotune.Space([_autotune.Real(-np.inf, np.inf, name=o) for o in objectives]),
         )
         self.problem = modules["Problem"](tuning)
         self.computer = modules["Computer"](nodes=1, cores=2)
@@ -296,9 +278,7 @@ class _Gptune:
         models = []
         for o in range(Y.shape[1]):
             # A model object per objective: GPTune 2.0.0's driver shares one ([M] * DO).
-            model = self.modules["Model_GPy_LCM"](
-                problem=self.problem, computer=self.computer
-            )
+            model = self.modules["Model_GPy_LCM"](problem=self.problem, computer=self.computer)
             with _seeded_global_numpy(int(rng.integers(2**31))):
                 model.train(self._data(X, Y[:, [o]]), **self.options)
             models.append(model)
@@ -325,13 +305,9 @@ class _Gptune:
             population = self._evolve(believers, rng)
             X, F = population.get_x(), population.get_f()
             front = pg.fast_non_dominated_sorting(F)[0][0]
-            fresh = self._fresh(
-                [X[i] for i in front if np.all(np.isfinite(F[i]))], taken
-            )
+            fresh = self._fresh([X[i] for i in front if np.all(np.isfinite(F[i]))], taken)
             seed = int(rng.integers(2**31))
-            picked = spread_subset(
-                self.space, fresh, n - len(chosen), existing=existing, seed=seed
-            )
+            picked = spread_subset(self.space, fresh, n - len(chosen), existing=existing, seed=seed)
             if not picked:
                 break
             chosen += picked
@@ -350,9 +326,7 @@ class _Gptune:
             population = self._evolve(believers, rng)
             f = population.get_f()[:, 0]
             order = [i for i in np.argsort(f, kind="stable") if np.isfinite(f[i])]
-            fresh = self._fresh(
-                [population.get_x()[i] for i in order], taken, first_only=True
-            )
+            fresh = self._fresh([population.get_x()[i] for i in order], taken, first_only=True)
             if not fresh:
                 break
             chosen += fresh
@@ -361,16 +335,13 @@ class _Gptune:
 
     def _believer(self, model: Any) -> Any:
         """A copy of ``model`` whose data can grow without touching the fitted one."""
-        copy = self.modules["Model_GPy_LCM"](
-            problem=self.problem, computer=self.computer
-        )
+        copy = self.modules["Model_GPy_LCM"](problem=self.problem, computer=self.computer)
         copy.M = model.M.copy()
         return copy
 
     def _believe(self, believers: list[Any], points: list[Point]) -> None:
         """The kriging believer: add each model's predicted mean at ``points`` to its data,
-        hyperparameters kept; GPTune's EI then takes its incumbent from, and refuses, them.
-        """
+        hyperparameters kept; GPTune's EI then takes its incumbent from, and refuses, them."""
         X_new = self.space.to_unit_rows(points)
         predicted = np.column_stack(
             [[model.predict(x, tid=0)[0].item() for x in X_new] for model in believers]
@@ -392,27 +363,19 @@ class _Gptune:
             self.problem, self.computer, self.data, models, self.options, tid=0
         )
         make = pg.nsga2 if self.options["search_algo"] == "nsga2" else pg.pso
-        algorithm = pg.algorithm(
-            make(gen=self.generations, seed=int(rng.integers(2**31)))
-        )
+        algorithm = pg.algorithm(make(gen=self.generations, seed=int(rng.integers(2**31))))
         population = pg.population(
-            pg.problem(surrogate),
-            size=self.population_size,
-            seed=int(rng.integers(2**31)),
+            pg.problem(surrogate), size=self.population_size, seed=int(rng.integers(2**31))
         )
         return algorithm.evolve(population)
 
-    def _fresh(
-        self, xs: list[np.ndarray], taken: set[tuple], first_only: bool = False
-    ) -> list[Point]:
+    def _fresh(self, xs: list[np.ndarray], taken: set[tuple], first_only: bool = False) -> list[Point]:
         """Decision vectors of the search (GPTune's normalized space) as snapped points that
         are not in ``taken``, in order; ``taken`` grows by the points returned."""
         PS = self.problem.PS
         points: list[Point] = []
         for x in xs:
-            unit = PS.transform(
-                PS.inverse_transform(np.asarray(x, dtype=float).reshape(1, -1))
-            )[0]
+            unit = PS.transform(PS.inverse_transform(np.asarray(x, dtype=float).reshape(1, -1)))[0]
             point = self.space.from_unit(unit)
             key = self.space.key(point)
             if key not in taken:

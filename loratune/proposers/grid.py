@@ -30,9 +30,7 @@ class GridProposer(Proposer):
         def __post_init__(self) -> None:
             positive_int("grid", "levels_per_dim", self.levels_per_dim, minimum=2)
 
-    def _candidates(
-        self, history: History, n: int, rng: np.random.Generator
-    ) -> list[Point]:
+    def _candidates(self, history: History, n: int, rng: np.random.Generator) -> list[Point]:
         existing = list(history.evaluated)
         chosen: list[Point] = []
         levels = self.options.levels_per_dim
@@ -42,11 +40,7 @@ class GridProposer(Proposer):
             if len(grid) == previous_size:
                 break  # every parameter already shows all its levels: the grid is the space
             picked = spread_subset(
-                self.space,
-                grid,
-                n - len(chosen),
-                existing=existing,
-                seed=int(rng.integers(2**31)),
+                self.space, grid, n - len(chosen), existing=existing, seed=int(rng.integers(2**31))
             )
             chosen += picked
             existing += picked

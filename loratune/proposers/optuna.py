@@ -85,35 +85,22 @@ class OptunaProposer(Proposer):
                     f"proposer.optuna.coordinates: unknown {self.coordinates!r}; choose one of {list(COORDINATES)}"
                 )
             if not isinstance(self.deterministic, bool):
-                raise ValueError(
-                    f"proposer.optuna.deterministic: must be true or false, got {self.deterministic!r}"
-                )
+                raise ValueError(f"proposer.optuna.deterministic: must be true or false, got {self.deterministic!r}")
             if self.qmc_samples is not None:
                 positive_int("optuna", "qmc_samples", self.qmc_samples)
                 if self.sampler != "gp":
-                    raise ValueError(
-                        "proposer.optuna.qmc_samples: only the gp sampler has it"
-                    )
+                    raise ValueError("proposer.optuna.qmc_samples: only the gp sampler has it")
             if self.deterministic and self.sampler != "gp":
-                raise ValueError(
-                    "proposer.optuna.deterministic: only the gp sampler has it"
-                )
+                raise ValueError("proposer.optuna.deterministic: only the gp sampler has it")
             if self.sampler not in SAMPLERS:
-                raise ValueError(
-                    f"proposer.optuna.sampler: unknown {self.sampler!r}; choose one of {list(SAMPLERS)}"
-                )
+                raise ValueError(f"proposer.optuna.sampler: unknown {self.sampler!r}; choose one of {list(SAMPLERS)}")
             positive_int("optuna", "population_size", self.population_size, minimum=2)
             positive_int("optuna", "min_points", self.min_points, minimum=1)
 
-    def _candidates(
-        self, history: History, n: int, rng: np.random.Generator
-    ) -> list[Point]:
+    def _candidates(self, history: History, n: int, rng: np.random.Generator) -> list[Point]:
         distinct = len(np.unique(history.X_unit, axis=0)) if len(history.X_unit) else 0
         if distinct < self.options.min_points:
-            log.info(
-                "optuna: %d distinct ok point(s); proposing a space-filling random design",
-                distinct,
-            )
+            log.info("optuna: %d distinct ok point(s); proposing a space-filling random design", distinct)
             return space_filling_new_points(self.space, n, history.evaluated, rng)
 
         import optuna
@@ -122,9 +109,7 @@ class OptunaProposer(Proposer):
         sampler_seed = int(rng.integers(2**31))
         with _quiet():
             sampler = self._sampler(sampler_seed, history)
-            study = optuna.create_study(
-                directions=["minimize"] * len(self.objectives), sampler=sampler
-            )
+            study = optuna.create_study(directions=["minimize"] * len(self.objectives), sampler=sampler)
             study.add_trials(self._replay(history, encoding, sampler))
             taken = {self.space.key(p) for p in history.evaluated}
             if self.space.cardinality is not None:
@@ -141,12 +126,7 @@ class OptunaProposer(Proposer):
                     chosen.append(point)
                     if len(chosen) == n:
                         break
-        log.info(
-            "optuna (%s): %d ok trials, %d proposal(s)",
-            self.options.sampler,
-            len(history.ok_points),
-            len(chosen),
-        )
+        log.info("optuna (%s): %d ok trials, %d proposal(s)", self.options.sampler, len(history.ok_points), len(chosen))
         return chosen
 
     def _sampler(self, seed: int, history: History):
@@ -156,23 +136,17 @@ class OptunaProposer(Proposer):
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=0)
         if self.options.sampler == "gp":
             sampler = optuna.samplers.GPSampler(
-                seed=seed,
-                n_startup_trials=0,
-                deterministic_objective=self.options.deterministic,
+                seed=seed, n_startup_trials=0, deterministic_objective=self.options.deterministic
             )
             self.last_qmc_samples = self._qmc_samples(history)
             if self.last_qmc_samples is not None:
                 if hasattr(sampler, "_n_qmc_samples_ehvi"):
                     sampler._n_qmc_samples_ehvi = self.last_qmc_samples
                 else:  # an Optuna without the attribute: its own sample count, however slow
-                    log.warning(
-                        "optuna: this Optuna's GP sampler has no QMC sample count to set; using its own"
-                    )
+                    log.warning("optuna: this Optuna's GP sampler has no QMC sample count to set; using its own")
                     self.last_qmc_samples = None
             return sampler
-        return optuna.samplers.NSGAIISampler(
-            seed=seed, population_size=self.options.population_size
-        )
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.options.population_size)
 
     def _replay(self, history: History, encoding: "_Encoding", sampler) -> list:
         """The history as finished trials: ok rows COMPLETE with their minimization values,
@@ -204,9 +178,7 @@ class OptunaProposer(Proposer):
             else:
                 trials.append(
                     optuna.trial.create_trial(
-                        state=TrialState.FAIL,
-                        params=params,
-                        distributions=encoding.distributions,
+                        state=TrialState.FAIL, params=params, distributions=encoding.distributions
                     )
                 )
         return trials
@@ -228,19 +200,14 @@ class _Encoding:
         self.distributions: dict[str, Any] = {}
         self._to_optuna: dict[str, Callable[[Any], Any]] = {}
         self._from_optuna: dict[str, Callable[[Any], Any]] = {}
-        self._lora = (
-            None if coordinates == "raw" else LoraCoordinates(space, coordinates)
-        )
+        self._lora = None if coordinates == "raw" else LoraCoordinates(space, coordinates)
         if self._lora is not None:
             from optuna.distributions import FloatDistribution
 
             self.distributions = {
-                name: FloatDistribution(low, high, log=True)
-                for name, (low, high) in self._lora.bounds.items()
+                name: FloatDistribution(low, high, log=True) for name, (low, high) in self._lora.bounds.items()
             }
-            self.distributions.update(
-                {name: FloatDistribution(0.0, 1.0) for name in self._lora.unit_names}
-            )
+            self.distributions.update({name: FloatDistribution(0.0, 1.0) for name in self._lora.unit_names})
             return
         for param in space.tunable:
             self._add(param)
@@ -255,36 +222,23 @@ class _Encoding:
         name = param.name
         identity = lambda value: value  # noqa: E731
         if isinstance(param, IntParam) and not (param.log and param.step > 1):
-            self.distributions[name] = IntDistribution(
-                param.low, param.high, step=param.step, log=param.log
-            )
+            self.distributions[name] = IntDistribution(param.low, param.high, step=param.step, log=param.log)
             self._to_optuna[name], self._from_optuna[name] = int, identity
         elif isinstance(param, IntParam):
             self.distributions[name] = FloatDistribution(0.0, 1.0)
-            self._to_optuna[name], self._from_optuna[name] = (
-                param.to_unit,
-                param.from_unit,
-            )
-        elif isinstance(param, ChoiceParam) and all(
-            _is_number(v) for v in param.values
-        ):
+            self._to_optuna[name], self._from_optuna[name] = param.to_unit, param.from_unit
+        elif isinstance(param, ChoiceParam) and all(_is_number(v) for v in param.values):
             self.distributions[name] = IntDistribution(0, len(param.values) - 1)
             self._to_optuna[name] = param.index
-            self._from_optuna[name] = lambda index, values=param.values: values[
-                int(index)
-            ]
+            self._from_optuna[name] = lambda index, values=param.values: values[int(index)]
         elif isinstance(param, ChoiceParam):
             self.distributions[name] = CategoricalDistribution(list(param.values))
             self._to_optuna[name], self._from_optuna[name] = param.snap, identity
         elif isinstance(param, FloatParam):
-            self.distributions[name] = FloatDistribution(
-                param.low, param.high, log=param.log
-            )
+            self.distributions[name] = FloatDistribution(param.low, param.high, log=param.log)
             self._to_optuna[name], self._from_optuna[name] = float, identity
         else:  # pragma: no cover - SearchSpace.tunable holds only the kinds above
-            raise TypeError(
-                f"search_space.{name}: no Optuna encoding for {type(param).__name__}"
-            )
+            raise TypeError(f"search_space.{name}: no Optuna encoding for {type(param).__name__}")
 
     def params(self, point: Point) -> dict[str, Any]:
         if self._lora is not None:
@@ -294,15 +248,11 @@ class _Encoding:
     def point(self, params: dict[str, Any]) -> Point:
         if self._lora is not None:
             return self._lora.decode(params)
-        return self.space.snap(
-            {name: decode(params[name]) for name, decode in self._from_optuna.items()}
-        )
+        return self.space.snap({name: decode(params[name]) for name, decode in self._from_optuna.items()})
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, bool
-    )
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 @contextlib.contextmanager

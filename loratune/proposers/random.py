@@ -14,8 +14,6 @@ class RandomProposer(Proposer):
 
     name = "random"
 
-    def _candidates(
-        self, history: History, n: int, rng: np.random.Generator
-    ) -> list[Point]:
+    def _candidates(self, history: History, n: int, rng: np.random.Generator) -> list[Point]:
         taken = {self.space.key(p) for p in history.evaluated}
         return random_new_points(self.space, n, taken, rng)
